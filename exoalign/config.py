@@ -1,0 +1,296 @@
+"""Typed config: dataclasses loaded from YAML and overridden by ``section.key=value`` on the command line.
+
+Every stage describes its settings as (nested) dataclasses. Each field is documented once, by the string
+literal that follows it in the class body (an attribute docstring); :func:`field_help` reads those strings
+for ``--help``. YAML files use the same field names as the dataclasses; unknown keys, wrong types and values
+that a dataclass's ``__post_init__`` rejects raise :class:`~exoalign.errors.ConfigError` naming the file, the
+line and the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError, InputError
+
+T = TypeVar("T")
+
+_MISSING_FILE_FIX = "check the path given to --config"
+
+
+# ----------------------------------------------------------------------------------------------- docs
+def field_help(cls: type) -> dict[str, str]:
+    """Map each field of dataclass ``cls`` to the docstring written under it in the class body."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """Rows ``(dotted key, default, help)`` for every leaf field of a (nested) config dataclass."""
+    rows = []
+    docs = field_help(cls)
+    hints = typing.get_type_hints(cls)
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        tp = hints.get(f.name)
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, prefix + f.name + "."))
+        else:
+            rows.append((prefix + f.name, repr(value), docs.get(f.name, "")))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ coercion
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: dict) -> Any:
+    """Check/convert ``value`` to the annotated type ``tp``; raise ConfigError naming ``where`` otherwise."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if errors else ConfigError("value must be null", **where)
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ConfigError(
+            f"must be one of {', '.join(map(repr, args))} (got {value!r})", **where, fix=f"use one of {list(args)}"
+        )
+    if origin in (list, tuple):
+        if isinstance(value, str) and origin is list:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"must be a list (got {value!r})", **where, fix="write a YAML list, e.g. [a, b]")
+        inner = args[0] if args else Any
+        return origin(_coerce(v, inner, where) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"must be a mapping (got {value!r})", **where, fix="write a YAML mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"must be true or false (got {value!r})", **where, fix="write true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"must be an integer (got {value!r})", **where, fix="write a whole number")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"must be an integer (got {value!r})", **where, fix="write a whole number") from None
+        if not math.isfinite(f) or f != int(f):
+            raise ConfigError(f"must be an integer (got {value!r})", **where, fix="write a whole number")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"must be a number (got {value!r})", **where, fix="write a number such as 0.1")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"must be a number (got {value!r})", **where, fix="write a number such as 0.1") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"must be a string (got {value!r})", **where, fix="write a plain string")
+        return str(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
+    """Map dotted keys of a composed YAML mapping to their 1-based line numbers."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = prefix + str(k.value)
+            lines[key] = k.start_mark.line + 1
+            lines.update(_key_lines(v, key + "."))
+    return lines
+
+
+def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
+    """Read a YAML mapping safely; return it with the line number of every dotted key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config file not found", file=str(path), fix=_MISSING_FILE_FIX)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not UTF-8 text ({e.reason})", file=str(path), fix="save the file as UTF-8") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"invalid YAML: {problem}", file=str(path), line=line, fix="fix the YAML syntax") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a YAML mapping of keys to values", file=str(path), line=1)
+    return data, _key_lines(node)
+
+
+def _unknown_key(key: str, choices: list[str], where: dict) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], choices, n=1)
+    fix = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(choices)}"
+    return ConfigError("unknown config key", **where, fix=fix)
+
+
+def _build(cls: type[T], data: dict, prefix: str, src: str | None, lines: dict[str, int]) -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        where = {"file": src, "line": lines.get(dotted), "field": dotted}
+        if key not in names:
+            raise _unknown_key(dotted, names, where)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ConfigError("must be a section (a mapping of keys)", **where, fix=f"write {key}: {{...}}")
+            kwargs[key] = _build(tp, value, dotted + ".", src, lines)
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+    try:
+        return cls(**kwargs)
+    except InputError as e:
+        # __post_init__ rejected a value: attach the location of the offending key if we know it.
+        field = f"{prefix}{e.field}" if e.field and not e.field.startswith(prefix) else e.field
+        raise ConfigError(e.message, file=e.file or src, line=e.line or lines.get(field or ""), field=field, fix=e.fix) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e), file=src, field=prefix.rstrip(".") or None) from None
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse ``section.key=value``; the value is read as YAML (so ``1e-6``, ``true``, ``[1, 2]`` work)."""
+    if "=" not in item:
+        raise ConfigError(
+            f"cannot read override {item!r}", field=item, fix="write overrides as key=value or section.key=value"
+        )
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Build config dataclass ``cls`` from a YAML file (optional) and ``key=value`` overrides.
+
+    The overrides are applied on top of the file's values, then the whole is type-checked and validated
+    (``__post_init__``). Errors name the file/line or the override that is wrong.
+    """
+    data: dict = {}
+    lines: dict[str, int] = {}
+    src = None
+    if path is not None:
+        src = str(path)
+        data, lines = read_yaml(path)
+    overridden = []
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+        overridden.append(key)
+        lines[key] = None  # type: ignore[assignment]
+    try:
+        return _build(cls, data, "", src, lines)
+    except ConfigError as e:
+        if e.field in overridden:
+            e.file, e.line = "command line", None
+            e.args = (str(e),)
+        raise
+
+
+def to_dict(cfg: Any) -> dict:
+    """A config dataclass as a plain nested dict (for YAML/JSON dumps and trackers)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def config_parser(prog: str, cls: type, description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser taking ``--config FILE`` and trailing ``key=value`` overrides; ``--help`` lists
+    every config key with its default and docstring."""
+    rows = describe(cls)
+    width = max((len(k) for k, _, _ in rows), default=10)
+    epilog = "config keys (YAML or key=value overrides):\n" + "\n".join(
+        f"  {k:<{width}}  {h} (default {d})" for k, d, h in rows
+    )
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", "-c", default=None, help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="key=value or section.key=value overrides")
+    return p
+
+
+def require(cond: bool, field: str, message: str, fix: str) -> None:
+    """Validation helper for ``__post_init__``: raise ConfigError on ``field`` unless ``cond``."""
+    if not cond:
+        raise ConfigError(message, field=field, fix=fix)

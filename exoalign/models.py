@@ -1,0 +1,105 @@
+"""Loading models and tokenisers (hub names or local directories), and building tiny ones from a config.
+
+Loading is safe by default: weights only from safetensors files, ``trust_remote_code`` off unless asked for.
+Tiny models and byte-level BPE tokenisers are built on the spot for tests, the smoke config and the demo.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from .errors import InputError
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
+
+
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int = 512, model_max_length: int = 1024, min_frequency: int = 2
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokeniser (GPT-2 style) on ``texts``; EOS = ``<|endoftext|>``, PAD = ``<|pad|>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD, unk_token=None,
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_config(vocab_size: int, *, model_type: str = "gpt2", **overrides: Any):
+    """A small causal-LM config of ``model_type`` (GPT-2 by default: 2 layers, width 64)."""
+    defaults: dict[str, Any] = {}
+    if model_type == "gpt2":
+        defaults = dict(n_layer=2, n_head=2, n_embd=64, n_positions=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    defaults.update(overrides)
+    return AutoConfig.for_model(model_type, vocab_size=vocab_size, **defaults)
+
+
+def build_model(config, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None) -> torch.nn.Module:
+    """A randomly initialised ``AutoModelForCausalLM`` from ``config`` (deterministic for a seed)."""
+    if tokenizer is not None:
+        config.eos_token_id = tokenizer.eos_token_id
+        config.bos_token_id = tokenizer.bos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "right"):
+    """``AutoTokenizer.from_pretrained`` with a pad token guaranteed (EOS if the tokeniser has none)."""
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise InputError(
+            f"cannot load a tokeniser from {name_or_path!r} ({str(e).splitlines()[0]})",
+            field="model.tokenizer",
+            fix="give a local directory with tokenizer files or a hub name (and network access)",
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_causal_lm(
+    name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False, **kwargs: Any
+) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` from safetensors only, remote code off unless asked for."""
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}", field="model.dtype", fix=f"use one of {', '.join(DTYPES)}")
+    path = Path(name_or_path)
+    if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
+        raise InputError(
+            f"no safetensors weights in {path}",
+            field="model.name_or_path",
+            fix="save the model with save_pretrained(safe_serialization=True); pickled .bin weights are not loaded",
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
+        )
+    except OSError as e:
+        raise InputError(
+            f"cannot load a model from {name_or_path!r} ({str(e).splitlines()[0]})",
+            field="model.name_or_path",
+            fix="give a local model directory or a hub name (and network access)",
+        ) from None

@@ -1,0 +1,42 @@
+import torch
+
+from exoalign.logprobs import sequence_logps, token_logps
+from exoalign.models import load_causal_lm, load_tokenizer
+
+
+def test_token_logps_matches_log_softmax():
+    torch.manual_seed(0)
+    logits = torch.randn(37, 50) * 5
+    tgt = torch.randint(0, 50, (37,))
+    ref = logits.log_softmax(-1).gather(-1, tgt[:, None]).squeeze(-1)
+    assert torch.allclose(token_logps(logits, tgt, chunk=8), ref, atol=1e-5)
+    ref_t = (logits / 0.8).log_softmax(-1).gather(-1, tgt[:, None]).squeeze(-1)
+    assert torch.allclose(token_logps(logits, tgt, temperature=0.8), ref_t, atol=1e-5)
+
+
+def test_sequence_logps_left_padding_equals_unpadded(tiny_model, tiny_tokenizer):
+    """A left-padded prompt + right-padded completion gives the same log-prob as the row on its own."""
+    tiny_model.eval()
+    prompt = tiny_tokenizer("the movie was")["input_ids"]
+    comp = tiny_tokenizer(" great fun")["input_ids"] + [tiny_tokenizer.eos_token_id]
+    pad = tiny_tokenizer.pad_token_id
+    alone = torch.tensor([prompt + comp])
+    labels_alone = torch.tensor([[-100] * len(prompt) + comp])
+    lp1, n1 = sequence_logps(tiny_model, alone, torch.ones_like(alone), labels_alone)
+    ids = torch.tensor([[pad, pad] + prompt + comp + [pad]])
+    mask = torch.tensor([[0, 0] + [1] * (len(prompt) + len(comp)) + [0]])
+    labels = torch.tensor([[-100, -100] + [-100] * len(prompt) + comp + [-100]])
+    lp2, n2 = sequence_logps(tiny_model, ids, mask, labels)
+    with torch.no_grad():
+        full = tiny_model(alone).logits[0, :-1].log_softmax(-1)
+        naive = full[len(prompt) - 1 :].gather(-1, torch.tensor(comp)[:, None]).sum()
+    assert int(n1) == int(n2) == len(comp)
+    assert torch.allclose(lp1, naive, atol=1e-4)
+    assert torch.allclose(lp1, lp2, atol=1e-4)
+
+
+def test_load_local_dir(tiny_model_dir):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_causal_lm(str(tiny_model_dir))
+    assert tok.pad_token is not None
+    assert model.config.vocab_size == len(tok)
