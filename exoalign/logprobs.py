@@ -1,23 +1,33 @@
-"""Sequence log-probabilities of completions, computed without the full ``[B, T, V]`` log-softmax.
+"""Sequence log-probabilities of completions, computed without the full ``[B, T, V]`` logits or log-softmax.
 
-Layout of a batch (see ``exoalign.data.collate``): prompts are left-padded and completions right-padded, so
-every completion starts at the same column ``P`` of the batch::
+Layout of a batch (see ``exoalign.data``): prompts are left-padded and completions right-padded, so every
+completion starts at the same column ``P`` of the batch::
 
     [pad pad p p p | c c c c pad]      labels = -100 everywhere except the completion tokens
     [  p p p p p   | c c pad pad pad]
 
-The model is asked for logits only from column ``P − 1`` on (``logits_to_keep``), i.e. only where completion
-tokens are predicted. Each token's log-prob is ``logit[target] − logsumexp(logits)``, computed in chunks of
-rows so that no second ``[N, V]`` tensor (the log-softmax) is kept for backward.
+Three things keep this cheap:
+
+* The model projects onto the vocabulary only the hidden states that predict a completion token: a boolean
+  ``logits_to_keep`` mask (transformers ≥ 5) gives ``[n_tokens, V]`` logits and nothing for prompt or padding
+  positions. Models without it fall back to the last ``T − P + 1`` columns.
+* ``log p(target) = logit[target] − logsumexp(logits)`` is computed chunk by chunk by :class:`_TokenLogps`, an
+  autograd function that keeps only the logits (which exist anyway) and one float per token, and writes the
+  gradient ``onehot − softmax`` straight into one buffer: no ``[N, V]`` log-softmax, no fp32 copy of bf16 logits.
+* Columns that are padding in every row are dropped before the forward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 
 import torch
 
 IGNORE = -100
+#: Elements of one fp32 working block in :func:`token_logps` (32 MiB): bounds the transient memory per chunk.
+_BLOCK_ELEMS = 1 << 23
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -26,29 +36,143 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.clamp(min=0)
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, chunk: int = 4096) -> torch.Tensor:
-    """``log softmax(logits / temperature)[target]`` for each row of ``logits`` ``[N, V]``; returns ``[N]``.
+def _chunks(n: int, vocab: int, chunk: int | None) -> Iterator[tuple[int, int]]:
+    step = chunk if chunk is not None else max(1, _BLOCK_ELEMS // max(vocab, 1))
+    for start in range(0, n, step):
+        yield start, min(start + step, n)
 
-    Equivalent to ``logits.log_softmax(-1).gather(-1, targets)`` but never holds the ``[N, V]`` log-softmax:
-    only the gathered logit and a per-row ``logsumexp`` are kept, chunk by chunk.
+
+class _TokenLogps(torch.autograd.Function):
+    """``log softmax(logits[index] / τ)[target]`` per token, with a hand-written, chunked backward.
+
+    Autograd through ``gather − logsumexp`` would allocate two ``[N, V]`` gradients (one per branch) and, for
+    half-precision logits, keep an fp32 copy of them for backward. Here the forward keeps the logits and the
+    per-row ``logsumexp`` only, and the backward writes ``g · (onehot(target) − softmax) / τ`` into a single
+    buffer of the logits' dtype, one chunk of rows at a time. ``index`` (optional, ``[n]``) lets several tokens
+    read the same logits row (prompt sharing: the prompt's last position predicts the first token of each of
+    the K completions) without copying rows.
     """
-    if temperature != 1.0:
-        logits = logits / temperature
-    out = []
-    for start in range(0, logits.shape[0], chunk):
-        block = logits[start : start + chunk]  # (n, V)
-        tgt = targets[start : start + chunk].clamp(min=0)
-        picked = block.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).float()  # (n,)
-        out.append(picked - torch.logsumexp(block.float(), dim=-1))
-    return torch.cat(out) if out else logits.new_zeros(0)
+
+    @staticmethod
+    def forward(ctx, logits, targets, index, temperature: float, chunk: int | None):
+        m, vocab = logits.shape
+        lse = torch.empty(m, dtype=torch.float32, device=logits.device)  # (m,)
+        for s, e in _chunks(m, vocab, chunk):
+            block = logits[s:e].float()  # (rows, V); a view when the logits are already fp32
+            if temperature != 1.0:
+                block = block / temperature
+            lse[s:e] = torch.logsumexp(block, dim=-1)
+        rows = index if index is not None else torch.arange(m, device=logits.device)  # (n,)
+        picked = logits[rows, targets].float() / temperature  # (n,)
+        ctx.save_for_backward(logits, targets, rows, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return picked - lse[rows]
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, targets, rows, lse = ctx.saved_tensors
+        tau = ctx.temperature
+        g = grad_out.float()  # (n,)
+        # Total upstream gradient per logits row (a row read by several tokens sums theirs).
+        g_row = torch.zeros_like(lse).index_add_(0, rows, g)  # (m,)
+        grad = torch.empty_like(logits)  # (m, V): the only full-size allocation of the backward
+        for s, e in _chunks(logits.shape[0], logits.shape[1], ctx.chunk):
+            block = logits[s:e].float()
+            if tau != 1.0:
+                block = block / tau
+            # d logp / dx = onehot − softmax with softmax = exp(x − lse); the onehot part is added below.
+            grad[s:e] = (block - lse[s:e, None]).exp_().mul_(-g_row[s:e, None])
+        grad.index_put_((rows, targets), g.to(grad.dtype), accumulate=True)
+        if tau != 1.0:
+            grad.div_(tau)  # chain rule through x = logits / τ
+        return grad, None, None, None, None
+
+
+def token_logps(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, chunk: int | None = None
+) -> torch.Tensor:
+    """``log softmax(logits / temperature)[target]`` for each row of ``logits`` ``[N, V]``; returns ``[N]`` fp32.
+
+    Equivalent to ``logits.log_softmax(-1).gather(-1, targets)`` but never holds an ``[N, V]`` log-softmax:
+    ``chunk`` rows at a time (default: as many as fit 32 MiB of fp32), keeping one ``logsumexp`` per row.
+    Targets of ``-100`` are read as token 0 (the caller ignores those rows).
+    """
+    if logits.shape[0] == 0:
+        return logits.new_zeros(0, dtype=torch.float32) + logits.sum() * 0  # keeps the graph connected
+    return _TokenLogps.apply(logits, targets.clamp(min=0), None, float(temperature), chunk)
+
+
+def gathered_token_logps(
+    logits: torch.Tensor, index: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Like :func:`token_logps` for tokens ``[n]`` predicted by rows ``index`` ``[n]`` of ``logits`` ``[m, V]``.
+
+    Rows may repeat (several tokens predicted from one position) without being copied.
+    """
+    if index.numel() == 0:
+        return logits.new_zeros(0, dtype=torch.float32) + logits.sum() * 0
+    return _TokenLogps.apply(logits, targets.clamp(min=0), index, float(temperature), None)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under DDP / accelerate (``.module``) and PEFT (``get_base_model()``) wrappers."""
+    inner = getattr(model, "module", model)
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
-    inner = getattr(model, "module", model)  # DDP / accelerate wrappers
     try:
-        return name in inspect.signature(inner.forward).parameters
+        return name in inspect.signature(_unwrap(model).forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def compact_logits_supported(model: torch.nn.Module) -> bool:
+    """Whether ``model`` takes a boolean ``[B, T]`` ``logits_to_keep`` and returns ``[n_true, V]`` logits.
+
+    Models of transformers ≥ 5 slice their hidden states with ``slice_logits_to_keep``, which understands a
+    boolean mask; older or custom models only know an int (keep the last n positions).
+    """
+    inner = _unwrap(model)
+    if not _accepts(inner, "logits_to_keep"):
+        return False
+    module = inspect.getmodule(type(inner).forward)
+    return module is not None and hasattr(module, "slice_logits_to_keep")
+
+
+def completion_logits(
+    model: torch.nn.Module,
+    predict: torch.Tensor,
+    first_col: int,
+    **inputs: torch.Tensor,
+) -> torch.Tensor:
+    """Logits ``[n, V]`` at the positions where ``predict`` ``[B, T]`` is True, in row-major order.
+
+    ``first_col`` is the first column where ``predict`` can be True; models that only know an int
+    ``logits_to_keep`` compute the columns from there on and the True positions are picked afterwards.
+    ``inputs`` go to the model as they are (``input_ids``, ``attention_mask``, ``position_ids``).
+    """
+    T = predict.shape[1]
+    if compact_logits_supported(model):
+        return model(**inputs, use_cache=False, logits_to_keep=predict).logits  # (n, V)
+    if _accepts(model, "logits_to_keep"):
+        logits = model(**inputs, use_cache=False, logits_to_keep=T - first_col).logits  # (B, T - first, V)
+    else:
+        logits = model(**inputs, use_cache=False).logits[:, first_col:]
+    return logits[predict[:, first_col:]]  # (n, V)
+
+
+def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, position_ids):
+    """Drop the columns that are padding in every row (a caller's fixed-length padding costs nothing then)."""
+    used = attention_mask.bool().any(0)  # (T,)
+    if bool(used.all()) or not bool(used.any()):
+        return input_ids, attention_mask, labels, position_ids
+    cols = used.nonzero().squeeze(-1)
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    pos = position_ids[:, lo:hi] if position_ids is not None else None
+    return input_ids[:, lo:hi], attention_mask[:, lo:hi], labels[:, lo:hi], pos
 
 
 def sequence_logps(
@@ -60,30 +184,40 @@ def sequence_logps(
     temperature: float = 1.0,
     position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs ``[N]`` and completion lengths ``[N]`` for a batch of rows ``[N, T]``.
+    """Summed completion log-probs ``[N]`` (fp32) and completion lengths ``[N]`` for a batch of rows ``[N, T]``.
 
     ``labels`` holds the token ids whose log-prob is summed and ``-100`` elsewhere (prompt and padding). The
     logits are divided by ``temperature`` first (the sampling temperature, as in the EXO authors' code).
     """
-    valid = labels != IGNORE  # (N, T)
-    lengths = valid.sum(-1)
-    T = input_ids.shape[1]
+    lengths = (labels != IGNORE).sum(-1)  # (N,)
+    input_ids, attention_mask, labels, position_ids = _trim(input_ids, attention_mask, labels, position_ids)
+    N, T = input_ids.shape
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
-    # First column holding a completion token in any row; logits at column t predict token t + 1.
-    any_valid = valid.any(0)
-    first = int(any_valid.float().argmax()) if bool(any_valid.any()) else T - 1
-    start = max(first - 1, 0)
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "use_cache": False}
-    if _accepts(model, "logits_to_keep"):
-        logits = model(**kwargs, logits_to_keep=T - start).logits  # (N, T - start, V)
-    else:
-        logits = model(**kwargs).logits[:, start:]
-    logits = logits[:, :-1]  # (N, T - start - 1, V): predictions for columns start+1 .. T-1
-    targets = labels[:, start + 1 :]  # (N, T - start - 1)
-    keep = targets != IGNORE
-    flat_logits = logits[keep]  # (n_tokens, V): only completion positions
-    lp = token_logps(flat_logits, targets[keep], temperature)  # (n_tokens,)
-    per_token = torch.zeros(targets.shape, dtype=lp.dtype, device=lp.device)
-    per_token[keep] = lp
-    return per_token.sum(-1), lengths
+    # The hidden state at column t predicts the token at t + 1: keep the columns whose next token is labelled.
+    nxt = labels[:, 1:]  # (N, T - 1)
+    keep = nxt != IGNORE
+    predict = torch.cat([keep, keep.new_zeros(N, 1)], dim=1)  # (N, T)
+    any_col = predict.any(0)
+    first = int(any_col.float().argmax()) if bool(any_col.any()) else T - 1
+    logits = completion_logits(
+        model, predict, first, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    )  # (n_tokens, V)
+    lp = token_logps(logits, nxt[keep], temperature)  # (n_tokens,)
+    rows = keep.nonzero()[:, 0]  # (n_tokens,) row of each kept token, in the same row-major order
+    sums = torch.zeros(N, dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)  # (N,)
+    return sums, lengths
+
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to bf16/fp16 on ``device`` for ``precision`` in ``bf16``/``fp16``; a no-op for fp32.
+
+    Log-probs stay fp32 under it: :func:`token_logps` upcasts each chunk and the losses upcast their inputs.
+    """
+    dtype = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if precision in ("fp32", "float32", "no", "none", None):
+        return contextlib.nullcontext()
+    if precision not in dtype:
+        raise ValueError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=dtype[precision])

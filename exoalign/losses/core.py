@@ -10,6 +10,15 @@ Every loss has the signature ``loss(policy_logps, ref_logps, target_logprobs, be
 and returns a :class:`LossOutput` ``(losses [B], rewards [B, K], metrics)``: unreduced per-group losses (the
 caller reduces), the detached implicit rewards ``β_π (log π_θ − log π_sft)`` and a dict of scalar metrics.
 
+Conventions shared by all losses:
+
+* Half-precision inputs (bf16/fp16) are computed in float32: sequence log-probs are sums of hundreds of
+  token terms, and the softmax over a group needs more mantissa than bf16 has. Gradients flow back in the
+  input dtype.
+* Values in masked slots are never read (they may be NaN or ±inf padding); a masked slot gets no gradient.
+* A group with fewer than two valid completions has nothing to compare: its loss is exactly 0 (for EXO and
+  DPO this follows from the formula, p = q = [1]; the pairwise losses enforce it).
+
 Pairwise losses (ipo, cdpo, simpo, rpo, hinge) use the best and the worst valid completion of each group by
 target probability as chosen and rejected; on preference pairs these are columns 0 and 1.
 """
@@ -30,13 +39,36 @@ class LossOutput(NamedTuple):
     metrics: dict[str, torch.Tensor]
 
 
+# ------------------------------------------------------------------------------------------- helpers
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half-precision tensors to float32 (differentiably); leave fp32/fp64 alone."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _full_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return torch.ones_like(x, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    return torch.ones_like(x, dtype=torch.bool) if mask is None else mask.to(device=x.device, dtype=torch.bool)
+
+
+def _log_ratio(
+    policy_logps: torch.Tensor, ref_logps: torch.Tensor | None, mask: torch.Tensor
+) -> torch.Tensor:
+    """``h = log π_θ − log π_sft`` (or ``log π_θ`` without a reference) with padding slots set to 0.
+
+    ``masked_fill`` rather than multiplication by the mask, so NaN/inf padding neither leaks into the
+    value nor into the gradient. Shape (B, K).
+    """
+    h = _f32(policy_logps) if ref_logps is None else _f32(policy_logps) - _f32(ref_logps)
+    return h.masked_fill(~mask, 0.0)
+
+
+def _targets(target_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-targets in float32 with padding slots at :data:`NEG` (so exp() is exactly 0). Shape (B, K)."""
+    return _f32(target_logprobs).masked_fill(~mask, NEG)
 
 
 def _best_worst(target_logprobs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices ``[B]`` of the completion with the highest and the lowest target probability among valid ones."""
-    t = target_logprobs.detach()
+    t = _f32(target_logprobs.detach())
     best = t.masked_fill(~mask, float("-inf")).argmax(dim=-1)
     worst = t.masked_fill(~mask, float("inf")).argmin(dim=-1)
     return best, worst
@@ -58,15 +90,27 @@ def _metrics(rewards: torch.Tensor, target_logprobs: torch.Tensor, mask: torch.T
     }
 
 
-def _implicit(policy_logps, ref_logps, beta_pi, mask):
-    """``β_π h`` with ``h = log π_θ − log π_sft``; padding slots set to 0 so they stay finite."""
-    h = policy_logps if ref_logps is None else policy_logps - ref_logps
-    return (beta_pi * h).masked_fill(~mask, 0.0)  # (B, K)
+def _pair_margin(
+    h: torch.Tensor, target_logprobs: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``h_w − h_l`` for the best/worst completion by target, the best index, and which groups have a pair.
+
+    ``h``: (B, K) already masked. Returns three (B,) tensors.
+    """
+    best, worst = _best_worst(target_logprobs, mask)
+    has_pair = mask.sum(-1) >= 2
+    return _pick(h, best) - _pick(h, worst), best, has_pair
 
 
+def _only_pairs(losses: torch.Tensor, has_pair: torch.Tensor) -> torch.Tensor:
+    # torch.where, not multiplication: a group without a pair must give exactly 0 and no gradient.
+    return torch.where(has_pair, losses, torch.zeros_like(losses))
+
+
+# -------------------------------------------------------------------------------------- listwise
 def exo(
     policy_logps: torch.Tensor,
-    ref_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
     target_logprobs: torch.Tensor,
     beta_pi: float,
     mask: torch.Tensor | None = None,
@@ -74,28 +118,30 @@ def exo(
     """EXO: reverse KL from the policy's to the target distribution over the K completions.
 
     Ji et al., "Towards Efficient Exact Optimization of Language Model Alignment", ICML 2024,
-    https://arxiv.org/abs/2402.00856 (eq. 10–12). With ``h_i = log π_θ(y_i|x) − log π_sft(y_i|x)``::
+    https://arxiv.org/abs/2402.00856 (Sec. 3). With ``h_i = log π_θ(y_i|x) − log π_sft(y_i|x)``::
 
         p = softmax(β_π h)          (policy's distribution over the K samples)
         L = KL(p ‖ q) = Σ_i p_i (log p_i − log q_i)
 
     With q = softmax(r / β_r) and y_i ~ π_sft, the gradient of L tends (K → ∞) to the gradient of
-    ``KL(π_θ^{β_π} ‖ π*_{β_r})``, i.e. of the RL objective with KL coefficient β = β_π β_r: EXO is
-    mode-seeking like RL. With preference targets q = [1 − ε, ε] it is TRL's ``exo_pair``.
+    ``KL(π_θ^{β_π} ‖ π*_{β_r})`` where ``π_θ^{β_π} ∝ π_sft (π_θ/π_sft)^{β_π}`` and ``π*_{β_r} ∝ π_sft
+    exp(r/β_r)``, i.e. of the RL objective with KL coefficient β = β_π β_r: EXO is mode-seeking like RL
+    (``tests/test_loss_theorem.py`` checks this). With preference targets q = [1 − ε, ε] it is TRL's
+    ``exo_pair``; unnormalised log-targets (the authors' ``[0, −10]``) shift L by a constant only.
     """
     mask = _full_mask(policy_logps, mask)
-    logits = _implicit(policy_logps, ref_logps, beta_pi, mask)  # (B, K)
-    log_p = masked_log_softmax(logits, mask)  # (B, K)
-    log_q = target_logprobs.masked_fill(~mask, NEG)
+    logits = beta_pi * _log_ratio(policy_logps, ref_logps, mask)  # (B, K)
+    log_p = masked_log_softmax(logits, mask)  # (B, K), NEG in padding
+    log_q = _targets(target_logprobs, mask)
+    # Padding: p = exp(NEG) = 0 and log_p − log_q = 0, and torch.where keeps even that out of the graph.
     terms = torch.where(mask, log_p.exp() * (log_p - log_q), torch.zeros_like(log_p))  # (B, K)
-    losses = terms.sum(-1)
     rewards = logits.detach()
-    return LossOutput(losses, rewards, _metrics(rewards, target_logprobs, mask))
+    return LossOutput(terms.sum(-1), rewards, _metrics(rewards, target_logprobs, mask))
 
 
 def dpo(
     policy_logps: torch.Tensor,
-    ref_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
     target_logprobs: torch.Tensor,
     beta_pi: float,
     mask: torch.Tensor | None = None,
@@ -103,72 +149,102 @@ def dpo(
     """DPO: forward KL (cross-entropy) from the target to the policy's distribution over the K completions.
 
     Rafailov et al., "Direct Preference Optimization", NeurIPS 2023, https://arxiv.org/abs/2305.18290; the
-    listwise form with reward targets is the Plackett–Luce-free "DPO-rw" of Ji et al. 2024 (eq. 13)::
+    listwise form with reward targets is "DPO-rw" of Ji et al. 2024 (Sec. 4)::
 
         L = −Σ_i q_i log p_i,    p = softmax(β_π h)
 
-    which differs from ``KL(q ‖ p)`` by the target's entropy (a constant). With preference targets and ε → 0
-    it is ``−log σ(β_π (h_w − h_l))``; with ε > 0 it is label-smoothed (conservative) DPO. Mean-seeking.
+    which differs from ``KL(q ‖ p)`` by the target's entropy (a constant). With preference targets
+    ``q = [1 − ε, ε]`` and ``z = β_π (h_w − h_l)`` it is ``−log σ(z) + ε z`` exactly, so ε → 0 gives the usual
+    ``−log σ(z)`` and ε > 0 is label-smoothed (conservative) DPO. As K → ∞ its gradient tends to that of the
+    forward ``KL(π*_{β_r} ‖ π_θ^{β_π})``: mean-seeking.
     """
     mask = _full_mask(policy_logps, mask)
-    logits = _implicit(policy_logps, ref_logps, beta_pi, mask)
+    logits = beta_pi * _log_ratio(policy_logps, ref_logps, mask)  # (B, K)
     log_p = masked_log_softmax(logits, mask)
-    q = target_logprobs.masked_fill(~mask, NEG).exp()
+    q = _targets(target_logprobs, mask).exp()  # (B, K), 0 in padding
     terms = torch.where(mask, -q * log_p, torch.zeros_like(log_p))
-    losses = terms.sum(-1)
     rewards = logits.detach()
-    return LossOutput(losses, rewards, _metrics(rewards, target_logprobs, mask))
+    return LossOutput(terms.sum(-1), rewards, _metrics(rewards, target_logprobs, mask))
 
 
-def _pair_margin(policy_logps, ref_logps, target_logprobs, mask):
-    """``(h_w − h_l)`` for the best/worst completion by target, plus the indices. Shapes (B,)."""
-    mask = _full_mask(policy_logps, mask)
-    h = policy_logps if ref_logps is None else policy_logps - ref_logps
-    h = h.masked_fill(~mask, 0.0)
-    best, worst = _best_worst(target_logprobs, mask)
-    return _pick(h, best) - _pick(h, worst), mask, best, worst
-
-
-def ipo(policy_logps, ref_logps, target_logprobs, beta_pi, mask=None) -> LossOutput:
+# -------------------------------------------------------------------------------------- pairwise
+def ipo(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    target_logprobs: torch.Tensor,
+    beta_pi: float,
+    mask: torch.Tensor | None = None,
+) -> LossOutput:
     """IPO: squared loss regressing the log-ratio margin to ``1 / (2τ)`` with τ = β_π.
 
     Azar et al., "A General Theoretical Paradigm to Understand Learning from Human Preferences", AISTATS 2024,
-    https://arxiv.org/abs/2310.12036 (eq. 17): ``L = (h_w − h_l − 1/(2β_π))²``.
+    https://arxiv.org/abs/2310.12036 (eq. 17): ``L = (h_w − h_l − 1/(2β_π))²``. The margin is of summed
+    log-probs; TRL divides each log-ratio by its completion length first (pass per-token-averaged log-probs
+    to get that variant).
     """
-    margin, mask, _, _ = _pair_margin(policy_logps, ref_logps, target_logprobs, mask)
-    losses = (margin - 1.0 / (2.0 * beta_pi)) ** 2
-    rewards = _implicit(policy_logps, ref_logps, beta_pi, mask).detach()
+    mask = _full_mask(policy_logps, mask)
+    h = _log_ratio(policy_logps, ref_logps, mask)
+    margin, _, has_pair = _pair_margin(h, target_logprobs, mask)
+    losses = _only_pairs((margin - 1.0 / (2.0 * beta_pi)) ** 2, has_pair)
+    rewards = (beta_pi * h).detach()
     return LossOutput(losses, rewards, _metrics(rewards, target_logprobs, mask))
 
 
-def cdpo(policy_logps, ref_logps, target_logprobs, beta_pi, mask=None, *, label_smoothing: float = 0.1) -> LossOutput:
+def cdpo(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    target_logprobs: torch.Tensor,
+    beta_pi: float,
+    mask: torch.Tensor | None = None,
+    *,
+    label_smoothing: float = 0.1,
+) -> LossOutput:
     """Conservative (label-smoothed) DPO on the best/worst pair.
 
     Mitchell, "A note on DPO with noisy preferences & relationship to IPO", 2023,
-    https://ericmitchell.ai/cdpo.pdf: ``L = −(1 − ε) log σ(β_π Δh) − ε log σ(−β_π Δh)``.
+    https://ericmitchell.ai/cdpo.pdf: ``L = −(1 − ε) log σ(β_π Δh) − ε log σ(−β_π Δh)`` with ε =
+    ``label_smoothing`` in (0, ½). On pairs it equals :func:`dpo` with ``pref_targets(B, ε)``.
     """
-    eps = check_eps(label_smoothing)
-    margin, mask, _, _ = _pair_margin(policy_logps, ref_logps, target_logprobs, mask)
+    eps = check_eps(label_smoothing, field="label_smoothing")
+    mask = _full_mask(policy_logps, mask)
+    h = _log_ratio(policy_logps, ref_logps, mask)
+    margin, _, has_pair = _pair_margin(h, target_logprobs, mask)
     z = beta_pi * margin
-    losses = -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    rewards = _implicit(policy_logps, ref_logps, beta_pi, mask).detach()
+    losses = _only_pairs(-(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z), has_pair)
+    rewards = (beta_pi * h).detach()
     return LossOutput(losses, rewards, _metrics(rewards, target_logprobs, mask))
 
 
-def hinge(policy_logps, ref_logps, target_logprobs, beta_pi, mask=None) -> LossOutput:
+def hinge(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    target_logprobs: torch.Tensor,
+    beta_pi: float,
+    mask: torch.Tensor | None = None,
+) -> LossOutput:
     """Hinge loss on the scaled log-ratio margin (SLiC-style calibration).
 
     Zhao et al., "SLiC-HF: Sequence Likelihood Calibration with Human Feedback", 2023,
-    https://arxiv.org/abs/2305.10425: ``L = max(0, 1 − β_π Δh)``.
+    https://arxiv.org/abs/2305.10425, in the reference-relative form of TRL's ``hinge``:
+    ``L = max(0, 1 − β_π Δh)``.
     """
-    margin, mask, _, _ = _pair_margin(policy_logps, ref_logps, target_logprobs, mask)
-    losses = torch.relu(1.0 - beta_pi * margin)
-    rewards = _implicit(policy_logps, ref_logps, beta_pi, mask).detach()
+    mask = _full_mask(policy_logps, mask)
+    h = _log_ratio(policy_logps, ref_logps, mask)
+    margin, _, has_pair = _pair_margin(h, target_logprobs, mask)
+    losses = _only_pairs(torch.relu(1.0 - beta_pi * margin), has_pair)
+    rewards = (beta_pi * h).detach()
     return LossOutput(losses, rewards, _metrics(rewards, target_logprobs, mask))
 
 
 def simpo(
-    policy_logps, ref_logps, target_logprobs, beta_pi, mask=None, *, lengths: torch.Tensor, gamma: float = 0.5
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    target_logprobs: torch.Tensor,
+    beta_pi: float,
+    mask: torch.Tensor | None = None,
+    *,
+    lengths: torch.Tensor,
+    gamma: float = 0.5,
 ) -> LossOutput:
     """SimPO: reference-free, length-normalised margin loss with a target margin γ.
 
@@ -177,22 +253,24 @@ def simpo(
 
         L = −log σ(β (log π(y_w)/|y_w| − log π(y_l)/|y_l|) − γ)
 
-    ``lengths``: ``[B, K]`` completion token counts. ``ref_logps`` is ignored (may be None).
+    ``lengths``: ``[B, K]`` completion token counts (clamped to ≥ 1). ``ref_logps`` is ignored (may be None).
+    The rewards returned are the length-normalised ``β log π(y)/|y|``.
     """
     mask = _full_mask(policy_logps, mask)
-    norm = policy_logps / lengths.clamp(min=1).to(policy_logps.dtype)  # (B, K)
-    margin, mask, _, _ = _pair_margin(norm, None, target_logprobs, mask)
-    losses = -F.logsigmoid(beta_pi * margin - gamma)
-    rewards = (beta_pi * norm).masked_fill(~mask, 0.0).detach()
+    pol = _log_ratio(policy_logps, None, mask)
+    norm = pol / lengths.to(pol.device).clamp(min=1).to(pol.dtype)  # (B, K)
+    margin, _, has_pair = _pair_margin(norm, target_logprobs, mask)
+    losses = _only_pairs(-F.logsigmoid(beta_pi * margin - gamma), has_pair)
+    rewards = (beta_pi * norm).detach()
     return LossOutput(losses, rewards, _metrics(rewards, target_logprobs, mask))
 
 
 def rpo(
-    policy_logps,
-    ref_logps,
-    target_logprobs,
-    beta_pi,
-    mask=None,
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    target_logprobs: torch.Tensor,
+    beta_pi: float,
+    mask: torch.Tensor | None = None,
     *,
     lengths: torch.Tensor | None = None,
     alpha: float = 1.0,
@@ -201,14 +279,16 @@ def rpo(
 
     Pang et al., "Iterative Reasoning Preference Optimization", NeurIPS 2024, https://arxiv.org/abs/2404.19733
     (eq. 1): ``L = −log σ(β_π Δh) − α log π_θ(y_w|x) / |y_w|`` (the NLL is length-normalised when
-    ``lengths`` ``[B, K]`` are given).
+    ``lengths`` ``[B, K]`` are given, a plain sum otherwise). The metric ``nll`` is the mean NLL term.
     """
-    margin, mask, best, _ = _pair_margin(policy_logps, ref_logps, target_logprobs, mask)
-    nll = -_pick(policy_logps, best)
+    mask = _full_mask(policy_logps, mask)
+    h = _log_ratio(policy_logps, ref_logps, mask)
+    margin, best, has_pair = _pair_margin(h, target_logprobs, mask)
+    nll = -_pick(_log_ratio(policy_logps, None, mask), best)  # (B,)
     if lengths is not None:
-        nll = nll / _pick(lengths, best).clamp(min=1).to(nll.dtype)
-    losses = -F.logsigmoid(beta_pi * margin) + alpha * nll
-    rewards = _implicit(policy_logps, ref_logps, beta_pi, mask).detach()
+        nll = nll / _pick(lengths.to(nll.device), best).clamp(min=1).to(nll.dtype)
+    losses = _only_pairs(-F.logsigmoid(beta_pi * margin) + alpha * nll, has_pair)
+    rewards = (beta_pi * h).detach()
     out = _metrics(rewards, target_logprobs, mask)
     out["nll"] = nll.detach().mean()
     return LossOutput(losses, rewards, out)

@@ -19,12 +19,15 @@ from ..errors import ConfigError
 NEG = -1e30
 
 
-def check_eps(eps: float) -> float:
-    """Validate a label-smoothing ε for preference targets: it must lie in the open interval (0, ½)."""
+def check_eps(eps: float, field: str = "eps") -> float:
+    """Validate a label-smoothing ε for preference targets: it must lie in the open interval (0, ½).
+
+    ``field`` names the config key in the error (``eps`` for targets, ``label_smoothing`` for cdpo).
+    """
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or not 0.0 < eps < 0.5:
         raise ConfigError(
-            f"label smoothing eps must be in (0, 0.5), got {eps!r}",
-            field="eps",
+            f"label smoothing {field} must be in (0, 0.5), got {eps!r}",
+            field=field,
             fix="EXO needs eps > 0 (log 0 is undefined); use 1e-3 as recommended, or sigmoid(-10) for the authors' value",
         )
     return float(eps)
@@ -61,7 +64,8 @@ def reward_targets(rewards: torch.Tensor, beta_r: float, mask: torch.Tensor | No
     """
     if not (isinstance(beta_r, (int, float)) and math.isfinite(beta_r) and beta_r > 0):
         raise ConfigError(f"beta_r must be > 0, got {beta_r!r}", field="beta_r", fix="use a positive temperature such as 0.1")
-    rewards = rewards.float() if not rewards.is_floating_point() else rewards
+    # Integer or half-precision rewards: r / β_r with a small β_r needs float32 resolution.
+    rewards = rewards if rewards.dtype in (torch.float32, torch.float64) else rewards.float()
     if mask is not None:
-        rewards = rewards.masked_fill(~mask.to(torch.bool), 0.0)
+        rewards = rewards.masked_fill(~mask.to(device=rewards.device, dtype=torch.bool), 0.0)
     return masked_log_softmax(rewards / beta_r, mask)

@@ -1,0 +1,383 @@
+"""``exoalign eval``: mean reward, ``KL(π_θ ‖ π_sft)`` and win rate of each checkpoint, written as JSON.
+
+    exoalign eval checkpoints=[runs/exo] sft_model=runs/sft/final prompts=data/test_prompts.jsonl \\
+        reward_model=runs/rm/final output=results/exo.json temperature=0.8
+
+For each checkpoint (a model directory; a training ``output_dir`` expands to its complete ``checkpoint-*``
+directories and ``final``, in step order):
+
+1. sample ``samples_per_prompt`` completions for every held-out prompt from the checkpoint (same settings and
+   seeds for every checkpoint, so checkpoints are compared on common random numbers);
+2. score them with the judge (reward model or oracle) → mean reward with a confidence interval;
+3. compute ``log π_θ(y)`` and ``log π_sft(y)`` of the sampled token ids at temperature ``kl_temperature``
+   (default: the sampling temperature) → ``kl`` (the authors' estimator ``mean ℓ``) and ``kl_k3``
+   (``mean (ρ − 1) − log ρ``), see :mod:`exoalign.eval.kl`;
+4. win rate against the baseline policy's samples (``baseline``, default the SFT model; drawn once from an
+   independent random stream), ties counted half, with a prompt-bootstrap CI, see :mod:`exoalign.eval.winrate`.
+
+Output JSON (``schema: exoalign.eval/1``)::
+
+    {"schema": "exoalign.eval/1", "run": str, "complete": bool, "confidence": 0.95,
+     "settings": {...what the numbers depend on; a rerun must match it to resume...},
+     "baseline": {"model": str, "reward": {"mean", "ci_low", "ci_high"}, "rewards": [[float]]} | null,
+     "results": [{"checkpoint": path, "name": str, "step": int | null, "n_prompts": int,
+                  "samples_per_prompt": int, "reward": {"mean", "ci_low", "ci_high"},
+                  "kl": float, "kl_se": float, "kl_k3": float, "kl_k3_se": float,
+                  "win_rate": {"mean", "ci_low", "ci_high", "wins", "ties", "losses"} | null,
+                  "length": float (mean completion tokens), "finished": float (fraction ending in EOS)}]}
+
+The JSON is rewritten atomically after the baseline and after every checkpoint; a rerun with the same settings
+skips the checkpoints already in it (``overwrite=true`` starts afresh). With ``save_samples`` each
+checkpoint's samples go to ``<output stem>.samples/<name>.jsonl`` as group rows with ``rewards``, ``logps`` and
+``ref_logps``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import require, to_dict
+from ..data import write_rows
+from ..errors import ConfigError, InputError
+from ..logprobs import IGNORE, sequence_logps
+from ..models import DTYPES, load_causal_lm, load_tokenizer
+from ..stages.generation import (
+    Completion,
+    Sampler,
+    SamplingSettings,
+    encode_prompts,
+    fingerprint,
+    pick_device,
+    resolve_backend,
+    stage_args,
+)
+from ..stages.sample import build_sampler, load_prompts
+from ..stages.score import JudgeSettings, check_judge_given, judge_texts, make_judge
+from .kl import kl_k1, kl_k3
+from .winrate import mean_ci, win_rate
+
+SCHEMA = "exoalign.eval/1"
+
+
+@dataclass
+class EvalConfig(JudgeSettings, SamplingSettings):
+    """``exoalign eval``: reward, KL(π_θ‖π_sft) and win rate of checkpoints on held-out prompts."""
+
+    checkpoints: list[str] = field(default_factory=list)
+    """Policies to evaluate: model directories or hub names; a training output_dir expands to its checkpoints."""
+    sft_model: str = ""
+    """π_sft: the reference of the KL (directory or hub name) and the default baseline of the win rate."""
+    tokenizer: str | None = None
+    """Tokeniser shared by all models; defaults to sft_model."""
+    prompts: str = ""
+    """Held-out prompts (any rows with a 'prompt' or 'messages' field)."""
+    split: str = "train"
+    """Split to read from a hub dataset or a DatasetDict directory (e.g. test)."""
+    max_prompts: int | None = None
+    """Use only the first this many distinct prompts; null = all."""
+    dedupe: bool = True
+    """Evaluate each distinct prompt once."""
+    samples_per_prompt: int = 1
+    """Completions sampled per prompt and checkpoint (more = tighter KL and reward estimates)."""
+    baseline: str | None = None
+    """Policy the win rate is measured against; null = sft_model."""
+    win_rate: bool = True
+    """Compute the win rate against the baseline (samples the baseline once)."""
+    kl_temperature: float | None = None
+    """Temperature of the log-probs in the KL estimators; null = the sampling temperature."""
+    logp_batch_size: int = 16
+    """Sequences per forward pass when computing log-probs."""
+    confidence: float = 0.95
+    """Level of the confidence intervals."""
+    n_bootstrap: int = 1000
+    """Bootstrap resamples for the win-rate interval."""
+    output: str = ""
+    """Output JSON file (rewritten after each checkpoint; resumed when rerun with the same settings)."""
+    run_name: str | None = None
+    """Name of this run in plots and tables; null = the output file's stem."""
+    save_samples: bool = True
+    """Also write each checkpoint's samples, rewards and log-probs to <output stem>.samples/<name>.jsonl."""
+    dtype: str = "float32"
+    """Weights dtype of the policies and π_sft: float32, bfloat16, float16 or auto."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (only for models you trust)."""
+    overwrite: bool = False
+    """Start afresh instead of resuming an existing output."""
+
+    def __post_init__(self) -> None:
+        self.check_sampling()
+        self.check_judge()
+        require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", "use e.g. 1 or 4")
+        require(self.kl_temperature is None or self.kl_temperature > 0, "kl_temperature", "must be > 0",
+                "use null (= temperature) or e.g. 1.0")
+        require(self.logp_batch_size >= 1, "logp_batch_size", "must be >= 1", "use e.g. 16")
+        require(0 < self.confidence < 1, "confidence", "must be in (0, 1)", "use e.g. 0.95")
+        require(self.n_bootstrap >= 100, "n_bootstrap", "must be >= 100", "use e.g. 1000")
+        require(self.max_prompts is None or self.max_prompts >= 2, "max_prompts", "must be >= 2 (a CI needs 2)",
+                "use null for all")
+        require(self.dtype in DTYPES, "dtype", f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+@dataclass
+class Checkpoint:
+    name: str
+    path: str
+    step: int | None
+
+
+def expand_checkpoints(paths: list[str]) -> list[Checkpoint]:
+    """Model directories to evaluate. A directory without ``config.json`` is read as a training output_dir:
+    its complete ``checkpoint-{step}`` directories (torn ones skipped) and ``final``, oldest first."""
+    from ..train.checkpoint import COMPLETE, list_checkpoints
+
+    out: list[Checkpoint] = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir() and not (path / "config.json").is_file():
+            found = [Checkpoint(f"{path.name}/{d.name}", str(d), step) for step, d in list_checkpoints(path)]
+            final = path / "final"
+            if (final / "config.json").is_file() and (final / COMPLETE).exists():
+                out_step = _state_step(final)
+                found.append(Checkpoint(f"{path.name}/final", str(final), out_step))
+            if not found:
+                raise InputError("no model here: neither config.json nor complete checkpoint-*/final directories",
+                                 file=p, field="checkpoints", fix="give model directories or a training output_dir")
+            out.extend(found)
+        elif path.exists() and not path.is_dir():
+            raise InputError("a checkpoint must be a model directory", file=p, field="checkpoints",
+                             fix="give the directory that holds config.json")
+        else:
+            m = re.search(r"checkpoint-(\d+)$", path.name)
+            name = f"{path.parent.name}/{path.name}" if path.is_dir() else p
+            out.append(Checkpoint(name, p, int(m.group(1)) if m else _state_step(path)))
+    names = [c.name for c in out]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup is not None:
+        raise InputError(f"two checkpoints are both named {dup!r}", field="checkpoints",
+                         fix="give each checkpoint once (or rename the run directories)")
+    return out
+
+
+def _state_step(path: Path) -> int | None:
+    """The step recorded by the trainer in ``trainer_state.json``, if any."""
+    try:
+        return int(json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ------------------------------------------------------------------------------------ computation
+def sample_all(sampler: Sampler, prompt_ids: list[list[int]], n: int, batch_size: int, desc: str) -> list[list[Completion]]:
+    """``n`` completions for every prompt, in batches of ``batch_size`` prompts, with a progress bar."""
+    groups: list[list[Completion]] = []
+    with tqdm(total=len(prompt_ids), desc=desc, unit="prompt", leave=False) as bar:
+        for start in range(0, len(prompt_ids), batch_size):
+            idx = list(range(start, min(start + batch_size, len(prompt_ids))))
+            groups.extend(sampler.generate([prompt_ids[i] for i in idx], idx, n))
+            bar.update(len(idx))
+    return groups
+
+
+@torch.no_grad()
+def completion_logps(
+    model: torch.nn.Module, prompt_ids: list[list[int]], groups: list[list[Completion]], *,
+    temperature: float, batch_size: int, pad_id: int,
+) -> np.ndarray:
+    """``log π(y|x)`` of every sampled completion's token ids at ``temperature``: ``[n_prompts, n]``.
+
+    Rows are laid out as ``sequence_logps`` expects: prompt left-padded, completion right-padded, labels
+    ``-100`` outside the completion (EOS, when sampled, is part of the completion).
+    """
+    device = next(model.parameters()).device
+    pairs = [(p, c.ids) for p, g in zip(prompt_ids, groups) for c in g]
+    out: list[float] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        P = max(len(p) for p, _ in chunk)
+        C = max(len(c) for _, c in chunk)
+        ids = torch.full((len(chunk), P + C), pad_id, dtype=torch.long)  # (b, P + C)
+        mask = torch.zeros_like(ids)
+        labels = torch.full_like(ids, IGNORE)
+        for r, (p, c) in enumerate(chunk):
+            ids[r, P - len(p) : P] = torch.tensor(p)
+            ids[r, P : P + len(c)] = torch.tensor(c)
+            mask[r, P - len(p) : P + len(c)] = 1
+            labels[r, P : P + len(c)] = torch.tensor(c)
+        logps, _ = sequence_logps(model, ids.to(device), mask.to(device), labels.to(device), temperature=temperature)
+        out.extend(logps.double().tolist())
+    n = len(groups[0]) if groups else 0
+    return np.asarray(out, dtype=np.float64).reshape(len(groups), n)
+
+
+def _free() -> None:
+    """Return memory of models the caller just dropped (vLLM engines and GPU caches are not freed by refcounts)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------ state
+def _save(path: Path, state: dict) -> None:
+    """Rewrite the eval JSON atomically (temp file + rename): a kill never leaves half a JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1, ensure_ascii=False, allow_nan=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, settings: dict, overwrite: bool) -> dict | None:
+    if overwrite or not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError("the existing output is not an eval JSON, so it cannot be resumed", file=str(path),
+                         field="output", fix="choose another output or pass overwrite=true") from None
+    if not isinstance(state, dict) or state.get("schema") != SCHEMA:
+        raise InputError("the existing output is not an eval JSON", file=str(path), field="output",
+                         fix="choose another output or pass overwrite=true")
+    if state.get("settings") != settings:
+        old = state.get("settings") or {}
+        changed = sorted(k for k in set(settings) | set(old) if old.get(k) != settings.get(k))
+        raise ConfigError(f"{path} was written with other settings ({', '.join(changed)})", field="output",
+                          fix="rerun with the same settings to resume, pass overwrite=true, or choose a new output")
+    return state
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
+
+
+# -------------------------------------------------------------------------------------------- run
+def run(cfg: EvalConfig) -> Path:
+    """Evaluate every checkpoint of ``cfg`` and write the JSON (see the module docstring)."""
+    require(bool(cfg.checkpoints), "checkpoints", "no checkpoints given", "set checkpoints=[dir1, dir2] (or a run dir)")
+    for name, what in (("sft_model", "the SFT model directory"), ("prompts", "a held-out prompt file"),
+                       ("output", "a .json path")):
+        require(bool(getattr(cfg, name)), name, "not set", f"set {name}=… to {what}")
+    require(Path(cfg.output).suffix == ".json", "output", "must be a .json file", "name it e.g. results/exo.json")
+    check_judge_given(cfg)
+    out = Path(cfg.output)
+    checkpoints = expand_checkpoints(cfg.checkpoints)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.sft_model, trust_remote_code=cfg.trust_remote_code,
+                               padding_side="left")
+    prompts = load_prompts(cfg.prompts, split=cfg.split, tokenizer=tokenizer, dedupe=cfg.dedupe, limit=cfg.max_prompts)
+    if len(prompts) < 2:
+        raise InputError(f"only {len(prompts)} distinct prompt(s)", file=cfg.prompts, field="prompts",
+                         fix="give at least 2 prompts (intervals need them; a few hundred are typical)")
+    backend = resolve_backend(cfg.backend)
+    T_kl = cfg.kl_temperature or cfg.temperature
+    settings = {
+        "sft_model": cfg.sft_model, "prompts": fingerprint(prompts), "n_prompts": len(prompts),
+        "samples_per_prompt": cfg.samples_per_prompt, "backend": backend, "kl_temperature": T_kl,
+        "baseline": (cfg.baseline or cfg.sft_model) if cfg.win_rate else None, **cfg.sampling_dict(),
+        **cfg.judge_spec(),
+    }
+    state = _load_state(out, settings, cfg.overwrite) or {
+        "schema": SCHEMA, "run": cfg.run_name or out.stem, "complete": False, "confidence": cfg.confidence,
+        "settings": settings, "config": to_dict(cfg), "baseline": None, "results": [],
+    }
+    done = {r["checkpoint"] for r in state["results"]}
+    todo = [c for c in checkpoints if c.path not in done]
+    if not todo and (state["baseline"] is not None or not cfg.win_rate):
+        print(f"{out}: all {len(checkpoints)} checkpoints already evaluated", file=sys.stderr)
+        state["complete"] = True
+        _save(out, state)
+        return out
+
+    judge = make_judge(cfg, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    judge_name = f"oracle {cfg.oracle}" if cfg.oracle else f"reward model {cfg.reward_model}"
+    device = pick_device(cfg.device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
+    n = cfg.samples_per_prompt
+
+    def load(path: str) -> torch.nn.Module:
+        return load_causal_lm(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code).to(device).eval()
+
+    def rewards_of(groups: list[list[Completion]]) -> np.ndarray:
+        texts = [c.text for g in groups for c in g]
+        flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
+        r = judge_texts(judge, flat_prompts, texts, cfg.judge_batch_size, judge_name)
+        return np.asarray(r, dtype=np.float64).reshape(len(groups), n)
+
+    sft = load(cfg.sft_model)
+    if cfg.win_rate and state["baseline"] is None:
+        base_path = cfg.baseline or cfg.sft_model
+        base_model = sft if base_path == cfg.sft_model else None
+        sampler = build_sampler(cfg, base_path, tokenizer, dtype=cfg.dtype, device=cfg.device,
+                                trust_remote_code=cfg.trust_remote_code, stream="baseline", model=base_model)
+        groups = sample_all(sampler, prompt_ids, n, cfg.batch_size, "baseline")
+        del sampler, base_model
+        _free()
+        r_base = rewards_of(groups)
+        state["baseline"] = {"model": base_path, "reward": mean_ci(r_base, cfg.confidence).to_dict(),
+                             "rewards": r_base.tolist()}
+        _save(out, state)
+
+    for ckpt in tqdm(todo, desc="eval", unit="checkpoint"):
+        policy = sft if ckpt.path == cfg.sft_model else None
+        if backend == "hf" and policy is None:
+            policy = load(ckpt.path)
+        sampler = build_sampler(cfg, ckpt.path, tokenizer, dtype=cfg.dtype, device=cfg.device,
+                                trust_remote_code=cfg.trust_remote_code, stream="policy", model=policy)
+        groups = sample_all(sampler, prompt_ids, n, cfg.batch_size, ckpt.name)
+        del sampler
+        _free()
+        if policy is None:  # vLLM sampled; log-probs still come from the HF model
+            policy = load(ckpt.path)
+        kw = {"temperature": T_kl, "batch_size": cfg.logp_batch_size, "pad_id": pad_id}
+        lp_pi = completion_logps(policy, prompt_ids, groups, **kw)  # (n_prompts, n)
+        lp_ref = lp_pi if policy is sft else completion_logps(sft, prompt_ids, groups, **kw)
+        if policy is not sft:
+            del policy
+            _free()
+        rewards = rewards_of(groups)
+        k1, k3 = kl_k1(lp_pi, lp_ref), kl_k3(lp_pi, lp_ref)
+        result: dict[str, Any] = {
+            "checkpoint": ckpt.path, "name": ckpt.name, "step": ckpt.step, "n_prompts": len(prompts),
+            "samples_per_prompt": n, "reward": mean_ci(rewards, cfg.confidence).to_dict(),
+            "kl": k1.mean, "kl_se": k1.se, "kl_k3": k3.mean, "kl_k3_se": k3.se, "win_rate": None,
+            "length": float(np.mean([len(c.ids) for g in groups for c in g])),
+            "finished": float(np.mean([c.finished for g in groups for c in g])),
+        }
+        if cfg.win_rate:
+            r_base = np.asarray(state["baseline"]["rewards"], dtype=np.float64)
+            result["win_rate"] = win_rate(rewards, r_base, confidence=cfg.confidence, n_boot=cfg.n_bootstrap,
+                                          seed=cfg.seed).to_dict()
+        if cfg.save_samples:
+            rows = [{"prompt": p, "completions": [c.text for c in g], "rewards": r.tolist(),
+                     "logps": a.tolist(), "ref_logps": b.tolist()}
+                    for p, g, r, a, b in zip(prompts, groups, rewards, lp_pi, lp_ref)]
+            write_rows(out.with_name(out.stem + ".samples") / f"{_safe(ckpt.name)}.jsonl", rows)
+        state["results"].append(result)
+        _save(out, state)
+    state["complete"] = True
+    _save(out, state)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = stage_args("exoalign eval", EvalConfig, argv, description=__doc__.split("\n\n")[0])
+    path = run(cfg)
+    state = json.loads(path.read_text(encoding="utf-8"))
+    for r in state["results"]:
+        wr = r["win_rate"]["mean"] if r["win_rate"] else float("nan")
+        print(f"{r['name']}: reward {r['reward']['mean']:.4f}  kl {r['kl']:.4f}  kl_k3 {r['kl_k3']:.4f}  "
+              f"win_rate {wr:.3f}")
+    print(f"wrote {path}")
+    return 0

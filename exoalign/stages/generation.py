@@ -1,0 +1,372 @@
+"""Sampling completions from a causal LM, reproducibly, with Hugging Face ``generate`` or vLLM.
+
+Shared by ``exoalign sample`` and ``exoalign eval``. Two properties matter to the rest of the pipeline:
+
+* **Per-completion seeds.** Completion ``j`` of prompt number ``i`` is drawn with its own random stream,
+  seeded by ``completion_seed(seed, i, j)``. A completion therefore does not depend on which other prompts
+  share its batch, on the batch size, or on where an interrupted run was resumed.
+  With ``generate`` this is done by :class:`SeededSampler`, a logits processor that draws the next token
+  by the Gumbel-max trick: ``y_t = argmax_v (log p_v + g_v)`` with ``g_v = −log(−log u_v)`` and ``u_v``
+  uniform from the row's own ``torch.Generator``. That is an exact sample from ``softmax(log p)`` (the
+  temperature / top-k / top-p warped distribution), and it leaves ``generate`` in greedy mode, so the global
+  RNG is never used. vLLM takes a seed per request (``SamplingParams(seed=…)``).
+* **Token ids are kept.** Each :class:`Completion` carries the sampled ids (with the EOS token when the model
+  stopped), so log-probs for the KL estimators are computed on exactly the sampled sequence rather than on a
+  re-tokenisation of the decoded text.
+
+The file also holds the helpers that make the stages resumable: the settings of a run are recorded beside its\noutput (:func:`check_meta`), and a rerun with the same settings appends after the rows already written\n(``exoalign.data.read_done_count`` / ``append_rows``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+
+from ..config import require
+from ..errors import ConfigError
+
+
+# ------------------------------------------------------------------------------------------ settings
+@dataclass
+class SamplingSettings:
+    """Sampling settings shared by ``exoalign sample`` and ``exoalign eval`` (flat keys in both configs)."""
+
+    temperature: float = 1.0
+    """Sampling temperature (> 0). The EXO paper samples at 0.8; KL in ``eval`` is measured at this temperature."""
+    top_k: int = 0
+    """Keep only the k most likely tokens at each step (0 = no top-k filter)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens with this much probability (1.0 = off)."""
+    max_new_tokens: int = 64
+    """Maximum number of tokens generated per completion."""
+    min_new_tokens: int = 0
+    """Forbid EOS for this many first tokens (1 avoids empty completions; 0 samples the model unchanged)."""
+    max_prompt_length: int = 512
+    """Prompts longer than this many tokens are truncated from the left (their beginning is dropped)."""
+    seed: int = 0
+    """Seed of the per-completion random streams: completion j of prompt i depends only on (seed, i, j)."""
+    batch_size: int = 16
+    """Prompts per generation batch (each expands to k rows); also the unit written to disk on resume."""
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    """Sampler: 'hf' (transformers generate), 'vllm' (needs vllm and a GPU), 'auto' (vllm when usable)."""
+
+    def check_sampling(self) -> None:
+        """Validate the sampling fields (called from the owning config's ``__post_init__``)."""
+        require(self.temperature > 0, "temperature", f"must be > 0 (got {self.temperature})", "use e.g. 0.8 or 1.0")
+        require(self.top_k >= 0, "top_k", f"must be >= 0 (got {self.top_k})", "use 0 to turn top-k off")
+        require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1] (got {self.top_p})", "use 1.0 to turn top-p off")
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1", "use e.g. 64")
+        require(
+            0 <= self.min_new_tokens <= self.max_new_tokens,
+            "min_new_tokens",
+            "must be between 0 and max_new_tokens",
+            "use 0 or 1",
+        )
+        require(self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1", "use e.g. 512")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1", "use e.g. 16")
+
+    def sampling_dict(self) -> dict[str, Any]:
+        """The fields that determine the samples (batch size and backend excluded: they do not change them
+        for the HF sampler; vLLM samples differ from HF ones, so the backend is recorded separately)."""
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "max_prompt_length": self.max_prompt_length,
+            "seed": self.seed,
+        }
+
+
+def completion_seed(seed: int, index: int, j: int, stream: str = "") -> int:
+    """A 63-bit seed for completion ``j`` of prompt ``index`` (a hash, so nearby seeds give unrelated streams)."""
+    digest = hashlib.sha256(f"{stream}:{seed}:{index}:{j}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def pick_device(device: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}", field="device", fix="use auto, cpu, cuda or cuda:N") from None
+
+
+# ----------------------------------------------------------------------------------------- samplers
+@dataclass
+class Completion:
+    """One sampled completion: its token ids (ending in EOS when ``finished``) and the decoded text."""
+
+    ids: list[int]
+    text: str
+    finished: bool
+
+
+class Sampler(Protocol):
+    def generate(self, prompt_ids: Sequence[list[int]], indices: Sequence[int], k: int) -> list[list[Completion]]:
+        """``k`` completions for each prompt; ``indices`` are the prompts' positions in the whole prompt list."""
+        ...
+
+
+class SeededSampler:
+    """Logits processor that picks each row's next token from that row's own random stream (Gumbel-max).
+
+    Placed last in the processor list (after temperature / top-k / top-p), it returns scores that are ``0``
+    for the drawn token and ``−inf`` elsewhere, so greedy decoding emits exactly the drawn token.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device) -> None:
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        R, V = scores.shape  # (rows, vocab)
+        u = torch.stack(
+            [torch.rand(V, generator=g, device=scores.device) for g in self.generators]
+        )  # (R, V), one stream per row
+        tiny = torch.finfo(torch.float32).tiny
+        gumbel = -torch.log(-torch.log(u.clamp(min=tiny)))  # (R, V)
+        choice = (scores.float() + gumbel).argmax(-1)  # (R,)  -inf scores (filtered tokens) never win
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, choice.unsqueeze(-1), 0.0)
+        return out
+
+
+def _decode(tokenizer: Any, ids: list[int], eos_id: int | None) -> Completion:
+    finished = eos_id is not None and eos_id in ids
+    if finished:
+        ids = ids[: ids.index(eos_id) + 1]
+    body = ids[:-1] if finished else ids
+    return Completion(ids=ids, text=tokenizer.decode(body, skip_special_tokens=True), finished=finished)
+
+
+class HFSampler:
+    """Batched sampling with ``model.generate`` (prompts left-padded) and per-completion seeds."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: SamplingSettings, stream: str = "") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.s = settings
+        self.stream = stream
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Sequence[list[int]], indices: Sequence[int], k: int) -> list[list[Completion]]:
+        from transformers import (
+            GenerationConfig,
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        tok, s = self.tokenizer, self.s
+        device = next(self.model.parameters()).device
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        P = max(len(p) for p in prompt_ids)
+        # Every prompt is repeated k times: row r = (prompt r // k, completion r % k).
+        rows = [p for p in prompt_ids for _ in range(k)]
+        input_ids = torch.full((len(rows), P), pad_id, dtype=torch.long)  # (R, P), left padded
+        mask = torch.zeros((len(rows), P), dtype=torch.long)
+        for r, p in enumerate(rows):
+            input_ids[r, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[r, P - len(p) :] = 1
+        seeds = [completion_seed(s.seed, i, j, self.stream) for i in indices for j in range(k)]
+        processors = [TemperatureLogitsWarper(s.temperature)]
+        if s.top_k > 0:
+            processors.append(TopKLogitsWarper(s.top_k))
+        if s.top_p < 1.0:
+            processors.append(TopPLogitsWarper(s.top_p))
+        processors.append(SeededSampler(seeds, device))
+        config = GenerationConfig(
+            do_sample=False,  # the draw happens in SeededSampler; greedy just takes it
+            num_beams=1,
+            max_new_tokens=s.max_new_tokens,
+            min_new_tokens=s.min_new_tokens or None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=pad_id,
+        )
+        # generate() fills every unset field of `config` from the model's own generation_config.json (a chat
+        # model may ship temperature / top_p / repetition_penalty there), which would change the distribution
+        # sampled. A blank config during the call leaves only the settings above and neutral defaults.
+        saved = self.model.generation_config
+        self.model.generation_config = GenerationConfig()
+        try:
+            out = self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                generation_config=config,
+                logits_processor=LogitsProcessorList(processors),
+            )  # (R, P + new)
+        finally:
+            self.model.generation_config = saved
+        new = out[:, P:].tolist()
+        done = [_decode(tok, ids, tok.eos_token_id) for ids in new]
+        return [done[n * k : (n + 1) * k] for n in range(len(prompt_ids))]
+
+
+class VLLMSampler:
+    """Sampling with vLLM (GPU only). Same output as :class:`HFSampler`: token ids + text per completion.
+
+    Seeds are per prompt (``SamplingParams(seed=…)`` with ``n=k``), so results are independent of batching
+    but are not the same draws as the HF sampler's.
+    """
+
+    def __init__(
+        self, name_or_path: str, tokenizer: Any, settings: SamplingSettings, *, dtype: str = "auto",
+        trust_remote_code: bool = False, stream: str = "",
+    ) -> None:
+        from vllm import LLM  # imported here: vllm is optional
+
+        self.tokenizer = tokenizer
+        self.s = settings
+        self.stream = stream
+        self.llm = LLM(
+            model=name_or_path,
+            tokenizer=getattr(tokenizer, "name_or_path", None) or name_or_path,
+            dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype),
+            seed=settings.seed,
+            trust_remote_code=trust_remote_code,
+        )
+
+    def generate(self, prompt_ids: Sequence[list[int]], indices: Sequence[int], k: int) -> list[list[Completion]]:
+        from vllm import SamplingParams
+
+        s, eos = self.s, self.tokenizer.eos_token_id
+        params = [
+            SamplingParams(
+                n=k,
+                temperature=s.temperature,
+                top_k=s.top_k if s.top_k > 0 else -1,
+                top_p=s.top_p,
+                max_tokens=s.max_new_tokens,
+                min_tokens=s.min_new_tokens,
+                seed=completion_seed(s.seed, i, 0, self.stream) % (2**31),
+            )
+            for i in indices
+        ]
+        prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        groups = []
+        for out in outputs:
+            group = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                stopped = c.finish_reason == "stop"
+                if stopped and eos is not None and (not ids or ids[-1] != eos):
+                    ids.append(eos)  # keep the stop event in the ids so its log-prob is counted
+                group.append(_decode(self.tokenizer, ids, eos if stopped else None))
+            groups.append(group)
+        return groups
+
+
+def vllm_usable() -> bool:
+    """True when vllm is importable and a CUDA device is present."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def resolve_backend(backend: str) -> str:
+    """Turn ``auto`` into ``vllm`` or ``hf``; refuse ``vllm`` where it cannot run."""
+    if backend == "auto":
+        return "vllm" if vllm_usable() else "hf"
+    if backend == "vllm" and not vllm_usable():
+        raise ConfigError(
+            "backend 'vllm' needs the vllm package and a CUDA GPU",
+            field="backend",
+            fix="pip install vllm on a GPU machine, or use backend=hf",
+        )
+    return backend
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_prompt_length: int) -> list[list[int]]:
+    """Token ids of each prompt, truncated from the left to ``max_prompt_length`` (the end is what matters)."""
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    return [ids[-max_prompt_length:] for ids in encoded]
+
+
+# ------------------------------------------------------------------------------------ resumability
+def fingerprint(value: Any) -> str:
+    """A short stable hash of a JSON-able value (prompt lists, input rows) for the resume records."""
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def meta_path(output: str | Path) -> Path:
+    return Path(str(output) + ".meta.json")
+
+
+def check_meta(output: str | Path, meta: dict, *, overwrite: bool) -> bool:
+    """Compare the settings of this run with those recorded beside ``output`` by an earlier run.
+
+    Returns True when the run should resume (output present, same settings). With ``overwrite`` the old output
+    is removed first. Different settings without ``overwrite`` → ConfigError, because mixing rows from two
+    settings in one file would silently corrupt it. Nothing is written here: :func:`write_meta` records the
+    settings just before the first rows are appended, so a run that fails before that leaves no file behind.
+    """
+    out, mp = Path(output), meta_path(output)
+    if overwrite:
+        for p in (out, mp):
+            if p.exists():
+                p.unlink()
+    if not out.exists():
+        return False
+    old = json.loads(mp.read_text(encoding="utf-8")) if mp.exists() else None
+    if old != meta:
+        changed = sorted(k for k in set(meta) | set(old or {}) if (old or {}).get(k) != meta.get(k))
+        raise ConfigError(
+            f"{out} exists and was written with other settings ({', '.join(changed) or 'unknown'})",
+            field="output",
+            fix="rerun with the same settings to resume, pass overwrite=true, or choose a new output",
+        )
+    return True
+
+
+def write_meta(output: str | Path, meta: dict) -> None:
+    """Record ``meta`` beside ``output`` (atomically) before the first rows of a fresh run are appended."""
+    mp = meta_path(output)
+    mp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = mp.with_name(mp.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, mp)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def stage_args(prog: str, cls: type, argv: list[str] | None, description: str = "") -> Any:
+    """Parse ``[--config FILE] [key=value …]`` for a stage config, also accepting ``--key value`` and
+    ``--key=value`` (dashes read as underscores), so ``exoalign score --oracle m:f`` works like
+    ``exoalign score oracle=m:f``. Returns the loaded, validated config."""
+    from ..config import config_parser, load_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    keep = ("--config", "-c", "--help", "-h")
+    rewritten: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and len(arg) > 2 and arg.split("=", 1)[0] not in keep:
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                nxt = argv[i + 1] if i + 1 < len(argv) else None
+                # The next word is this flag's value unless it is another flag or a key=value override.
+                if nxt is not None and not nxt.startswith("--") and not re.match(r"^[A-Za-z_][\w.]*=", nxt):
+                    value, i = argv[i + 1], i + 1
+                else:
+                    value = "true"  # a bare flag: --overwrite
+            rewritten.append(f"{key.replace('-', '_')}={value}")
+        else:
+            rewritten.append(arg)
+        i += 1
+    args = config_parser(prog, cls, description=description).parse_args(rewritten)
+    return load_config(cls, args.config, args.overrides)

@@ -1,0 +1,138 @@
+"""``exoalign rm train``: a Bradley–Terry reward model on preference pairs.
+
+The model is ``AutoModelForSequenceClassification`` with one output (a causal-LM checkpoint gets a fresh
+linear score head on its last non-padding token). For each pair the loss is
+
+    L = −log σ(r(x, y_chosen) − r(x, y_rejected))
+
+(Bradley & Terry 1952; Ouyang et al. 2022, eq. 1). Scored groups are used as their best-vs-worst pair. The
+held-out accuracy — the fraction of held-out pairs whose chosen completion gets the higher reward — is logged
+as ``eval/rewards/accuracies``, printed, and written to ``output_dir/eval.json``. The model is saved with
+``save_pretrained`` (safetensors) to ``output_dir/final``, ready for ``exoalign score``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..data import GroupCollator, load_rows, select_k, tokenize_rows
+from ..errors import ConfigError, InputError
+from ..logprobs import position_ids_from_mask
+from ..train.config import DataBaseConfig, ModelConfig, TrainArgs, check_runnable
+from ..train.engine import Job, fit, read_metrics
+from ..train.loop import split_heldout
+from ..train.setup import load_model, load_tok, make_accelerator, prepare_source
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RMDataConfig(DataBaseConfig):
+    """Preference pairs (or scored groups, used as best vs worst) for the reward model."""
+
+    eval_fraction: float = 0.1
+    """When eval_file is not given: hold out this fraction of the rows to measure accuracy (deterministic by seed)."""
+
+
+@dataclass
+class RMConfig:
+    """``exoalign rm train``: a Bradley–Terry reward model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The backbone (a causal-LM or sequence-classification checkpoint), or a scratch model."""
+    data: RMDataConfig = field(default_factory=RMDataConfig)
+    """Pairs {"prompt", "chosen", "rejected"} or scored groups."""
+    train: TrainArgs = field(default_factory=TrainArgs)
+    """Optimisation, logging, checkpoints."""
+
+
+def as_pairs(rows: list[dict], file: str) -> list[dict]:
+    """Each row as ``[chosen, rejected]``: pairs as given, scored groups as best vs worst by reward."""
+    out = []
+    for i, row in enumerate(rows):
+        if len(row["completions"]) > 2:
+            if row.get("rewards") is None:
+                raise ConfigError(f"row {i + 1} of {file} is a group without rewards: nothing says which is better",
+                                  field="data.train_file", fix="give pairs, or score the groups first (exoalign score)")
+            row = select_k([row], 2, "best_worst")[0]
+        r = row.get("rewards")
+        if r is not None and r[1] > r[0]:
+            row = {**row, "completions": row["completions"][::-1], "rewards": r[::-1]}
+        out.append(row)
+    return out
+
+
+def scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar rewards ``[N]`` for rows ``[N, T]`` (left-padded prompt, right-padded completion)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.logits[:, 0].float()  # (N, 1) → (N,)
+
+
+def bt_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley–Terry loss on a collated pair batch ``[B*2, T]`` (column 0 chosen) and its metrics."""
+    B, K = batch["group_mask"].shape
+    r = scores(model, batch["input_ids"], batch["attention_mask"]).view(B, K)  # (B, 2)
+    margin = r[:, 0] - r[:, 1]
+    loss = -F.logsigmoid(margin).mean()
+    metrics = {
+        "loss": loss.detach(),
+        "rewards/chosen": r[:, 0].detach().mean(),
+        "rewards/rejected": r[:, 1].detach().mean(),
+        "rewards/margins": margin.detach().mean(),
+        "rewards/accuracies": (margin.detach() > 0).float().mean(),
+    }
+    return loss, metrics
+
+
+def train_reward_model(cfg: RMConfig) -> Path:
+    """Run ``exoalign rm train``; returns ``output_dir/final`` (``AutoModelForSequenceClassification``)."""
+    check_runnable(cfg)
+    args = cfg.train
+    acc = make_accelerator(args)
+    out = Path(args.output_dir)
+    tokenizer = None if cfg.model.init == "scratch" else load_tok(cfg.model, cfg.model.name_or_path)
+    rows = load_rows(cfg.data.train_file, "preference", split=cfg.data.split, tokenizer=tokenizer)
+    train_rows, eval_rows = split_heldout(rows, cfg.data, args.seed, "preference", tokenizer)
+    train_rows = as_pairs(train_rows, cfg.data.train_file)
+    eval_rows = as_pairs(eval_rows, cfg.data.eval_file or cfg.data.train_file)
+    texts = [t for r in train_rows for t in (r["prompt"], *r["completions"])]
+    source = prepare_source(acc, cfg.model, output_dir=out, texts=texts, max_length=cfg.data.max_length,
+                            seed=args.seed, resume=args.resume, head="reward")
+    if tokenizer is None:
+        tokenizer = load_tok(cfg.model, source)
+    tok_kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
+    train_data = tokenize_rows(train_rows, tokenizer, **tok_kw)
+    eval_data = tokenize_rows(eval_rows, tokenizer, **tok_kw) if eval_rows else None
+    model = load_model(cfg.model, source, head="reward")
+    # The score is read at the last non-padding token, found through the pad id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    info = {"train_stats": train_data.stats, "eval_stats": eval_data.stats if eval_data else None, "model_source": source}
+    job = Job(model=model, tokenizer=tokenizer, train_data=train_data, collate=GroupCollator(tokenizer.pad_token_id),
+              loss_fn=bt_loss, eval_data=eval_data, config=cfg, info=info)
+    final = fit(acc, args, job)
+    if eval_data is not None and acc.is_main_process:
+        last = [r for r in read_metrics(out) if "eval/rewards/accuracies" in r][-1]
+        result = {"accuracy": last["eval/rewards/accuracies"], "loss": last["eval/loss"], "pairs": len(eval_data)}
+        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"held-out accuracy: {result['accuracy']:.3f} on {len(eval_data)} pairs")
+    return final
+
+
+def main(argv: list[str]) -> int:
+    from ..train.cli import run_stage
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: exoalign rm train --config FILE [section.key=value ...] [--resume]\n\n"
+              "Train a Bradley-Terry reward model on preference pairs; `exoalign rm train --help` lists the keys.")
+        return 0
+    if argv[0] != "train":
+        raise InputError(f"unknown rm command {argv[0]!r}", field="command", fix="use `exoalign rm train --config FILE`")
+    return run_stage("exoalign rm train", RMConfig, train_reward_model, argv[1:],
+                     "Train a Bradley-Terry reward model (one-output sequence classifier) on preference pairs.")

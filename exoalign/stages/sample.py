@@ -1,0 +1,183 @@
+"""``exoalign sample``: K completions per prompt from a model → group rows ``{"prompt", "completions"}``.
+
+    exoalign sample model=runs/sft/final prompts=data/prompts.jsonl output=data/groups.jsonl k=4 temperature=0.8
+
+The prompts come from any file with a ``prompt`` (or ``messages``) field: prompt, sft, pair or group rows.
+Completion ``j`` of prompt ``i`` is drawn from its own random stream seeded by ``(seed, i, j)`` (see
+``generation.py``), so the output does not depend on the batch size and a resumed run writes exactly the rows
+an uninterrupted one would have written.
+
+Resuming: the settings are recorded in ``<output>.meta.json``. Rerunning the same command after a kill counts
+the complete rows already in the output, cuts off a torn last line, and continues with the next prompt.
+Rerunning with other settings is refused (``overwrite=true`` starts afresh).
+
+Blank completions: the data format rejects completions that are empty or only whitespace, so ``sample``
+forbids EOS as the first token (``min_new_tokens=1``) and redraws a blank completion from a fresh stream
+(up to ``max_redraws`` times). The redraws condition the samples on being non-blank; set
+``min_new_tokens=0`` to sample the model unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..config import require
+from ..data import append_rows, load_rows, read_done_count
+from ..errors import ConfigError
+from ..models import DTYPES, load_causal_lm, load_tokenizer
+from .generation import (
+    Completion,
+    HFSampler,
+    Sampler,
+    SamplingSettings,
+    VLLMSampler,
+    check_meta,
+    encode_prompts,
+    fingerprint,
+    pick_device,
+    resolve_backend,
+    stage_args,
+    write_meta,
+)
+
+
+@dataclass
+class SampleConfig(SamplingSettings):
+    """``exoalign sample``: K completions per prompt (Hugging Face generate, or vLLM on a GPU)."""
+
+    model: str = ""
+    """Model to sample from (usually π_sft): a local directory or a hub name."""
+    tokenizer: str | None = None
+    """Tokeniser directory or hub name; defaults to model."""
+    prompts: str = ""
+    """Prompt source: JSONL/JSON/Parquet/save_to_disk/hub with a 'prompt' (or 'messages') field per row."""
+    split: str = "train"
+    """Split to read from a hub dataset or a DatasetDict directory."""
+    output: str = ""
+    """Output JSONL of group rows {"prompt", "completions"}; appended to when resuming."""
+    k: int = 2
+    """Completions per prompt (K >= 2: a group needs at least two)."""
+    max_prompts: int | None = None
+    """Use only the first this many (distinct) prompts; null = all."""
+    dedupe: bool = True
+    """Sample each distinct prompt once (pair datasets repeat prompts); order of first appearance is kept."""
+    min_new_tokens: int = 1
+    """Forbid EOS for this many first tokens; 1 avoids empty completions (0 samples the model unchanged)."""
+    max_redraws: int = 3
+    """Redraw a completion that decodes to blank text at most this many times, then stop with an error."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16, float16 or auto."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (only for models you trust)."""
+    overwrite: bool = False
+    """Delete an existing output and start afresh instead of resuming."""
+
+    def __post_init__(self) -> None:
+        self.check_sampling()
+        require(self.k >= 2, "k", f"K must be at least 2 (got {self.k})", "use k=2 or more")
+        require(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1", "use null for all")
+        require(self.max_redraws >= 0, "max_redraws", "must be >= 0", "use e.g. 3")
+        require(self.dtype in DTYPES, "dtype", f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
+
+
+def check_runnable(cfg: SampleConfig) -> None:
+    """Paths the defaults leave empty (so ``--help`` works) must be set for a run."""
+    for name, what in (("model", "a model directory or hub name"), ("prompts", "a prompt file"),
+                       ("output", "an output .jsonl path")):
+        require(bool(getattr(cfg, name)), name, "not set", f"set {name}=… to {what}")
+    require(Path(cfg.output).suffix == ".jsonl", "output", "must be a .jsonl file", "name the output e.g. groups.jsonl")
+
+
+def load_prompts(source: str, *, split: str, tokenizer: Any, dedupe: bool, limit: int | None) -> list[str]:
+    """Validated prompt texts of ``source`` (conversations rendered with the chat template), maybe deduplicated."""
+    rows = load_rows(source, "prompt", split=split, tokenizer=tokenizer)
+    prompts = [r["prompt"] for r in rows]
+    if dedupe:
+        prompts = list(dict.fromkeys(prompts))  # dicts keep insertion order: first appearance wins
+    return prompts[:limit] if limit is not None else prompts
+
+
+def build_sampler(
+    cfg: SamplingSettings, name_or_path: str, tokenizer: Any, *, dtype: str, device: str,
+    trust_remote_code: bool, stream: str = "", model: Any = None,
+) -> Sampler:
+    """The sampler of ``cfg.backend``; the HF one reuses ``model`` when given (eval shares it for log-probs)."""
+    if resolve_backend(cfg.backend) == "vllm":
+        return VLLMSampler(name_or_path, tokenizer, cfg, dtype=dtype, trust_remote_code=trust_remote_code, stream=stream)
+    if model is None:
+        model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model.to(pick_device(device)).eval()
+    return HFSampler(model, tokenizer, cfg, stream=stream)
+
+
+def redraw_blanks(
+    sampler: Sampler, prompt_ids: list[list[int]], indices: list[int], groups: list[list[Completion]], tries: int
+) -> None:
+    """Replace blank completions in ``groups`` (in place) by draws from fresh streams ``redraw{n}:{j}``."""
+    base = getattr(sampler, "stream", "")
+    for g, (ids, i) in enumerate(zip(prompt_ids, indices)):
+        for j in range(len(groups[g])):
+            n = 0
+            while not groups[g][j].text.strip():
+                n += 1
+                if n > tries:
+                    raise RuntimeError(
+                        f"completion {j} of prompt {i} decoded to blank text {tries + 1} times; the model keeps "
+                        "emitting only whitespace/special tokens (raise min_new_tokens or check the model)"
+                    )
+                sampler.stream = f"{base}redraw{n}:{j}"  # type: ignore[attr-defined]
+                try:
+                    groups[g][j] = sampler.generate([ids], [i], 1)[0][0]
+                finally:
+                    sampler.stream = base  # type: ignore[attr-defined]
+
+
+def run(cfg: SampleConfig) -> Path:
+    """Sample ``cfg.k`` completions for every prompt into ``cfg.output`` (resuming a partial output)."""
+    check_runnable(cfg)
+    out = Path(cfg.output)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, padding_side="left")
+    prompts = load_prompts(cfg.prompts, split=cfg.split, tokenizer=tokenizer, dedupe=cfg.dedupe, limit=cfg.max_prompts)
+    backend = resolve_backend(cfg.backend)
+    meta = {
+        "stage": "sample", "model": cfg.model, "prompts": fingerprint(prompts), "n_prompts": len(prompts),
+        "k": cfg.k, "backend": backend, **cfg.sampling_dict(),
+    }
+    resumed = check_meta(out, meta, overwrite=cfg.overwrite)
+    done = read_done_count(out, repair=True) if resumed else 0
+    if done > len(prompts):
+        raise ConfigError(f"{out} holds {done} rows but there are only {len(prompts)} prompts", field="output",
+                          fix="pass overwrite=true or choose a new output")
+    if done == len(prompts):
+        print(f"{out}: all {done} prompts already sampled", file=sys.stderr)
+        return out
+    if done:
+        print(f"{out}: resuming after {done} of {len(prompts)} prompts", file=sys.stderr)
+    sampler = build_sampler(cfg, cfg.model, tokenizer, dtype=cfg.dtype, device=cfg.device,
+                            trust_remote_code=cfg.trust_remote_code)
+    prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
+    if not resumed:
+        write_meta(out, meta)
+    with tqdm(total=len(prompts), initial=done, desc="sample", unit="prompt") as bar:
+        for start in range(done, len(prompts), cfg.batch_size):
+            indices = list(range(start, min(start + cfg.batch_size, len(prompts))))
+            batch_ids = [prompt_ids[i] for i in indices]
+            groups = sampler.generate(batch_ids, indices, cfg.k)
+            redraw_blanks(sampler, batch_ids, indices, groups, cfg.max_redraws)
+            append_rows(out, [{"prompt": prompts[i], "completions": [c.text for c in g]} for i, g in zip(indices, groups)])
+            bar.update(len(indices))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = stage_args("exoalign sample", SampleConfig, argv, description=__doc__.split("\n\n")[0])
+    path = run(cfg)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,288 @@
+"""``exoalign score``: fill ``rewards`` in group rows from a reward model or an oracle.
+
+    exoalign score input=groups.jsonl output=scored.jsonl reward_model=runs/rm/final
+    exoalign score input=groups.jsonl output=scored.jsonl --oracle exoalign.eval.oracles:vader_sentiment
+
+A *judge* maps (prompts, completions) to one finite reward each. Two kinds:
+
+* **Reward model** (``reward_model=DIR|hub``): an ``AutoModelForSequenceClassification`` read from safetensors.
+  It sees the text ``prompt + completion`` (right-padded, truncated from the left to ``max_length`` so the
+  completion is kept). One output → that scalar is the reward. Two outputs (a sentiment classifier, the
+  paper's IMDB oracle) → the log-odds ``r = logit[pos] − logit[neg] = log p(pos) − log p(neg)``, where
+  ``pos`` is the label named ``positive_label``, else the label whose name starts with "pos", else index 1.
+* **Oracle** (``oracle=module:function`` or ``oracle=path/to/file.py:function``): any Python callable
+  ``fn(prompts, completions) -> list[float]``. It is imported only from the spec the user wrote (the current
+  directory is searched for the module too). A bad spec, or an oracle that returns the wrong number of values
+  or non-finite ones, is an input error (exit 2).
+
+Rows that already carry rewards are re-scored (their rewards are replaced). Resumable like ``sample``: the
+output grows by whole rows; a rerun with the same settings continues after the last complete row.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import require
+from ..data import append_rows, load_rows, read_done_count
+from ..errors import ConfigError, InputError
+from ..models import DTYPES
+from .generation import check_meta, fingerprint, pick_device, stage_args, write_meta
+
+Judge = Callable[[list[str], list[str]], list[float]]
+ORACLE_FIX = "write module:function or path/to/file.py:function, e.g. exoalign.eval.oracles:vader_sentiment"
+
+
+# -------------------------------------------------------------------------------------------- oracle
+def load_oracle(spec: str) -> Judge:
+    """Import the callable named by ``spec`` (``module:function`` or ``file.py:function``); InputError if not."""
+    module_name, sep, func_name = spec.rpartition(":")
+    if not sep or not module_name or not func_name:
+        raise InputError(f"cannot read oracle spec {spec!r}", field="oracle", fix=ORACLE_FIX)
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise InputError(f"oracle file {module_name!r} not found", field="oracle", fix=ORACLE_FIX)
+            loader_spec = importlib.util.spec_from_file_location(f"_exoalign_oracle_{path.stem}", path)
+            assert loader_spec is not None and loader_spec.loader is not None
+            module = importlib.util.module_from_spec(loader_spec)
+            loader_spec.loader.exec_module(module)
+        else:
+            added = os.getcwd() not in sys.path
+            if added:  # like `python -m`, let a module in the working directory be named
+                sys.path.insert(0, os.getcwd())
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                if added:
+                    sys.path.remove(os.getcwd())
+    except InputError:
+        raise
+    except Exception as e:  # ImportError, SyntaxError, or the module failing at import: all the user's input
+        raise InputError(f"cannot import oracle module {module_name!r} ({type(e).__name__}: {e})".splitlines()[0],
+                         field="oracle", fix=ORACLE_FIX) from None
+    fn = getattr(module, func_name, None)
+    if fn is None:
+        raise InputError(f"module {module_name!r} has no attribute {func_name!r}", field="oracle", fix=ORACLE_FIX)
+    if not callable(fn):
+        raise InputError(f"{spec!r} is not callable", field="oracle", fix="name a function fn(prompts, completions)")
+    return fn
+
+
+# -------------------------------------------------------------------------------------- reward model
+class RewardModelJudge:
+    """Scores ``prompt + completion`` with a sequence classifier: 1 output → scalar, 2 outputs → log-odds."""
+
+    def __init__(
+        self, name_or_path: str, *, batch_size: int = 16, max_length: int = 1024, dtype: str = "float32",
+        device: str = "auto", trust_remote_code: bool = False, positive_label: str | None = None,
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        path = Path(name_or_path)
+        if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
+            raise InputError(f"no safetensors weights in {path}", field="reward_model",
+                             fix="save the reward model with save_pretrained(safe_serialization=True)")
+        if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
+            raise InputError("no such reward model directory", file=name_or_path, field="reward_model",
+                             fix="check the path, or give a hub name")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot load a reward model from {name_or_path!r} ({str(e).splitlines()[0]})",
+                             field="reward_model", fix="give a sequence-classification model directory or hub name") from None
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "right"
+        tok.truncation_side = "left"  # keep the completion, drop the start of a long prompt
+        if self.model.config.pad_token_id is None:
+            # Decoder classifiers pool at the last non-pad token and need to know the pad id.
+            self.model.config.pad_token_id = tok.pad_token_id
+        self.model.to(pick_device(device)).eval()
+        self.batch_size, self.max_length = batch_size, max_length
+        self.pos, self.neg = self._label_indices(positive_label)
+
+    def _label_indices(self, positive_label: str | None) -> tuple[int, int | None]:
+        n = int(self.model.config.num_labels)
+        if n == 1:
+            return 0, None
+        if n != 2:
+            raise InputError(f"the reward model has {n} outputs", field="reward_model",
+                             fix="use a model with 1 output (reward) or 2 (classifier: log-odds)")
+        names = {i: str(self.model.config.id2label.get(i, i)).lower() for i in range(2)}
+        if positive_label is not None:
+            want = str(positive_label).lower()
+            found = [i for i, name in names.items() if name == want or str(i) == want]
+            if not found:
+                raise InputError(f"no label {positive_label!r} (labels: {', '.join(names.values())})",
+                                 field="positive_label", fix="name one of the classifier's labels")
+            pos = found[0]
+        else:
+            pos = next((i for i, name in names.items() if name.startswith("pos")), 1)
+        return pos, 1 - pos
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        device = next(self.model.parameters()).device
+        out: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt").to(device)
+            logits = self.model(**enc).logits.float()  # (b, num_labels)
+            r = logits[:, self.pos] if self.neg is None else logits[:, self.pos] - logits[:, self.neg]
+            out.extend(r.tolist())
+        return out
+
+
+# ---------------------------------------------------------------------------------------- judging
+@dataclass
+class JudgeSettings:
+    """Where rewards come from: exactly one of reward_model / oracle (shared by score and eval)."""
+
+    reward_model: str | None = None
+    """Reward model directory or hub name (sequence classifier; 1 output = reward, 2 outputs = log-odds)."""
+    oracle: str | None = None
+    """Reward function as module:function or file.py:function, called fn(prompts, completions) -> rewards."""
+    positive_label: str | None = None
+    """Two-label reward models: the label (name or index) whose log-odds is the reward; default 'pos…' or 1."""
+    judge_batch_size: int = 32
+    """Texts per reward-model forward pass or per oracle call."""
+    judge_max_length: int = 1024
+    """Reward model: longest text in tokens (longer ones lose their beginning)."""
+
+    def check_judge(self) -> None:
+        require(self.judge_batch_size >= 1, "judge_batch_size", "must be >= 1", "use e.g. 32")
+        require(self.judge_max_length >= 2, "judge_max_length", "must be >= 2", "use e.g. 1024")
+
+    def judge_spec(self) -> dict[str, Any]:
+        return {"reward_model": self.reward_model, "oracle": self.oracle, "positive_label": self.positive_label}
+
+
+def check_judge_given(cfg: JudgeSettings) -> None:
+    if bool(cfg.reward_model) == bool(cfg.oracle):
+        raise ConfigError(
+            "give exactly one of reward_model and oracle" + (" (both are set)" if cfg.reward_model else ""),
+            field="oracle" if cfg.oracle else "reward_model",
+            fix="set reward_model=DIR for a reward model, or oracle=module:function",
+        )
+
+
+def make_judge(cfg: JudgeSettings, *, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False) -> Judge:
+    """The judge ``cfg`` names (reward model or oracle)."""
+    check_judge_given(cfg)
+    if cfg.oracle:
+        return load_oracle(cfg.oracle)
+    assert cfg.reward_model is not None
+    return RewardModelJudge(cfg.reward_model, batch_size=cfg.judge_batch_size, max_length=cfg.judge_max_length,
+                            dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                            positive_label=cfg.positive_label)
+
+
+def judge_texts(judge: Judge, prompts: Sequence[str], completions: Sequence[str], batch_size: int,
+                name: str = "judge") -> list[float]:
+    """Rewards for parallel lists of prompts and completions, called in batches; checks what comes back."""
+    out: list[float] = []
+    for start in range(0, len(completions), batch_size):
+        p, c = list(prompts[start : start + batch_size]), list(completions[start : start + batch_size])
+        values = judge(p, c)
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise InputError(f"{name} returned something that is not a list of numbers", field="oracle",
+                             fix="return one float per completion") from None
+        if len(values) != len(c):
+            raise InputError(f"{name} returned {len(values)} rewards for {len(c)} completions", field="oracle",
+                             fix="return one float per completion")
+        bad = next((v for v in values if not math.isfinite(v)), None)
+        if bad is not None:
+            raise InputError(f"{name} returned a non-finite reward ({bad})", field="oracle",
+                             fix="return finite numbers")
+        out.extend(values)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- stage
+@dataclass
+class ScoreConfig(JudgeSettings):
+    """``exoalign score``: fill rewards in group rows from a reward model or an oracle."""
+
+    input: str = ""
+    """Group rows to score (e.g. the output of exoalign sample); pair rows are scored as groups of 2."""
+    split: str = "train"
+    """Split to read from a hub dataset or a DatasetDict directory."""
+    output: str = ""
+    """Output JSONL: the input rows with 'rewards' filled; appended to when resuming."""
+    rows_per_write: int = 64
+    """Rows scored between two appends to the output (the unit of progress kept after a kill)."""
+    dtype: str = "float32"
+    """Reward model weights dtype: float32, bfloat16, float16 or auto."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda or cuda:N."""
+    trust_remote_code: bool = False
+    """Allow reward model code from the hub (only for models you trust)."""
+    overwrite: bool = False
+    """Delete an existing output and start afresh instead of resuming."""
+
+    def __post_init__(self) -> None:
+        self.check_judge()
+        require(self.rows_per_write >= 1, "rows_per_write", "must be >= 1", "use e.g. 64")
+        require(self.dtype in DTYPES, "dtype", f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
+
+
+def run(cfg: ScoreConfig) -> Path:
+    """Score every row of ``cfg.input`` into ``cfg.output`` (resuming a partial output)."""
+    for name in ("input", "output"):
+        require(bool(getattr(cfg, name)), name, "not set", f"set {name}=… to a .jsonl path")
+    require(Path(cfg.output).suffix == ".jsonl", "output", "must be a .jsonl file", "name it e.g. scored.jsonl")
+    check_judge_given(cfg)
+    rows = load_rows(cfg.input, "preference", split=cfg.split)
+    out = Path(cfg.output)
+    meta = {"stage": "score", "input": fingerprint([[r["prompt"], r["completions"]] for r in rows]),
+            "n_rows": len(rows), **cfg.judge_spec()}
+    resumed = check_meta(out, meta, overwrite=cfg.overwrite)
+    done = read_done_count(out, repair=True) if resumed else 0
+    if done >= len(rows):
+        print(f"{out}: all {len(rows)} rows already scored", file=sys.stderr)
+        return out
+    judge = make_judge(cfg, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    if not resumed:
+        write_meta(out, meta)
+    name = f"oracle {cfg.oracle}" if cfg.oracle else f"reward model {cfg.reward_model}"
+    with tqdm(total=len(rows), initial=done, desc="score", unit="row") as bar:
+        for start in range(done, len(rows), cfg.rows_per_write):
+            chunk = rows[start : start + cfg.rows_per_write]
+            prompts = [r["prompt"] for r in chunk for _ in r["completions"]]
+            completions = [c for r in chunk for c in r["completions"]]
+            rewards = judge_texts(judge, prompts, completions, cfg.judge_batch_size, name)
+            scored, at = [], 0
+            for r in chunk:
+                k = len(r["completions"])
+                scored.append({**r, "rewards": rewards[at : at + k]})
+                at += k
+            append_rows(out, scored)
+            bar.update(len(chunk))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = stage_args("exoalign score", ScoreConfig, argv, description=__doc__.split("\n\n")[0])
+    path = run(cfg)
+    print(f"wrote {path}")
+    return 0

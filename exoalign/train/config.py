@@ -1,0 +1,289 @@
+"""Typed config of ``exoalign train`` (and the sections ``exoalign sft`` / ``exoalign rm train`` share).
+
+A config file is YAML with four sections whose keys are the field names below::
+
+    model: {name_or_path: gpt2, dtype: bfloat16}
+    data:  {train_file: pairs.jsonl, max_length: 512}
+    loss:  {name: exo, target: pref, beta_pi: 0.1}
+    train: {output_dir: runs/exo, lr: 1e-6, batch_size: 8}
+
+and any key can be overridden on the command line as ``section.key=value``. Each field is documented once, by
+the string under it; ``exoalign train --help`` prints them all. Values are checked in ``__post_init__``: a bad
+one raises :class:`~exoalign.errors.ConfigError` naming the key and the fix before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..config import require
+from ..errors import ConfigError
+from ..losses import LOSSES, check_eps
+from ..models import DTYPES
+
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+
+
+@dataclass
+class ModelConfig:
+    """The policy to train: a hub name or local directory, or a tiny model built from a config."""
+
+    name_or_path: str = ""
+    """Hugging Face hub name or local directory of the starting model (π_sft); unused when init=scratch."""
+    tokenizer: str | None = None
+    """Tokeniser hub name or directory; defaults to name_or_path."""
+    ref_name_or_path: str | None = None
+    """Reference model π_sft for the log-ratio; defaults to the starting policy itself."""
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    """pretrained: load name_or_path. scratch: build a randomly initialised model of model_type and train a
+    byte-level BPE tokeniser on the training texts (no download); saved to output_dir/init."""
+    model_type: str = "gpt2"
+    """Architecture of a scratch model (any transformers model_type with a causal-LM head)."""
+    scratch_config: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the scratch model's config, e.g. {n_layer: 2, n_embd: 64} (GPT-2 defaults: 2 layers, width 64)."""
+    vocab_size: int = 512
+    """Vocabulary size of the BPE tokeniser trained for a scratch model."""
+    dtype: str = "float32"
+    """Weights dtype when loading: float32, bfloat16, float16 or auto."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (runs code from the model repository: only for models you trust)."""
+    disable_dropout: bool = True
+    """Set every dropout probability to 0, so policy and reference log-probs are deterministic (as TRL does)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    lora_r: int = 0
+    """LoRA rank (peft); 0 trains all weights. With LoRA the reference is the model with adapters disabled."""
+    lora_alpha: float = 16.0
+    """LoRA scaling alpha."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Module names to adapt with LoRA; empty = all linear layers."""
+
+    def __post_init__(self) -> None:
+        require(self.dtype in DTYPES, "dtype", f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
+        require(self.vocab_size >= 260, "vocab_size", "must be at least 260", "byte-level BPE needs 256 bytes + specials")
+        require(self.lora_r >= 0, "lora_r", "must be >= 0", "use 0 (no LoRA) or a rank such as 8")
+        require(self.lora_alpha > 0, "lora_alpha", "must be > 0", "use e.g. 16")
+        require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)", "use e.g. 0.05")
+
+
+@dataclass
+class DataBaseConfig:
+    """Files and lengths common to every stage that trains."""
+
+    train_file: str = ""
+    """Training rows: JSONL, JSON, Parquet, a save_to_disk directory or a hub dataset name."""
+    eval_file: str | None = None
+    """Held-out rows in the same format (evaluated every train.eval_every steps and at the end)."""
+    eval_fraction: float = 0.0
+    """When eval_file is not given: hold out this fraction of the training rows (deterministic by seed)."""
+    split: str = "train"
+    """Split to read from a hub dataset or a DatasetDict directory."""
+    max_length: int = 512
+    """Maximum tokens of prompt + completion; completions are truncated on the right (counted in the log)."""
+    max_prompt_length: int = 256
+    """Maximum prompt tokens; longer prompts keep their last tokens (truncated from the left)."""
+
+    def __post_init__(self) -> None:
+        require(self.max_length >= 2, "max_length", "must be at least 2", "use e.g. 512")
+        require(
+            0 < self.max_prompt_length < self.max_length,
+            "max_prompt_length",
+            f"must be in [1, max_length) (got {self.max_prompt_length} with max_length {self.max_length})",
+            "leave room for the completion: max_prompt_length < max_length",
+        )
+        require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", "must be in [0, 1)", "use e.g. 0.1, or 0 for none")
+
+
+@dataclass
+class DataConfig(DataBaseConfig):
+    """Preference data: pairs or groups of K completions with rewards."""
+
+    k: int | None = None
+    """Completions per group used for training (>= 2); null = all of each row's completions. Pairs have 2."""
+    k_select: Literal["best_worst", "random", "first"] = "best_worst"
+    """How rows with more than k completions are cut down: best_worst keeps the top ceil(k/2) and bottom
+    floor(k/2) by reward; random keeps a seeded random subset; first keeps the first k."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.k is None or self.k >= 2, "k", f"K must be at least 2 (got {self.k})", "use k >= 2 or null (all)")
+
+
+@dataclass
+class LossConfig:
+    """Which loss from the registry and its hyper-parameters."""
+
+    name: str = "exo"
+    """Loss: exo, dpo, ipo, cdpo, simpo, rpo or hinge."""
+    target: Literal["pref", "rw"] = "pref"
+    """Target distribution over the K completions: pref = [1-eps, eps] on (chosen, rejected) pairs; rw =
+    softmax(rewards / beta_r) (needs rewards in the data)."""
+    beta_pi: float = 0.1
+    """β_π: scale of the policy log-ratio inside the softmax (the DPO β)."""
+    beta_r: float = 0.1
+    """β_r: temperature of the reward targets; the effective KL coefficient is β_π·β_r."""
+    eps: float = 1e-3
+    """Label smoothing ε of pref targets, in (0, 0.5); the authors' code uses sigmoid(-10) ≈ 4.5e-5."""
+    temperature: float = 1.0
+    """Divide policy and reference logits by this before log-probs (the sampling temperature, e.g. 0.8)."""
+    label_smoothing: float = 0.1
+    """cdpo only: assumed label-noise rate, in (0, 0.5)."""
+    gamma: float = 0.5
+    """simpo only: target reward margin γ."""
+    alpha: float = 1.0
+    """rpo only: weight of the NLL term on the chosen completion."""
+
+    def __post_init__(self) -> None:
+        require(self.name in LOSSES, "name", f"unknown loss {self.name!r}", f"use one of {', '.join(LOSSES)}")
+        for name in ("beta_pi", "beta_r", "temperature"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and value > 0, name, f"must be > 0 (got {value})", "use a positive number such as 0.1")
+        for name in ("eps", "label_smoothing"):
+            try:
+                check_eps(getattr(self, name))
+            except ConfigError as e:
+                raise ConfigError(e.message, field=name, fix=e.fix) from None
+        require(math.isfinite(self.gamma), "gamma", "must be finite", "use e.g. 0.5")
+        require(math.isfinite(self.alpha) and self.alpha >= 0, "alpha", "must be >= 0", "use e.g. 1.0")
+
+
+def default_cache_dir() -> str:
+    """Where reference log-probs are cached: ``$EXOALIGN_CACHE`` or ``~/.cache/exoalign``, plus ``/ref_logps``."""
+    root = os.environ.get("EXOALIGN_CACHE") or str(Path.home() / ".cache" / "exoalign")
+    return str(Path(root) / "ref_logps")
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation, logging and checkpointing: the shared loop's settings (section ``train``)."""
+
+    output_dir: str = "runs/exoalign"
+    """Directory for checkpoint-{step}/, final/, metrics.jsonl and config.yaml."""
+    lr: float = 1e-6
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    batch_size: int = 8
+    """Groups (prompts) per device per micro-batch; the global batch is batch_size × grad_accum × processes."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    max_steps: int | None = None
+    """Optimizer steps to run; null = epochs × steps per epoch."""
+    epochs: float = 1.0
+    """Passes over the training data (used when max_steps is null)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps of the learning rate."""
+    scheduler: str = "linear"
+    """LR schedule after warm-up (transformers.get_scheduler): linear, cosine, constant_with_warmup, …"""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 = no clipping (the norm is still logged)."""
+    seed: int = 0
+    """Seed for initialisation, data order and everything random; CPU runs are deterministic for a seed."""
+    mixed_precision: Literal["no", "bf16"] = "no"
+    """no = fp32 compute; bf16 = autocast to bfloat16."""
+    cpu: bool = False
+    """Train on the CPU even when a GPU is present."""
+    save_every: int = 0
+    """Save a checkpoint every this many optimizer steps (0 = only at the end)."""
+    save_total_limit: int | None = None
+    """Keep only the newest this many checkpoints (null = keep all)."""
+    log_every: int = 10
+    """Write metrics every this many optimizer steps (and at the last step)."""
+    eval_every: int = 0
+    """Evaluate on the held-out rows every this many steps (0 = only at the end)."""
+    resume: bool = False
+    """Continue from the last complete checkpoint in output_dir (same as --resume)."""
+    ref_mode: Literal["cached", "online"] = "cached"
+    """cached: reference log-probs computed once before training and cached on disk; online: recomputed each step."""
+    ref_cache_dir: str | None = None
+    """Reference log-prob cache directory; null = $EXOALIGN_CACHE/ref_logps or ~/.cache/exoalign/ref_logps."""
+    ref_batch_size: int | None = None
+    """Groups per forward pass when computing reference log-probs; null = batch_size."""
+    report_to: list[str] = field(default_factory=list)
+    """Trackers for accelerate's log_with, e.g. [tensorboard] or [wandb] (logs under output_dir)."""
+    project_name: str = "exoalign"
+    """Project / run-group name given to the trackers."""
+    nan_policy: Literal["stop", "skip"] = "stop"
+    """On a NaN/inf loss or gradient: stop with a message, or skip the update and count it."""
+    prefix_sharing: bool = False
+    """Encode each prompt once for its K completions (shared-prefix attention); off = K full sequences."""
+
+    def __post_init__(self) -> None:
+        require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0 (got {self.lr})", "use e.g. 1e-6")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0", "use e.g. 0.0")
+        require(self.batch_size >= 1, "batch_size", "must be at least 1", "use e.g. 8")
+        require(self.grad_accum >= 1, "grad_accum", "must be at least 1", "use 1 for no accumulation")
+        require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1", "use null to train by epochs")
+        require(self.epochs > 0, "epochs", "must be > 0", "use e.g. 1")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", "use e.g. 0 or 150")
+        require(
+            self.scheduler in SCHEDULERS, "scheduler", f"unknown scheduler {self.scheduler!r}", f"use one of {', '.join(SCHEDULERS)}"
+        )
+        require(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0", "use e.g. 1.0, or 0 for no clipping")
+        for name in ("save_every", "eval_every"):
+            require(getattr(self, name) >= 0, name, "must be >= 0", "use 0 to do it only at the end")
+        require(self.log_every >= 1, "log_every", "must be at least 1", "use e.g. 10")
+        require(
+            self.save_total_limit is None or self.save_total_limit >= 1,
+            "save_total_limit",
+            "must be at least 1",
+            "use null to keep every checkpoint",
+        )
+        require(self.ref_batch_size is None or self.ref_batch_size >= 1, "ref_batch_size", "must be >= 1", "use e.g. 16")
+        known = {"tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio"}
+        for tracker in self.report_to:
+            require(tracker in known, "report_to", f"unknown tracker {tracker!r}", f"use some of {', '.join(sorted(known))}")
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.ref_cache_dir or default_cache_dir())
+
+
+@dataclass
+class TrainConfig:
+    """``exoalign train``: align a causal LM with a loss from the registry on pairs or scored groups."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy (and reference) model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Preference data."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss and its hyper-parameters."""
+    train: TrainArgs = field(default_factory=TrainArgs)
+    """Optimisation, logging, checkpoints."""
+
+    def __post_init__(self) -> None:
+        # Preference targets are a distribution over exactly (chosen, rejected).
+        require(
+            self.loss.target != "pref" or self.data.k in (None, 2),
+            "data.k",
+            f"loss.target=pref needs K=2 (chosen, rejected), got data.k={self.data.k}",
+            "set data.k=2 (best vs worst by reward) or use loss.target=rw for K>2",
+        )
+
+
+def check_runnable(cfg: Any) -> None:
+    """Checks that only make sense for a run, not for the defaults ``--help`` prints: required paths are set."""
+    require(
+        cfg.model.init == "scratch" or bool(cfg.model.name_or_path),
+        "model.name_or_path",
+        "no model given",
+        "set model.name_or_path to a hub name or directory, or model.init=scratch",
+    )
+    require(bool(cfg.data.train_file), "data.train_file", "no training data given", "set data.train_file to a JSONL file")

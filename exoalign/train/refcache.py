@@ -1,0 +1,203 @@
+"""Reference log-probs ``log π_sft(y_i | x)``: computed in one pass before training and cached on disk.
+
+The reference model never changes during training, so its log-probs on the training completions are a
+fixed table ``[N, K_max]`` (row = dataset row, column = completion slot). Computing it once halves the
+forward passes of every step and frees the reference's memory. The table is stored as safetensors under
+``train.ref_cache_dir`` in a file named by a hash of everything that determines it:
+
+* the data fingerprint (token ids of prompts and completions, and the tokeniser; see ``tokenize_rows``),
+* the reference model identity: the resolved directory and a hash of its weight files (or, for a model
+  trained from scratch in this run, its saved ``init`` directory),
+* the tokeniser hash, ``max_length``, ``max_prompt_length``, the logit temperature, the weights dtype and
+  the autocast precision (bf16 changes the numbers).
+
+A second run with the same inputs loads the file instead of recomputing (and logs that it did).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from ..data import GroupCollator, TokenizedData, tokenizer_hash
+from .step import grouped_logps, is_peft, unwrap
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+#: Weight files up to this total size are hashed in full; larger ones by size + evenly spaced samples.
+FULL_HASH_BYTES = 4 << 30
+_SAMPLES, _SAMPLE_BYTES = 256, 1 << 20
+
+
+def _hash_file(path: Path, digest: Any) -> None:
+    size = path.stat().st_size
+    digest.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+            return
+        # Very large checkpoints: the safetensors header (names, shapes, offsets) plus evenly spaced samples of
+        # the tensor bytes; two different fine-tunes of one model differ in essentially every sample.
+        for i in range(_SAMPLES):
+            f.seek(i * (size - _SAMPLE_BYTES) // (_SAMPLES - 1))
+            digest.update(f.read(_SAMPLE_BYTES))
+
+
+def model_identity(name_or_path: str) -> str:
+    """A hash of the model's weight files (a local directory or the hub snapshot it resolves to)."""
+    path = Path(os.path.expanduser(name_or_path))
+    if not path.is_dir():
+        try:  # a hub name: the cached snapshot directory (named by commit) holds the files
+            from transformers.utils import cached_file
+
+            path = Path(cached_file(name_or_path, "config.json")).parent
+        except Exception:  # noqa: BLE001 - no local snapshot: fall back to the name alone
+            return hashlib.sha256(f"name:{name_or_path}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("config.json"))
+    for f in files:
+        _hash_file(f, digest)
+    return digest.hexdigest()[:16]
+
+
+def cache_key(data: TokenizedData, *, model_id: str, tokenizer: Any, settings: dict[str, Any]) -> tuple[str, dict]:
+    """The cache file's name (a hash) and the human-readable description it hashes."""
+    desc = {
+        "version": CACHE_VERSION,
+        "data": data.fingerprint,
+        "rows": len(data),
+        "model": model_id,
+        "tokenizer": tokenizer_hash(tokenizer),
+        **settings,
+    }
+    key = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
+    return key, desc
+
+
+@torch.no_grad()
+def compute_table(
+    accelerator: Any,
+    model: torch.nn.Module,
+    data: TokenizedData,
+    pad_token_id: int,
+    *,
+    batch_size: int,
+    temperature: float,
+    desc: str = "reference log-probs",
+) -> torch.Tensor:
+    """Reference log-probs ``[N, K_max]`` of every completion of ``data`` (0 in missing slots).
+
+    Each process scores a strided shard of the rows; the shards are summed across processes, so every process
+    ends with the full table. ``model`` is used with its LoRA adapters disabled when it has them.
+    """
+    N = len(data)
+    k_max = max((len(f["completion_ids"]) for f in data.features), default=0)
+    table = torch.zeros(N, k_max, dtype=torch.float32, device=accelerator.device)  # (N, K_max)
+    shard = Subset(data, range(accelerator.process_index, N, accelerator.num_processes))
+    loader = DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=GroupCollator(pad_token_id))
+    was_training = model.training
+    model.eval()
+    net = unwrap(model)
+    adapters_off = net.disable_adapter() if is_peft(net) else _null()
+    bar = tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
+    with adapters_off, accelerator.autocast():
+        for batch in bar:
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            logps, _ = grouped_logps(net, batch, temperature)  # (B, K)
+            logps = logps.float().masked_fill(~batch["group_mask"], 0.0)
+            table[batch["index"], : logps.shape[1]] = logps
+    model.train(was_training)
+    if accelerator.num_processes > 1:
+        table = accelerator.reduce(table, reduction="sum")  # disjoint shards: the sum is the union
+    return table.cpu()
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def load_cached(path: Path, desc: dict) -> torch.Tensor | None:
+    """The cached table at ``path`` if it exists and was made for ``desc``; None otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if json.loads(meta.get("key", "{}")) != json.loads(json.dumps(desc)):
+            logger.warning("reference cache %s was made for other inputs; recomputing", path)
+            return None
+        return load_file(str(path))["logps"]
+    except Exception as e:  # noqa: BLE001 - a corrupt cache file is recomputed, never trusted
+        logger.warning("reference cache %s is unreadable (%s); recomputing", path, e)
+        return None
+
+
+def save_cached(path: Path, table: torch.Tensor, desc: dict) -> None:
+    """Write the table atomically (temp file + rename), with its description as safetensors metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"logps": table.contiguous()}, str(tmp), metadata={"key": json.dumps(desc, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def ref_logps_table(
+    accelerator: Any,
+    data: TokenizedData,
+    *,
+    cache_dir: Path,
+    model_id: str,
+    tokenizer: Any,
+    settings: dict[str, Any],
+    get_model: Any,
+    batch_size: int,
+    temperature: float,
+    desc: str = "reference log-probs",
+) -> tuple[torch.Tensor, bool]:
+    """The ``[N, K_max]`` reference table for ``data``: from the cache when present (True), else computed with
+    ``get_model()`` and written to the cache (False). Every process returns the same table."""
+    from accelerate.utils import broadcast_object_list
+
+    key, description = cache_key(data, model_id=model_id, tokenizer=tokenizer, settings=settings)
+    path = cache_dir / f"{key}.safetensors"
+    # The main process decides hit/miss for everyone: processes must agree, or the collective reduce hangs.
+    table = load_cached(path, description) if accelerator.is_main_process else None
+    hit = [table is not None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(hit)
+    if hit[0]:
+        if table is None:
+            table = load_file(str(path))["logps"]
+        if accelerator.is_main_process:
+            logger.info("%s: cache hit %s", desc, path)
+        return table, True
+    table = compute_table(
+        accelerator, get_model(), data, tokenizer.pad_token_id, batch_size=batch_size, temperature=temperature, desc=desc
+    )
+    if accelerator.is_main_process:
+        save_cached(path, table, description)
+        logger.info("%s: computed and cached in %s", desc, path)
+    accelerator.wait_for_everyone()
+    return table, False
+
+
+def attach(data: TokenizedData, table: torch.Tensor) -> TokenizedData:
+    """``data`` whose features carry their row of the table as ``ref_logps`` (one value per completion)."""
+    rows = [table[i, : len(f["completion_ids"])].tolist() for i, f in enumerate(data.features)]
+    return data.with_ref_logps(rows)

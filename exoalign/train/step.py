@@ -1,0 +1,146 @@
+"""One loss evaluation on a collated batch: policy log-probs → targets → the registry's loss → metrics.
+
+:func:`compute_loss` is the whole per-batch computation of ``exoalign train``; the loop only adds the
+optimizer around it, and benchmarks call it directly. It contains no loss formula: the loss comes from
+:func:`exoalign.losses.get_loss` by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..logprobs import sequence_logps
+from ..losses import loss_info, pref_targets, reward_targets
+from .config import LossConfig
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP / accelerate / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(unwrap(model), "disable_adapter") and hasattr(unwrap(model), "peft_config")
+
+
+def grouped_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and completion lengths, both ``[B, K]``, for a collated group batch."""
+    B, K = batch["group_mask"].shape
+    logps, lengths = sequence_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["labels"], temperature=temperature
+    )  # (B*K,), (B*K,)
+    return logps.view(B, K), lengths.view(B, K)
+
+
+@torch.no_grad()
+def reference_logps(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    temperature: float = 1.0,
+    ref_model: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """Reference log-probs ``[B, K]``: from ``ref_model``, or from ``model`` with its LoRA adapters disabled."""
+    if ref_model is not None:
+        return grouped_logps(ref_model, batch, temperature)[0]
+    if not is_peft(model):
+        raise ValueError("no reference: pass ref_model, put ref_logps in the batch, or use a peft (LoRA) model")
+    # The base weights under LoRA are π_sft itself: no second copy of the model is needed.
+    with unwrap(model).disable_adapter():
+        return grouped_logps(unwrap(model), batch, temperature)[0]
+
+
+def targets_for(batch: dict[str, torch.Tensor], loss_cfg: LossConfig, B: int, K: int, device: torch.device) -> torch.Tensor:
+    """Log-target distribution ``[B, K]`` over the completions: pref ``log[1-ε, ε]`` or rw ``log softmax(r/β_r)``."""
+    if loss_cfg.target == "pref":
+        if K != 2:
+            raise ConfigError(
+                f"loss.target=pref needs groups of 2 (chosen, rejected), the batch has K={K}",
+                field="loss.target",
+                fix="set data.k=2, or use loss.target=rw with scored groups",
+            )
+        return pref_targets(B, loss_cfg.eps, device=device)
+    rewards = batch.get("rewards")
+    if rewards is None:
+        raise ConfigError(
+            "loss.target=rw needs rewards but the data has none (pairs carry no rewards)",
+            field="loss.target",
+            fix="use loss.target=pref for chosen/rejected pairs, or score the groups first (exoalign score)",
+        )
+    return reward_targets(rewards.float(), loss_cfg.beta_r, batch["group_mask"])
+
+
+def _pick(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return x.gather(-1, idx.unsqueeze(-1)).squeeze(-1)  # (B, K), (B,) → (B,)
+
+
+def batch_metrics(
+    policy: torch.Tensor, ref: torch.Tensor | None, targets: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``logps/{chosen,rejected}`` (policy log-probs of the best/worst completion by target) and ``kl/batch``.
+
+    ``kl/batch`` is ``mean(−h)`` with ``h = log π_θ − log π_sft`` over the batch's valid completions: the plain
+    (k1) estimate of ``KL(π_sft ‖ π_θ)``, unbiased when the completions are samples of π_sft (it can dip below 0
+    on one batch). It is a cheap drift monitor that rises when the policy lowers the likelihood of the data;
+    ``exoalign eval`` measures ``KL(π_θ ‖ π_sft)`` on the policy's own samples. (The lower-variance k3 form
+    ``e^h − 1 − h`` overflows here: trained policies raise chosen completions' log-probs by tens of nats.)
+    """
+    policy, targets = policy.detach(), targets.detach()
+    best = targets.masked_fill(~mask, float("-inf")).argmax(-1)  # (B,)
+    worst = targets.masked_fill(~mask, float("inf")).argmin(-1)  # (B,)
+    out = {"logps/chosen": _pick(policy, best).mean(), "logps/rejected": _pick(policy, worst).mean()}
+    if ref is not None:
+        neg_h = (ref.detach() - policy).masked_fill(~mask, 0.0)  # (B, K)
+        out["kl/batch"] = neg_h.sum() / mask.sum().clamp(min=1)
+    return out
+
+
+def compute_loss(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    loss_cfg: LossConfig,
+    ref_model: torch.nn.Module | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mean loss over the batch's groups and its metrics (detached scalars).
+
+    ``batch`` is a :class:`~exoalign.data.GroupCollator` batch: ``input_ids``/``attention_mask``/``labels``
+    ``[B*K, T]``, ``group_mask`` ``[B, K]``, optional ``rewards`` and ``ref_logps`` ``[B, K]``. The reference
+    log-probs come from the batch (cached), else from ``ref_model``, else from ``model`` with adapters disabled.
+    """
+    info = loss_info(loss_cfg.name)
+    mask = batch["group_mask"].to(torch.bool)  # (B, K)
+    B, K = mask.shape
+    policy, lengths = grouped_logps(model, batch, loss_cfg.temperature)  # (B, K), (B, K)
+    ref = None
+    if info.needs_ref:
+        ref = batch.get("ref_logps")
+        if ref is None:
+            ref = reference_logps(model, batch, loss_cfg.temperature, ref_model)
+        ref = ref.to(policy.dtype)
+    targets = targets_for(batch, loss_cfg, B, K, policy.device)  # (B, K)
+    params = {"lengths": lengths, "label_smoothing": loss_cfg.label_smoothing, "gamma": loss_cfg.gamma, "alpha": loss_cfg.alpha}
+    kwargs = {name: params[name] for name in info.params if name in params}
+    out = info.fn(policy, ref, targets, loss_cfg.beta_pi, mask, **kwargs)
+    loss = out.losses.mean()
+    metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in out.metrics.items()}}
+    metrics.update(batch_metrics(policy, ref, targets, mask))
+    return loss, metrics
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Temporarily put ``model`` in eval mode (restores the previous mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

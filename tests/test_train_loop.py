@@ -1,0 +1,191 @@
+"""Training runs on the bundled toy problem: learning, saving/reloading, the reference cache, accumulation,
+exact resume, torn checkpoints, NaN handling."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from exoalign.config import load_config
+from exoalign.data import GroupCollator, load_rows, tokenize_rows
+from exoalign.models import load_tokenizer
+from exoalign.train import checkpoint, engine, loop
+from exoalign.train.config import TrainConfig
+from exoalign.train.engine import TrainingError, read_metrics
+from exoalign.train.loop import load_preference_data, train
+from exoalign.train.step import grouped_logps
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 threads on 2 shared cores is many times slower than 1
+    yield
+    torch.set_num_threads(n)
+
+
+def make_cfg(tmp_path: Path, *overrides: str, name: str = "run") -> TrainConfig:
+    """The smoke config, shortened, writing under ``tmp_path``, with a private reference cache."""
+    base = [f"train.output_dir={tmp_path / name}", f"train.ref_cache_dir={tmp_path / 'cache'}", "train.max_steps=6",
+            "train.log_every=1", "train.save_every=0", "data.max_length=40", "train.warmup_steps=0"]
+    return load_config(TrainConfig, SMOKE, base + list(overrides))
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run) if "loss" in r]
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("loss", "target"), [("exo", "pref"), ("dpo", "pref"), ("exo", "rw"), ("dpo", "rw")]
+)
+def test_learns_the_toy_preference(tmp_path, loss, target):
+    """Accuracy and the implicit reward margin rise; the held-out accuracy is high; the weights moved."""
+    extra = ["data.train_file=configs/data/toy_groups.jsonl", "loss.target=rw", "data.k=4"] if target == "rw" else []
+    cfg = make_cfg(tmp_path, f"loss.name={loss}", "train.max_steps=24", *extra)
+    final = train(cfg)
+    recs = [r for r in read_metrics(final.parent) if "loss" in r]
+    assert len(recs) == 24
+    first, last = recs[:2], recs[-4:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)
+    assert mean(first, "rewards/accuracies") < 0.8
+    assert mean(last, "rewards/accuracies") >= 0.9
+    assert mean(last, "rewards/margins") > mean(first, "rewards/margins") + 1.0
+    assert mean(last, "loss") < mean(first, "loss")
+    held = read_metrics(final.parent)[-1]
+    assert held["eval/rewards/accuracies"] >= 0.75
+    for key in ("logps/chosen", "logps/rejected", "kl/batch", "grad_norm", "perf/tokens_per_s", "perf/step_s", "lr"):
+        assert key in recs[-1] and math.isfinite(recs[-1][key])
+    init, trained = weights(final.parent / "init"), weights(final)
+    moved = [k for k in trained if not torch.equal(init[k], trained[k])]
+    assert len(moved) == len(trained)
+
+
+def test_final_reloads_with_the_same_logps(tmp_path):
+    """``final`` loads with AutoModelForCausalLM.from_pretrained and reproduces the held-out log-probs that the
+    in-memory model logged (``eval/logps/chosen``) at the end of training."""
+    cfg = make_cfg(tmp_path, "train.max_steps=8")
+    final = train(cfg)
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    tok = load_tokenizer(str(final))
+    _, held = load_preference_data(cfg, tok)
+    data = tokenize_rows(held, tok, max_length=40, max_prompt_length=16)
+    batch = GroupCollator(tok.pad_token_id)(list(data))
+    with torch.no_grad():
+        logps = grouped_logps(model, batch)[0]  # (12, 2)
+    logged = read_metrics(final.parent)[-1]
+    assert float(logps[:, 0].mean()) == pytest.approx(logged["eval/logps/chosen"], abs=1e-3)
+    assert float(logps[:, 1].mean()) == pytest.approx(logged["eval/logps/rejected"], abs=1e-3)
+    assert json.loads((final / "config.json").read_text())["model_type"] == "gpt2"
+
+
+def test_reference_cache_hit_and_online_reference_agree(tmp_path):
+    first = train(make_cfg(tmp_path, name="a")).parent
+    second = train(make_cfg(tmp_path, name="b")).parent
+    online = train(make_cfg(tmp_path, "train.ref_mode=online", name="c")).parent
+    info = [json.loads((run / "run_info.json").read_text()) for run in (first, second)]
+    assert info[0]["ref_cache"]["train_hit"] is False and info[1]["ref_cache"]["train_hit"] is True
+    assert info[1]["ref_cache"]["eval_hit"] is True
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # train + held-out tables
+    assert losses(first) == losses(second)
+    assert losses(online) == pytest.approx(losses(first), abs=1e-5)
+    # A different temperature is another cache entry.
+    train(make_cfg(tmp_path, "loss.temperature=0.8", "train.max_steps=1", name="d"))
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
+
+
+def test_batch_times_accumulation_equivalence(tmp_path):
+    """Batch 8 × accumulation 1 and batch 4 × accumulation 2 take the same steps."""
+    a = train(make_cfg(tmp_path, "train.batch_size=8", "train.max_steps=4", name="a"))
+    b = train(make_cfg(tmp_path, "train.batch_size=4", "train.grad_accum=2", "train.max_steps=4", name="b"))
+    assert losses(b.parent) == pytest.approx(losses(a.parent), abs=1e-5)
+    wa, wb = weights(a), weights(b)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert not torch.equal(wa["transformer.h.0.attn.c_attn.weight"], weights(a.parent / "init")["transformer.h.0.attn.c_attn.weight"])
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, caplog):
+    """Stopped right after the step-5 checkpoint (inside an epoch, mid LR schedule) and resumed: the same loss
+    log and the same weights as a run that was never interrupted. Torn checkpoints are skipped."""
+    steps = ["train.max_steps=14", "train.save_every=5", "train.warmup_steps=3", "train.grad_accum=2",
+             "train.batch_size=4"]
+    whole = train(make_cfg(tmp_path, *steps, name="whole"))
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        if path.name == "checkpoint-5":
+            raise _Killed
+        return path
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train(make_cfg(tmp_path, *steps, name="cut"))
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    cut = tmp_path / "cut"
+    assert [r["step"] for r in read_metrics(cut)] == [1, 2, 3, 4, 5]
+    (cut / "checkpoint-9").mkdir()  # a torn checkpoint: no COMPLETE marker
+    (cut / "checkpoint-9" / "model.safetensors").write_bytes(b"half")
+    (cut / ".tmp-checkpoint-7").mkdir()  # a save killed mid-write
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "loss": 123.0}\n{"step": 7, "lo')  # log lines written after the checkpoint
+
+    logging.getLogger("exoalign").propagate = True
+    with caplog.at_level(logging.WARNING, logger="exoalign.train.checkpoint"):
+        resumed = train(make_cfg(tmp_path, *steps, "train.resume=true", name="cut"))
+    assert any("torn checkpoint" in r.message and "checkpoint-9" in r.message for r in caplog.records)
+    assert losses(cut) == pytest.approx(losses(whole.parent), abs=1e-6)
+    assert [r["step"] for r in read_metrics(cut) if "loss" in r] == list(range(1, 15))
+    ww, wr = weights(whole), weights(resumed)
+    assert all(torch.allclose(ww[k], wr[k], atol=1e-6) for k in ww)
+    assert not (cut / ".tmp-checkpoint-7").exists()
+
+
+def test_existing_run_needs_resume(tmp_path):
+    train(make_cfg(tmp_path, "train.max_steps=1"))
+    with pytest.raises(Exception, match="--resume"):
+        train(make_cfg(tmp_path, "train.max_steps=1"))
+
+
+def test_nan_loss_stops_or_is_skipped(tmp_path, monkeypatch):
+    real = loop.compute_loss
+    calls = {"n": 0}
+
+    def nan_on_third(model, batch, cfg, ref_model=None):
+        calls["n"] += 1
+        loss, metrics = real(model, batch, cfg, ref_model)
+        if calls["n"] == 3:
+            loss = loss * float("nan")
+        return loss, metrics
+
+    monkeypatch.setattr(loop, "compute_loss", nan_on_third)
+    with pytest.raises(TrainingError) as err:
+        train(make_cfg(tmp_path, "train.save_every=2", name="stop"))
+    msg = str(err.value)
+    assert "step 3" in msg and "train.lr" in msg and "bf16" in msg and "nan_policy=skip" in msg
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "stop")] == ["checkpoint-2"]
+    assert not (tmp_path / "stop" / "final").exists()
+
+    calls["n"] = 0
+    final = train(make_cfg(tmp_path, "train.nan_policy=skip", name="skip"))
+    recs = [r for r in read_metrics(final.parent) if "loss" in r]
+    assert recs[-1]["nonfinite_skipped"] == 1 and len(recs) == 6
+    assert all(torch.isfinite(w).all() for w in weights(final).values())

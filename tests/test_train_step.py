@@ -1,0 +1,136 @@
+"""``compute_loss`` against hand-derived values, the LoRA reference, and the reference table against online
+log-probs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from exoalign.data import GroupCollator, load_rows, select_k, tokenize_rows
+from exoalign.losses import get_loss, pref_targets
+from exoalign.models import build_model, tiny_config, train_bpe_tokenizer
+from exoalign.train.config import LossConfig, TrainArgs
+from exoalign.train.refcache import attach, compute_table
+from exoalign.train.setup import make_accelerator
+from exoalign.train.step import compute_loss, grouped_logps, reference_logps
+
+DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 threads on 2 shared cores is many times slower than 1
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    pairs = load_rows(DATA / "toy_pairs.jsonl", "pair")[:12]
+    groups = load_rows(DATA / "toy_groups.jsonl", "group")[:12]
+    texts = [t for r in pairs + groups for t in (r["prompt"], *r["completions"])]
+    tok = train_bpe_tokenizer(texts, vocab_size=300, model_max_length=64)
+    model = build_model(tiny_config(len(tok), n_positions=64), seed=0, tokenizer=tok).eval()
+    kw = {"max_length": 48, "max_prompt_length": 16}
+    return tok, model, tokenize_rows(pairs, tok, **kw), tokenize_rows(groups, tok, **kw)
+
+
+def _batch(tok, data, idx):
+    return GroupCollator(tok.pad_token_id)([data[i] for i in idx])
+
+
+def test_zero_log_ratio_golden_values(toy):
+    """With π_θ = π_sft every h_i = 0, so p = uniform over the K completions and (by hand):
+
+    * EXO-pref = KL([½, ½] ‖ [1−ε, ε]) = ½ log(½/(1−ε)) + ½ log(½/ε) = 2.7612… for ε = 1e-3 (DESIGN.md)
+    * DPO-pref = −(1−ε) log ½ − ε log ½ = log 2
+    * EXO-rw = KL(uniform ‖ softmax(r/β_r)) = Σ_i ¼ (log ¼ − log q_i), q from the rewards of each group
+    """
+    tok, model, pairs, groups = toy
+    batch = _batch(tok, pairs, range(6))
+    with torch.no_grad():
+        loss, m = compute_loss(model, batch, LossConfig(name="exo", eps=1e-3), ref_model=model)
+        assert float(loss) == pytest.approx(0.5 * math.log(0.5 / 0.999) + 0.5 * math.log(0.5 / 0.001), abs=1e-5)
+        assert float(loss) == pytest.approx(2.7612, abs=1e-4)
+        assert float(m["kl/batch"]) == pytest.approx(0.0, abs=1e-6)
+        assert float(m["rewards/margins"]) == pytest.approx(0.0, abs=1e-6)
+        loss, _ = compute_loss(model, batch, LossConfig(name="dpo", eps=1e-3), ref_model=model)
+        assert float(loss) == pytest.approx(math.log(2), abs=1e-5)
+
+        gb = _batch(tok, groups, range(4))
+        loss, m = compute_loss(model, gb, LossConfig(name="exo", target="rw", beta_r=0.5), ref_model=model)
+        expected = []
+        for f in (groups[i] for i in range(4)):
+            r = torch.tensor(f["rewards"]) / 0.5
+            log_q = r - torch.logsumexp(r, 0)
+            expected.append(float((0.25 * (math.log(0.25) - log_q)).sum()))
+        assert float(loss) == pytest.approx(sum(expected) / 4, abs=1e-5)
+
+
+def test_compute_loss_uses_registry_and_cached_ref(toy):
+    """Policy log-probs [B, K] from the [B*K, T] batch, the batch's ref_logps, the registry's loss."""
+    tok, model, pairs, _ = toy
+    batch = _batch(tok, pairs, [0, 3, 5, 7])
+    ref = torch.randn(4, 2)
+    batch["ref_logps"] = ref
+    cfg = LossConfig(name="exo", beta_pi=0.3, eps=0.01)
+    loss, m = compute_loss(model, batch, cfg)
+    policy = torch.stack([
+        grouped_logps(model, _batch(tok, pairs, [i]))[0][0] for i in [0, 3, 5, 7]
+    ])  # (4, 2): each group on its own, no padding shared with others
+    want = get_loss("exo")(policy, ref, pref_targets(4, 0.01), 0.3).losses.mean()
+    assert float(loss.detach()) == pytest.approx(float(want), abs=1e-4)
+    assert float(m["logps/chosen"]) == pytest.approx(float(policy[:, 0].mean()), abs=1e-4)
+    assert float(m["logps/rejected"]) == pytest.approx(float(policy[:, 1].mean()), abs=1e-4)
+    assert float(m["kl/batch"]) == pytest.approx(float((ref - policy).mean()), abs=1e-4)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad()
+
+
+def test_needs_lengths_loss_gets_them(toy):
+    tok, model, pairs, _ = toy
+    batch = _batch(tok, pairs, range(4))
+    with torch.no_grad():
+        loss, m = compute_loss(model, batch, LossConfig(name="simpo", gamma=0.0))
+        policy, lengths = grouped_logps(model, batch)
+        margin = policy[:, 0] / lengths[:, 0] - policy[:, 1] / lengths[:, 1]
+        assert float(loss) == pytest.approx(float(-torch.nn.functional.logsigmoid(0.1 * margin).mean()), abs=1e-5)
+
+
+def test_lora_reference_is_the_base_model(toy):
+    peft = pytest.importorskip("peft")
+    tok, model, pairs, _ = toy
+    batch = _batch(tok, pairs, range(4))
+    import copy
+
+    base = copy.deepcopy(model)
+    with torch.no_grad():
+        want = grouped_logps(base, batch)[0]
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False))
+    with torch.no_grad():
+        adapted = grouped_logps(lora, batch)[0]
+        ref = reference_logps(lora, batch)
+    assert not torch.allclose(adapted, want, atol=1e-3)  # the adapters change the policy …
+    assert torch.allclose(ref, want, atol=1e-5)  # … and disabling them gives π_sft back
+
+
+def test_reference_table_equals_online_logps(toy, tmp_path):
+    """The one-pass table (batches of 5, in order) equals log-probs computed per training batch (other padding)."""
+    tok, model, _, groups = toy
+    rows = load_rows(DATA / "toy_groups.jsonl", "group")[:12]
+    rows[3] = select_k([rows[3]], 3, "first")[0]  # a ragged group: a masked slot in the table
+    data = tokenize_rows(rows, tok, max_length=48, max_prompt_length=16)
+    acc = make_accelerator(TrainArgs(output_dir=str(tmp_path), cpu=True))
+    table = compute_table(acc, model, data, tok.pad_token_id, batch_size=5, temperature=0.8)
+    assert table.shape == (12, 4) and table[3, 3] == 0.0
+    with_ref = attach(data, table)
+    for idx in ([0, 7, 3], [11, 2]):
+        batch = _batch(tok, with_ref, idx)
+        with torch.no_grad():
+            online = grouped_logps(model, batch, temperature=0.8)[0].masked_fill(~batch["group_mask"], 0.0)
+        assert torch.allclose(batch["ref_logps"], online, atol=1e-4)
