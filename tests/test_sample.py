@@ -96,7 +96,7 @@ def test_interrupted_sample_resumes_without_duplicates(tmp_path, tiny_model_dir,
 
 def test_sigkilled_sample_resumes(tmp_path, tiny_model_dir, corpus):
     """A real SIGKILL of the CLI process mid-run, then a resume: same rows as an uninterrupted run."""
-    n = 60
+    n = 30
     prompts = _prompts(tmp_path / "p.jsonl", corpus, n)
     out, ref = tmp_path / "out.jsonl", tmp_path / "ref.jsonl"
     args = [f"model={tiny_model_dir}", f"prompts={prompts}", f"output={out}", "k=2", "max_new_tokens=12",

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from exoalign.config import load_config
-from exoalign.data import GroupCollator, load_rows, tokenize_rows
+from exoalign.data import GroupCollator, tokenize_rows
 from exoalign.models import load_tokenizer
 from exoalign.train import checkpoint, engine, loop
 from exoalign.train.config import TrainConfig
@@ -112,9 +112,12 @@ def test_batch_times_accumulation_equivalence(tmp_path):
     a = train(make_cfg(tmp_path, "train.batch_size=8", "train.max_steps=4", name="a"))
     b = train(make_cfg(tmp_path, "train.batch_size=4", "train.grad_accum=2", "train.max_steps=4", name="b"))
     assert losses(b.parent) == pytest.approx(losses(a.parent), abs=1e-5)
-    wa, wb = weights(a), weights(b)
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
-    assert not torch.equal(wa["transformer.h.0.attn.c_attn.weight"], weights(a.parent / "init")["transformer.h.0.attn.c_attn.weight"])
+    wa, wb, w0 = weights(a), weights(b), weights(a.parent / "init")
+    # Adam divides by sqrt(v): float noise in near-zero gradients moves weights by ~1e-5, while training moved
+    # every tensor by ~1e-2.
+    for k in wa:
+        assert (wa[k] - wb[k]).abs().max() < 1e-4
+        assert (wa[k] - w0[k]).abs().max() > 1e-3
 
 
 class _Killed(Exception):
@@ -181,7 +184,7 @@ def test_nan_loss_stops_or_is_skipped(tmp_path, monkeypatch):
         train(make_cfg(tmp_path, "train.save_every=2", name="stop"))
     msg = str(err.value)
     assert "step 3" in msg and "train.lr" in msg and "bf16" in msg and "nan_policy=skip" in msg
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "stop")] == ["checkpoint-2"]
+    assert [p.name for _, p in checkpoint.list_checkpoints(tmp_path / "stop")] == ["checkpoint-2"]
     assert not (tmp_path / "stop" / "final").exists()
 
     calls["n"] = 0
@@ -189,3 +192,27 @@ def test_nan_loss_stops_or_is_skipped(tmp_path, monkeypatch):
     recs = [r for r in read_metrics(final.parent) if "loss" in r]
     assert recs[-1]["nonfinite_skipped"] == 1 and len(recs) == 6
     assert all(torch.isfinite(w).all() for w in weights(final).values())
+
+
+def test_lora_reference_is_the_adapterless_model(tmp_path):
+    """With LoRA the reference is the policy with adapters disabled: cached and online agree, only adapters
+    train, and ``final`` holds merged weights that plain ``from_pretrained`` loads."""
+    pytest.importorskip("peft")
+    cached = train(make_cfg(tmp_path, "model.lora_r=4", "model.lora_target_modules=[c_attn]", name="a"))
+    online = train(make_cfg(tmp_path, "model.lora_r=4", "model.lora_target_modules=[c_attn]",
+                            "train.ref_mode=online", name="b"))
+    assert losses(online.parent) == pytest.approx(losses(cached.parent), abs=1e-5)
+    assert losses(cached.parent)[-1] < losses(cached.parent)[0]
+    init, merged = weights(cached.parent / "init"), weights(cached)
+    assert set(merged) == set(init)  # no lora_A / lora_B keys left
+    changed = {k for k in init if not torch.equal(init[k], merged[k])}
+    assert changed == {f"transformer.h.{i}.attn.c_attn.weight" for i in range(2)}
+    model = AutoModelForCausalLM.from_pretrained(cached)
+    assert type(model).__name__ == "GPT2LMHeadModel"
+
+
+def test_bf16_autocast_runs(tmp_path):
+    final = train(make_cfg(tmp_path, "train.mixed_precision=bf16", "train.max_steps=3"))
+    recs = [r for r in read_metrics(final.parent) if "loss" in r]
+    assert len(recs) == 3 and all(math.isfinite(r["loss"]) for r in recs)
+    assert all(w.dtype == torch.float32 for w in weights(final).values())  # autocast: fp32 master weights

@@ -133,6 +133,9 @@ def train_method(
     """
     policy = copy.deepcopy(sft_policy).float().train()
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
+    # cosine decay to 0: the same schedule for every method, so that each ends near a fixed point of its
+    # own loss rather than bouncing in the minibatch noise at a constant step size
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.arange(sft_logps.shape[0])
     sft32, r32 = sft_logps.float(), rewards.float()
@@ -147,6 +150,7 @@ def train_method(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         tick()
         if step % eval_every == 0 or step == steps:
             curve.append((step, evaluate(policy, sft_logps, rewards, beta)["gap"]))

@@ -102,7 +102,7 @@ def _parse_json(text: str, file: str, line: int) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"malformed JSON ({e.msg} at column {e.colno})", file=file, line=line + e.lineno - 1,
-                         fix="write one JSON object per line") from None
+                         fix="fix the JSON syntax there (JSONL: one object per line)") from None
     except RecursionError:
         raise InputError("JSON nested too deeply", file=file, line=line, fix="flatten the row") from None
 

@@ -163,14 +163,14 @@ def run(cfg: SampleConfig) -> Path:
     sampler = build_sampler(cfg, cfg.model, tokenizer, dtype=cfg.dtype, device=cfg.device,
                             trust_remote_code=cfg.trust_remote_code)
     prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
-    if not resumed:
-        write_meta(out, meta)
     with tqdm(total=len(prompts), initial=done, desc="sample", unit="prompt") as bar:
         for start in range(done, len(prompts), cfg.batch_size):
             indices = list(range(start, min(start + cfg.batch_size, len(prompts))))
             batch_ids = [prompt_ids[i] for i in indices]
             groups = sampler.generate(batch_ids, indices, cfg.k)
             redraw_blanks(sampler, batch_ids, indices, groups, cfg.max_redraws)
+            if not resumed and start == done:
+                write_meta(out, meta)  # only now, so a run that fails before its first rows leaves no files
             append_rows(out, [{"prompt": prompts[i], "completions": [c.text for c in g]} for i, g in zip(indices, groups)])
             bar.update(len(indices))
     return out

@@ -6,10 +6,19 @@
 A *judge* maps (prompts, completions) to one finite reward each. Two kinds:
 
 * **Reward model** (``reward_model=DIR|hub``): an ``AutoModelForSequenceClassification`` read from safetensors.
-  It sees the text ``prompt + completion`` (right-padded, truncated from the left to ``max_length`` so the
-  completion is kept). One output → that scalar is the reward. Two outputs (a sentiment classifier, the
-  paper's IMDB oracle) → the log-odds ``r = logit[pos] − logit[neg] = log p(pos) − log p(neg)``, where
-  ``pos`` is the label named ``positive_label``, else the label whose name starts with "pos", else index 1.
+  One output → that scalar is the reward. Two outputs (a sentiment classifier, the paper's IMDB oracle) →
+  the log-odds ``r = logit[pos] − logit[neg] = log p(pos) − log p(neg)``, where ``pos`` is the label named
+  ``positive_label``, else the label whose name starts with "pos", else index 1. The model reads its input in
+  one of two layouts (``judge_format``):
+
+  - ``exoalign``: exactly what ``exoalign rm train`` trains on — prompt ids (the tokeniser's special tokens,
+    left-truncated to ``judge_max_prompt_length``) + completion ids + EOS, laid out by ``GroupCollator`` and
+    read by ``exoalign.stages.reward_model.scores``;
+  - ``text``: the single string ``prompt + completion`` (right-padded, cut from the left to
+    ``judge_max_length`` tokens), as off-the-shelf classifiers such as a BERT sentiment model expect.
+
+  ``auto`` picks ``exoalign`` for one-output models whose tokeniser has an EOS token and whose forward takes
+  ``position_ids`` (decoder reward models, as ``rm train`` makes them), ``text`` otherwise.
 * **Oracle** (``oracle=module:function`` or ``oracle=path/to/file.py:function``): any Python callable
   ``fn(prompts, completions) -> list[float]``. It is imported only from the spec the user wrote (the current
   directory is searched for the module too). A bad spec, or an oracle that returns the wrong number of values
@@ -23,13 +32,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -83,11 +93,12 @@ def load_oracle(spec: str) -> Judge:
 
 # -------------------------------------------------------------------------------------- reward model
 class RewardModelJudge:
-    """Scores ``prompt + completion`` with a sequence classifier: 1 output → scalar, 2 outputs → log-odds."""
+    """Scores (prompt, completion) with a sequence classifier: 1 output → scalar, 2 outputs → log-odds."""
 
     def __init__(
-        self, name_or_path: str, *, batch_size: int = 16, max_length: int = 1024, dtype: str = "float32",
-        device: str = "auto", trust_remote_code: bool = False, positive_label: str | None = None,
+        self, name_or_path: str, *, batch_size: int = 16, max_length: int = 1024, max_prompt_length: int = 768,
+        dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False,
+        positive_label: str | None = None, layout: str = "auto",
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -110,13 +121,18 @@ class RewardModelJudge:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         tok.padding_side = "right"
-        tok.truncation_side = "left"  # keep the completion, drop the start of a long prompt
+        tok.truncation_side = "left"  # text layout: keep the completion, drop the start of a long prompt
         if self.model.config.pad_token_id is None:
             # Decoder classifiers pool at the last non-pad token and need to know the pad id.
             self.model.config.pad_token_id = tok.pad_token_id
         self.model.to(pick_device(device)).eval()
-        self.batch_size, self.max_length = batch_size, max_length
+        self.batch_size, self.max_length, self.max_prompt_length = batch_size, max_length, max_prompt_length
         self.pos, self.neg = self._label_indices(positive_label)
+        if layout == "auto":
+            takes_positions = "position_ids" in inspect.signature(self.model.forward).parameters
+            decoder_rm = self.neg is None and tok.eos_token_id is not None and takes_positions
+            layout = "exoalign" if decoder_rm else "text"
+        self.layout = layout
 
     def _label_indices(self, positive_label: str | None) -> tuple[int, int | None]:
         n = int(self.model.config.num_labels)
@@ -137,17 +153,33 @@ class RewardModelJudge:
             pos = next((i for i, name in names.items() if name.startswith("pos")), 1)
         return pos, 1 - pos
 
+    def _reward(self, logits: torch.Tensor) -> list[float]:
+        logits = logits.float()  # (b, num_labels)
+        r = logits[:, self.pos] if self.neg is None else logits[:, self.pos] - logits[:, self.neg]
+        return r.tolist()
+
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> list[float]:
-        texts = [p + c for p, c in zip(prompts, completions)]
         device = next(self.model.parameters()).device
         out: list[float] = []
+        if self.layout == "exoalign":
+            from ..data import GroupCollator, tokenize_rows
+            from .reward_model import scores
+
+            rows = [{"prompt": p, "completions": [c]} for p, c in zip(prompts, completions)]
+            data = tokenize_rows(rows, self.tokenizer, max_length=self.max_length,
+                                 max_prompt_length=self.max_prompt_length)
+            collate = GroupCollator(self.tokenizer.pad_token_id)
+            for start in range(0, len(data), self.batch_size):
+                batch = collate([data[i] for i in range(start, min(start + self.batch_size, len(data)))])
+                r = scores(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (b,)
+                out.extend(r.tolist())
+            return out
+        texts = [p + c for p, c in zip(prompts, completions)]
         for start in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt").to(device)
-            logits = self.model(**enc).logits.float()  # (b, num_labels)
-            r = logits[:, self.pos] if self.neg is None else logits[:, self.pos] - logits[:, self.neg]
-            out.extend(r.tolist())
+            out.extend(self._reward(self.model(**enc).logits))
         return out
 
 
@@ -165,14 +197,22 @@ class JudgeSettings:
     judge_batch_size: int = 32
     """Texts per reward-model forward pass or per oracle call."""
     judge_max_length: int = 1024
-    """Reward model: longest text in tokens (longer ones lose their beginning)."""
+    """Reward model: most tokens of prompt + completion it reads (the prompt's beginning is cut first)."""
+    judge_max_prompt_length: int = 768
+    """Reward model, exoalign layout: most prompt tokens (cut from the left), as data.max_prompt_length in rm train."""
+    judge_format: Literal["auto", "exoalign", "text"] = "auto"
+    """Reward model input layout: exoalign (as rm train: prompt ids + completion ids + EOS), text (one string
+    prompt + completion, for off-the-shelf classifiers), auto (exoalign for 1-output decoder models)."""
 
     def check_judge(self) -> None:
         require(self.judge_batch_size >= 1, "judge_batch_size", "must be >= 1", "use e.g. 32")
         require(self.judge_max_length >= 2, "judge_max_length", "must be >= 2", "use e.g. 1024")
+        require(0 < self.judge_max_prompt_length < self.judge_max_length, "judge_max_prompt_length",
+                "must be in [1, judge_max_length)", "leave room for the completion, e.g. 768 with 1024")
 
     def judge_spec(self) -> dict[str, Any]:
-        return {"reward_model": self.reward_model, "oracle": self.oracle, "positive_label": self.positive_label}
+        return {"reward_model": self.reward_model, "oracle": self.oracle, "positive_label": self.positive_label,
+                "judge_format": self.judge_format if self.reward_model else None}
 
 
 def check_judge_given(cfg: JudgeSettings) -> None:
@@ -191,8 +231,9 @@ def make_judge(cfg: JudgeSettings, *, dtype: str = "float32", device: str = "aut
         return load_oracle(cfg.oracle)
     assert cfg.reward_model is not None
     return RewardModelJudge(cfg.reward_model, batch_size=cfg.judge_batch_size, max_length=cfg.judge_max_length,
-                            dtype=dtype, device=device, trust_remote_code=trust_remote_code,
-                            positive_label=cfg.positive_label)
+                            max_prompt_length=cfg.judge_max_prompt_length, dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code, positive_label=cfg.positive_label,
+                            layout=cfg.judge_format)
 
 
 def judge_texts(judge: Judge, prompts: Sequence[str], completions: Sequence[str], batch_size: int,
@@ -262,8 +303,6 @@ def run(cfg: ScoreConfig) -> Path:
         print(f"{out}: all {len(rows)} rows already scored", file=sys.stderr)
         return out
     judge = make_judge(cfg, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    if not resumed:
-        write_meta(out, meta)
     name = f"oracle {cfg.oracle}" if cfg.oracle else f"reward model {cfg.reward_model}"
     with tqdm(total=len(rows), initial=done, desc="score", unit="row") as bar:
         for start in range(done, len(rows), cfg.rows_per_write):
@@ -276,6 +315,8 @@ def run(cfg: ScoreConfig) -> Path:
                 k = len(r["completions"])
                 scored.append({**r, "rewards": rewards[at : at + k]})
                 at += k
+            if not resumed and start == done:
+                write_meta(out, meta)  # only now: a judge failing on the first rows leaves no files behind
             append_rows(out, scored)
             bar.update(len(chunk))
     return out

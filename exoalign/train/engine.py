@@ -66,12 +66,16 @@ class Job:
 
 
 class EpochSampler(Sampler[int]):
-    """A fresh permutation of ``range(n)`` per epoch, seeded by ``(seed, epoch)``: reproducible and resumable."""
+    """A fresh permutation of ``range(n)`` per epoch, seeded by ``(seed, epoch)``: reproducible and resumable.
+
+    The epoch is set with :meth:`use_epoch`, deliberately not ``set_epoch``: accelerate's data loaders call
+    ``sampler.set_epoch(<their own iteration count>)``, which a skip-ahead loader made for resuming restarts.
+    """
 
     def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
@@ -230,151 +234,193 @@ def _plan(args: TrainArgs, batches_per_epoch: int) -> int:
     return args.max_steps if args.max_steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
 
 
-def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
-    """Train ``job.model`` under ``args``; returns ``output_dir/final`` (model + tokeniser, safetensors)."""
-    out = Path(args.output_dir)
-    main = accelerator.is_main_process
-    resume_from = last_checkpoint(out) if args.resume else None
-    if args.resume and resume_from is None and main:
-        logger.warning("train.resume is set but %s has no complete checkpoint: starting from step 0", out)
-    if not args.resume and list_checkpoints(out, warn=False):
-        raise ConfigError(
-            f"{out} already holds checkpoints of an earlier run",
-            field="train.output_dir",
-            fix="pass --resume (train.resume=true) to continue it, or choose another output_dir",
-        )
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if job.config is not None:
-            save_config(job.config, out / "config.yaml")
-        (out / "run_info.json").write_text(json.dumps(job.info, indent=2, default=str) + "\n", encoding="utf-8")
+class _Run:
+    """The state of one training run and its parts: set-up and resume, one micro-batch, one update, logging,
+    checkpoints and the final save. :func:`fit` drives it."""
 
-    if len(job.train_data) == 0:
-        raise ConfigError("the training data has no rows", field="data.train_file", fix="give a file with rows")
-    sampler = EpochSampler(len(job.train_data), args.seed)
-    train_dl = DataLoader(job.train_data, batch_size=args.batch_size, sampler=sampler, collate_fn=job.collate)
-    params = [p for p in job.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    model, optimizer, train_dl = accelerator.prepare(job.model, optimizer, train_dl)
-    total = _plan(args, len(train_dl))
-    scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=total)
-    scheduler = accelerator.prepare(scheduler)
-    eval_dl = None
-    if job.eval_data is not None and len(job.eval_data) > 0:
-        eval_dl = accelerator.prepare(DataLoader(job.eval_data, batch_size=args.batch_size, collate_fn=job.collate))
+    def __init__(self, accelerator: Any, args: TrainArgs, job: Job) -> None:
+        self.acc, self.args, self.job = accelerator, args, job
+        self.out = Path(args.output_dir)
+        self.main = accelerator.is_main_process
+        resume_from = self._check_output_dir()
+        if len(job.train_data) == 0:
+            raise ConfigError("the training data has no rows", field="data.train_file", fix="give a file with rows")
+        self.sampler = EpochSampler(len(job.train_data), args.seed)
+        loader = DataLoader(job.train_data, batch_size=args.batch_size, sampler=self.sampler, collate_fn=job.collate)
+        self.params = [p for p in job.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
+        self.model, self.optimizer, self.loader = accelerator.prepare(job.model, optimizer, loader)
+        self.total = _plan(args, len(self.loader))
+        scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=args.warmup_steps,
+                                  num_training_steps=self.total)
+        self.scheduler = accelerator.prepare(scheduler)
+        self.eval_loader = None
+        if job.eval_data is not None and len(job.eval_data) > 0:
+            self.eval_loader = accelerator.prepare(
+                DataLoader(job.eval_data, batch_size=args.batch_size, collate_fn=job.collate))
 
-    step, epoch, position, nonfinite = 0, 0, 0, 0
-    log = MetricsLog(out / "metrics.jsonl", main)
-    if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
-        step, epoch, position = state["step"], state["epoch"], state["position"]
-        nonfinite = state.get("nonfinite_skipped", 0)
-        if main:
-            logger.info("resuming from %s (step %d)", resume_from, step)
-        log.reset(keep_until=step)
-    else:
-        log.reset(keep_until=None)
-    if args.report_to:
-        accelerator.init_trackers(args.project_name, config=_flat_config(job.config))
+        # Progress: optimizer steps done, and where in which epoch the data stands (micro-batches consumed).
+        self.step, self.epoch, self.position, self.nonfinite = 0, 0, 0, 0
+        self.bad_update = False  # a micro-batch of the current update had a NaN/inf loss (nan_policy=skip)
+        self.log = MetricsLog(self.out / "metrics.jsonl", self.main)
+        self.last_saved = -1
+        if resume_from is not None:
+            state = load_checkpoint(accelerator, resume_from)
+            self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+            self.nonfinite = state.get("nonfinite_skipped", 0)
+            self.last_saved = self.step
+            if self.main:
+                logger.info("resuming from %s (step %d)", resume_from, self.step)
+        self.log.reset(keep_until=self.step if resume_from is not None else None)
+        if args.report_to:
+            accelerator.init_trackers(args.project_name, config=_flat_config(job.config))
+        self.window = _Window()
 
-    def checkpoint_state() -> dict:
-        done = position >= len(train_dl)
+    def _check_output_dir(self) -> Path | None:
+        """The checkpoint to resume from (or None); refuses to overwrite an earlier run's checkpoints."""
+        args, out = self.args, self.out
+        resume_from = last_checkpoint(out) if args.resume else None
+        if args.resume and resume_from is None and self.main:
+            logger.warning("train.resume is set but %s has no complete checkpoint: starting from step 0", out)
+        if not args.resume and list_checkpoints(out, warn=False):
+            raise ConfigError(
+                f"{out} already holds checkpoints of an earlier run",
+                field="train.output_dir",
+                fix="pass --resume (train.resume=true) to continue it, or choose another output_dir",
+            )
+        if self.main:
+            out.mkdir(parents=True, exist_ok=True)
+            if self.job.config is not None:
+                save_config(self.job.config, out / "config.yaml")
+            info = json.dumps(self.job.info, indent=2, default=str)
+            (out / "run_info.json").write_text(info + "\n", encoding="utf-8")
+        return resume_from
+
+    # ------------------------------------------------------------------------------------------ steps
+    def micro_step(self, batch: dict) -> None:
+        """Forward and backward of one micro-batch (gradients accumulate until the update)."""
+        with self.acc.autocast():
+            loss, metrics = self.job.loss_fn(self.model, batch)
+        if not _finite_everywhere(self.acc, loss):
+            if self.args.nan_policy == "stop":
+                raise TrainingError(_nan_message(f"the loss is {float(loss)}", self.step, self.args, batch))
+            self.bad_update = True
+            # Backward of a zero loss all the same: every process must join the gradient all-reduce.
+            loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+            metrics = {k: v for k, v in metrics.items() if bool(torch.isfinite(v).all())}
+        self.acc.backward(loss)
+        self.window.add_micro(metrics, float(batch["attention_mask"].sum()))
+
+    def update(self, batch: dict) -> None:
+        """Clip, then one optimizer + scheduler step — or, under nan_policy=skip, no step when anything was NaN/inf."""
+        norm = self.acc.clip_grad_norm_(self.params, self.args.max_grad_norm or float("inf"))
+        finite_norm = norm is None or _finite_everywhere(self.acc, torch.as_tensor(norm))
+        if not finite_norm and self.args.nan_policy == "stop":
+            raise TrainingError(_nan_message("the gradient norm is not finite", self.step, self.args, batch))
+        if self.bad_update or not finite_norm:
+            self.nonfinite += 1  # the weights stay as they were
+        else:
+            self.optimizer.step()
+            self.scheduler.step()
+            if norm is not None:
+                self.window.add_step({"grad_norm": torch.as_tensor(norm)})
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bad_update = False
+        self.step += 1
+        self.window.steps += 1
+
+    # ---------------------------------------------------------------------------------- bookkeeping
+    def log_window(self) -> dict[str, float]:
+        record = {"step": self.step, "epoch": self.epoch + self.position / len(self.loader),
+                  **self.window.result(self.acc)}
+        record["lr"] = float(self.scheduler.get_last_lr()[0])
+        record["nonfinite_skipped"] = self.nonfinite
+        self.log.write(record)
+        self.acc.log({k: v for k, v in record.items() if k != "step"}, step=self.step)
+        self.window = _Window()
+        return record
+
+    def write_eval(self) -> None:
+        metrics = evaluate(self.acc, self.model, self.eval_loader, self.job.loss_fn)
+        self.log.write({"step": self.step, **metrics})
+        self.acc.log(metrics, step=self.step)
+        if self.main:
+            logger.info("held-out at step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        self.window.start = time.perf_counter()
+
+    def state(self) -> dict:
+        """``trainer_state.json``: where to pick up (the next epoch when this one is used up)."""
+        done = self.position >= len(self.loader)
         return {
-            "step": step,
-            "epoch": epoch + 1 if done else epoch,
-            "position": 0 if done else position,
-            "nonfinite_skipped": nonfinite,
-            "total_steps": total,
-            "batch_size": args.batch_size,
-            "grad_accum": args.grad_accum,
-            "num_processes": accelerator.num_processes,
+            "step": self.step,
+            "epoch": self.epoch + 1 if done else self.epoch,
+            "position": 0 if done else self.position,
+            "nonfinite_skipped": self.nonfinite,
+            "total_steps": self.total,
+            "batch_size": self.args.batch_size,
+            "grad_accum": self.args.grad_accum,
+            "num_processes": self.acc.num_processes,
         }
 
-    def write_eval(at_step: int) -> None:
-        metrics = evaluate(accelerator, model, eval_dl, job.loss_fn)
-        log.write({"step": at_step, **metrics})
-        accelerator.log(metrics, step=at_step)
-        if main:
-            logger.info("held-out at step %d: %s", at_step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    def save(self) -> None:
+        if not _finite_everywhere(self.acc, torch.tensor(0.0 if all_finite(self.model) else float("nan"))):
+            raise TrainingError(f"the weights hold NaN/inf at step {self.step}; not saving them")
+        save_checkpoint(self.acc, self.model, self.job.tokenizer, self.out, self.step, self.state(),
+                        self.args.save_total_limit)
+        self.last_saved = self.step
+        self.window.start = time.perf_counter()
 
-    def save(at_step: int) -> None:
-        if not _finite_everywhere(accelerator, torch.tensor(0.0 if all_finite(model) else float("nan"))):
-            raise TrainingError(f"the weights hold NaN/inf at step {at_step}; not saving them")
-        save_checkpoint(accelerator, model, job.tokenizer, out, at_step, checkpoint_state(), args.save_total_limit)
+    def save_final(self) -> Path:
+        """``output_dir/final``: the trained weights (LoRA merged) and the tokeniser, via ``save_pretrained``."""
+        final = self.out / "final"
+        net = self.acc.unwrap_model(self.model)
+        state_dict = None
+        if is_peft(net):
+            net = net.merge_and_unload()  # plain from_pretrained then loads the merged weights
+        else:
+            state_dict = self.acc.get_state_dict(self.model)  # collective under FSDP / ZeRO-3
+        if self.main:
+            save_pretrained_atomic(net, self.job.tokenizer, final, state_dict=state_dict)
+        self.acc.wait_for_everyone()
+        return final
 
-    model.train()
-    window = _Window()
-    bar = tqdm(total=total, initial=step, desc=f"train {out.name}", disable=not accelerator.is_local_main_process)
-    last_saved = step if resume_from is not None else -1
-    while step < total:
-        sampler.set_epoch(epoch)
-        loader = accelerator.skip_first_batches(train_dl, position) if position else train_dl
+
+def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
+    """Train ``job.model`` under ``args``; returns ``output_dir/final`` (model + tokeniser, safetensors)."""
+    run = _Run(accelerator, args, job)
+    run.model.train()
+    bar = tqdm(total=run.total, initial=run.step, desc=f"train {run.out.name}",
+               disable=not accelerator.is_local_main_process)
+    while run.step < run.total:
+        run.sampler.use_epoch(run.epoch)
+        loader = accelerator.skip_first_batches(run.loader, run.position) if run.position else run.loader
         for batch in loader:
-            position += 1
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss, metrics = job.loss_fn(model, batch)
-                if not _finite_everywhere(accelerator, loss):
-                    if args.nan_policy == "stop":
-                        raise TrainingError(_nan_message(f"the loss is {float(loss)}", step, args, batch))
-                    # Still run backward (with a zero loss) so every process joins the gradient all-reduce.
-                    nonfinite += 1
-                    loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
-                    metrics = {k: v for k, v in metrics.items() if bool(torch.isfinite(v).all())}
-                accelerator.backward(loss)
-                window.add_micro(metrics, float(batch["attention_mask"].sum()))
+            run.position += 1
+            with accelerator.accumulate(run.model):
+                run.micro_step(batch)
                 if not accelerator.sync_gradients:
                     continue
-                norm = accelerator.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-                if norm is not None and not _finite_everywhere(accelerator, torch.as_tensor(norm)):
-                    if args.nan_policy == "stop":
-                        raise TrainingError(_nan_message("the gradient norm is not finite", step, args, batch))
-                    nonfinite += 1  # skip the update: the weights stay as they were
-                else:
-                    optimizer.step()
-                    scheduler.step()
-                    if norm is not None:
-                        window.add_step({"grad_norm": torch.as_tensor(norm)})
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window.steps += 1
+                run.update(batch)
             bar.update(1)
-            if step % args.log_every == 0 or step == total:
-                record = {"step": step, "epoch": epoch + position / len(train_dl), **window.result(accelerator)}
-                record["lr"] = float(scheduler.get_last_lr()[0])
-                record["nonfinite_skipped"] = nonfinite
-                log.write(record)
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+            last = run.step == run.total
+            if run.step % args.log_every == 0 or last:
+                record = run.log_window()
                 bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "rewards/accuracies") if k in record})
-                window = _Window()
-            if eval_dl is not None and args.eval_every and step % args.eval_every == 0 and step != total:
-                write_eval(step)
-                window.start = time.perf_counter()
-            if args.save_every and step % args.save_every == 0 and step != total:
-                save(step)
-                last_saved = step
-                window.start = time.perf_counter()
-            if step >= total:
+            if run.eval_loader is not None and args.eval_every and run.step % args.eval_every == 0 and not last:
+                run.write_eval()
+            if args.save_every and run.step % args.save_every == 0 and not last:
+                run.save()
+            if last:
                 break
-        else:
-            epoch, position = epoch + 1, 0
+        else:  # the epoch is used up
+            run.epoch, run.position = run.epoch + 1, 0
             continue
         break
     bar.close()
-
-    if eval_dl is not None:
-        write_eval(step)
-    if last_saved != step:
-        save(step)
-    final = out / "final"
-    net = accelerator.unwrap_model(model)
-    state_dict = None
-    if is_peft(net):
-        net = net.merge_and_unload()  # plain from_pretrained loads the merged weights
-    else:
-        state_dict = accelerator.get_state_dict(model)  # collective under FSDP / ZeRO-3
-    if main:
-        save_pretrained_atomic(net, job.tokenizer, final, state_dict=state_dict)
-    accelerator.wait_for_everyone()
+    if run.eval_loader is not None:
+        run.write_eval()
+    if run.last_saved != run.step:
+        run.save()
+    final = run.save_final()
     accelerator.end_training()
     return final

@@ -17,6 +17,7 @@ from ..logprobs import sequence_logps
 from ..losses import loss_info, pref_targets, reward_targets
 from .config import LossConfig
 
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP / accelerate / torch.compile wrappers."""
     while True:

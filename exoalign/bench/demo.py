@@ -1,0 +1,335 @@
+"""``exoalign demo``: EXO vs DPO on controlled sentiment generation, offline, on a CPU, in minutes.
+
+    exoalign demo [--quick] [--out DIR] [--device cpu|cuda] [--seed N]
+
+The paper's IMDB experiment (Ji et al., ICML 2024, §5.1) scaled down to a CPU and run by the library's own
+stages, each reading and writing files in ``DIR`` (default ``./exoalign-demo``):
+
+1. ``corpus``  synthetic movie reviews from a stochastic grammar (:mod:`exoalign.bench.reviews`): SFT rows,
+   training prompts and held-out prompts (a prompt = the first 3–6 words of a review);
+2. ``sft``     π_sft: a byte-level BPE tokeniser and a small GPT-2 trained from scratch (``exoalign sft``);
+3. ``sample``  K completions per training prompt from π_sft (``exoalign sample``);
+4. ``score``   rewards from the oracle, VADER sentiment of the completion (``exoalign score``);
+5. ``label``   best-vs-worst preference pairs from the scored groups (``exoalign label``);
+6. ``train``   four runs on the same prompts with the same budget: ``exo`` and ``dpo``, each with ``pref``
+   targets (the pairs) and ``rw`` targets (the K scored completions) (``exoalign train``);
+7. ``eval``    every checkpoint, π_sft included as step 0, on held-out prompts: oracle reward and
+   ``KL(π‖π_sft)`` (``exoalign eval``);
+8. ``report``  the reward–KL frontier (``exoalign plot frontier``), ``results.json`` and ``report.md``.
+
+A stage is skipped when its outputs exist and were made with the same settings (a fingerprint of the settings
+it depends on, chained through the stages before it), so a second run, or a run after an interruption, only
+does what is missing. Change a setting and exactly the stages that depend on it run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from . import reviews
+
+METHODS = (("exo", "pref"), ("exo", "rw"), ("dpo", "pref"), ("dpo", "rw"))
+"""The four runs: (loss, target). Their names in results.json are ``{loss}-{target}``."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Everything the demo's numbers depend on (recorded in results.json and report.md)."""
+
+    seed: int = 0
+    """Seed of the corpus, π_sft's initialisation, sampling and training."""
+    n_sft_reviews: int = 6000
+    """Reviews π_sft is trained on."""
+    n_train_prompts: int = 512
+    """Prompts for which π_sft's completions are sampled, scored and used to align (other reviews)."""
+    n_eval_prompts: int = 128
+    """Held-out prompts every checkpoint is evaluated on."""
+    vocab_size: int = 1024
+    """Byte-level BPE vocabulary trained on the SFT rows."""
+    n_layer: int = 4
+    """π_sft transformer blocks."""
+    n_embd: int = 128
+    """π_sft width."""
+    n_head: int = 4
+    """π_sft attention heads."""
+    max_length: int = 96
+    """Tokens of prompt + completion in training (reviews are ~45 tokens, rarely over 90)."""
+    sft_steps: int = 500
+    """SFT optimizer steps."""
+    sft_batch_size: int = 32
+    """SFT rows per step."""
+    sft_lr: float = 3e-3
+    """SFT peak learning rate (cosine decay, warm-up 5%)."""
+    k: int = 4
+    """Completions sampled per training prompt; rw runs use all K, pref runs the best-vs-worst pair."""
+    temperature: float = 1.0
+    """Sampling temperature of the training completions and of evaluation (KL measured at it)."""
+    max_new_tokens: int = 48
+    """Longest completion, in tokens."""
+    align_steps: int = 200
+    """Optimizer steps of each of the four alignment runs."""
+    align_batch_size: int = 16
+    """Prompts per alignment step (pref: 16 pairs; rw: 16 groups of K)."""
+    align_lr: float = 1e-4
+    """Alignment learning rate (constant after a 10-step warm-up)."""
+    save_every: int = 40
+    """Checkpoint (and evaluate) every this many alignment steps."""
+    beta_pi: float = 0.1
+    """β_π of every loss (the DPO β)."""
+    beta_r: float = 0.1
+    """β_r of the rw targets softmax(r/β_r); rewards lie in [-1, 1]."""
+    eps: float = 1e-3
+    """Label smoothing ε of the pref targets [1-ε, ε]."""
+    eval_samples: int = 2
+    """Completions per held-out prompt and checkpoint."""
+    gen_batch_size: int = 64
+    """Prompts per generation batch."""
+
+
+QUICK = dict(
+    n_sft_reviews=1500, n_train_prompts=64, n_eval_prompts=32, vocab_size=512, n_layer=2, n_embd=64, n_head=2,
+    max_length=80, sft_steps=60, sft_batch_size=16, k=4, max_new_tokens=32, align_steps=16, align_batch_size=8,
+    align_lr=2e-4, save_every=8, eval_samples=1,
+)
+"""``--quick``: the same chain, small enough to finish in under two minutes (the tests run it)."""
+
+# Which settings each stage reads; a stage's fingerprint hashes these and the previous stage's fingerprint.
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "corpus": ("seed", "n_sft_reviews", "n_train_prompts", "n_eval_prompts"),
+    "sft": ("vocab_size", "n_layer", "n_embd", "n_head", "max_length", "sft_steps", "sft_batch_size", "sft_lr"),
+    "sample": ("k", "temperature", "max_new_tokens"),
+    "score": (),
+    "label": (),
+    "train": ("align_steps", "align_batch_size", "align_lr", "save_every", "beta_pi", "beta_r", "eps"),
+    "eval": ("eval_samples",),
+}
+
+
+def method_name(loss: str, target: str) -> str:
+    return f"{loss}-{target}"
+
+
+# ------------------------------------------------------------------------------------------ stages
+class Demo:
+    """The demo's directory, settings and stages; :meth:`run` does what is not done yet."""
+
+    def __init__(self, out: Path, settings: DemoSettings, device: str) -> None:
+        self.out, self.s, self.device = out, settings, device
+        self.data = out / "data"
+        self.sft_dir = out / "sft"
+        self.runs = out / "runs"
+        self.evals = out / "eval"
+        self.marks = out / ".stages"
+        self.timings: dict[str, dict[str, Any]] = {}
+
+    # -- bookkeeping
+    def fingerprints(self) -> dict[str, str]:
+        """Chained fingerprints: a change of a setting changes the fingerprint of its stage and all later ones."""
+        prev, out = "exoalign-demo/1", {}
+        values = dataclasses.asdict(self.s)
+        for stage, keys in STAGE_KEYS.items():
+            blob = json.dumps([prev, stage, {k: values[k] for k in keys}], sort_keys=True)
+            prev = out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        # The device changes floating-point results of everything trained or sampled, but not the corpus.
+        return out
+
+    def _mark(self, stage: str) -> Path:
+        return self.marks / f"{stage}.json"
+
+    def is_done(self, stage: str, fp: str) -> bool:
+        try:
+            return json.loads(self._mark(stage).read_text(encoding="utf-8"))["fingerprint"] == fp
+        except (OSError, ValueError, KeyError):
+            return False
+
+    def stage(self, n: int, name: str, fp: str, outputs: list[Path], work: Callable[[], None]) -> None:
+        """Run ``work`` unless stage ``name`` is done with fingerprint ``fp``; time it; mark it done."""
+        header = f"[{n}/{len(STAGE_KEYS) + 1}] {name}"
+        if self.is_done(name, fp):
+            took = json.loads(self._mark(name).read_text(encoding="utf-8")).get("seconds")
+            print(f"{header}: cached ({took:.1f} s when it ran)", file=sys.stderr)
+            self.timings[name] = {"seconds": took, "cached": True}
+            return
+        print(f"{header} ...", file=sys.stderr)
+        for p in outputs:  # outputs of an older run with other settings, or a half-done one of a stage that
+            # cannot resume: start the stage afresh
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+        t0 = time.perf_counter()
+        work()
+        took = time.perf_counter() - t0
+        self.marks.mkdir(parents=True, exist_ok=True)
+        tmp = self._mark(name).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fp, "seconds": took, "device": self.device}), encoding="utf-8")
+        os.replace(tmp, self._mark(name))
+        self.timings[name] = {"seconds": took, "cached": False}
+        print(f"{header}: done in {took:.1f} s", file=sys.stderr)
+
+    # -- the stages
+    def corpus(self) -> None:
+        from ..data import write_rows
+
+        s = self.s
+        n_prompts = s.n_train_prompts + s.n_eval_prompts
+        texts = reviews.generate_reviews(s.n_sft_reviews + n_prompts, seed=s.seed)
+        sft_rows = reviews.prompt_rows(texts[: s.n_sft_reviews], seed=s.seed)
+        # Prompts come from reviews π_sft never saw; their completions are dropped.
+        prompt_rows = reviews.prompt_rows(texts[s.n_sft_reviews:], seed=s.seed + 1)
+        write_rows(self.data / "sft.jsonl", sft_rows)
+        write_rows(self.data / "train_prompts.jsonl", [{"prompt": r["prompt"]} for r in prompt_rows[: s.n_train_prompts]])
+        write_rows(self.data / "eval_prompts.jsonl", [{"prompt": r["prompt"]} for r in prompt_rows[s.n_train_prompts:]])
+
+    def _train_args(self, **kw: Any) -> Any:
+        from ..train.config import TrainArgs
+
+        return TrainArgs(seed=self.s.seed, cpu=self.device == "cpu", log_every=10,
+                         ref_cache_dir=str(self.out / "cache"), **kw)
+
+    def sft(self) -> None:
+        from ..stages.sft import SFTConfig, sft
+        from ..train.config import DataBaseConfig, ModelConfig
+
+        s = self.s
+        cfg = SFTConfig(
+            model=ModelConfig(init="scratch", model_type="gpt2", vocab_size=s.vocab_size,
+                              scratch_config={"n_layer": s.n_layer, "n_embd": s.n_embd, "n_head": s.n_head}),
+            data=DataBaseConfig(train_file=str(self.data / "sft.jsonl"), max_length=s.max_length,
+                                max_prompt_length=24),
+            train=self._train_args(output_dir=str(self.sft_dir), lr=s.sft_lr, batch_size=s.sft_batch_size,
+                                   max_steps=s.sft_steps, warmup_steps=max(1, s.sft_steps // 20),
+                                   scheduler="cosine"),
+        )
+        sft(cfg)
+
+    def sample(self) -> None:
+        from ..stages.sample import SampleConfig, run
+
+        s = self.s
+        run(SampleConfig(model=str(self.sft_dir / "final"), prompts=str(self.data / "train_prompts.jsonl"),
+                         output=str(self.data / "groups.jsonl"), k=s.k, temperature=s.temperature,
+                         max_new_tokens=s.max_new_tokens, min_new_tokens=1, seed=s.seed,
+                         batch_size=s.gen_batch_size, device=self.device))
+
+    def score(self) -> None:
+        from ..stages.score import ScoreConfig, run
+
+        run(ScoreConfig(input=str(self.data / "groups.jsonl"), output=str(self.data / "scored.jsonl"),
+                        oracle=reviews.ORACLE, device=self.device))
+
+    def label(self) -> None:
+        from ..stages.label import LabelConfig, run
+
+        run(LabelConfig(input=str(self.data / "scored.jsonl"), output=str(self.data / "pairs.jsonl"),
+                        method="best_worst"))
+
+    def train(self, loss: str, target: str) -> None:
+        from ..train.config import DataConfig, LossConfig, ModelConfig, TrainConfig
+        from ..train.loop import train
+
+        s = self.s
+        data = self.data / ("pairs.jsonl" if target == "pref" else "scored.jsonl")
+        cfg = TrainConfig(
+            model=ModelConfig(name_or_path=str(self.sft_dir / "final")),
+            data=DataConfig(train_file=str(data), max_length=s.max_length, max_prompt_length=24,
+                            k=2 if target == "pref" else None),
+            loss=LossConfig(name=loss, target=target, beta_pi=s.beta_pi, beta_r=s.beta_r, eps=s.eps),
+            train=self._train_args(output_dir=str(self.runs / method_name(loss, target)), lr=s.align_lr,
+                                   batch_size=s.align_batch_size, max_steps=s.align_steps,
+                                   warmup_steps=min(10, s.align_steps // 4), scheduler="constant_with_warmup",
+                                   save_every=s.save_every),
+        )
+        train(cfg)
+
+    def checkpoints(self, name: str) -> list[Path]:
+        """π_sft (step 0) and every saved checkpoint of run ``name``, in step order."""
+        run = self.runs / name
+        steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "COMPLETE").is_file())
+        return [self.sft_dir / "final"] + [run / f"checkpoint-{k}" for k in steps]
+
+    def evaluate(self, name: str) -> None:
+        from ..eval.evaluate import EvalConfig, run
+
+        s = self.s
+        run(EvalConfig(checkpoints=[str(p) for p in self.checkpoints(name)], sft_model=str(self.sft_dir / "final"),
+                       prompts=str(self.data / "eval_prompts.jsonl"), oracle=reviews.ORACLE,
+                       samples_per_prompt=s.eval_samples, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
+                       min_new_tokens=1, seed=s.seed + 1000, batch_size=s.gen_batch_size, win_rate=True,
+                       output=str(self.evals / f"{name}.json"), run_name=name, device=self.device,
+                       logp_batch_size=64))
+
+    # -- the whole chain
+    def run(self) -> dict[str, Any]:
+        fp = self.fingerprints()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.stage(1, "corpus", fp["corpus"], [self.data], self.corpus)
+        self.stage(2, "sft", fp["sft"], [self.sft_dir], self.sft)
+        self.stage(3, "sample", fp["sample"], [self.data / "groups.jsonl"], self.sample)
+        self.stage(4, "score", fp["score"], [self.data / "scored.jsonl"], self.score)
+        self.stage(5, "label", fp["label"], [self.data / "pairs.jsonl"], self.label)
+        names = [method_name(*m) for m in METHODS]
+        for loss, target in METHODS:
+            name = method_name(loss, target)
+            self.stage(6, f"train {name}", fp["train"], [self.runs / name], lambda a=loss, b=target: self.train(a, b))
+        for name in names:
+            self.stage(7, f"eval {name}", fp["eval"], [self.evals / f"{name}.json"],
+                       lambda n=name: self.evaluate(n))
+        from .demo_report import write_report
+
+        t0 = time.perf_counter()
+        print(f"[{len(STAGE_KEYS) + 1}/{len(STAGE_KEYS) + 1}] report ...", file=sys.stderr)
+        results = write_report(self, names)
+        self.timings["report"] = {"seconds": time.perf_counter() - t0, "cached": False}
+        return results
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def settings_for(quick: bool, seed: int) -> DemoSettings:
+    return dataclasses.replace(DemoSettings(**(QUICK if quick else {})), seed=seed)
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda but no CUDA GPU is available", field="--device", fix="use --device cpu")
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="exoalign demo", description=__doc__.split("\n\n")[0],
+        epilog="Outputs: DIR/report.md, DIR/results.json, DIR/frontier.png (and every stage's files).",
+    )
+    parser.add_argument("--quick", action="store_true", help="a small run of the same chain (under 2 minutes)")
+    parser.add_argument("--out", default="exoalign-demo", help="directory for everything (default ./exoalign-demo)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the whole chain (default 0)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the tiny model's config chatter is not news to a demo user
+    device = resolve_device(args.device)
+    demo = Demo(Path(args.out), settings_for(args.quick, args.seed), device)
+    t0 = time.perf_counter()
+    results = demo.run()
+    print(f"\n{results['verdict']}\n", file=sys.stderr)
+    print(f"done in {time.perf_counter() - t0:.1f} s: {demo.out / 'report.md'}, {demo.out / 'results.json'}, "
+          f"{demo.out / 'frontier.png'}")
+    return 0

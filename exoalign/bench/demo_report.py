@@ -1,0 +1,161 @@
+"""The demo's report: ``results.json``, the frontier PNG and ``report.md``, and the EXO-vs-DPO verdict.
+
+"EXO's frontier lies above DPO's" is measured, not eyeballed: each run's frontier is the upper envelope of its
+checkpoints in the (KL, reward) plane — the most reward reached at no more than a given KL — interpolated
+linearly between envelope points. Two runs are compared on the KL range both cover (from 0, where both start at
+π_sft, to the smaller of their largest KLs): the mean difference of their envelopes over that range, and the
+share of the range where EXO's is higher. That is "higher reward at equal KL", averaged over the KL budgets
+both runs reached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .demo import Demo
+
+COMPARISONS = (("exo-pref", "dpo-pref"), ("exo-rw", "dpo-rw"))
+"""EXO against DPO with the same targets on the same data."""
+
+
+def load_points(eval_json: Path) -> list[dict[str, Any]]:
+    """A run's checkpoints from its eval JSON as ``{"step", "kl", "reward", …}`` in step order (π_sft = 0)."""
+    data = json.loads(eval_json.read_text(encoding="utf-8"))
+    points = []
+    for r in data["results"]:
+        m = re.search(r"checkpoint-(\d+)$", r["checkpoint"].rstrip("/"))
+        step = int(m.group(1)) if m else 0  # the only non-checkpoint is π_sft itself, the start of every run
+        wr = r.get("win_rate") or {}
+        points.append({
+            "step": step, "kl": float(r["kl"]), "reward": float(r["reward"]["mean"]),
+            "reward_ci": [float(r["reward"]["ci_low"]), float(r["reward"]["ci_high"])],
+            "kl_se": float(r["kl_se"]), "kl_k3": float(r["kl_k3"]),
+            "win_rate": float(wr["mean"]) if "mean" in wr else None,
+            "length": float(r["length"]),
+        })
+    return sorted(points, key=lambda p: p["step"])
+
+
+def envelope(points: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Upper-left envelope ``(kl, reward)``: the points no other point beats with less KL and more reward.
+
+    KL estimates of checkpoints near π_sft can come out slightly negative (sampling noise); they are clipped
+    to 0 so every frontier starts on the reward axis.
+    """
+    pts = sorted((max(p["kl"], 0.0), p["reward"]) for p in points)
+    xs, ys = [], []
+    for x, y in pts:
+        if not ys or y > ys[-1]:
+            xs.append(x)
+            ys.append(y)
+    return np.asarray(xs), np.asarray(ys)
+
+
+def reward_at(env: tuple[np.ndarray, np.ndarray], kl: np.ndarray) -> np.ndarray:
+    """Best reward of the envelope within each KL budget, linear between envelope points."""
+    xs, ys = env
+    if len(xs) == 1:
+        return np.full_like(kl, ys[0], dtype=np.float64)
+    return np.interp(kl, xs, ys)  # constant beyond the ends: no extrapolation beyond what was reached
+
+
+def compare(a: list[dict[str, Any]], b: list[dict[str, Any]], n_grid: int = 201) -> dict[str, float]:
+    """Frontier of ``a`` minus frontier of ``b`` over the KL range both reached."""
+    ea, eb = envelope(a), envelope(b)
+    kl_max = float(min(ea[0].max(), eb[0].max()))
+    grid = np.linspace(0.0, kl_max, n_grid)
+    diff = reward_at(ea, grid) - reward_at(eb, grid)
+    return {"kl_max": kl_max, "mean_reward_gap": float(diff.mean()), "frac_above": float((diff > 0).mean()),
+            "reward_a_at_kl_max": float(reward_at(ea, grid[-1:])[0]),
+            "reward_b_at_kl_max": float(reward_at(eb, grid[-1:])[0])}
+
+
+def verdict(comparison: dict[str, dict[str, float]]) -> str:
+    """One sentence per comparison, stating plainly which frontier is higher and by how much."""
+    lines = []
+    for key, c in comparison.items():
+        a, b = key.split("_vs_")
+        if c["kl_max"] <= 0:
+            lines.append(f"{a} vs {b}: no common KL range (a run did not move from π_sft); no verdict.")
+            continue
+        side = "ABOVE" if c["mean_reward_gap"] > 0 else "BELOW"
+        lines.append(
+            f"{a} vs {b}: {a}'s frontier lies {side} {b}'s — mean reward gap {c['mean_reward_gap']:+.3f} at equal "
+            f"KL over KL in [0, {c['kl_max']:.2f}] nats, higher on {100 * c['frac_above']:.0f}% of that range "
+            f"(at KL {c['kl_max']:.2f}: {c['reward_a_at_kl_max']:.3f} vs {c['reward_b_at_kl_max']:.3f})."
+        )
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {"exoalign": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "platform": platform.platform()}
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_report(demo: Demo, names: list[str]) -> dict[str, Any]:
+    """Write ``frontier.png`` (+ ``frontier.md``), ``results.json`` and ``report.md`` into the demo directory."""
+    from ..eval.plots import frontier
+
+    out = demo.out
+    paths = [demo.evals / f"{n}.json" for n in names]
+    runs = {n: load_points(p) for n, p in zip(names, paths)}
+    frontier([str(p) for p in paths], str(out / "frontier.png"), table_path=str(out / "frontier.md"),
+             labels=names, title=f"exoalign demo: reward–KL frontier (seed {demo.s.seed})")
+    comparison = {f"{a}_vs_{b}": compare(runs[a], runs[b]) for a, b in COMPARISONS if a in runs and b in runs}
+    text = verdict(comparison)
+    results = {
+        "runs": runs, "comparison": comparison, "verdict": text, "seed": demo.s.seed, "device": demo.device,
+        "settings": dataclasses.asdict(demo.s), "timings": demo.timings, "versions": _versions(),
+        "command": "exoalign demo " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else sys.argv[1:]),
+    }
+    _write(out / "results.json", json.dumps(results, indent=1) + "\n")
+    _write(out / "report.md", markdown(results, (out / "frontier.md").read_text(encoding="utf-8")))
+    return results
+
+
+def markdown(results: dict[str, Any], table: str) -> str:
+    """``report.md``: the verdict, the picture, every checkpoint's numbers, the settings and the timings."""
+    s = results["settings"]
+    lines = [
+        f"# exoalign demo — EXO vs DPO on controlled sentiment generation (seed {results['seed']})", "",
+        f"Command: `{results['command'].strip()}` on {results['device']}.", "",
+        "Task: continue the first words of a synthetic movie review so that it reads positive; reward = VADER "
+        "sentiment of the completion (in [-1, 1]); every method starts from the same π_sft and trains on the "
+        "same prompts and completions for the same number of steps. Each point is a checkpoint (step 0 = π_sft) "
+        f"evaluated on {s['n_eval_prompts']} held-out prompts × {s['eval_samples']} samples.", "",
+        "## Verdict (higher reward at equal KL)", "",
+        *[f"* {line}" for line in results["verdict"].splitlines()], "",
+        "![reward–KL frontier](frontier.png)", "",
+        "## Every checkpoint", "", table.strip(), "",
+        "## Settings", "", "| setting | value |", "|---|---|",
+        *[f"| {k} | {v} |" for k, v in s.items()], "",
+        "## Timings", "", "| stage | seconds | |", "|---|---:|---|",
+    ]
+    for stage, t in results["timings"].items():
+        sec = t.get("seconds")
+        lines.append(f"| {stage} | {sec:.1f} | {'cached (time of the run that made it)' if t.get('cached') else ''} |"
+                     if isinstance(sec, (int, float)) and math.isfinite(sec) else f"| {stage} | – | |")
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
+    return "\n".join(lines)
