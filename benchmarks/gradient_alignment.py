@@ -59,7 +59,9 @@ class Problem:
         return (self.logp_sft + self.rewards / self.beta_r).log_softmax(-1)
 
 
-def make_problem(n: int = 256, seed: int = 0, beta_pi: float = 1.0, beta_r: float = 1.0, scale: float = 1.0) -> Problem:
+def make_problem(
+    n: int = 256, seed: int = 0, beta_pi: float = 1.0, beta_r: float = 1.0, scale: float = 1.0
+) -> Problem:
     """Random problem: π_sft logits, a policy displaced from π_sft, and rewards, all ~ N(0, scale²)."""
     g = torch.Generator().manual_seed(seed)
     sft_logits = scale * torch.randn(n, generator=g, dtype=torch.float64)
@@ -210,19 +212,24 @@ def main(argv: list[str] | None = None) -> int:
     summary = []
     for i, k in enumerate(args.ks):
         rows = [c["rows"][i] for c in per_seed]
-        mean = lambda key: sum(r[key] for r in rows) / len(rows)
         summary.append(
             {
                 "K": k,
-                **{key: mean(key) for key in ("exo_cos_reverse", "exo_cos_forward", "dpo_cos_forward", "dpo_cos_reverse")},
+                **{
+                    key: sum(r[key] for r in rows) / len(rows)
+                    for key in ("exo_cos_reverse", "exo_cos_forward", "dpo_cos_forward", "dpo_cos_reverse")
+                },
                 "exo_cos_reverse_min": min(r["exo_cos_reverse"] for r in rows),
                 "dpo_cos_forward_min": min(r["dpo_cos_forward"] for r in rows),
-                "exo_loss_over_kl": sum(r["exo_loss"] / c["reverse_kl"] for r, c in zip(rows, per_seed)) / len(rows),
+                "exo_loss_over_kl": sum(r["exo_loss"] / c["reverse_kl"] for r, c in zip(rows, per_seed))
+                / len(rows),
             }
         )
     cmd = "python benchmarks/gradient_alignment.py" + (" " + " ".join(argv) if argv else "")
     result = {
-        "command": cmd if argv is not None else "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "command": cmd
+        if argv is not None
+        else "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "config": {
             "n": args.n,
             "ks": args.ks,

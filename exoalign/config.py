@@ -226,7 +226,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     """Parse ``section.key=value``; the value is read as YAML (so ``1e-6``, ``true``, ``[1, 2]`` work)."""
     if "=" not in item:
         raise ConfigError(
-            f"cannot read override {item!r}", field=item, fix="write overrides as key=value or section.key=value"
+            f"cannot read override {item!r}",
+            file="command line",
+            field=item,
+            fix="write overrides as key=value or section.key=value",
         )
     key, raw = item.split("=", 1)
     key = key.strip().lstrip("-")
@@ -258,7 +261,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     try:
         return _build(cls, data, "", src, lines)
     except ConfigError as e:
-        if e.field in overridden:
+        field = e.field or ""
+        if any(k == field or k.startswith(field + ".") or field.startswith(k + ".") for k in overridden):
             e.file, e.line = "command line", None
             e.args = (str(e),)
         raise

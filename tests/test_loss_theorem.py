@@ -82,7 +82,9 @@ def test_sampled_gradient_is_unbiased_at_k2():
     i, j = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
     idx = torch.stack([i.flatten(), j.flatten()], 1)  # (n², 2)
     weight = problem.logp_sft[idx].sum(-1).exp()  # (n²,) probability of drawing this pair
-    losses = exo(theta.log_softmax(-1)[idx], problem.logp_sft[idx], reward_targets(problem.rewards[idx], 1.0), 1.0).losses
+    losses = exo(
+        theta.log_softmax(-1)[idx], problem.logp_sft[idx], reward_targets(problem.rewards[idx], 1.0), 1.0
+    ).losses
     (exact,) = torch.autograd.grad((weight * losses).sum(), theta)
     _, sampled = ga.sampled_loss_grad(problem, "exo", k=2, groups=1 << 17, seed=0)
     assert ga.cosine(sampled, exact) > 0.995

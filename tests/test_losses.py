@@ -146,12 +146,21 @@ def test_pairwise_golden_values():
         [math.log(2), 0.39754330131859184], abs=1e-12
     )
 
-    out = simpo(_t([-6.0, -12.0]), None, pref_targets(1, 1e-3, dtype=D), 2.0, lengths=torch.tensor([[3, 4]]), gamma=0.5)
+    out = simpo(
+        _t([-6.0, -12.0]),
+        None,
+        pref_targets(1, 1e-3, dtype=D),
+        2.0,
+        lengths=torch.tensor([[3, 4]]),
+        gamma=0.5,
+    )
     assert out.losses.item() == pytest.approx(0.2014132779827524, abs=1e-12)
     _eq(out.rewards, [[-4.0, -6.0]])
 
     pol, r1 = _t([-4.0, -6.0]), pref_targets(1, 1e-3, dtype=D)
-    assert rpo(pol, _t([-5.0, -5.0]), r1, 0.5, alpha=0.5).losses.item() == pytest.approx(0.31326168751822286 + 2)
+    assert rpo(pol, _t([-5.0, -5.0]), r1, 0.5, alpha=0.5).losses.item() == pytest.approx(
+        0.31326168751822286 + 2
+    )
     out = rpo(pol, _t([-5.0, -5.0]), r1, 0.5, lengths=torch.tensor([[2, 7]]), alpha=0.5)
     assert out.losses.item() == pytest.approx(0.31326168751822286 + 1)
     assert out.metrics["nll"].item() == pytest.approx(2.0)
@@ -210,9 +219,13 @@ def _trl_loss(loss_type: str, pol: torch.Tensor, ref: torch.Tensor, beta: float,
     logps = torch.cat([pol[:, 0], pol[:, 1]])  # (2N,): TRL's batch is [chosen..., rejected...]
 
     def model(**_):
-        per_token = torch.cat([logps[:, None], torch.zeros(2 * n, t - 2, dtype=logps.dtype)], dim=1)  # (2N, T-1)
+        per_token = torch.cat(
+            [logps[:, None], torch.zeros(2 * n, t - 2, dtype=logps.dtype)], dim=1
+        )  # (2N, T-1)
         zeros = torch.zeros(2 * n, t - 1)
-        return types.SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+        return types.SimpleNamespace(
+            log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool()
+        )
 
     completion = torch.tensor([[0, 1, 0]] * (2 * n))  # one completion token: IPO's length normalisation is /1
     inputs = {
@@ -223,6 +236,16 @@ def _trl_loss(loss_type: str, pol: torch.Tensor, ref: torch.Tensor, beta: float,
         "ref_rejected_logps": ref[:, 1],
     }
     return DPOTrainer._compute_loss(fake_self, model, inputs, return_outputs=False)
+
+
+def _ours(trl_type: str, pol, ref, pt, beta: float, eps: float) -> torch.Tensor:
+    """Our loss that corresponds to TRL's ``trl_type``; for ``sigmoid`` remove the ε z term (see below)."""
+    if trl_type == "exo_pair":
+        return exo(pol, ref, pt, beta).losses
+    if trl_type == "sigmoid":
+        z = beta * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
+        return dpo(pol, ref, pt, beta).losses - eps * z
+    return {"ipo": ipo, "hinge": hinge}[trl_type](pol, ref, pt, beta).losses
 
 
 def test_against_trl_losses():
@@ -236,17 +259,12 @@ def test_against_trl_losses():
     pol0 = ref + torch.linspace(-30, 30, 16, dtype=D)[:, None] * torch.tensor([0.5, -0.5], dtype=D)
     for beta, eps in ((0.1, 1e-3), (0.5, 0.2)):
         pt = pref_targets(16, eps, dtype=D)
-        for trl_type, ours in (
-            ("exo_pair", lambda p: exo(p, ref, pt, beta).losses),
-            ("sigmoid", lambda p: dpo(p, ref, pt, beta).losses - eps * beta * ((p - ref) @ _t([1.0, -1.0]).T).squeeze(-1)),
-            ("ipo", lambda p: ipo(p, ref, pt, beta).losses),
-            ("hinge", lambda p: hinge(p, ref, pt, beta).losses),
-        ):
+        for trl_type in ("exo_pair", "sigmoid", "ipo", "hinge"):
             p1 = pol0.clone().requires_grad_(True)
             theirs = _trl_loss(trl_type, p1, ref, beta, eps)
             theirs.backward()
             p2 = pol0.clone().requires_grad_(True)
-            mine = ours(p2).mean()
+            mine = _ours(trl_type, p2, ref, pt, beta, eps).mean()
             mine.backward()
             # TRL builds ε as a float32 tensor, hence the 1e-6 tolerance on exo_pair
             assert mine.item() == pytest.approx(theirs.item(), rel=1e-6, abs=1e-6), trl_type
@@ -264,7 +282,9 @@ def test_authors_log_targets_differ_by_a_constant():
     pol_b = pol_a.detach().clone().requires_grad_(True)
     authors = exo(pol_a, ref, _t([0.0, -10.0]).expand(8, 2), 0.1).losses
     ours = exo(pol_b, ref, pref_targets(8, 1 / (1 + math.exp(10)), dtype=D), 0.1).losses
-    torch.testing.assert_close(authors - ours, torch.full((8,), -4.539889921686465e-05, dtype=D), rtol=0, atol=1e-14)
+    torch.testing.assert_close(
+        authors - ours, torch.full((8,), -4.539889921686465e-05, dtype=D), rtol=0, atol=1e-14
+    )
     authors.sum().backward()
     ours.sum().backward()
     torch.testing.assert_close(pol_a.grad, pol_b.grad, rtol=0, atol=1e-15)
@@ -274,7 +294,9 @@ def test_authors_log_targets_differ_by_a_constant():
 def test_reward_targets_k2_equal_pref_targets():
     """K = 2 with rewards r: softmax(r/β_r) = [σ(Δr/β_r), σ(−Δr/β_r)] = pref targets with ε = σ(−Δr/β_r)."""
     g = torch.Generator().manual_seed(2)
-    rewards = torch.stack([torch.rand(6, generator=g, dtype=D) + 0.05, -torch.rand(6, generator=g, dtype=D)], 1)
+    rewards = torch.stack(
+        [torch.rand(6, generator=g, dtype=D) + 0.05, -torch.rand(6, generator=g, dtype=D)], 1
+    )
     beta_r = 0.3
     ref = torch.randn(6, 2, generator=g, dtype=D)
     pol = ref + torch.randn(6, 2, generator=g, dtype=D)
@@ -305,7 +327,9 @@ def test_dpo_pref_is_logsigmoid_plus_eps_margin(margin, beta, eps):
     expect = -torch.nn.functional.logsigmoid(torch.tensor(z, dtype=D)).item() + eps * z
     pt = pref_targets(1, eps, dtype=D)
     assert dpo(pol, ref, pt, beta).losses.item() == pytest.approx(expect, rel=1e-12, abs=1e-12)
-    assert cdpo(pol, ref, pt, beta, label_smoothing=eps).losses.item() == pytest.approx(expect, rel=1e-12, abs=1e-12)
+    assert cdpo(pol, ref, pt, beta, label_smoothing=eps).losses.item() == pytest.approx(
+        expect, rel=1e-12, abs=1e-12
+    )
 
 
 def test_cdpo_equals_dpo_with_pref_targets_gradients():
@@ -365,7 +389,15 @@ def test_masking_equals_removing_with_mixed_group_sizes(name):
     assert (batch.rewards[~mask] == 0).all()
     for i, k in enumerate(sizes):
         p = pol.detach()[i : i + 1, :k].clone().requires_grad_(True)
-        alone = _call(name, p, ref[i : i + 1, :k], reward_targets(rewards[i : i + 1, :k], 0.5), 0.2, None, lengths[i : i + 1, :k])
+        alone = _call(
+            name,
+            p,
+            ref[i : i + 1, :k],
+            reward_targets(rewards[i : i + 1, :k], 0.5),
+            0.2,
+            None,
+            lengths[i : i + 1, :k],
+        )
         alone.losses.sum().backward()
         torch.testing.assert_close(batch.losses[i : i + 1], alone.losses, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(pol.grad[i : i + 1, :k], p.grad, rtol=1e-12, atol=1e-12)
@@ -503,7 +535,9 @@ def test_reward_targets_masking_and_validation():
     rewards = _t([1.0, 2.0, float("nan")], [0.0, float("nan"), float("nan")])
     mask = torch.tensor([[True, True, False], [True, False, False]])
     t = reward_targets(rewards, 0.5, mask)
-    assert t[0, :2].tolist() == pytest.approx([-math.log1p(math.exp(2)), -math.log1p(math.exp(-2))], rel=1e-12)
+    assert t[0, :2].tolist() == pytest.approx(
+        [-math.log1p(math.exp(2)), -math.log1p(math.exp(-2))], rel=1e-12
+    )
     assert t[1, 0].item() == 0.0
     assert (t[~mask] < -1e29).all()
     assert reward_targets(torch.tensor([[1, 3]]), 1.0).dtype == torch.float32  # integer rewards are fine

@@ -79,3 +79,15 @@ def test_bad_input_exits_2(tmp_path, capsys, monkeypatch, make, extra, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], err
     assert not list(tmp_path.glob("*.png")) and not list(tmp_path.glob("*.md"))
+
+
+def test_one_json_holding_several_runs_is_split_by_run(tmp_path):
+    """exoalign eval with checkpoints=[runs/sft/final, runs/exo] writes one JSON; each run gets its own line."""
+    results = [dict(_result("sft/final", None, 0.0, 0.0, 0.5, 0.5), run="sft"),
+               dict(_result("exo/checkpoint-10", 10, 1.0, 0.9, 1.5, 0.7), run="exo"),
+               dict(_result("exo/final", None, 2.0, 1.8, 2.0, 0.8), run="exo")]
+    path = _eval_json(tmp_path / "imdb.json", "imdb", results)
+    assert cli(["plot", "frontier", str(path), "-o", str(tmp_path / "f.png")]) == 0
+    rows = (tmp_path / "f.md").read_text().splitlines()[2:]
+    assert [r.split(" | ")[0:2] for r in rows] == [["| sft", "sft/final"], ["| exo", "exo/checkpoint-10"],
+                                                   ["| exo", "exo/final"]]

@@ -4,7 +4,8 @@
         reward_model=runs/rm/final output=results/exo.json temperature=0.8
 
 For each checkpoint (a model directory; a training ``output_dir`` expands to its complete ``checkpoint-*``
-directories and ``final``, in step order):
+directories and ``final``, in step order; each result records the ``run`` it belongs to, so one JSON can hold
+several runs, e.g. the SFT model and the EXO and DPO runs of one experiment):
 
 1. sample ``samples_per_prompt`` completions for every held-out prompt from the checkpoint (same settings and
    seeds for every checkpoint, so checkpoints are compared on common random numbers);
@@ -20,7 +21,7 @@ Output JSON (``schema: exoalign.eval/1``)::
     {"schema": "exoalign.eval/1", "run": str, "complete": bool, "confidence": 0.95,
      "settings": {...what the numbers depend on; a rerun must match it to resume...},
      "baseline": {"model": str, "reward": {"mean", "ci_low", "ci_high"}, "rewards": [[float]]} | null,
-     "results": [{"checkpoint": path, "name": str, "step": int | null, "n_prompts": int,
+     "results": [{"checkpoint": path, "name": str, "run": str, "step": int | null, "n_prompts": int,
                   "samples_per_prompt": int, "reward": {"mean", "ci_low", "ci_high"},
                   "kl": float, "kl_se": float, "kl_k3": float, "kl_k3_se": float,
                   "win_rate": {"mean", "ci_low", "ci_high", "wins", "ties", "losses"} | null,
@@ -135,8 +136,14 @@ class EvalConfig(JudgeSettings, SamplingSettings):
 @dataclass
 class Checkpoint:
     name: str
+    """Label in the JSON and tables: ``<run>/<checkpoint dir>``."""
     path: str
     step: int | None
+    run: str
+    """The training run it belongs to (its output_dir's name): one line per run in the frontier plot."""
+
+
+_CKPT_DIR = re.compile(r"^(checkpoint-\d+|final)$")
 
 
 def expand_checkpoints(paths: list[str]) -> list[Checkpoint]:
@@ -148,11 +155,11 @@ def expand_checkpoints(paths: list[str]) -> list[Checkpoint]:
     for p in paths:
         path = Path(p)
         if path.is_dir() and not (path / "config.json").is_file():
-            found = [Checkpoint(f"{path.name}/{d.name}", str(d), step) for step, d in list_checkpoints(path)]
+            run = path.resolve().name
+            found = [Checkpoint(f"{run}/{d.name}", str(d), step, run) for step, d in list_checkpoints(path)]
             final = path / "final"
             if (final / "config.json").is_file() and (final / COMPLETE).exists():
-                out_step = _state_step(final)
-                found.append(Checkpoint(f"{path.name}/final", str(final), out_step))
+                found.append(Checkpoint(f"{run}/final", str(final), _state_step(final), run))
             if not found:
                 raise InputError("no model here: neither config.json nor complete checkpoint-*/final directories",
                                  file=p, field="checkpoints", fix="give model directories or a training output_dir")
@@ -160,10 +167,14 @@ def expand_checkpoints(paths: list[str]) -> list[Checkpoint]:
         elif path.exists() and not path.is_dir():
             raise InputError("a checkpoint must be a model directory", file=p, field="checkpoints",
                              fix="give the directory that holds config.json")
-        else:
-            m = re.search(r"checkpoint-(\d+)$", path.name)
-            name = f"{path.parent.name}/{path.name}" if path.is_dir() else p
-            out.append(Checkpoint(name, p, int(m.group(1)) if m else _state_step(path)))
+        elif path.is_dir():
+            # runs/x/checkpoint-40 belongs to run x; any other model directory is a run of its own.
+            run = path.resolve().parent.name if _CKPT_DIR.match(path.name) else path.name
+            m = re.match(r"^checkpoint-(\d+)$", path.name)
+            step = int(m.group(1)) if m else _state_step(path)
+            out.append(Checkpoint(f"{run}/{path.name}" if _CKPT_DIR.match(path.name) else path.name, p, step, run))
+        else:  # a hub name
+            out.append(Checkpoint(p, p, None, p))
     names = [c.name for c in out]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup is not None:
@@ -349,7 +360,7 @@ def run(cfg: EvalConfig) -> Path:
         rewards = rewards_of(groups)
         k1, k3 = kl_k1(lp_pi, lp_ref), kl_k3(lp_pi, lp_ref)
         result: dict[str, Any] = {
-            "checkpoint": ckpt.path, "name": ckpt.name, "step": ckpt.step, "n_prompts": len(prompts),
+            "checkpoint": ckpt.path, "name": ckpt.name, "run": ckpt.run, "step": ckpt.step, "n_prompts": len(prompts),
             "samples_per_prompt": n, "reward": mean_ci(rewards, cfg.confidence).to_dict(),
             "kl": k1.mean, "kl_se": k1.se, "kl_k3": k3.mean, "kl_k3_se": k3.se, "win_rate": None,
             "length": float(np.mean([len(c.ids) for g in groups for c in g])),

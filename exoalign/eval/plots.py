@@ -2,10 +2,11 @@
 
     exoalign plot frontier results/exo.json results/dpo.json --output results/frontier.png
 
-Each argument is an eval JSON (``exoalign eval``; schema ``exoalign.eval/1``) and is one run: its checkpoints
-become points at ``(KL(π_θ‖π_sft), mean reward)`` with the reward's confidence interval as an error bar,
-joined in step order, one colour per run — the paper's IMDB figure (reward against KL for every checkpoint of
-EXO and DPO). ``--kl kl_k3`` plots the k3 estimate instead of the authors' ``kl``. The table
+Each argument is an eval JSON (``exoalign eval``; schema ``exoalign.eval/1``). Its results are grouped into
+runs by their ``run`` field (the training output_dir they came from); a JSON holding one run is labelled by
+its own ``run`` name (or ``--labels``). Every checkpoint becomes a point at ``(KL(π_θ‖π_sft), mean reward)``
+with the reward's confidence interval as an error bar; a run's points are joined in step order, one colour
+per run — the paper's IMDB figure (reward against KL for every checkpoint of EXO and DPO). ``--kl kl_k3`` plots the k3 estimate instead of the authors' ``kl``. The table
 (``<output stem>.md`` unless ``--table``) lists every point with both KL estimates, the reward and the win rate.
 """
 
@@ -104,6 +105,16 @@ def plot_frontier(runs: list[tuple[str, dict[str, Any]]], output: Path, *, kl_ke
     os.replace(tmp, output)
 
 
+def group_runs(data: dict[str, Any], label: str) -> list[tuple[str, dict[str, Any]]]:
+    """Split one eval JSON into ``(label, {"results": [...]})`` per run (its results' ``run`` field)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in data["results"]:
+        groups.setdefault(str(r.get("run") or label), []).append(r)
+    if len(groups) == 1:
+        return [(label, {"results": next(iter(groups.values()))})]
+    return [(run, {"results": rs}) for run, rs in groups.items()]
+
+
 def frontier(paths: list[str], output: str, *, table_path: str | None = None, kl_key: str = "kl",
              labels: list[str] | None = None, title: str | None = None) -> tuple[Path, Path]:
     """Load the eval JSONs, write the PNG and the Markdown table; return both paths."""
@@ -116,7 +127,8 @@ def frontier(paths: list[str], output: str, *, table_path: str | None = None, kl
     runs = []
     for i, p in enumerate(paths):
         data = load_eval(p)
-        runs.append((labels[i] if labels else str(data.get("run") or Path(p).stem), data))
+        label = labels[i] if labels else str(data.get("run") or Path(p).stem)
+        runs.extend(group_runs(data, label))
     png = Path(output)
     md = Path(table_path) if table_path else png.with_suffix(".md")
     text = table(runs)

@@ -5,7 +5,7 @@
 >>> out = loss_fn(policy_logps, ref_logps, pref_targets(len(policy_logps), 1e-3), beta_pi=0.1)
 >>> out.losses.mean().backward()
 
-See ``core.py`` for the equations and papers. The trainer knows no loss formula: it asks :func:`get_loss`
+See ``core.py`` for the equations and papers, and ``docs/losses.md`` for when to use which. The trainer knows no loss formula: it asks :func:`get_loss`
 and reads the attributes :func:`loss_info` returns (whether the loss needs the reference model, completion
 lengths, and which extra parameters it takes).
 """
@@ -51,9 +51,7 @@ LOSSES: dict[str, LossInfo] = {
 def loss_info(name: str) -> LossInfo:
     """The registry entry for loss ``name``; ConfigError naming the choices if there is none."""
     if name not in LOSSES:
-        raise ConfigError(
-            f"unknown loss {name!r}", field="loss", fix=f"use one of {', '.join(LOSSES)}"
-        )
+        raise ConfigError(f"unknown loss {name!r}", field="loss", fix=f"use one of {', '.join(LOSSES)}")
     return LOSSES[name]
 
 

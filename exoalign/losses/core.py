@@ -46,7 +46,9 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _full_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return torch.ones_like(x, dtype=torch.bool) if mask is None else mask.to(device=x.device, dtype=torch.bool)
+    return (
+        torch.ones_like(x, dtype=torch.bool) if mask is None else mask.to(device=x.device, dtype=torch.bool)
+    )
 
 
 def _log_ratio(
@@ -78,7 +80,9 @@ def _pick(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, idx.unsqueeze(-1)).squeeze(-1)  # (B, K) → (B,)
 
 
-def _metrics(rewards: torch.Tensor, target_logprobs: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def _metrics(
+    rewards: torch.Tensor, target_logprobs: torch.Tensor, mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """``rewards/{chosen,rejected,margins,accuracies}`` from the best and worst completion by target."""
     best, worst = _best_worst(target_logprobs, mask)
     chosen, rejected = _pick(rewards, best), _pick(rewards, worst)

@@ -24,7 +24,12 @@ def check_eps(eps: float, field: str = "eps") -> float:
 
     ``field`` names the config key in the error (``eps`` for targets, ``label_smoothing`` for cdpo).
     """
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or not 0.0 < eps < 0.5:
+    if (
+        not isinstance(eps, (int, float))
+        or isinstance(eps, bool)
+        or not math.isfinite(eps)
+        or not 0.0 < eps < 0.5
+    ):
         raise ConfigError(
             f"label smoothing {field} must be in (0, 0.5), got {eps!r}",
             field=field,
@@ -34,7 +39,11 @@ def check_eps(eps: float, field: str = "eps") -> float:
 
 
 def pref_targets(
-    batch_size: int, eps: float, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    batch_size: int,
+    eps: float,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Log-targets ``log[1 − ε, ε]`` for preference pairs; column 0 is the chosen completion.
 
@@ -63,7 +72,11 @@ def reward_targets(rewards: torch.Tensor, beta_r: float, mask: torch.Tensor | No
     slots hold :data:`NEG`. Rewards in masked slots are ignored (they may be NaN padding).
     """
     if not (isinstance(beta_r, (int, float)) and math.isfinite(beta_r) and beta_r > 0):
-        raise ConfigError(f"beta_r must be > 0, got {beta_r!r}", field="beta_r", fix="use a positive temperature such as 0.1")
+        raise ConfigError(
+            f"beta_r must be > 0, got {beta_r!r}",
+            field="beta_r",
+            fix="use a positive temperature such as 0.1",
+        )
     # Integer or half-precision rewards: r / β_r with a small β_r needs float32 resolution.
     rewards = rewards if rewards.dtype in (torch.float32, torch.float64) else rewards.float()
     if mask is not None:

@@ -25,7 +25,7 @@ from ..data import GroupCollator, load_rows, select_k, tokenize_rows
 from ..errors import ConfigError, InputError
 from ..logprobs import position_ids_from_mask
 from ..train.config import DataBaseConfig, ModelConfig, TrainArgs, check_runnable
-from ..train.engine import Job, fit, read_metrics
+from ..train.engine import Job, fit, preflight, read_metrics
 from ..train.loop import split_heldout
 from ..train.setup import load_model, load_tok, make_accelerator, prepare_source
 
@@ -95,6 +95,7 @@ def train_reward_model(cfg: RMConfig) -> Path:
     """Run ``exoalign rm train``; returns ``output_dir/final`` (``AutoModelForSequenceClassification``)."""
     check_runnable(cfg)
     args = cfg.train
+    preflight(args, warn=False)  # refuse a used output_dir before building anything
     acc = make_accelerator(args)
     out = Path(args.output_dir)
     tokenizer = None if cfg.model.init == "scratch" else load_tok(cfg.model, cfg.model.name_or_path)

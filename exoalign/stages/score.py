@@ -98,7 +98,7 @@ class RewardModelJudge:
     def __init__(
         self, name_or_path: str, *, batch_size: int = 16, max_length: int = 1024, max_prompt_length: int = 768,
         dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False,
-        positive_label: str | None = None, layout: str = "auto",
+        positive_label: str | None = None, layout: str = "auto", revision: str | None = None,
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -110,9 +110,11 @@ class RewardModelJudge:
             raise InputError("no such reward model directory", file=name_or_path, field="reward_model",
                              fix="check the path, or give a hub name")
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                           revision=revision)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+                name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True,
+                revision=revision,
             )
         except (OSError, ValueError) as e:
             raise InputError(f"cannot load a reward model from {name_or_path!r} ({str(e).splitlines()[0]})",
@@ -194,12 +196,15 @@ class JudgeSettings:
     """Reward function as module:function or file.py:function, called fn(prompts, completions) -> rewards."""
     positive_label: str | None = None
     """Two-label reward models: the label (name or index) whose log-odds is the reward; default 'pos…' or 1."""
+    judge_revision: str | None = None
+    """Hub revision of the reward model (branch, tag, commit or e.g. refs/pr/5 where safetensors were added)."""
     judge_batch_size: int = 32
     """Texts per reward-model forward pass or per oracle call."""
     judge_max_length: int = 1024
     """Reward model: most tokens of prompt + completion it reads (the prompt's beginning is cut first)."""
-    judge_max_prompt_length: int = 768
-    """Reward model, exoalign layout: most prompt tokens (cut from the left), as data.max_prompt_length in rm train."""
+    judge_max_prompt_length: int | None = None
+    """Reward model, exoalign layout: most prompt tokens (cut from the left), as data.max_prompt_length in rm
+    train; null = 3/4 of judge_max_length."""
     judge_format: Literal["auto", "exoalign", "text"] = "auto"
     """Reward model input layout: exoalign (as rm train: prompt ids + completion ids + EOS), text (one string
     prompt + completion, for off-the-shelf classifiers), auto (exoalign for 1-output decoder models)."""
@@ -207,12 +212,13 @@ class JudgeSettings:
     def check_judge(self) -> None:
         require(self.judge_batch_size >= 1, "judge_batch_size", "must be >= 1", "use e.g. 32")
         require(self.judge_max_length >= 2, "judge_max_length", "must be >= 2", "use e.g. 1024")
-        require(0 < self.judge_max_prompt_length < self.judge_max_length, "judge_max_prompt_length",
-                "must be in [1, judge_max_length)", "leave room for the completion, e.g. 768 with 1024")
+        require(self.judge_max_prompt_length is None or 0 < self.judge_max_prompt_length < self.judge_max_length,
+                "judge_max_prompt_length", "must be in [1, judge_max_length)",
+                "leave room for the completion, e.g. 768 with 1024")
 
     def judge_spec(self) -> dict[str, Any]:
         return {"reward_model": self.reward_model, "oracle": self.oracle, "positive_label": self.positive_label,
-                "judge_format": self.judge_format if self.reward_model else None}
+                "judge_format": self.judge_format if self.reward_model else None, "judge_revision": self.judge_revision}
 
 
 def check_judge_given(cfg: JudgeSettings) -> None:
@@ -231,9 +237,10 @@ def make_judge(cfg: JudgeSettings, *, dtype: str = "float32", device: str = "aut
         return load_oracle(cfg.oracle)
     assert cfg.reward_model is not None
     return RewardModelJudge(cfg.reward_model, batch_size=cfg.judge_batch_size, max_length=cfg.judge_max_length,
-                            max_prompt_length=cfg.judge_max_prompt_length, dtype=dtype, device=device,
+                            max_prompt_length=cfg.judge_max_prompt_length or max(1, cfg.judge_max_length * 3 // 4),
+                            dtype=dtype, device=device,
                             trust_remote_code=trust_remote_code, positive_label=cfg.positive_label,
-                            layout=cfg.judge_format)
+                            layout=cfg.judge_format, revision=cfg.judge_revision)
 
 
 def judge_texts(judge: Judge, prompts: Sequence[str], completions: Sequence[str], batch_size: int,

@@ -17,7 +17,7 @@ import torch
 from ..data import GroupCollator, load_rows, tokenize_rows
 from ..logprobs import sequence_logps
 from ..train.config import DataBaseConfig, ModelConfig, TrainArgs, check_runnable
-from ..train.engine import Job, fit
+from ..train.engine import Job, fit, preflight
 from ..train.loop import split_heldout
 from ..train.setup import load_model, load_tok, make_accelerator, prepare_source
 
@@ -50,6 +50,7 @@ def sft(cfg: SFTConfig) -> Path:
     """Run ``exoalign sft``; returns ``output_dir/final`` (loadable with ``AutoModelForCausalLM.from_pretrained``)."""
     check_runnable(cfg)
     args = cfg.train
+    preflight(args, warn=False)  # refuse a used output_dir before building anything
     acc = make_accelerator(args)
     scratch = cfg.model.init == "scratch"
     tokenizer = None if scratch else load_tok(cfg.model, cfg.model.name_or_path)

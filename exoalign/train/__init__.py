@@ -1,0 +1,32 @@
+"""The trainer: config dataclasses, the accelerate loop, the reference cache and checkpoints.
+
+``train(cfg)`` runs ``exoalign train``; ``compute_loss(model, batch, loss_cfg)`` is one batch's loss and metrics;
+``fit(accelerator, args, job)`` is the loop that ``exoalign sft`` and ``exoalign rm train`` share. See
+``docs/training.md``. Attributes are imported on first use, so reading a config does not load accelerate.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_WHERE = {
+    "TrainConfig": "config",
+    "ModelConfig": "config",
+    "DataConfig": "config",
+    "LossConfig": "config",
+    "TrainArgs": "config",
+    "train": "loop",
+    "compute_loss": "step",
+    "fit": "engine",
+    "Job": "engine",
+    "TrainingError": "engine",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'exoalign.train' has no attribute {name!r}")
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)

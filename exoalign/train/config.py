@@ -95,7 +95,7 @@ class DataBaseConfig:
     split: str = "train"
     """Split to read from a hub dataset or a DatasetDict directory."""
     max_length: int = 512
-    """Maximum tokens of prompt + completion; completions are truncated on the right (counted in the log)."""
+    """Maximum tokens of prompt + completion; completions are cut on the right (counted in run_info.json)."""
     max_prompt_length: int = 256
     """Maximum prompt tokens; longer prompts keep their last tokens (truncated from the left)."""
 

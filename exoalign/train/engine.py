@@ -31,7 +31,6 @@ from ..config import save_config, to_dict
 from ..errors import ConfigError
 from .checkpoint import (
     all_finite,
-    last_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
@@ -108,8 +107,9 @@ class _Window:
             into[k] = into[k] + v if k in into else v.clone()
 
     def add_micro(self, metrics: dict[str, torch.Tensor], tokens: float) -> None:
-        self._acc(self.micro, metrics)
-        self.micro_count += 1
+        if metrics:
+            self._acc(self.micro, metrics)
+            self.micro_count += 1
         self.tokens += tokens
 
     def add_step(self, metrics: dict[str, torch.Tensor]) -> None:
@@ -234,6 +234,28 @@ def _plan(args: TrainArgs, batches_per_epoch: int) -> int:
     return args.max_steps if args.max_steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
 
 
+def preflight(args: TrainArgs, *, warn: bool = True) -> Path | None:
+    """Check ``output_dir`` before any work: the checkpoint to resume from (None for a fresh start).
+
+    A fresh run refuses a directory holding an earlier run's checkpoints (it would mix two runs); with
+    ``resume`` and no complete checkpoint the run starts from step 0 with a warning.
+    """
+    out = Path(args.output_dir)
+    if not args.resume:
+        if list_checkpoints(out, warn=False):
+            raise ConfigError(
+                f"{out} already holds checkpoints of an earlier run",
+                field="train.output_dir",
+                fix="pass --resume (train.resume=true) to continue it, or choose another output_dir",
+            )
+        return None
+    found = list_checkpoints(out, warn=warn)
+    resume_from = found[-1][1] if found else None
+    if resume_from is None and warn:
+        logger.warning("train.resume is set but %s has no complete checkpoint: starting from step 0", out)
+    return resume_from
+
+
 class _Run:
     """The state of one training run and its parts: set-up and resume, one micro-batch, one update, logging,
     checkpoints and the final save. :func:`fit` drives it."""
@@ -271,29 +293,26 @@ class _Run:
             self.last_saved = self.step
             if self.main:
                 logger.info("resuming from %s (step %d)", resume_from, self.step)
+                was = {k: state.get(k) for k in ("batch_size", "grad_accum", "num_processes")}
+                now = {"batch_size": args.batch_size, "grad_accum": args.grad_accum,
+                       "num_processes": accelerator.num_processes}
+                if was != now:
+                    logger.warning("resuming with %s but the checkpoint was written with %s: the data order and "
+                                   "losses will differ from an uninterrupted run", now, was)
         self.log.reset(keep_until=self.step if resume_from is not None else None)
         if args.report_to:
             accelerator.init_trackers(args.project_name, config=_flat_config(job.config))
         self.window = _Window()
 
     def _check_output_dir(self) -> Path | None:
-        """The checkpoint to resume from (or None); refuses to overwrite an earlier run's checkpoints."""
-        args, out = self.args, self.out
-        resume_from = last_checkpoint(out) if args.resume else None
-        if args.resume and resume_from is None and self.main:
-            logger.warning("train.resume is set but %s has no complete checkpoint: starting from step 0", out)
-        if not args.resume and list_checkpoints(out, warn=False):
-            raise ConfigError(
-                f"{out} already holds checkpoints of an earlier run",
-                field="train.output_dir",
-                fix="pass --resume (train.resume=true) to continue it, or choose another output_dir",
-            )
+        """The checkpoint to resume from (or None); writes config.yaml and run_info.json."""
+        resume_from = preflight(self.args)
         if self.main:
-            out.mkdir(parents=True, exist_ok=True)
+            self.out.mkdir(parents=True, exist_ok=True)
             if self.job.config is not None:
-                save_config(self.job.config, out / "config.yaml")
+                save_config(self.job.config, self.out / "config.yaml")
             info = json.dumps(self.job.info, indent=2, default=str)
-            (out / "run_info.json").write_text(info + "\n", encoding="utf-8")
+            (self.out / "run_info.json").write_text(info + "\n", encoding="utf-8")
         return resume_from
 
     # ------------------------------------------------------------------------------------------ steps
@@ -305,9 +324,11 @@ class _Run:
             if self.args.nan_policy == "stop":
                 raise TrainingError(_nan_message(f"the loss is {float(loss)}", self.step, self.args, batch))
             self.bad_update = True
-            # Backward of a zero loss all the same: every process must join the gradient all-reduce.
+            # Backward of a zero loss all the same: every process must join the gradient all-reduce. The
+            # batch's metrics are dropped on every process alike (the check above is global), so the metric
+            # vectors reduced at the next log have the same keys everywhere.
             loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
-            metrics = {k: v for k, v in metrics.items() if bool(torch.isfinite(v).all())}
+            metrics = {}
         self.acc.backward(loss)
         self.window.add_micro(metrics, float(batch["attention_mask"].sum()))
 
@@ -363,7 +384,8 @@ class _Run:
         }
 
     def save(self) -> None:
-        if not _finite_everywhere(self.acc, torch.tensor(0.0 if all_finite(self.model) else float("nan"))):
+        flag = torch.tensor(0.0 if all_finite(self.model) else float("nan"), device=self.acc.device)
+        if not _finite_everywhere(self.acc, flag):
             raise TrainingError(f"the weights hold NaN/inf at step {self.step}; not saving them")
         save_checkpoint(self.acc, self.model, self.job.tokenizer, self.out, self.step, self.state(),
                         self.args.save_total_limit)
@@ -388,6 +410,7 @@ class _Run:
 def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
     """Train ``job.model`` under ``args``; returns ``output_dir/final`` (model + tokeniser, safetensors)."""
     run = _Run(accelerator, args, job)
+    finished_before = run.step >= run.total  # resuming a run that had already ended: only re-save final
     run.model.train()
     bar = tqdm(total=run.total, initial=run.step, desc=f"train {run.out.name}",
                disable=not accelerator.is_local_main_process)
@@ -417,7 +440,7 @@ def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
             continue
         break
     bar.close()
-    if run.eval_loader is not None:
+    if run.eval_loader is not None and not finished_before:
         run.write_eval()
     if run.last_saved != run.step:
         run.save()

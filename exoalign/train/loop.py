@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..losses import loss_info
 from ..models import load_causal_lm
 from .config import DataBaseConfig, TrainConfig, check_runnable
-from .engine import Job, fit
+from .engine import Job, fit, preflight
 from .refcache import attach, model_identity, ref_logps_table
 from .setup import disable_dropout, load_model, load_tok, make_accelerator, prepare_source
 from .step import compute_loss, is_peft
@@ -125,6 +125,7 @@ def train(cfg: TrainConfig) -> Path:
     """Run ``exoalign train``; returns ``output_dir/final`` (loadable with ``AutoModelForCausalLM.from_pretrained``)."""
     check_runnable(cfg)
     args = cfg.train
+    preflight(args, warn=False)  # refuse a used output_dir before building anything
     acc = make_accelerator(args)
     out = Path(args.output_dir)
     scratch = cfg.model.init == "scratch"
@@ -140,6 +141,10 @@ def train(cfg: TrainConfig) -> Path:
     tok_kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
     train_data = tokenize_rows(train_rows, tokenizer, **tok_kw)
     eval_data = tokenize_rows(eval_rows, tokenizer, **tok_kw) if eval_rows else None
+    if acc.is_main_process:
+        logger.info("data: %d training rows, %d held-out; truncated %d prompts and %d completions",
+                    len(train_data), len(eval_data or []), train_data.stats.get("truncated_prompts", 0),
+                    train_data.stats.get("truncated_completions", 0))
     model = load_model(cfg.model, source).to(acc.device)
     info: dict[str, Any] = {"train_stats": train_data.stats, "eval_stats": eval_data.stats if eval_data else None,
                             "model_source": source, "num_processes": acc.num_processes}

@@ -163,12 +163,16 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig, head: Head = "causal") 
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise InputError("model.lora_r > 0 needs peft", field="model.lora_r", fix="pip install peft, or set lora_r=0") from None
+    from transformers.pytorch_utils import Conv1D
+
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.lora_target_modules) or "all-linear",
         task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM",
+        # GPT-2 style Conv1D layers store their weight transposed (in × out).
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
     )
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
