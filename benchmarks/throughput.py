@@ -108,7 +108,7 @@ def make_assets(shape: Shape, root: Path) -> None:
     tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>",
                                   model_max_length=shape.positions)
     config = tiny_config(shape.vocab, n_layer=shape.layers, n_embd=shape.width, n_head=shape.heads,
-                         n_positions=shape.positions)
+                         n_positions=shape.positions, bos_token_id=0, eos_token_id=0, pad_token_id=1)
     for name, seed in (("policy", shape.seed), ("reference", shape.seed + 1)):
         model = build_model(config, seed=seed, tokenizer=tok)
         model.save_pretrained(root / name)
@@ -137,7 +137,7 @@ class Channel:
         self.out: TextIO = os.fdopen(os.dup(1), "w", buffering=1)
         os.dup2(2, 1)
         sys.stdout = sys.stderr
-        self.t_go = 0.0
+        self.t_go = self.cpu_go = 0.0
         self.baseline_mb = 0.0
 
     def send(self, **msg: Any) -> None:
@@ -147,11 +147,12 @@ class Channel:
     def wait(self) -> bool:
         """Block until the parent says ``step`` (True) or ``done`` (False); start the step clock."""
         line = sys.stdin.readline().strip()
-        self.t_go = time.perf_counter()
+        self.t_go, self.cpu_go = time.perf_counter(), time.process_time()
         return line == "step"
 
     def step_done(self, loss: float) -> None:
-        self.send(step_s=time.perf_counter() - self.t_go, loss=loss)
+        # CPU seconds beside wall seconds: on a shared machine they show how much of the wall time was waiting.
+        self.send(step_s=time.perf_counter() - self.t_go, cpu_s=time.process_time() - self.cpu_go, loss=loss)
 
     def finish(self, **extra: Any) -> None:
         self.send(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=self.baseline_mb, **extra)
@@ -196,8 +197,11 @@ def compute_loss_fn(prefix_sharing: bool):
     def grouped(model, batch, temperature=1.0):
         return group_logps(model, batch, temperature=temperature, prefix_sharing=prefix_sharing)
 
-    step.grouped_logps = grouped
-    return step.compute_loss
+    def compute_loss(*args, **kwargs):
+        step.grouped_logps = grouped  # set on every call: both settings may be in use in one process
+        return step.compute_loss(*args, **kwargs)
+
+    return compute_loss
 
 
 def run_exoalign(shape: Shape, assets: Path, work: Path, ch: Channel, prefix_sharing: bool) -> None:
@@ -310,7 +314,7 @@ def run_trl(shape: Shape, assets: Path, work: Path, ch: Channel, fastest: bool) 
     ch.finish(policy_tokens=n, ref_tokens=0 if fastest else n)
 
 
-def run_peak(shape: Shape, ch: Channel) -> None:
+def matmul_peak() -> float:
     """Dense fp32 matmul GFLOP/s: the best of a few square sizes, a few repetitions each."""
     import torch
 
@@ -324,13 +328,15 @@ def run_peak(shape: Shape, ch: Channel) -> None:
         for _ in range(reps):
             a @ b
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
-    ch.send(gflops=best)
+    return best
 
 
-def run_prefix(shape: Shape, assets: Path, ch: Channel) -> None:
-    """Forward + backward of the EXO loss on K-completion groups, with and without prompt sharing."""
+def run_prefix(shape: Shape, assets: Path) -> dict:
+    """The matmul peak, then forward + backward of the EXO loss on K-completion groups with and without
+    prompt sharing, then the peak again (the best of the two is the limit)."""
     import torch
 
+    peaks = [matmul_peak()]
     from exoalign.data import GroupCollator
     from exoalign.models import load_causal_lm
     from exoalign.train.config import LossConfig
@@ -366,17 +372,14 @@ def run_prefix(shape: Shape, assets: Path, ch: Channel) -> None:
         unshared, shared = statistics.median(times[False]), statistics.median(times[True])
         result[str(K)] = {"unshared_s": unshared, "shared_s": shared, "speedup": unshared / shared,
                           "loss_diff": abs(losses[True] - losses[False])}
-    ch.send(prefix=result)
+    peaks.append(matmul_peak())
+    return {"prefix": result, "peaks": peaks}
 
 
 def worker_main(system: str, shape: Shape, assets: Path, work: Path) -> None:
     ch = Channel()
     _setup(shape, work)
-    if system == "peak":
-        run_peak(shape, ch)
-    elif system == "prefix":
-        run_prefix(shape, assets, ch)
-    elif system.startswith("exoalign"):
+    if system.startswith("exoalign"):
         run_exoalign(shape, assets, work, ch, prefix_sharing=system == "exoalign")
     elif system.startswith("trl"):
         run_trl(shape, assets, work, ch, fastest=system == "trl_fastest")
@@ -419,17 +422,11 @@ class Worker:
         self.proc.wait(timeout=120)
 
 
-def one_shot(system: str, shape: Shape, assets: Path, work: Path) -> dict:
-    w = Worker(system, shape, assets, work)
-    out = w.read()
-    w.close()
-    return out
-
-
 @dataclass
 class SystemResult:
     name: str
     step_s: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     final: dict = field(default_factory=dict)
 
@@ -481,29 +478,32 @@ def run(shape: Shape, *, keep: Path | None = None) -> dict:
         from transformers import AutoConfig
 
         params = _param_count(assets / "policy", AutoConfig)
-        peaks = [one_shot("peak", shape, assets, work)["gflops"]]
-
-        workers = []
-        for name in shape.systems:  # started one at a time: setup is not timed but should not overlap
-            w = Worker(name, shape, assets, work)
-            assert w.read().get("ready"), name
-            workers.append(w)
+        # Setup is not timed, so the workers start together; the timed steps then run one at a time.
+        workers = [Worker(name, shape, assets, work) for name in shape.systems]
+        for w in workers:
+            assert w.read().get("ready"), w.system
         results = {w.system: SystemResult(w.system) for w in workers}
+        loads = []
         for i in range(shape.warmup + shape.steps):
             for w in workers:  # A B C A B C …
                 msg = w.send("step")
-                results[w.system].losses.append(msg["loss"])
+                r = results[w.system]
+                r.losses.append(msg["loss"])
                 if i >= shape.warmup:
-                    results[w.system].step_s.append(msg["step_s"])
+                    r.step_s.append(msg["step_s"])
+                    r.cpu_s.append(msg["cpu_s"])
+            loads.append(load_average())
         for w in workers:
             results[w.system].final = w.send("done")
             w.close()
 
-        prefix = one_shot("prefix", shape, assets, work)["prefix"]
-        peaks.append(one_shot("peak", shape, assets, work)["gflops"])
+        # In this process, after the workers are gone: nothing else runs while it is timed.
+        pre = run_prefix(shape, assets)
+        prefix, peaks = pre["prefix"], pre["peaks"]
         return {"shape": asdict(shape), "params": params, "peak_gflops": max(peaks), "peaks": peaks,
                 "systems": {k: asdict(v) | {"median_s": v.median_s} for k, v in results.items()},
                 "prefix": prefix, "versions": versions(), "load_start": load_start, "load_end": load_average(),
+                "load_during_steps": loads,
                 "wall_s": time.perf_counter() - t_start}
 
 
@@ -545,25 +545,26 @@ def markdown(res: dict, command: str) -> str:
     lines = [
         f"Command: `{command}`  ",
         f"Machine: {res['versions']['cpu']}, {sh['threads']} threads; load average {res['load_start']:.2f} at the "
-        f"start, {res['load_end']:.2f} at the end; dense fp32 matmul peak {peak:.1f} GFLOP/s "
+        f"start, {max(res['load_during_steps']):.2f} at most during the timed steps, {res['load_end']:.2f} at the "
+        f"end; dense fp32 matmul peak {peak:.1f} GFLOP/s "
         f"(measured before and after: {', '.join(f'{p:.1f}' for p in res['peaks'])}).  ",
         f"Job: GPT-2-style, {sh['layers']} layers, width {sh['width']}, vocab {sh['vocab']} "
         f"({res['params'] / 1e6:.2f} M parameters); {sh['pairs']} pairs per step, prompts {sh['prompt_len']} and "
         f"completions {sh['completion_len']} tokens; fp32; {sh['steps']} timed steps after {sh['warmup']} warm-up "
         f"per system, interleaved.",
         "",
-        "| system | median s/step | completion tokens/s | speedup of exoalign | peak RSS MiB | RSS above start MiB "
-        "| policy + ref tokens/step | MFU | step-0 loss |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | median s/step | CPU s/step | completion tokens/s | exoalign speedup | peak RSS MiB "
+        "| RSS above start MiB | policy + ref tokens/step | MFU | step-0 loss | last-step loss |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     exo_s = s["exoalign"]["median_s"]
     for name, v in s.items():
         f = v["final"]
         mfu = flops(res["params"], f) / v["median_s"] / (peak * 1e9)
         lines.append(
-            f"| {name} | {v['median_s']:.3f} | {tok_per_step / v['median_s']:.0f} | {v['median_s'] / exo_s:.2f}× "
-            f"| {f['peak_rss_mb']:.0f} | {f['peak_rss_mb'] - f['baseline_rss_mb']:.0f} "
-            f"| {f['policy_tokens']} + {f['ref_tokens']} | {mfu:.1%} | {v['losses'][0]:.6f} |"
+            f"| {name} | {v['median_s']:.3f} | {statistics.median(v['cpu_s']):.2f} | {tok_per_step / v['median_s']:.0f} "
+            f"| {v['median_s'] / exo_s:.2f}× | {f['peak_rss_mb']:.0f} | {f['peak_rss_mb'] - f['baseline_rss_mb']:.0f} "
+            f"| {f['policy_tokens']} + {f['ref_tokens']} | {mfu:.1%} | {v['losses'][0]:.6f} | {v['losses'][-1]:.6f} |"
         )
     lines += ["", f"Prompt sharing, forward + backward of the loss, {sh['prefix_groups']} group(s) per batch, "
               f"prompt {sh['prefix_prompt']} tokens, completions {sh['prefix_completion']}:", "",

@@ -172,11 +172,19 @@ def shared_prefix_mask(segments: torch.Tensor, dtype: torch.dtype | None = None)
 
 
 def _mask_for(model: torch.nn.Module, segments: torch.Tensor) -> torch.Tensor:
-    impl = getattr(_unwrap(model).config, "_attn_implementation", "eager")
-    if impl == "sdpa":
+    """The mask in the form the model's attention takes without converting it in every layer.
+
+    Eager attention adds the mask to its scores, so it needs the additive float form. SDPA takes either; a
+    float mask of the query's dtype saves the bool → float conversion it would otherwise do per layer and per
+    backward, but under autocast the query's dtype is the autocast one, so the boolean form is used there.
+    """
+    inner = _unwrap(model)
+    dtype = next(inner.parameters()).dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    impl = getattr(inner.config, "_attn_implementation", "eager")
+    if impl == "sdpa" and torch.is_autocast_enabled(segments.device.type):
         return shared_prefix_mask(segments)
-    dtype = next(_unwrap(model).parameters()).dtype
-    return shared_prefix_mask(segments, dtype if dtype.is_floating_point else torch.float32)
+    return shared_prefix_mask(segments, dtype)
 
 
 def _static_support(model: torch.nn.Module) -> str | None:
@@ -308,7 +316,8 @@ def collate_groups(
     """Collate token lists into the group-batch layout (prompts left-, completions right-padded).
 
     ``prompts[b]`` is a list of ids, ``completions[b]`` a list of up to K id lists. Returns ``input_ids``,
-    ``attention_mask``, ``labels`` ``[B*K, T]`` and ``group_mask`` ``[B, K]``; missing slots are all padding.
+    ``attention_mask``, ``labels`` ``[B*K, T]`` and ``group_mask`` ``[B, K]``; missing slots hold the prompt
+    and no labels.
     Used by tests and benchmarks to build batches without a tokeniser; ``exoalign.data`` collates real data.
     """
     B = len(prompts)
@@ -320,11 +329,13 @@ def collate_groups(
     labels = torch.full((B * K, P + C), IGNORE, dtype=torch.long)
     gm = torch.zeros(B, K, dtype=torch.bool)
     for b, (prompt, group) in enumerate(zip(prompts, completions, strict=True)):
+        # Every slot holds the prompt, missing ones too (as GroupCollator does): an all-padding row is NaN in
+        # some attention kernels.
+        ids[b * K : (b + 1) * K, P - len(prompt) : P] = torch.tensor(prompt, dtype=torch.long)
+        am[b * K : (b + 1) * K, P - len(prompt) : P] = 1
         for k, y in enumerate(group):
             r = b * K + k
             gm[b, k] = True
-            ids[r, P - len(prompt) : P] = torch.tensor(prompt, dtype=torch.long)
-            am[r, P - len(prompt) : P] = 1
             ids[r, P : P + len(y)] = torch.tensor(y, dtype=torch.long)
             am[r, P : P + len(y)] = 1
             labels[r, P : P + len(y)] = torch.tensor(y, dtype=torch.long)

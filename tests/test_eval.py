@@ -21,6 +21,16 @@ from exoalign.stages.generation import HFSampler, SamplingSettings
 EOS = 4  # the tiny enumerable models: vocabulary {0, 1, 2, 3, EOS}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (two threads spin-wait when the CPUs are shared); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 class IdTokenizer:
     """Just what the sampler needs from a tokeniser, for a model whose vocabulary is five bare ids."""
 
@@ -34,7 +44,7 @@ class IdTokenizer:
 def _enumerable_model(seed):
     from exoalign.models import build_model, tiny_config
 
-    cfg = tiny_config(5, n_positions=16, n_layer=1, n_embd=16, initializer_range=0.6)
+    cfg = tiny_config(5, n_positions=16, n_layer=1, n_embd=16, initializer_range=0.15)
     cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = EOS
     return build_model(cfg, seed=seed).eval()
 
@@ -88,7 +98,7 @@ def test_kl_estimators_match_exact_kl_on_an_enumerable_model():
     lp_ref = np.array([_naive_logp(ref, prompt, s, T) for s in seqs])
     assert np.exp(lp_pi).sum() == pytest.approx(1.0, abs=1e-9) and np.exp(lp_ref).sum() == pytest.approx(1.0, abs=1e-9)
     exact = float((np.exp(lp_pi) * (lp_pi - lp_ref)).sum())
-    assert exact > 0.1  # far enough from 0 for the comparison to mean something
+    assert 0.5 < exact < 2  # ≈ 1.05 nats: far from 0, and small enough for k3's heavy tail to stay tame
 
     settings = SamplingSettings(temperature=T, max_new_tokens=max_new, seed=0)
     groups = sample_all(HFSampler(policy, IdTokenizer(), settings), [prompt], N, 1, "test")

@@ -21,6 +21,16 @@ from exoalign.stages.generation import SeededSampler, completion_seed, stage_arg
 from exoalign.stages.sample import SampleConfig
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (two threads spin-wait when the CPUs are shared); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 def _prompts(path, corpus, n):
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
@@ -175,3 +185,48 @@ def test_flag_style_arguments_are_config_keys():
     assert math.isclose(SampleConfig().temperature, 1.0)
     with pytest.raises(ConfigError, match="did you mean"):
         stage_args("t", SampleConfig, ["--temprature", "0.7"])
+
+
+def test_vllm_backend_requests_and_outputs(monkeypatch, tiny_tokenizer):
+    """vLLM is not installed here: a stand-in module records the requests the sampler makes and returns outputs
+    shaped like vLLM's, to check per-prompt seeds and the EOS bookkeeping of the output conversion."""
+    from types import ModuleType, SimpleNamespace
+
+    from exoalign.stages.generation import SamplingSettings, VLLMSampler, resolve_backend
+
+    assert resolve_backend("auto") == "hf"
+    with pytest.raises(ConfigError, match="vllm"):
+        resolve_backend("vllm")
+    eos, calls = tiny_tokenizer.eos_token_id, {}
+    fake = ModuleType("vllm")
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.kw = kw
+
+    class LLM:
+        def __init__(self, **kw):
+            calls["engine"] = kw
+
+        def generate(self, prompts, params, use_tqdm=False):
+            calls.setdefault("params", []).extend(params)
+            outs = [SimpleNamespace(token_ids=[60, 61], finish_reason="length"),
+                    SimpleNamespace(token_ids=[62, eos], finish_reason="stop"),
+                    SimpleNamespace(token_ids=[63], finish_reason="stop")]
+            return [SimpleNamespace(outputs=outs[: p.kw["n"]]) for p in params]
+
+    fake.LLM, fake.SamplingParams = LLM, SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    settings = SamplingSettings(temperature=0.7, max_new_tokens=9, seed=3, gpu_memory_utilization=0.5)
+    sampler = VLLMSampler("some/model", tiny_tokenizer, settings, dtype="bf16")
+    assert calls["engine"]["dtype"] == "bfloat16" and calls["engine"]["gpu_memory_utilization"] == 0.5
+    groups = sampler.generate([[1, 2], [3]], [4, 9], 3)
+    sampler.generate([[3]], [9], 3)  # the same prompt in another batch gets the same request
+    p = calls["params"]
+    assert p[0].kw["n"] == 3 and p[0].kw["top_k"] == -1 and p[0].kw["max_tokens"] == 9 and p[0].kw["temperature"] == 0.7
+    assert p[1].kw == p[2].kw and p[0].kw["seed"] != p[1].kw["seed"]
+    first = groups[0]
+    assert (first[0].ids, first[0].finished) == ([60, 61], False)
+    assert (first[1].ids, first[1].finished) == ([62, eos], True)
+    assert (first[2].ids, first[2].finished) == ([63, eos], True)  # the stop event is added when vLLM left it out
+    assert first[1].text == tiny_tokenizer.decode([62])

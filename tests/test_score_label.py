@@ -29,6 +29,16 @@ NOT_CALLABLE = 3
 '''
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (two threads spin-wait when the CPUs are shared); restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
 @pytest.fixture()
 def oracle_dir(tmp_path, monkeypatch):
     (tmp_path / "my_oracle.py").write_text(ORACLE, encoding="utf-8")

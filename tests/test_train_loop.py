@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from exoalign.config import load_config
 from exoalign.data import GroupCollator, tokenize_rows
+from exoalign.errors import ConfigError
 from exoalign.models import load_tokenizer
 from exoalign.train import checkpoint, engine, loop
 from exoalign.train.config import TrainConfig
@@ -162,19 +163,25 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, caplog):
     assert not (cut / ".tmp-checkpoint-7").exists()
 
 
-def test_existing_run_needs_resume(tmp_path):
-    train(make_cfg(tmp_path, "train.max_steps=1"))
-    with pytest.raises(Exception, match="--resume"):
-        train(make_cfg(tmp_path, "train.max_steps=1"))
+def test_existing_run_needs_resume_and_a_finished_run_resumes_to_itself(tmp_path):
+    final = train(make_cfg(tmp_path, "train.max_steps=2"))
+    before = read_metrics(final.parent)
+    init_time = (final.parent / "init" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(ConfigError, match="--resume"):
+        train(make_cfg(tmp_path, "train.max_steps=2"))
+    assert (final.parent / "init" / "model.safetensors").stat().st_mtime_ns == init_time  # refused before any work
+    again = train(make_cfg(tmp_path, "train.max_steps=2", "train.resume=true"))
+    assert read_metrics(again.parent) == before  # nothing re-run, nothing logged twice
+    assert all(torch.equal(a, b) for a, b in zip(weights(final).values(), weights(again).values()))
 
 
 def test_nan_loss_stops_or_is_skipped(tmp_path, monkeypatch):
     real = loop.compute_loss
     calls = {"n": 0}
 
-    def nan_on_third(model, batch, cfg, ref_model=None):
+    def nan_on_third(model, batch, cfg, ref_model=None, **kw):
         calls["n"] += 1
-        loss, metrics = real(model, batch, cfg, ref_model)
+        loss, metrics = real(model, batch, cfg, ref_model, **kw)
         if calls["n"] == 3:
             loss = loss * float("nan")
         return loss, metrics
@@ -189,8 +196,10 @@ def test_nan_loss_stops_or_is_skipped(tmp_path, monkeypatch):
 
     calls["n"] = 0
     final = train(make_cfg(tmp_path, "train.nan_policy=skip", name="skip"))
-    recs = [r for r in read_metrics(final.parent) if "loss" in r]
-    assert recs[-1]["nonfinite_skipped"] == 1 and len(recs) == 6
+    recs = [r for r in read_metrics(final.parent) if "lr" in r]  # the per-step records
+    assert [r["nonfinite_skipped"] for r in recs] == [0, 0, 1, 1, 1, 1]
+    assert "loss" not in recs[2] and "grad_norm" not in recs[2]  # the skipped update logs no loss
+    assert all("loss" in r for i, r in enumerate(recs) if i != 2)
     assert all(torch.isfinite(w).all() for w in weights(final).values())
 
 

@@ -134,3 +134,25 @@ def test_reference_table_equals_online_logps(toy, tmp_path):
         with torch.no_grad():
             online = grouped_logps(model, batch, temperature=0.8)[0].masked_fill(~batch["group_mask"], 0.0)
         assert torch.allclose(batch["ref_logps"], online, atol=1e-4)
+
+
+def test_prefix_sharing_gives_the_same_loss(toy):
+    """``train.prefix_sharing`` reaches the log-probs: sharing each prompt across its K completions changes how
+    the batch is computed, not the loss, the metrics or the gradients."""
+    tok, model, _, groups = toy
+    batch = _batch(tok, groups, [0, 5, 9])
+    cfg = LossConfig(name="exo", target="rw", beta_r=0.5)
+    ref = torch.randn(3, 4)
+    batch["ref_logps"] = ref
+    grads = []
+    results = []
+    for sharing in (False, True):
+        model.zero_grad()
+        loss, m = compute_loss(model, batch, cfg, prefix_sharing=sharing)
+        loss.backward()
+        grads.append(model.transformer.h[0].attn.c_attn.weight.grad.clone())
+        results.append((float(loss.detach()), {k: float(v) for k, v in m.items()}))
+    model.zero_grad()
+    assert results[1][0] == pytest.approx(results[0][0], abs=1e-4)
+    assert results[1][1] == pytest.approx(results[0][1], abs=1e-3)
+    assert torch.allclose(grads[0], grads[1], atol=1e-4)

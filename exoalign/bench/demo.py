@@ -39,6 +39,7 @@ from typing import Any
 
 from ..errors import InputError
 from . import reviews
+from .demo_jobs import Job, one_thread, run_jobs, usable_cores
 
 METHODS = (("exo", "pref"), ("exo", "rw"), ("dpo", "pref"), ("dpo", "rw"))
 """The four runs: (loss, target). Their names in results.json are ``{loss}-{target}``."""
@@ -99,9 +100,9 @@ class DemoSettings:
 
 
 QUICK = dict(
-    n_sft_reviews=1500, n_train_prompts=64, n_eval_prompts=32, vocab_size=512, n_layer=2, n_embd=64, n_head=2,
-    max_length=80, sft_steps=60, sft_batch_size=16, k=4, max_new_tokens=32, align_steps=16, align_batch_size=8,
-    align_lr=2e-4, save_every=8, eval_samples=1,
+    n_sft_reviews=2000, n_train_prompts=96, n_eval_prompts=48, vocab_size=768, n_layer=2, n_embd=64, n_head=2,
+    sft_steps=150, sft_lr=5e-3, k=4, max_new_tokens=32, align_steps=24, align_batch_size=8, align_lr=2e-4,
+    save_every=8, eval_samples=1,
 )
 """``--quick``: the same chain, small enough to finish in under two minutes (the tests run it)."""
 
@@ -142,7 +143,6 @@ class Demo:
         for stage, keys in STAGE_KEYS.items():
             blob = json.dumps([prev, stage, {k: values[k] for k in keys}], sort_keys=True)
             prev = out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        # The device changes floating-point results of everything trained or sampled, but not the corpus.
         return out
 
     def _mark(self, stage: str) -> Path:
@@ -154,6 +154,22 @@ class Demo:
         except (OSError, ValueError, KeyError):
             return False
 
+    def _clear(self, outputs: list[Path]) -> None:
+        """Remove a stage's outputs left by a run with other settings, or by an interrupted stage that cannot
+        resume: the stage starts afresh."""
+        for p in outputs:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+    def _done(self, name: str, fp: str, seconds: float) -> None:
+        self.marks.mkdir(parents=True, exist_ok=True)
+        tmp = self._mark(name).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fp, "seconds": seconds, "device": self.device}), encoding="utf-8")
+        os.replace(tmp, self._mark(name))
+        self.timings[name] = {"seconds": seconds, "cached": False}
+
     def stage(self, n: int, name: str, fp: str, outputs: list[Path], work: Callable[[], None]) -> None:
         """Run ``work`` unless stage ``name`` is done with fingerprint ``fp``; time it; mark it done."""
         header = f"[{n}/{len(STAGE_KEYS) + 1}] {name}"
@@ -163,20 +179,11 @@ class Demo:
             self.timings[name] = {"seconds": took, "cached": True}
             return
         print(f"{header} ...", file=sys.stderr)
-        for p in outputs:  # outputs of an older run with other settings, or a half-done one of a stage that
-            # cannot resume: start the stage afresh
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        self._clear(outputs)
         t0 = time.perf_counter()
         work()
         took = time.perf_counter() - t0
-        self.marks.mkdir(parents=True, exist_ok=True)
-        tmp = self._mark(name).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "seconds": took, "device": self.device}), encoding="utf-8")
-        os.replace(tmp, self._mark(name))
-        self.timings[name] = {"seconds": took, "cached": False}
+        self._done(name, fp, took)
         print(f"{header}: done in {took:.1f} s", file=sys.stderr)
 
     # -- the stages
@@ -185,18 +192,24 @@ class Demo:
 
         s = self.s
         n_prompts = s.n_train_prompts + s.n_eval_prompts
-        texts = reviews.generate_reviews(s.n_sft_reviews + n_prompts, seed=s.seed)
-        sft_rows = reviews.prompt_rows(texts[: s.n_sft_reviews], seed=s.seed)
-        # Prompts come from reviews π_sft never saw; their completions are dropped.
-        prompt_rows = reviews.prompt_rows(texts[s.n_sft_reviews:], seed=s.seed + 1)
+        sft_rows = reviews.prompt_rows(reviews.generate_reviews(s.n_sft_reviews, seed=s.seed), seed=s.seed)
+        # Prompts come from reviews π_sft never saw (their completions are dropped), each prompt once: short
+        # prefixes repeat ("I watched The"), and the stages would sample a repeated prompt only once.
+        prompts: list[str] = []
+        rng_seed = s.seed + 1
+        while len(prompts) < n_prompts:
+            more = reviews.prompt_rows(reviews.generate_reviews(2 * n_prompts, seed=rng_seed), seed=rng_seed)
+            prompts = list(dict.fromkeys(prompts + [r["prompt"] for r in more]))
+            rng_seed += 7919
+        prompts = prompts[:n_prompts]
         write_rows(self.data / "sft.jsonl", sft_rows)
-        write_rows(self.data / "train_prompts.jsonl", [{"prompt": r["prompt"]} for r in prompt_rows[: s.n_train_prompts]])
-        write_rows(self.data / "eval_prompts.jsonl", [{"prompt": r["prompt"]} for r in prompt_rows[s.n_train_prompts:]])
+        write_rows(self.data / "train_prompts.jsonl", [{"prompt": p} for p in prompts[: s.n_train_prompts]])
+        write_rows(self.data / "eval_prompts.jsonl", [{"prompt": p} for p in prompts[s.n_train_prompts:]])
 
     def _train_args(self, **kw: Any) -> Any:
         from ..train.config import TrainArgs
 
-        return TrainArgs(seed=self.s.seed, cpu=self.device == "cpu", log_every=10,
+        return TrainArgs(seed=self.s.seed, cpu=self.device == "cpu", log_every=1,
                          ref_cache_dir=str(self.out / "cache"), **kw)
 
     def sft(self) -> None:
@@ -255,19 +268,23 @@ class Demo:
         train(cfg)
 
     def checkpoints(self, name: str) -> list[Path]:
-        """π_sft (step 0) and every saved checkpoint of run ``name``, in step order."""
+        """Every saved checkpoint of run ``name`` in step order; ``sft`` is π_sft alone (step 0 of every run)."""
+        if name == "sft":
+            return [self.sft_dir / "final"]
         run = self.runs / name
         steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "COMPLETE").is_file())
-        return [self.sft_dir / "final"] + [run / f"checkpoint-{k}" for k in steps]
+        return [run / f"checkpoint-{k}" for k in steps]
 
     def evaluate(self, name: str) -> None:
+        """``exoalign eval`` of run ``name``'s checkpoints. π_sft is evaluated once, as run ``sft``, and the
+        report puts it at step 0 of every run; every evaluation draws its samples from the same seeds."""
         from ..eval.evaluate import EvalConfig, run
 
         s = self.s
         run(EvalConfig(checkpoints=[str(p) for p in self.checkpoints(name)], sft_model=str(self.sft_dir / "final"),
                        prompts=str(self.data / "eval_prompts.jsonl"), oracle=reviews.ORACLE,
                        samples_per_prompt=s.eval_samples, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-                       min_new_tokens=1, seed=s.seed + 1000, batch_size=s.gen_batch_size, win_rate=True,
+                       min_new_tokens=1, seed=s.seed + 1000, batch_size=s.gen_batch_size, win_rate=False,
                        output=str(self.evals / f"{name}.json"), run_name=name, device=self.device,
                        logp_batch_size=64))
 
@@ -281,12 +298,17 @@ class Demo:
         self.stage(4, "score", fp["score"], [self.data / "scored.jsonl"], self.score)
         self.stage(5, "label", fp["label"], [self.data / "pairs.jsonl"], self.label)
         names = [method_name(*m) for m in METHODS]
-        for loss, target in METHODS:
-            name = method_name(loss, target)
-            self.stage(6, f"train {name}", fp["train"], [self.runs / name], lambda a=loss, b=target: self.train(a, b))
-        for name in names:
-            self.stage(7, f"eval {name}", fp["eval"], [self.evals / f"{name}.json"],
-                       lambda n=name: self.evaluate(n))
+        self.parallel(6, "train", fp["train"], [
+            (f"train {n}", _train_job, (str(self.out), self.s, self.device, *m), [self.runs / n],
+             lambda n=n: _last_step(self.runs / n / "metrics.jsonl"), self.s.align_steps)
+            for n, m in zip(names, METHODS)
+        ])
+        n_ckpt = {n: len(self.checkpoints(n)) for n in names}
+        self.parallel(7, "eval", fp["eval"], [
+            (f"eval {n}", _eval_job, (str(self.out), self.s, self.device, n), [self.evals / f"{n}.json"],
+             lambda n=n: _n_results(self.evals / f"{n}.json"), 1 if n == "sft" else n_ckpt[n])
+            for n in ["sft", *names]
+        ])
         from .demo_report import write_report
 
         t0 = time.perf_counter()
@@ -294,6 +316,50 @@ class Demo:
         results = write_report(self, names)
         self.timings["report"] = {"seconds": time.perf_counter() - t0, "cached": False}
         return results
+
+    def parallel(self, n: int, what: str, fp: str, jobs: list[tuple]) -> None:
+        """Run the jobs of stage ``what`` that are not done yet side by side (one core each), with one bar."""
+        header = f"[{n}/{len(STAGE_KEYS) + 1}] {what}"
+        todo = []
+        for name, fn, args, outputs, progress, total in jobs:
+            if self.is_done(name, fp):
+                took = json.loads(self._mark(name).read_text(encoding="utf-8")).get("seconds")
+                print(f"{header}: {name} cached ({took:.1f} s when it ran)", file=sys.stderr)
+                self.timings[name] = {"seconds": took, "cached": True}
+                continue
+            self._clear(outputs)
+            todo.append(Job(name, fn, args, self.out / "logs" / f"{name.replace(' ', '-')}.log", progress, total,
+                            on_done=lambda sec, name=name: self._done(name, fp, sec)))
+        if not todo:
+            return
+        workers = 1 if self.device == "cuda" else min(len(todo), usable_cores())
+        t0 = time.perf_counter()
+        run_jobs(todo, f"{header} ({len(todo)} jobs, {workers} at a time)", workers)
+        print(f"{header}: done in {time.perf_counter() - t0:.1f} s (logs in {self.out / 'logs'})", file=sys.stderr)
+
+
+def _train_job(out: str, settings: DemoSettings, device: str, loss: str, target: str) -> None:
+    Demo(Path(out), settings, device).train(loss, target)
+
+
+def _eval_job(out: str, settings: DemoSettings, device: str, name: str) -> None:
+    Demo(Path(out), settings, device).evaluate(name)
+
+
+def _last_step(metrics: Path) -> int:
+    """The last optimizer step logged in a run's metrics.jsonl (0 before the first)."""
+    try:
+        lines = metrics.read_text(encoding="utf-8").strip().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _n_results(eval_json: Path) -> int:
+    try:
+        return len(json.loads(eval_json.read_text(encoding="utf-8"))["results"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -326,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()  # the tiny model's config chatter is not news to a demo user
     device = resolve_device(args.device)
+    one_thread()  # see demo_jobs: tiny models run fastest on one thread per process, one process per core
     demo = Demo(Path(args.out), settings_for(args.quick, args.seed), device)
     t0 = time.perf_counter()
     results = demo.run()

@@ -73,12 +73,19 @@ def reward_at(env: tuple[np.ndarray, np.ndarray], kl: np.ndarray) -> np.ndarray:
 def compare(a: list[dict[str, Any]], b: list[dict[str, Any]], n_grid: int = 201) -> dict[str, float]:
     """Frontier of ``a`` minus frontier of ``b`` over the KL range both reached."""
     ea, eb = envelope(a), envelope(b)
-    kl_max = float(min(ea[0].max(), eb[0].max()))
+    # The range both runs explored, whether or not their late checkpoints improved the reward.
+    kl_max = max(0.0, float(min(max(p["kl"] for p in a), max(p["kl"] for p in b))))
     grid = np.linspace(0.0, kl_max, n_grid)
     diff = reward_at(ea, grid) - reward_at(eb, grid)
+    halfwidths = [(p["reward_ci"][1] - p["reward_ci"][0]) / 2 for p in a + b if "reward_ci" in p]
     return {"kl_max": kl_max, "mean_reward_gap": float(diff.mean()), "frac_above": float((diff > 0).mean()),
             "reward_a_at_kl_max": float(reward_at(ea, grid[-1:])[0]),
-            "reward_b_at_kl_max": float(reward_at(eb, grid[-1:])[0])}
+            "reward_b_at_kl_max": float(reward_at(eb, grid[-1:])[0]),
+            "point_ci_halfwidth": float(np.mean(halfwidths)) if halfwidths else float("nan")}
+
+
+LEVEL = 0.005
+"""A mean gap smaller than this (0.25% of the reward range [-1, 1]) is reported as level."""
 
 
 def verdict(comparison: dict[str, dict[str, float]]) -> str:
@@ -89,11 +96,14 @@ def verdict(comparison: dict[str, dict[str, float]]) -> str:
         if c["kl_max"] <= 0:
             lines.append(f"{a} vs {b}: no common KL range (a run did not move from π_sft); no verdict.")
             continue
-        side = "ABOVE" if c["mean_reward_gap"] > 0 else "BELOW"
+        gap = c["mean_reward_gap"]
+        side = "LEVEL WITH" if abs(gap) < LEVEL else "ABOVE" if gap > 0 else "BELOW"
+        ci = c.get("point_ci_halfwidth", float("nan"))
+        noise = f"; a single point's 95% CI is ±{ci:.3f}" if math.isfinite(ci) else ""
         lines.append(
-            f"{a} vs {b}: {a}'s frontier lies {side} {b}'s — mean reward gap {c['mean_reward_gap']:+.3f} at equal "
-            f"KL over KL in [0, {c['kl_max']:.2f}] nats, higher on {100 * c['frac_above']:.0f}% of that range "
-            f"(at KL {c['kl_max']:.2f}: {c['reward_a_at_kl_max']:.3f} vs {c['reward_b_at_kl_max']:.3f})."
+            f"{a} vs {b}: {a}'s frontier lies {side} {b}'s — mean reward gap {gap:+.3f} at equal KL over "
+            f"KL in [0, {c['kl_max']:.2f}] nats, higher on {100 * c['frac_above']:.0f}% of that range "
+            f"(at KL {c['kl_max']:.2f}: {c['reward_a_at_kl_max']:.3f} vs {c['reward_b_at_kl_max']:.3f}{noise})."
         )
     return "\n".join(lines)
 
@@ -119,7 +129,15 @@ def write_report(demo: Demo, names: list[str]) -> dict[str, Any]:
     from ..eval.plots import frontier
 
     out = demo.out
-    paths = [demo.evals / f"{n}.json" for n in names]
+    sft = json.loads((demo.evals / "sft.json").read_text(encoding="utf-8"))
+    paths = []
+    for n in names:
+        # Every run starts at π_sft: its eval JSON, with π_sft's result put first, is the run's line.
+        data = json.loads((demo.evals / f"{n}.json").read_text(encoding="utf-8"))
+        data["results"] = sft["results"] + data["results"]
+        paths.append(demo.evals / "with_sft" / f"{n}.json")
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        _write(paths[-1], json.dumps(data, indent=1))
     runs = {n: load_points(p) for n, p in zip(names, paths)}
     frontier([str(p) for p in paths], str(out / "frontier.png"), table_path=str(out / "frontier.md"),
              labels=names, title=f"exoalign demo: reward–KL frontier (seed {demo.s.seed})")
@@ -131,11 +149,22 @@ def write_report(demo: Demo, names: list[str]) -> dict[str, Any]:
         "command": "exoalign demo " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else sys.argv[1:]),
     }
     _write(out / "results.json", json.dumps(results, indent=1) + "\n")
-    _write(out / "report.md", markdown(results, (out / "frontier.md").read_text(encoding="utf-8")))
+    _write(out / "report.md", markdown(results))
     return results
 
 
-def markdown(results: dict[str, Any], table: str) -> str:
+def checkpoint_table(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown rows of every checkpoint of every run (step 0 = π_sft)."""
+    lines = ["| run | step | KL(π‖π_sft) | KL (k3) | reward | reward 95% CI | tokens |", "|---|---:|---:|---:|---:|---|---:|"]
+    for name, points in runs.items():
+        for p in points:
+            lo, hi = p["reward_ci"]
+            lines.append(f"| {name} | {p['step']} | {p['kl']:.3f} | {p['kl_k3']:.3f} | {p['reward']:.3f} | "
+                         f"[{lo:.3f}, {hi:.3f}] | {p['length']:.1f} |")
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any]) -> str:
     """``report.md``: the verdict, the picture, every checkpoint's numbers, the settings and the timings."""
     s = results["settings"]
     lines = [
@@ -148,7 +177,7 @@ def markdown(results: dict[str, Any], table: str) -> str:
         "## Verdict (higher reward at equal KL)", "",
         *[f"* {line}" for line in results["verdict"].splitlines()], "",
         "![reward–KL frontier](frontier.png)", "",
-        "## Every checkpoint", "", table.strip(), "",
+        "## Every checkpoint", "", checkpoint_table(results["runs"]), "",
         "## Settings", "", "| setting | value |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in s.items()], "",
         "## Timings", "", "| stage | seconds | |", "|---|---:|---|",

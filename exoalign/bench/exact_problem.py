@@ -150,7 +150,8 @@ class SeqTask:
     centres: torch.Tensor
     """``[P, M, L]`` SFT mode centres, most frequent first."""
     goals: torch.Tensor
-    """``[P, 2, L]`` reward peaks: goal 0 (height 1) near the rarest SFT mode, goal 1 (height ½) near the most frequent."""
+    """``[P, 2, L]`` reward peaks: goal 0 (reward A) near the rarest SFT mode, goal 1 (reward A/2) near the most
+    frequent one."""
     rewards: torch.Tensor
     """``[P, N]`` float64 reward of every sequence."""
 

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..losses import get_loss, reward_targets
-SFT_SIGMA = 0.2
 from .exact_metrics import exact_metrics, optimum_logps
 
 
@@ -28,7 +27,9 @@ class ToySpec:
 
     bins: int = 100
     beta: float = 0.5
-    beta_r: float = 1.0
+    """KL coefficient β of the illustration (fixed, so the picture does not depend on ``--beta``)."""
+    beta_pi: float = 1.0
+    """β_π of the losses; β_r = β/β_π."""
     pool: int = 1000
     k: int = 8
     groups: int = 32
@@ -56,12 +57,12 @@ class GaussianPolicy(nn.Module):
 def toy_problem(spec: ToySpec) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sft_logps [1, n], rewards [1, n])``: π_sft = N(0.5, 0.2²) discretised; two reward bumps.
 
-    ``r(x) = 4 exp(−(x − 0.25)²/2·0.06²) + 3.2 exp(−(x − 0.75)²/2·0.06²)`` (Bradley–Terry units): the left bump
+    ``r(x) = 4 exp(−(x − 0.25)²/2·0.1²) + 3.2 exp(−(x − 0.75)²/2·0.1²)`` (Bradley–Terry units): the left bump
     is higher, so the left mode of π* is the dominant one.
     """
     sft = GaussianPolicy(spec.bins, 0.5, 0.2)().detach()
     x = (torch.arange(spec.bins, dtype=torch.float64) + 0.5) / spec.bins
-    bump = lambda c: torch.exp(-0.5 * ((x - c) / 0.06) ** 2)
+    bump = lambda c: torch.exp(-0.5 * ((x - c) / 0.1) ** 2)
     rewards = (4.0 * bump(0.25) + 3.2 * bump(0.75)).unsqueeze(0)
     return sft, rewards
 
@@ -71,15 +72,15 @@ def train_toy(spec: ToySpec, loss_name: str) -> GaussianPolicy:
     sft_logps, rewards = toy_problem(spec)
     gen = torch.Generator().manual_seed(spec.seed)
     pool = torch.multinomial(sft_logps[0].exp(), spec.pool, replacement=True, generator=gen)  # (M,) bin ids
-    policy = GaussianPolicy(spec.bins, 0.5, SFT_SIGMA)
+    policy = GaussianPolicy(spec.bins, 0.5, 0.2)
     opt = torch.optim.Adam(policy.parameters(), lr=spec.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=spec.steps)
     loss_fn = get_loss(loss_name)
     for _ in range(spec.steps):
         ys = pool[torch.randint(spec.pool, (spec.groups, spec.k), generator=gen)]  # (G, K) bin ids
         logps = policy()[0][ys]  # (G, K)
-        targets = reward_targets(rewards[0][ys], spec.beta_r)
-        out = loss_fn(logps, sft_logps[0][ys], targets, spec.beta / spec.beta_r)
+        targets = reward_targets(rewards[0][ys], spec.beta / spec.beta_pi)
+        out = loss_fn(logps, sft_logps[0][ys], targets, spec.beta_pi)
         opt.zero_grad()
         out.losses.mean().backward()
         opt.step()
@@ -91,7 +92,8 @@ def run_toy(spec: ToySpec) -> dict:
     """Train EXO and DPO; return the four distributions (lists) and each fit's exact metrics."""
     sft_logps, rewards = toy_problem(spec)
     opt = optimum_logps(sft_logps, rewards, spec.beta)
-    out: dict = {"sft": sft_logps[0].exp().tolist(), "opt": opt[0].exp().tolist(), "metrics": {}}
+    out: dict = {"beta": spec.beta, "k": spec.k, "pool": spec.pool, "steps": spec.steps,
+                 "sft": sft_logps[0].exp().tolist(), "opt": opt[0].exp().tolist(), "metrics": {}}
     for name in ("exo", "dpo"):
         policy = train_toy(spec, name)
         with torch.no_grad():
@@ -124,5 +126,5 @@ def plot_toy(result: dict, path: str, beta: float) -> None:
     ax.set_title("Unimodal policy fitted to a bimodal optimum: EXO seeks a mode, DPO covers both")
     ax.legend(frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)

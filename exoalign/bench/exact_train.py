@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from ..losses import get_loss, pref_targets, reward_targets
-from .exact_metrics import exact_metrics, objective
+from .exact_metrics import exact_metrics, kl, objective, optimum_logps
 from .exact_problem import SeqPolicy, enumerate_logps, sequence_logps
 
 
@@ -39,11 +39,12 @@ class Method:
 
 
 def trained_methods(ks: tuple[int, ...]) -> list[Method]:
-    """``exo-pref, dpo-pref, ipo, exo-rw-k{K}, dpo-rw-k{K}`` for every ``K`` in ``ks``, then ``rl-exact``."""
+    """``exo-pref, dpo-pref, ipo, exo-rw-k{K}, dpo-rw-k{K}`` for every ``K`` in ``ks``, then the two exact
+    references ``rl-exact`` (reverse KL to π*, i.e. −J) and ``fkl-exact`` (forward KL ``KL(π*‖π_θ)``)."""
     out = [Method("exo-pref", "exo", "pref", 2), Method("dpo-pref", "dpo", "pref", 2), Method("ipo", "ipo", "pref", 2)]
     for k in ks:
         out += [Method(f"exo-rw-k{k}", "exo", "rw", k), Method(f"dpo-rw-k{k}", "dpo", "rw", k)]
-    return out + [Method("rl-exact", "", "exact", 0)]
+    return out + [Method("rl-exact", "rl", "exact", 0), Method("fkl-exact", "fkl", "exact", 0)]
 
 
 @dataclass
@@ -88,8 +89,9 @@ def _batch(data: OfflineData, method: Method, batch: int, gen: torch.Generator):
         return x, data.pairs[x, torch.randint(m // 2, (g,), generator=gen)]  # (G, 2)
     g = batch // method.k
     x = torch.randint(p, (g,), generator=gen)
-    # K distinct completions of the same prompt: the first K of a random permutation of the pool
-    return x, torch.rand(g, m, generator=gen).argsort(-1)[:, : method.k]
+    # K completions of the same prompt, drawn uniformly (with replacement) from its pool: an unbiased
+    # sample of K draws from the empirical π_sft of the offline data
+    return x, torch.randint(m, (g, method.k), generator=gen)
 
 
 def loss_on_batch(
@@ -139,10 +141,15 @@ def train_method(
     gen = torch.Generator().manual_seed(seed)
     prompts = torch.arange(sft_logps.shape[0])
     sft32, r32 = sft_logps.float(), rewards.float()
+    opt32 = optimum_logps(sft_logps, rewards, beta).float()
     curve = [(0, 1.0)]
     for step in range(1, steps + 1):
         if method.targets == "exact":
-            loss = -objective(enumerate_logps(policy, prompts), sft32, r32, beta).mean()
+            logps = enumerate_logps(policy, prompts)  # (P, N)
+            if method.loss == "rl":
+                loss = -objective(logps, sft32, r32, beta).mean()
+            else:
+                loss = kl(opt32, logps).mean()
         else:
             assert data is not None
             x, idx = _batch(data, method, batch, gen)

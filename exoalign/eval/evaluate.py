@@ -109,6 +109,8 @@ class EvalConfig(JudgeSettings, SamplingSettings):
     """Name of this run in plots and tables; null = the output file's stem."""
     save_samples: bool = True
     """Also write each checkpoint's samples, rewards and log-probs to <output stem>.samples/<name>.jsonl."""
+    gpu_memory_utilization: float = 0.5
+    """vLLM only: fraction of GPU memory for the vLLM engine (π_sft and the policy stay on the GPU for log-probs)."""
     dtype: str = "float32"
     """Weights dtype of the policies and π_sft: float32, bfloat16, float16 or auto."""
     device: str = "auto"
@@ -234,10 +236,18 @@ def completion_logps(
     return np.asarray(out, dtype=np.float64).reshape(len(groups), n)
 
 
+def _close(sampler: Sampler) -> None:
+    """Shut down a vLLM engine (the HF sampler holds only a model the caller manages)."""
+    close = getattr(sampler, "close", None)
+    if close is not None:
+        close()
+
+
 def _free() -> None:
-    """Return memory of models the caller just dropped (vLLM engines and GPU caches are not freed by refcounts)."""
-    gc.collect()
+    """Return GPU memory of models the caller just dropped (a vLLM engine is not freed by refcounts alone).
+    On a CPU, dropping the last reference already frees a model; a full gc pass would only cost time."""
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -274,14 +284,98 @@ def _safe(name: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- run
-def run(cfg: EvalConfig) -> Path:
-    """Evaluate every checkpoint of ``cfg`` and write the JSON (see the module docstring)."""
+@dataclass
+class _Session:
+    """What every checkpoint's evaluation shares: prompts, tokeniser, judge and the π_sft model."""
+
+    cfg: EvalConfig
+    tokenizer: Any
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    judge: Any
+    judge_name: str
+    device: torch.device
+    backend: str
+    kl_temperature: float
+    sft: torch.nn.Module | None = None
+
+    def load(self, path: str) -> torch.nn.Module:
+        cfg = self.cfg
+        return load_causal_lm(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
+
+    def is_sft(self, path: str) -> bool:
+        return os.path.normpath(path) == os.path.normpath(self.cfg.sft_model)
+
+    def sample(self, path: str, stream: str, model: torch.nn.Module | None, desc: str) -> list[list[Completion]]:
+        """``samples_per_prompt`` completions per prompt from ``path`` (HF reuses ``model`` when given)."""
+        cfg = self.cfg
+        sampler = build_sampler(cfg, path, self.tokenizer, dtype=cfg.dtype, device=cfg.device,
+                                trust_remote_code=cfg.trust_remote_code, stream=stream, model=model)
+        groups = sample_all(sampler, self.prompt_ids, cfg.samples_per_prompt, cfg.batch_size, desc)
+        _close(sampler)
+        del sampler
+        _free()
+        return groups
+
+    def rewards(self, groups: list[list[Completion]]) -> np.ndarray:
+        """Judge rewards ``[n_prompts, samples_per_prompt]``."""
+        texts = [c.text for g in groups for c in g]
+        flat_prompts = [p for p, g in zip(self.prompts, groups) for _ in g]
+        r = judge_texts(self.judge, flat_prompts, texts, self.cfg.judge_batch_size, self.judge_name)
+        return np.asarray(r, dtype=np.float64).reshape(len(groups), -1)
+
+    def baseline(self) -> dict[str, Any]:
+        """The baseline's samples (own random stream) scored once: what every checkpoint's win rate uses."""
+        path = self.cfg.baseline or self.cfg.sft_model
+        groups = self.sample(path, "baseline", self.sft if self.is_sft(path) else None, "baseline")
+        r = self.rewards(groups)
+        return {"model": path, "reward": mean_ci(r, self.cfg.confidence).to_dict(), "rewards": r.tolist()}
+
+    def evaluate(self, ckpt: Checkpoint, r_base: np.ndarray | None) -> tuple[dict[str, Any], list[dict]]:
+        """The result entry of one checkpoint, and its samples as rows for ``save_samples``."""
+        cfg = self.cfg
+        policy = self.sft if self.is_sft(ckpt.path) else None
+        if self.backend == "hf" and policy is None:
+            policy = self.load(ckpt.path)
+        groups = self.sample(ckpt.path, "policy", policy, ckpt.name)
+        if policy is None:  # vLLM sampled; the log-probs still come from the HF model
+            policy = self.load(ckpt.path)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        kw = {"temperature": self.kl_temperature, "batch_size": cfg.logp_batch_size, "pad_id": pad_id}
+        lp_pi = completion_logps(policy, self.prompt_ids, groups, **kw)  # (n_prompts, n)
+        lp_ref = lp_pi if policy is self.sft else completion_logps(self.sft, self.prompt_ids, groups, **kw)
+        del policy
+        _free()
+        rewards = self.rewards(groups)  # (n_prompts, n)
+        k1, k3 = kl_k1(lp_pi, lp_ref), kl_k3(lp_pi, lp_ref)
+        result: dict[str, Any] = {
+            "checkpoint": ckpt.path, "name": ckpt.name, "run": ckpt.run, "step": ckpt.step,
+            "n_prompts": len(self.prompts), "samples_per_prompt": cfg.samples_per_prompt,
+            "reward": mean_ci(rewards, cfg.confidence).to_dict(),
+            "kl": k1.mean, "kl_se": k1.se, "kl_k3": k3.mean, "kl_k3_se": k3.se, "win_rate": None,
+            "length": float(np.mean([len(c.ids) for g in groups for c in g])),
+            "finished": float(np.mean([c.finished for g in groups for c in g])),
+        }
+        if r_base is not None:
+            result["win_rate"] = win_rate(rewards, r_base, confidence=cfg.confidence, n_boot=cfg.n_bootstrap,
+                                          seed=cfg.seed).to_dict()
+        rows = [{"prompt": p, "completions": [c.text for c in g], "rewards": r.tolist(), "logps": a.tolist(),
+                 "ref_logps": b.tolist()} for p, g, r, a, b in zip(self.prompts, groups, rewards, lp_pi, lp_ref)]
+        return result, rows
+
+
+def _check_runnable(cfg: EvalConfig) -> None:
     require(bool(cfg.checkpoints), "checkpoints", "no checkpoints given", "set checkpoints=[dir1, dir2] (or a run dir)")
     for name, what in (("sft_model", "the SFT model directory"), ("prompts", "a held-out prompt file"),
                        ("output", "a .json path")):
         require(bool(getattr(cfg, name)), name, "not set", f"set {name}=… to {what}")
     require(Path(cfg.output).suffix == ".json", "output", "must be a .json file", "name it e.g. results/exo.json")
     check_judge_given(cfg)
+
+
+def run(cfg: EvalConfig) -> Path:
+    """Evaluate every checkpoint of ``cfg`` and write the JSON (see the module docstring)."""
+    _check_runnable(cfg)
     out = Path(cfg.output)
     checkpoints = expand_checkpoints(cfg.checkpoints)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.sft_model, trust_remote_code=cfg.trust_remote_code,
@@ -300,8 +394,9 @@ def run(cfg: EvalConfig) -> Path:
     }
     state = _load_state(out, settings, cfg.overwrite) or {
         "schema": SCHEMA, "run": cfg.run_name or out.stem, "complete": False, "confidence": cfg.confidence,
-        "settings": settings, "config": to_dict(cfg), "baseline": None, "results": [],
+        "settings": settings, "config": None, "baseline": None, "results": [],
     }
+    state["config"] = to_dict(cfg)  # a resumed run may list more checkpoints than the first one did
     done = {r["checkpoint"] for r in state["results"]}
     todo = [c for c in checkpoints if c.path not in done]
     if not todo and (state["baseline"] is not None or not cfg.win_rate):
@@ -310,73 +405,24 @@ def run(cfg: EvalConfig) -> Path:
         _save(out, state)
         return out
 
-    judge = make_judge(cfg, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    judge_name = f"oracle {cfg.oracle}" if cfg.oracle else f"reward model {cfg.reward_model}"
-    device = pick_device(cfg.device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
-    n = cfg.samples_per_prompt
-
-    def load(path: str) -> torch.nn.Module:
-        return load_causal_lm(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code).to(device).eval()
-
-    def rewards_of(groups: list[list[Completion]]) -> np.ndarray:
-        texts = [c.text for g in groups for c in g]
-        flat_prompts = [p for p, g in zip(prompts, groups) for _ in g]
-        r = judge_texts(judge, flat_prompts, texts, cfg.judge_batch_size, judge_name)
-        return np.asarray(r, dtype=np.float64).reshape(len(groups), n)
-
-    sft = load(cfg.sft_model)
+    session = _Session(
+        cfg=cfg, tokenizer=tokenizer, prompts=prompts,
+        prompt_ids=encode_prompts(tokenizer, prompts, cfg.max_prompt_length),
+        judge=make_judge(cfg, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code),
+        judge_name=f"oracle {cfg.oracle}" if cfg.oracle else f"reward model {cfg.reward_model}",
+        device=pick_device(cfg.device), backend=backend, kl_temperature=T_kl,
+    )
+    session.sft = session.load(cfg.sft_model)
     if cfg.win_rate and state["baseline"] is None:
-        base_path = cfg.baseline or cfg.sft_model
-        base_model = sft if base_path == cfg.sft_model else None
-        sampler = build_sampler(cfg, base_path, tokenizer, dtype=cfg.dtype, device=cfg.device,
-                                trust_remote_code=cfg.trust_remote_code, stream="baseline", model=base_model)
-        groups = sample_all(sampler, prompt_ids, n, cfg.batch_size, "baseline")
-        del sampler, base_model
-        _free()
-        r_base = rewards_of(groups)
-        state["baseline"] = {"model": base_path, "reward": mean_ci(r_base, cfg.confidence).to_dict(),
-                             "rewards": r_base.tolist()}
+        state["baseline"] = session.baseline()
         _save(out, state)
-
+    r_base = np.asarray(state["baseline"]["rewards"], dtype=np.float64) if cfg.win_rate else None
     for ckpt in tqdm(todo, desc="eval", unit="checkpoint"):
-        policy = sft if ckpt.path == cfg.sft_model else None
-        if backend == "hf" and policy is None:
-            policy = load(ckpt.path)
-        sampler = build_sampler(cfg, ckpt.path, tokenizer, dtype=cfg.dtype, device=cfg.device,
-                                trust_remote_code=cfg.trust_remote_code, stream="policy", model=policy)
-        groups = sample_all(sampler, prompt_ids, n, cfg.batch_size, ckpt.name)
-        del sampler
-        _free()
-        if policy is None:  # vLLM sampled; log-probs still come from the HF model
-            policy = load(ckpt.path)
-        kw = {"temperature": T_kl, "batch_size": cfg.logp_batch_size, "pad_id": pad_id}
-        lp_pi = completion_logps(policy, prompt_ids, groups, **kw)  # (n_prompts, n)
-        lp_ref = lp_pi if policy is sft else completion_logps(sft, prompt_ids, groups, **kw)
-        if policy is not sft:
-            del policy
-            _free()
-        rewards = rewards_of(groups)
-        k1, k3 = kl_k1(lp_pi, lp_ref), kl_k3(lp_pi, lp_ref)
-        result: dict[str, Any] = {
-            "checkpoint": ckpt.path, "name": ckpt.name, "run": ckpt.run, "step": ckpt.step, "n_prompts": len(prompts),
-            "samples_per_prompt": n, "reward": mean_ci(rewards, cfg.confidence).to_dict(),
-            "kl": k1.mean, "kl_se": k1.se, "kl_k3": k3.mean, "kl_k3_se": k3.se, "win_rate": None,
-            "length": float(np.mean([len(c.ids) for g in groups for c in g])),
-            "finished": float(np.mean([c.finished for g in groups for c in g])),
-        }
-        if cfg.win_rate:
-            r_base = np.asarray(state["baseline"]["rewards"], dtype=np.float64)
-            result["win_rate"] = win_rate(rewards, r_base, confidence=cfg.confidence, n_boot=cfg.n_bootstrap,
-                                          seed=cfg.seed).to_dict()
+        result, rows = session.evaluate(ckpt, r_base)
         if cfg.save_samples:
-            rows = [{"prompt": p, "completions": [c.text for c in g], "rewards": r.tolist(),
-                     "logps": a.tolist(), "ref_logps": b.tolist()}
-                    for p, g, r, a, b in zip(prompts, groups, rewards, lp_pi, lp_ref)]
             write_rows(out.with_name(out.stem + ".samples") / f"{_safe(ckpt.name)}.jsonl", rows)
         state["results"].append(result)
-        _save(out, state)
+        _save(out, state)  # after every checkpoint: a rerun resumes with the next one
     state["complete"] = True
     _save(out, state)
     return out

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="exoalign plot", description="plots of eval results")
     sub = parser.add_subparsers(dest="what", required=True)
     f = sub.add_parser("frontier", help="reward vs KL of every checkpoint of several runs (one PNG + a table)")
-    f.add_argument("files", nargs="+", help="eval JSONs written by exoalign eval (one run each)")
+    f.add_argument("files", nargs="+", help="eval JSONs written by exoalign eval (each holds one or more runs)")
     f.add_argument("--output", "-o", default="frontier.png", help="PNG to write (default frontier.png)")
     f.add_argument("--table", default=None, help="Markdown table to write (default: the PNG's name with .md)")
     f.add_argument("--kl", choices=("kl", "kl_k3"), default="kl", help="KL estimate on the x axis (default kl)")

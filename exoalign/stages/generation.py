@@ -58,6 +58,8 @@ class SamplingSettings:
     """Prompts per generation batch (each expands to k rows); also the unit written to disk on resume."""
     backend: Literal["auto", "hf", "vllm"] = "auto"
     """Sampler: 'hf' (transformers generate), 'vllm' (needs vllm and a GPU), 'auto' (vllm when usable)."""
+    gpu_memory_utilization: float = 0.85
+    """vLLM only: fraction of the GPU's memory the vLLM engine may take."""
 
     def check_sampling(self) -> None:
         """Validate the sampling fields (called from the owning config's ``__post_init__``)."""
@@ -73,6 +75,7 @@ class SamplingSettings:
         )
         require(self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1", "use e.g. 512")
         require(self.batch_size >= 1, "batch_size", "must be >= 1", "use e.g. 16")
+        require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]", "use e.g. 0.85")
 
     def sampling_dict(self) -> dict[str, Any]:
         """The fields that determine the samples (batch size and backend excluded: they do not change them
@@ -237,12 +240,14 @@ class VLLMSampler:
             dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(dtype, dtype),
             seed=settings.seed,
             trust_remote_code=trust_remote_code,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
         )
 
     def generate(self, prompt_ids: Sequence[list[int]], indices: Sequence[int], k: int) -> list[list[Completion]]:
         from vllm import SamplingParams
 
         s, eos = self.s, self.tokenizer.eos_token_id
+        specials = set(getattr(self.tokenizer, "all_special_ids", []) or [])
         params = [
             SamplingParams(
                 n=k,
@@ -262,12 +267,34 @@ class VLLMSampler:
             group = []
             for c in out.outputs:
                 ids = list(c.token_ids)
-                stopped = c.finish_reason == "stop"
-                if stopped and eos is not None and (not ids or ids[-1] != eos):
-                    ids.append(eos)  # keep the stop event in the ids so its log-prob is counted
-                group.append(_decode(self.tokenizer, ids, eos if stopped else None))
+                stop_id = None
+                if c.finish_reason == "stop" and eos is not None:
+                    # Keep the stop event in the ids so that its log-prob is counted: vLLM may or may not list
+                    # the stop token (EOS, or another special such as an end-of-turn token) in token_ids.
+                    if not ids or ids[-1] not in specials | {eos}:
+                        ids.append(eos)
+                    stop_id = ids[-1]
+                group.append(_decode(self.tokenizer, ids, stop_id))
             groups.append(group)
         return groups
+
+    def close(self) -> None:
+        """Shut the engine down so that its GPU memory can go to the next model (eval loads several)."""
+        import gc
+
+        del self.llm
+        try:  # vLLM keeps process-group state that outlives the engine object
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except (ImportError, AttributeError, RuntimeError):
+            pass
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def vllm_usable() -> bool:

@@ -97,7 +97,7 @@ class _Window:
         self.micro_count = 0
         self.step_count = 0
         self.steps = 0
-        self.tokens = 0.0
+        self.tokens: torch.Tensor | float = 0.0  # a device tensor once counted: no host sync per micro-batch
         self.start = time.perf_counter()
 
     @staticmethod
@@ -106,7 +106,7 @@ class _Window:
             v = v.detach().float()
             into[k] = into[k] + v if k in into else v.clone()
 
-    def add_micro(self, metrics: dict[str, torch.Tensor], tokens: float) -> None:
+    def add_micro(self, metrics: dict[str, torch.Tensor], tokens: torch.Tensor) -> None:
         if metrics:
             self._acc(self.micro, metrics)
             self.micro_count += 1
@@ -122,7 +122,7 @@ class _Window:
         means.update({k: v / max(self.step_count, 1) for k, v in self.per_step.items()})
         keys = sorted(means)
         vec = torch.stack([means[k].to(device) for k in keys]) if keys else torch.zeros(0, device=device)
-        tokens = torch.tensor([self.tokens], device=device)
+        tokens = torch.as_tensor(self.tokens, dtype=torch.float32, device=device).reshape(1)
         if accelerator.num_processes > 1:
             vec = accelerator.reduce(vec, reduction="mean")
             tokens = accelerator.reduce(tokens, reduction="sum")
@@ -330,7 +330,7 @@ class _Run:
             loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
             metrics = {}
         self.acc.backward(loss)
-        self.window.add_micro(metrics, float(batch["attention_mask"].sum()))
+        self.window.add_micro(metrics, batch["attention_mask"].sum())
 
     def update(self, batch: dict) -> None:
         """Clip, then one optimizer + scheduler step — or, under nan_policy=skip, no step when anything was NaN/inf."""
@@ -414,32 +414,34 @@ def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
     run.model.train()
     bar = tqdm(total=run.total, initial=run.step, desc=f"train {run.out.name}",
                disable=not accelerator.is_local_main_process)
-    while run.step < run.total:
-        run.sampler.use_epoch(run.epoch)
-        loader = accelerator.skip_first_batches(run.loader, run.position) if run.position else run.loader
-        for batch in loader:
-            run.position += 1
-            with accelerator.accumulate(run.model):
-                run.micro_step(batch)
-                if not accelerator.sync_gradients:
-                    continue
-                run.update(batch)
-            bar.update(1)
-            last = run.step == run.total
-            if run.step % args.log_every == 0 or last:
-                record = run.log_window()
-                bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "rewards/accuracies") if k in record})
-            if run.eval_loader is not None and args.eval_every and run.step % args.eval_every == 0 and not last:
-                run.write_eval()
-            if args.save_every and run.step % args.save_every == 0 and not last:
-                run.save()
-            if last:
-                break
-        else:  # the epoch is used up
-            run.epoch, run.position = run.epoch + 1, 0
-            continue
-        break
-    bar.close()
+    try:
+        while run.step < run.total:
+            run.sampler.use_epoch(run.epoch)
+            loader = accelerator.skip_first_batches(run.loader, run.position) if run.position else run.loader
+            for batch in loader:
+                run.position += 1
+                with accelerator.accumulate(run.model):
+                    run.micro_step(batch)
+                    if not accelerator.sync_gradients:
+                        continue
+                    run.update(batch)
+                bar.update(1)
+                last = run.step == run.total
+                if run.step % args.log_every == 0 or last:
+                    record = run.log_window()
+                    bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "rewards/accuracies") if k in record})
+                if run.eval_loader is not None and args.eval_every and run.step % args.eval_every == 0 and not last:
+                    run.write_eval()
+                if args.save_every and run.step % args.save_every == 0 and not last:
+                    run.save()
+                if last:
+                    break
+            else:  # the epoch is used up
+                run.epoch, run.position = run.epoch + 1, 0
+                continue
+            break
+    finally:
+        bar.close()
     if run.eval_loader is not None and not finished_before:
         run.write_eval()
     if run.last_saved != run.step:

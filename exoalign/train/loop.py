@@ -175,7 +175,7 @@ def train(cfg: TrainConfig) -> Path:
             ref_model = _load_reference(cfg, ref_source).to(acc.device)
 
     def loss_fn(m: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return compute_loss(m, batch, cfg.loss, ref_model)
+        return compute_loss(m, batch, cfg.loss, ref_model, prefix_sharing=args.prefix_sharing)
 
     job = Job(model=model, tokenizer=tokenizer, train_data=train_data, collate=GroupCollator(tokenizer.pad_token_id),
               loss_fn=loss_fn, eval_data=eval_data, config=cfg, info=info)

@@ -16,6 +16,7 @@ A second run with the same inputs loads the file instead of recomputing (and log
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -109,7 +110,7 @@ def compute_table(
     was_training = model.training
     model.eval()
     net = unwrap(model)
-    adapters_off = net.disable_adapter() if is_peft(net) else _null()
+    adapters_off = net.disable_adapter() if is_peft(net) else contextlib.nullcontext()
     bar = tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
     with adapters_off, accelerator.autocast():
         for batch in bar:
@@ -121,14 +122,6 @@ def compute_table(
     if accelerator.num_processes > 1:
         table = accelerator.reduce(table, reduction="sum")  # disjoint shards: the sum is the union
     return table.cpu()
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def load_cached(path: Path, desc: dict) -> torch.Tensor | None:

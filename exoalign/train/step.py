@@ -7,7 +7,6 @@ optimizer around it, and benchmarks call it directly. It contains no loss formul
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -28,13 +27,22 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_peft(model: torch.nn.Module) -> bool:
+    """True for a peft (LoRA) model, whose adapters can be switched off to recover the base model."""
     return hasattr(unwrap(model), "disable_adapter") and hasattr(unwrap(model), "peft_config")
 
 
 def grouped_logps(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0, prefix_sharing: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs and completion lengths, both ``[B, K]``, for a collated group batch."""
+    """Summed completion log-probs and completion lengths, both ``[B, K]``, for a collated group batch.
+
+    ``prefix_sharing`` encodes each prompt once for its K completions (``exoalign.packing``), which falls back
+    to the K full sequences for models it cannot handle.
+    """
+    if prefix_sharing:
+        from ..packing import group_logps
+
+        return group_logps(model, batch, temperature=temperature, prefix_sharing=True)
     B, K = batch["group_mask"].shape
     logps, lengths = sequence_logps(
         model, batch["input_ids"], batch["attention_mask"], batch["labels"], temperature=temperature
@@ -48,15 +56,16 @@ def reference_logps(
     batch: dict[str, torch.Tensor],
     temperature: float = 1.0,
     ref_model: torch.nn.Module | None = None,
+    prefix_sharing: bool = False,
 ) -> torch.Tensor:
     """Reference log-probs ``[B, K]``: from ``ref_model``, or from ``model`` with its LoRA adapters disabled."""
     if ref_model is not None:
-        return grouped_logps(ref_model, batch, temperature)[0]
+        return grouped_logps(ref_model, batch, temperature, prefix_sharing)[0]
     if not is_peft(model):
         raise ValueError("no reference: pass ref_model, put ref_logps in the batch, or use a peft (LoRA) model")
     # The base weights under LoRA are π_sft itself: no second copy of the model is needed.
     with unwrap(model).disable_adapter():
-        return grouped_logps(unwrap(model), batch, temperature)[0]
+        return grouped_logps(unwrap(model), batch, temperature, prefix_sharing)[0]
 
 
 def targets_for(batch: dict[str, torch.Tensor], loss_cfg: LossConfig, B: int, K: int, device: torch.device) -> torch.Tensor:
@@ -109,22 +118,25 @@ def compute_loss(
     batch: dict[str, Any],
     loss_cfg: LossConfig,
     ref_model: torch.nn.Module | None = None,
+    *,
+    prefix_sharing: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mean loss over the batch's groups and its metrics (detached scalars).
 
     ``batch`` is a :class:`~exoalign.data.GroupCollator` batch: ``input_ids``/``attention_mask``/``labels``
     ``[B*K, T]``, ``group_mask`` ``[B, K]``, optional ``rewards`` and ``ref_logps`` ``[B, K]``. The reference
     log-probs come from the batch (cached), else from ``ref_model``, else from ``model`` with adapters disabled.
+    ``prefix_sharing`` (``train.prefix_sharing``) encodes each prompt once for its K completions.
     """
     info = loss_info(loss_cfg.name)
     mask = batch["group_mask"].to(torch.bool)  # (B, K)
     B, K = mask.shape
-    policy, lengths = grouped_logps(model, batch, loss_cfg.temperature)  # (B, K), (B, K)
+    policy, lengths = grouped_logps(model, batch, loss_cfg.temperature, prefix_sharing)  # (B, K), (B, K)
     ref = None
     if info.needs_ref:
         ref = batch.get("ref_logps")
         if ref is None:
-            ref = reference_logps(model, batch, loss_cfg.temperature, ref_model)
+            ref = reference_logps(model, batch, loss_cfg.temperature, ref_model, prefix_sharing)
         ref = ref.to(policy.dtype)
     targets = targets_for(batch, loss_cfg, B, K, policy.device)  # (B, K)
     params = {"lengths": lengths, "label_smoothing": loss_cfg.label_smoothing, "gamma": loss_cfg.gamma, "alpha": loss_cfg.alpha}
@@ -134,14 +146,3 @@ def compute_loss(
     metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in out.metrics.items()}}
     metrics.update(batch_metrics(policy, ref, targets, mask))
     return loss, metrics
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    """Temporarily put ``model`` in eval mode (restores the previous mode)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)

@@ -1,0 +1,176 @@
+"""Outputs of the exact-optimum benchmark: results.json, results.md, illustration.json and three PNGs.
+
+Every file is written to ``name.tmp`` and renamed, so an interrupted run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .exact_metrics import METRICS
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _atomic_fig(fig, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, path)
+
+
+def method_order(names: list[str]) -> list[str]:
+    """Anchors and references first, then each EXO method next to its DPO counterpart, then IPO."""
+    def key(n: str) -> tuple:
+        if n in ("optimum", "rl-exact", "fkl-exact"):
+            return (0, ("optimum", "rl-exact", "fkl-exact").index(n), 0)
+        if n.startswith("best-of-n-"):
+            return (1, int(n.rsplit("-", 1)[1]), 0)
+        if n.endswith("-pref"):
+            return (2, 0, n.startswith("dpo"))
+        if "-rw-k" in n:
+            return (3, int(n.rsplit("k", 1)[1]), n.startswith("dpo"))
+        if n == "ipo":
+            return (4, 0, 0)
+        return (5, 0, 0)  # sft last
+    return sorted(names, key=key)
+
+
+def pairs(methods: dict) -> list[tuple[str, str]]:
+    """``(exo name, dpo name)`` for every setting trained with both losses."""
+    return [(n, "dpo" + n[3:]) for n in method_order(list(methods)) if n.startswith("exo-") and "dpo" + n[3:] in methods]
+
+
+def paired_diff(methods: dict, exo: str, dpo: str) -> dict[str, float]:
+    """Per-seed ``gap(DPO) − gap(EXO)`` on the same offline data: mean, std, and the seeds EXO wins."""
+    a, b = methods[exo]["per_seed"]["gap"], methods[dpo]["per_seed"]["gap"]
+    d = [y - x for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    std = (sum((v - mean) ** 2 for v in d) / (len(d) - 1)) ** 0.5 if len(d) > 1 else 0.0
+    return {"mean": mean, "std": std, "wins": sum(v > 0 for v in d), "n": len(d),
+            "rel": mean / methods[dpo]["gap"] if methods[dpo]["gap"] else 0.0}
+
+
+def markdown(results: dict, toy: dict) -> str:
+    """results.md: the settings, the table of exact metrics, the EXO-vs-DPO comparison and the illustration."""
+    cfg, methods = results["config"], results["methods"]
+    lines = [
+        "# Exact-optimum benchmark",
+        "",
+        f"V={cfg['vocab']}, L={cfg['length']} ({cfg['completions_per_prompt']} completions per prompt, enumerated), "
+        f"{cfg['prompts']} prompts, GRU policy hidden={cfg['hidden']} ({cfg['policy_params']} parameters). "
+        f"β={cfg['beta']:g} (β_π={cfg['beta_pi']:g}, β_r={cfg['beta_r']:g}), ε={cfg['eps']:g}. "
+        f"Offline data: {cfg['pool']} completions per prompt from π_sft; {cfg['batch']} completions per step, "
+        f"{cfg['steps']} steps, Adam lr {cfg['lr']:g} (cosine), seeds {cfg['seed_list']}.",
+        "",
+        "gap = (J(π*) − J(π)) / (J(π*) − J(π_sft)): 0 is optimal, 1 is no better than π_sft. Means over seeds "
+        "(± std over seeds where there are several).",
+        "",
+        "| method | gap | J | KL(π‖π*) | KL(π*‖π) | reward | KL(π‖π_sft) | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for n in method_order(list(methods)):
+        r = methods[n]
+        gap = f"{r['gap']:.3f}" + (f" ± {r['gap_std']:.3f}" if "gap_std" in r else "")
+        lines.append(f"| {n} | {gap} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS[1:]) + f" | {r['seeds']} |")
+    lines += ["", "## EXO vs DPO (paired by seed: same offline data)", "",
+              "| setting | gap EXO | gap DPO | DPO − EXO | EXO better on |", "|---|---|---|---|---|"]
+    for exo, dpo in pairs(methods):
+        d = paired_diff(methods, exo, dpo)
+        lines.append(f"| {exo[4:]} | {methods[exo]['gap']:.3f} | {methods[dpo]['gap']:.3f} | "
+                     f"{d['mean']:+.3f} ± {d['std']:.3f} | {d['wins']}/{d['n']} seeds |")
+    m = toy["metrics"]
+    lines += ["", "## 1-D illustration (unimodal Gaussian policy, bimodal π*, rw targets)", "",
+              "| method | gap | μ | σ | KL(π‖π*) | KL(π*‖π) |", "|---|---|---|---|---|---|"]
+    for name in ("exo", "dpo"):
+        r = m[name]
+        lines.append(f"| {name} | {r['gap']:.3f} | {r['mu']:.3f} | {r['sigma']:.3f} | {r['kl_to_opt']:.3f} | "
+                     f"{r['kl_from_opt']:.3f} |")
+    lines += ["", "![illustration](illustration.png)", "", "![gap](gap.png)", "", "![curves](curves.png)", "",
+              f"Versions: {', '.join(f'{k} {v}' for k, v in cfg['versions'].items())}. Wall time {cfg['wall_s']} s.", ""]
+    return "\n".join(lines)
+
+
+def plot_gaps(results: dict, path: Path) -> None:
+    """Horizontal bars of the mean gap per method, with one dot per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["methods"]
+    names = [n for n in method_order(list(methods)) if n != "optimum"]
+    color = lambda n: ("tab:red" if n.startswith("exo") else "tab:blue" if n.startswith("dpo")
+                       else "tab:purple" if n == "ipo" else "0.4")
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(names) + 1.2))
+    ys = range(len(names))
+    ax.barh(list(ys), [methods[n]["gap"] for n in names], color=[color(n) for n in names], alpha=0.75)
+    for y, n in zip(ys, names):
+        seeds = methods[n]["per_seed"]["gap"]
+        ax.plot(seeds, [y] * len(seeds), "k.", ms=3)
+    ax.set_yticks(list(ys), names)
+    ax.invert_yaxis()
+    ax.axvline(1.0, color="0.5", lw=0.8, ls="--")
+    ax.set_xlabel("optimality gap (0 = π*, 1 = π_sft)")
+    ax.set_title(f"Exact optimality gap, β={results['config']['beta']:g}")
+    fig.tight_layout()
+    _atomic_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    """Mean exact gap against training step for every trained method and rl-exact."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = results["methods"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    # one colour per setting (pref, rw-k2, …): EXO solid, DPO dashed, so each pair reads side by side
+    settings = sorted({n.split("-", 1)[1] for n in methods if n.startswith(("exo-", "dpo-"))})
+    palette = dict(zip(settings, plt.get_cmap("tab10").colors))
+    for n in method_order(list(methods)):
+        if "curve" not in methods[n]:
+            continue
+        steps, gaps = zip(*methods[n]["curve"])
+        if n == "rl-exact":
+            style = dict(color="k", lw=2)
+        elif n == "fkl-exact":
+            style = dict(color="0.5", lw=2, ls=":")
+        elif n.startswith(("exo-", "dpo-")):
+            style = dict(color=palette[n.split("-", 1)[1]], ls="-" if n.startswith("exo") else "--")
+        else:
+            style = dict(color="tab:olive", ls="-.")
+        ax.plot(steps, gaps, label=n, **style)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("optimality gap (log scale)")
+    ax.set_title("Exact gap during training (mean over seeds)")
+    ax.legend(fontsize=7, ncol=2, frameon=False)
+    fig.tight_layout()
+    _atomic_fig(fig, path)
+    plt.close(fig)
+
+
+def write_all(results: dict, toy: dict, out_dir: Path) -> list[Path]:
+    """Write every output file into ``out_dir``; return their paths."""
+    from .exact_toy import plot_toy
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / n for n in ("results.json", "results.md", "illustration.json", "illustration.png",
+                                   "gap.png", "curves.png")]
+    _atomic_text(paths[0], json.dumps(results, indent=1) + "\n")
+    _atomic_text(paths[1], markdown(results, toy))
+    _atomic_text(paths[2], json.dumps(toy, indent=1) + "\n")
+    tmp = paths[3].with_name(paths[3].name + ".tmp")
+    plot_toy(toy, str(tmp), toy.get("beta", 0.5))
+    os.replace(tmp, paths[3])
+    plot_gaps(results, paths[4])
+    plot_curves(results, paths[5])
+    return paths

@@ -1,0 +1,222 @@
+"""Tests of the exact-optimum benchmark: enumeration, exact metrics, analytic best-of-N, the CLI's quick mode."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from exoalign.bench.exact_metrics import (
+    best_of_n_logps,
+    exact_metrics,
+    kl,
+    objective,
+    optimum_logps,
+)
+from exoalign.bench.exact_problem import (
+    SeqPolicy,
+    SeqTaskSpec,
+    all_sequences,
+    build_task,
+    enumerate_logps,
+    seq_index,
+    sequence_logps,
+)
+from exoalign.bench.exact_train import sample_offline
+from exoalign.cli import main as cli_main
+
+
+def _random_policy(vocab: int = 3, length: int = 4, prompts: int = 2, seed: int = 0) -> SeqPolicy:
+    torch.manual_seed(seed)
+    pol = SeqPolicy(vocab, length, prompts, hidden=5, embed=4).double()
+    with torch.no_grad():  # sharpen the random init so the distribution is far from uniform
+        pol.head.weight.mul_(10.0)
+        pol.head.bias.normal_(0.0, 2.0)
+    return pol
+
+
+def test_all_sequences_are_lexicographic_and_index_round_trips():
+    seqs = all_sequences(3, 4)
+    assert seqs.shape == (81, 4)
+    assert seqs[0].tolist() == [0, 0, 0, 0] and seqs[5].tolist() == [0, 0, 1, 2] and seqs[-1].tolist() == [2, 2, 2, 2]
+    assert torch.equal(seq_index(seqs, 3), torch.arange(81))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_enumeration_sums_to_one_and_matches_teacher_forcing(seed):
+    pol = _random_policy(seed=seed)
+    with torch.no_grad():
+        table = enumerate_logps(pol, torch.arange(2))  # (2, 81)
+        assert table.shape == (2, 81)
+        torch.testing.assert_close(table.exp().sum(-1), torch.ones(2, dtype=torch.float64), rtol=0, atol=1e-12)
+        seqs = all_sequences(3, 4)
+        for x in range(2):
+            tf = sequence_logps(pol, torch.full((81,), x), seqs)  # sum of token log-probs, one fused GRU pass
+            torch.testing.assert_close(tf, table[x], rtol=0, atol=1e-10)
+        # not a trivial distribution: the sharpened policy is far from uniform
+        assert table.exp().max() > 3 / 81 and table.exp().min() < 0.3 / 81
+
+
+def test_sft_target_is_a_distribution_and_reward_has_two_unequal_peaks():
+    task = build_task(SeqTaskSpec(vocab=4, length=4, prompts=2, seed=3))
+    torch.testing.assert_close(task.sft_probs.sum(-1), torch.ones(2, dtype=torch.float64))
+    idx = seq_index(task.goals, 4)  # (P, 2)
+    for x in range(2):
+        assert task.rewards[x, idx[x, 0]].item() == pytest.approx(4.0)  # the high peak
+        assert task.rewards[x, idx[x, 1]].item() == pytest.approx(2.0)  # the low peak, near the frequent mode
+        assert task.rewards[x].max().item() == pytest.approx(4.0)
+
+
+def _tables(seed: int, beta: float):
+    """π_sft from a random GRU, a random reward, and π* — all [P, N] float64."""
+    pol = _random_policy(seed=seed)
+    with torch.no_grad():
+        sft = enumerate_logps(pol, torch.arange(2))
+    rewards = torch.rand(sft.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 3
+    return sft, rewards, optimum_logps(sft, rewards, beta)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
+def test_optimum_beats_every_policy_and_the_gap_identity_holds(beta):
+    sft, rewards, opt = _tables(0, beta)
+    j_opt = objective(opt, sft, rewards, beta)  # (P,)
+    # closed form: J(π*) = β log Z
+    torch.testing.assert_close(j_opt, beta * torch.logsumexp(sft + rewards / beta, -1))
+    others = [torch.log_softmax(torch.randn(sft.shape, generator=torch.Generator().manual_seed(s),
+                                            dtype=torch.float64) * (1 + s % 4), -1) for s in range(12)]
+    with torch.no_grad():
+        others += [enumerate_logps(_random_policy(seed=100 + s), torch.arange(2)) for s in range(4)]
+    others.append(torch.log_softmax(0.3 * sft + 0.7 * opt, -1))  # close to the optimum, still not it
+    for pi in others:
+        j = objective(pi, sft, rewards, beta)
+        assert (j_opt > j).all()
+        # J(π*) − J(π) = β KL(π ‖ π*)
+        torch.testing.assert_close(j_opt - j, beta * kl(pi, opt), rtol=1e-9, atol=1e-9)
+
+
+def test_kl_of_optimum_to_itself_is_zero_and_gap_anchors():
+    beta = 0.5
+    sft, rewards, opt = _tables(1, beta)
+    assert kl(opt, opt).abs().max().item() == 0.0
+    m_opt = exact_metrics(opt, sft, rewards, beta)
+    assert m_opt["gap"] == pytest.approx(0.0, abs=1e-12)
+    assert m_opt["kl_to_opt"] == pytest.approx(0.0, abs=1e-12) and m_opt["kl_from_opt"] == pytest.approx(0.0, abs=1e-12)
+    m_sft = exact_metrics(sft, sft, rewards, beta)
+    assert m_sft["gap"] == pytest.approx(1.0) and m_sft["kl_to_sft"] == pytest.approx(0.0, abs=1e-12)
+    # gap = KL(π‖π*) / KL(π_sft‖π*) for any π
+    mid = torch.log_softmax(0.5 * (sft + opt), -1)
+    m = exact_metrics(mid, sft, rewards, beta)
+    assert m["gap"] == pytest.approx(m["kl_to_opt"] / m_sft["kl_to_opt"], rel=1e-9)
+    assert 0.0 < m["gap"] < 1.0
+
+
+def test_best_of_n_analytic_matches_monte_carlo_with_ties():
+    """Six outcomes, two of them tied in reward; best of 3 draws, ties broken uniformly at random."""
+    p = torch.tensor([[0.3, 0.1, 0.2, 0.15, 0.05, 0.2]], dtype=torch.float64)
+    r = torch.tensor([[0.0, 1.0, 1.0, 2.0, 3.0, 0.5]], dtype=torch.float64)
+    n, draws = 3, 200_000
+    analytic = best_of_n_logps(p.log(), r, n).exp()[0]
+    torch.testing.assert_close(analytic.sum(), torch.tensor(1.0, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.multinomial(p[0], draws * n, replacement=True, generator=gen).view(draws, n)  # (D, n)
+    # argmax of reward + tiny uniform noise = best with uniform tie-breaking (noise ≪ reward gaps)
+    score = r[0][samples] + 1e-6 * torch.rand(draws, n, generator=gen, dtype=torch.float64)
+    best = samples.gather(1, score.argmax(1, keepdim=True)).squeeze(1)
+    empirical = torch.bincount(best, minlength=6).double() / draws
+    se = (analytic * (1 - analytic) / draws).sqrt()
+    assert ((empirical - analytic).abs() <= 5 * se + 1e-9).all(), (empirical, analytic)
+    # hand check for the top outcome: 1 − (1 − 0.05)^3
+    assert analytic[4].item() == pytest.approx(1 - 0.95**3)
+    # best-of-1 is π_sft itself
+    torch.testing.assert_close(best_of_n_logps(p.log(), r, 1).exp(), p)
+
+
+def test_offline_pairs_follow_bradley_terry():
+    sft = torch.log(torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    rewards = torch.tensor([[0.0, 0.3]], dtype=torch.float64)
+    seqs = torch.tensor([[0], [1]])
+    data = sample_offline(sft, rewards, seqs, 40_000, 0.5, torch.Generator().manual_seed(0))
+    pr = data.rewards[0][data.pairs[0]]  # (M/2, 2) rewards of (chosen, rejected)
+    mixed = pr[:, 0] != pr[:, 1]
+    frac = (pr[mixed, 0] > pr[mixed, 1]).double().mean().item()
+    expect = 1 / (1 + math.exp(-0.3 / 0.5))  # σ(Δr / β_r)
+    assert frac == pytest.approx(expect, abs=4 * math.sqrt(expect * (1 - expect) / mixed.sum().item()))
+    # cached reference log-probs are π_sft's
+    torch.testing.assert_close(data.ref_logps, torch.full((1, 40_000), math.log(0.5)))
+
+
+def test_exo_rw_gradient_tends_to_the_rl_gradient_with_beta_pi_one():
+    """With β_π = 1 and many samples from π_sft, ∇ EXO ∥ ∇ KL(π_θ‖π*) (Ji et al. 2024, Thm 3.x)."""
+    from exoalign.bench.exact_toy import GaussianPolicy, ToySpec, toy_problem
+    from exoalign.losses import get_loss, reward_targets
+
+    spec = ToySpec()
+    sft, rewards = toy_problem(spec)
+    opt = optimum_logps(sft, rewards, spec.beta)
+    pol = GaussianPolicy(spec.bins, 0.4, 0.15)  # a policy away from π_sft
+    exact = torch.autograd.grad(kl(pol(), opt).sum(), [pol.mu, pol.log_sigma])
+    ys = torch.multinomial(sft[0].exp(), 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    out = get_loss("exo")(pol()[0][ys].unsqueeze(0), sft[0][ys].unsqueeze(0),
+                          reward_targets(rewards[0][ys].unsqueeze(0), spec.beta), 1.0)
+    est = torch.autograd.grad(out.losses.sum(), [pol.mu, pol.log_sigma])
+    a, b = torch.stack(exact), torch.stack(est)
+    assert torch.dot(a, b) / (a.norm() * b.norm()) > 0.99
+
+
+def test_quick_mode_runs_through_the_cli_and_writes_the_schema(tmp_path):
+    out = tmp_path / "exact"
+    assert cli_main(["bench", "exact", "--quick", "--no-progress", "--seed", "0", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) == {"config", "methods"}
+    names = {"exo-pref", "dpo-pref", "ipo", "rl-exact", "sft", "optimum"}
+    names |= {f"{m}-rw-k{k}" for m in ("exo", "dpo") for k in (2, 4, 8)}
+    names |= {f"best-of-n-{n}" for n in res["config"]["best_of_n"]}
+    assert names <= set(res["methods"])
+    for name, rec in res["methods"].items():
+        for key in ("gap", "J", "kl_to_opt", "kl_from_opt", "reward", "kl_to_sft"):
+            assert isinstance(rec[key], float) and math.isfinite(rec[key]), (name, key)
+        assert isinstance(rec["seeds"], int) and rec["seeds"] >= 1
+        assert rec["kl_to_opt"] >= -1e-9 and rec["kl_from_opt"] >= -1e-9 and rec["kl_to_sft"] >= -1e-9
+        # nothing beats the optimum, exactly
+        assert rec["J"] <= res["methods"]["optimum"]["J"] + 1e-9
+    m = res["methods"]
+    assert m["optimum"]["gap"] == pytest.approx(0.0, abs=1e-9) and m["sft"]["gap"] == pytest.approx(1.0)
+    assert m["rl-exact"]["gap"] < 0.9  # gradient ascent on the exact objective improves on π_sft
+    assert res["config"]["beta"] == 0.5 and res["config"]["quick"] is True
+    for f in ("results.md", "illustration.png", "gap.png", "curves.png", "illustration.json"):
+        assert (out / f).stat().st_size > 0
+    assert "| exo-rw-k8 |" in (out / "results.md").read_text()
+    assert not list(out.glob("*.tmp"))
+    # the illustration: EXO sits on the dominant (left) mode, DPO spreads (larger σ, larger gap)
+    toy = json.loads((out / "illustration.json").read_text())["metrics"]
+    assert abs(toy["exo"]["mu"] - 0.25) < 0.05 and toy["exo"]["sigma"] < toy["dpo"]["sigma"]
+    assert toy["exo"]["gap"] < toy["dpo"]["gap"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--beta", "-1"],
+        ["--beta", "0"],
+        ["--beta", "nan"],
+        ["--bogus"],
+        ["--seed", "x"],
+        ["pool=3"],
+        ["length=9"],
+        ["ks=[1]"],
+        ["batch=30"],
+        ["no_such_key=1"],
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(argv, tmp_path, capsys):
+    assert cli_main(["bench", "exact", "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_benchmark_exits_2(capsys):
+    assert cli_main(["bench", "nope"]) == 2
+    assert "exact" in capsys.readouterr().err

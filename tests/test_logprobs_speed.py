@@ -1,0 +1,143 @@
+"""The fast unshared path of exoalign.logprobs: same numbers as the naive computation, less work and memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exoalign.logprobs import (
+    compact_logits_supported,
+    gathered_token_logps,
+    sequence_logps,
+    token_logps,
+)
+from exoalign.models import build_model, tiny_config
+from exoalign.packing import collate_groups
+
+VOCAB = 64
+
+
+@pytest.fixture()
+def model() -> torch.nn.Module:
+    config = tiny_config(VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    return build_model(config, seed=0)
+
+
+def batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(2, VOCAB, (n,), generator=g).tolist()
+
+    return collate_groups([ids(6), ids(2)], [[ids(5), ids(3)], [ids(1), ids(4)]], pad_id=1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_token_logps_values_and_gradients_match_log_softmax(temperature: float) -> None:
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 50) * 5).requires_grad_()
+    tgt = torch.randint(0, 50, (37,))
+    w = torch.randn(37)
+    ref = (logits / temperature).log_softmax(-1).gather(-1, tgt[:, None]).squeeze(-1)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), logits)
+    out = token_logps(logits, tgt, temperature, chunk=8)  # several chunks, the last one partial
+    (g_out,) = torch.autograd.grad((out * w).sum(), logits)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(g_out, g_ref, rtol=0, atol=1e-6)
+
+
+def test_gathered_rows_read_twice() -> None:
+    """Row 0 predicts two tokens (prompt sharing's first completion tokens): values and summed gradients."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, 11, requires_grad=True)
+    index, tgt = torch.tensor([0, 0, 1, 3, 0]), torch.tensor([2, 5, 7, 1, 2])
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0, 1.5])
+    ref = logits.log_softmax(-1)[index, tgt]
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), logits)
+    out = gathered_token_logps(logits, index, tgt, 1.0)
+    (g_out,) = torch.autograd.grad((out * w).sum(), logits)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(g_out, g_ref, rtol=0, atol=1e-6)
+    assert float(g_out[2].abs().sum()) == 0.0  # an unread row gets no gradient
+
+
+def test_bf16_logits_keep_no_fp32_copy_for_backward() -> None:
+    """For bf16 logits only the logits themselves and per-token scalars are saved: no [N, V] fp32 copy."""
+    logits = torch.randn(64, 1000, dtype=torch.bfloat16, requires_grad=True)
+    tgt = torch.randint(0, 1000, (64,))
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = token_logps(logits, tgt)
+    big = [t for t in saved if t.numel() >= logits.numel()]
+    assert len(big) == 1 and big[0].dtype == torch.bfloat16 and big[0].data_ptr() == logits.data_ptr()
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    ref = logits.detach().float().log_softmax(-1).gather(-1, tgt[:, None]).squeeze(-1)
+    torch.testing.assert_close(out.detach(), ref, rtol=0, atol=1e-4)
+
+
+def test_sequence_logps_matches_rows_alone(model: torch.nn.Module) -> None:
+    b = batch()
+    lp, n = sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"], temperature=0.7)
+    for r in range(len(lp)):
+        keep = b["attention_mask"][r].bool()
+        ids, lab = b["input_ids"][r][keep], b["labels"][r][keep]
+        logp = (model(ids[None]).logits[0, :-1] / 0.7).log_softmax(-1)
+        t = lab[1:]
+        m = t != -100
+        assert int(n[r]) == int(m.sum())
+        torch.testing.assert_close(lp[r], logp[m].gather(-1, t[m, None]).sum(), rtol=0, atol=1e-5)
+
+
+def test_logits_only_where_a_completion_token_is_predicted(model: torch.nn.Module) -> None:
+    """The LM head sees exactly one row per labelled token (13 here), not B × T positions."""
+    assert compact_logits_supported(model)
+    b = batch()
+    rows: list[int] = []
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
+    sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+    handle.remove()
+    assert rows == [int((b["labels"] != -100).sum())] == [5 + 3 + 1 + 4]
+
+
+def test_padding_columns_are_dropped(model: torch.nn.Module) -> None:
+    """Extra all-padding columns on either side change neither the numbers nor the width the model runs on."""
+    b = batch()
+    T = b["input_ids"].shape[1]
+    widths: list[int] = []
+    handle = model.transformer.wte.register_forward_hook(lambda m, i, o: widths.append(i[0].shape[1]))
+    lp, n = sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+
+    def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (3, 4), value=value)
+
+    lp2, n2 = sequence_logps(model, pad(b["input_ids"], 1), pad(b["attention_mask"], 0), pad(b["labels"], -100))
+    handle.remove()
+    assert widths == [T, T]
+    torch.testing.assert_close(lp2, lp, rtol=0, atol=1e-6)
+    assert n2.tolist() == n.tolist()
+
+
+def test_models_without_mask_logits_to_keep(model: torch.nn.Module) -> None:
+    """A model whose forward knows no ``logits_to_keep`` gets the same numbers through the fallback."""
+    b = batch()
+    expected, _ = sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"])
+
+    class Plain(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    wrapped = Plain(model)
+    assert not compact_logits_supported(wrapped)
+    got, _ = sequence_logps(wrapped, b["input_ids"], b["attention_mask"], b["labels"])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

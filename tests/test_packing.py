@@ -1,0 +1,190 @@
+"""Prompt sharing (exoalign.packing): the shared layout gives the unshared log-probs and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exoalign.logprobs import autocast, sequence_logps
+from exoalign.models import build_model, tiny_config
+from exoalign.packing import (
+    collate_groups,
+    group_logps,
+    pack_shared_prefix,
+    shared_prefix_logps,
+    shared_prefix_mask,
+    supports_shared_prefix,
+)
+
+VOCAB = 64
+
+
+def make_model(model_type: str, impl: str = "sdpa") -> torch.nn.Module:
+    kw = {}
+    if model_type == "llama":  # grouped-query attention and rotary positions
+        kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    config = tiny_config(VOCAB, model_type=model_type, bos_token_id=0, eos_token_id=0, pad_token_id=1, **kw)
+    config._attn_implementation = impl
+    return build_model(config, seed=0)
+
+
+def ragged_batch(seed: int = 1) -> dict[str, torch.Tensor]:
+    """3 groups, K = 3: prompts of 5, 3 and 7 tokens; completions of 1 to 6 tokens; two groups have empty slots."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(2, VOCAB, (n,), generator=g).tolist()
+
+    return collate_groups([ids(5), ids(3), ids(7)], [[ids(4), ids(2), ids(6)], [ids(3)], [ids(1), ids(5)]], pad_id=1)
+
+
+def naive_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Each row on its own, without padding, through the full log-softmax: the slow reference. (B*K,)"""
+    out = []
+    for ids, am, lab in zip(batch["input_ids"], batch["attention_mask"], batch["labels"]):
+        keep = am.bool()
+        x, y = ids[keep][None], lab[keep]
+        logp = (model(x).logits[0, :-1] / temperature).log_softmax(-1)  # (n - 1, V)
+        t = y[1:]
+        m = t != -100
+        out.append(logp[m].gather(-1, t[m, None]).sum())
+    return torch.stack(out)
+
+
+def grads(model: torch.nn.Module, value: torch.Tensor) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    value.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_shared_equals_unshared_values_and_gradients(model_type: str, impl: str) -> None:
+    model = make_model(model_type, impl)
+    assert supports_shared_prefix(model)
+    batch = ragged_batch()
+    weights = torch.randn(3, 3, generator=torch.Generator().manual_seed(2))  # a loss that weighs every slot
+
+    shared, lengths = shared_prefix_logps(model, batch, temperature=0.8)
+    unshared, n_unshared = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                          temperature=0.8)
+    slow = naive_logps(model, batch, temperature=0.8)
+
+    assert shared.shape == (3, 3) and shared.dtype == torch.float32
+    torch.testing.assert_close(shared.flatten(), unshared, rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared.flatten(), slow, rtol=0, atol=1e-5)
+    assert lengths.tolist() == [[4, 2, 6], [3, 0, 0], [1, 5, 0]] == n_unshared.view(3, 3).tolist()
+    assert shared[1, 1] == 0 and shared[2, 2] == 0  # empty slots
+    assert bool((shared[batch["group_mask"]] < 0).all())
+
+    g_shared = grads(model, (shared * weights).sum())
+    g_slow = grads(model, (slow.view(3, 3) * weights).sum())
+    for a, b in zip(g_shared, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_group_collator_batches_with_missing_slots() -> None:
+    """The trainer's collator puts the prompt into missing slots; those rows are dropped, not scored."""
+    from exoalign.data import GroupCollator
+
+    model = make_model("gpt2")
+    feats = [
+        {"index": 0, "prompt_ids": [5, 6, 7], "completion_ids": [[8, 9, 0], [10, 0], [11, 12, 13, 0]]},
+        {"index": 1, "prompt_ids": [14, 15, 16, 17, 18], "completion_ids": [[19, 0]]},
+    ]
+    batch = GroupCollator(1)(feats)
+    shared, lengths = group_logps(model, batch, prefix_sharing=True)
+    plain, plain_lengths = group_logps(model, batch, prefix_sharing=False)
+    torch.testing.assert_close(shared, plain.masked_fill(~batch["group_mask"], 0.0), rtol=0, atol=1e-5)
+    assert lengths.tolist() == batch["lengths"].tolist() == plain_lengths.tolist()
+    assert shared[1, 1:].tolist() == [0.0, 0.0]
+
+
+def test_packed_layout_by_hand() -> None:
+    """Group 0: prompt [5 6], completions [7 8] and [9]. Group 1: prompt [4], completion [3 2]; slot 1 empty.
+
+    Collated (P = 2, C = 2):  [5 6 | 7 8], [5 6 | 9 .], [. 4 | 3 2], [. 4 | . .] (empty slot: prompt only)
+    Shared rows (L = P + max(2 + 1, 2) = 5):
+        ids       [5 6 7 8 9]     [. 4 3 2 .]
+        segments  [0 0 1 1 2]     [-1 0 1 1 -1]
+        positions [0 1 2 3 2]     [0 0 1 2 0]
+    Tokens 7, 9 are predicted from column 1 (the prompt's end), 8 from column 2; 3 from column 1, 2 from 2.
+    """
+    batch = collate_groups([[5, 6], [4]], [[[7, 8], [9]], [[3, 2]]], pad_id=0)
+    p = pack_shared_prefix(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["group_mask"])
+    assert p.prompt_end == 2
+    assert p.input_ids.tolist() == [[5, 6, 7, 8, 9], [0, 4, 3, 2, 0]]
+    assert p.segments.tolist() == [[0, 0, 1, 1, 2], [-1, 0, 1, 1, -1]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 2], [0, 0, 1, 2, 0]]
+    assert p.predict.tolist() == [[False, True, True, False, False], [False, True, True, False, False]]
+    # predicting rows among the True positions: (0,1)=0, (0,2)=1, (1,1)=2, (1,2)=3
+    assert p.targets.tolist() == [7, 8, 9, 3, 2]
+    assert p.pred_index.tolist() == [0, 1, 0, 2, 3]
+    assert p.slots.tolist() == [0, 0, 1, 2, 2]
+    assert p.lengths.tolist() == [[2, 1], [2, 0]]
+
+
+def test_mask_by_hand() -> None:
+    """Segments [0 0 1 1 2]: completion 2's token sees the prompt and itself, not completion 1."""
+    seg = torch.tensor([[0, 0, 1, 1, 2], [-1, 0, 1, -1, -1]])
+    m = shared_prefix_mask(seg)[:, 0].int().tolist()
+    assert m[0] == [[1, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0],
+                    [1, 1, 1, 0, 0],
+                    [1, 1, 1, 1, 0],
+                    [1, 1, 0, 0, 1]]
+    assert m[1] == [[1, 0, 0, 0, 0],  # padding sees itself only (no empty softmax row)
+                    [0, 1, 0, 0, 0],
+                    [0, 1, 1, 0, 0],
+                    [0, 1, 0, 1, 0],
+                    [0, 1, 0, 0, 1]]
+    additive = shared_prefix_mask(seg, torch.float32)
+    assert additive[0, 0, 4, 2] == torch.finfo(torch.float32).min and additive[0, 0, 4, 1] == 0
+
+
+def test_rows_of_a_group_must_share_the_prompt() -> None:
+    batch = collate_groups([[5, 6], [4]], [[[7, 8], [9]], [[3, 2]]], pad_id=0)
+    batch["input_ids"][1, 1] = 11  # slot 1 of group 0 now has another prompt
+    with pytest.raises(ValueError, match="same prompt"):
+        pack_shared_prefix(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["group_mask"])
+
+
+def test_fallback_for_attention_without_custom_masks() -> None:
+    """A config-level exclusion (FlashAttention 2) and a model that silently drops 4-D masks both fall back."""
+    model = make_model("gpt2")
+    batch = ragged_batch()
+    expected = naive_logps(model, batch).view(3, 3).detach()
+
+    model.config._attn_implementation = "flash_attention_2"
+    assert not supports_shared_prefix(model)
+    model.config._attn_implementation = "sdpa"
+
+    class DropsMasks(type(model)):
+        """Attends causally across the whole row whatever mask it is given (as some custom models do)."""
+
+        def forward(self, *args, attention_mask=None, **kwargs):
+            if attention_mask is not None and attention_mask.dim() == 4:
+                attention_mask = None
+            return super().forward(*args, attention_mask=attention_mask, **kwargs)
+
+    bad = DropsMasks(model.config)
+    bad.load_state_dict(model.state_dict())
+    assert not supports_shared_prefix(bad)  # the probe sees other numbers
+    out, _ = shared_prefix_logps(bad, batch)
+    torch.testing.assert_close(out, expected.masked_fill(~batch["group_mask"], 0.0), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_bf16_autocast(impl: str) -> None:
+    """Under bf16 autocast the shared layout stays within bf16 rounding of the unshared one, in fp32 output."""
+    model = make_model("gpt2", impl)
+    batch = ragged_batch()
+    with autocast("bf16", "cpu"):
+        shared, _ = group_logps(model, batch, prefix_sharing=True)
+        plain, _ = group_logps(model, batch, prefix_sharing=False)
+    exact, _ = group_logps(model, batch, prefix_sharing=False)
+    assert shared.dtype == torch.float32
+    torch.testing.assert_close(shared, plain, rtol=0, atol=0.05)
+    torch.testing.assert_close(shared, exact, rtol=0, atol=0.15)
+    assert float((shared - exact).detach().abs().max()) > 0  # autocast really ran in bf16
