@@ -94,7 +94,13 @@ def _coerce(value: Any, tp: Any, where: dict) -> Any:
                 errors.append(e)
         raise errors[0] if errors else ConfigError("value must be null", **where)
     if origin is typing.Literal:
-        if value in args:
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            # YAML 1.1 reads bare no/off/yes/on as booleans; map them back to the spelling the choices use.
+            spelled = [a for a in args if isinstance(a, str) and a.lower() in (
+                ("yes", "on", "true") if value else ("no", "off", "false"))]
+            if spelled:
+                return spelled[0]
+        if value in args and not isinstance(value, bool):
             return value
         raise ConfigError(
             f"must be one of {', '.join(map(repr, args))} (got {value!r})", **where, fix=f"use one of {list(args)}"

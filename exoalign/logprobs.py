@@ -142,21 +142,18 @@ def compact_logits_supported(model: torch.nn.Module) -> bool:
     return module is not None and hasattr(module, "slice_logits_to_keep")
 
 
-def completion_logits(
-    model: torch.nn.Module,
-    predict: torch.Tensor,
-    first_col: int,
-    **inputs: torch.Tensor,
-) -> torch.Tensor:
+def completion_logits(model: torch.nn.Module, predict: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
     """Logits ``[n, V]`` at the positions where ``predict`` ``[B, T]`` is True, in row-major order.
 
-    ``first_col`` is the first column where ``predict`` can be True; models that only know an int
-    ``logits_to_keep`` compute the columns from there on and the True positions are picked afterwards.
-    ``inputs`` go to the model as they are (``input_ids``, ``attention_mask``, ``position_ids``).
+    Models that only know an int ``logits_to_keep`` compute every column from the first one where ``predict``
+    is True, and the True positions are picked afterwards. ``inputs`` go to the model as they are
+    (``input_ids``, ``attention_mask``, ``position_ids``).
     """
     T = predict.shape[1]
     if compact_logits_supported(model):
         return model(**inputs, use_cache=False, logits_to_keep=predict).logits  # (n, V)
+    any_col = predict.any(0)
+    first_col = int(any_col.float().argmax()) if bool(any_col.any()) else T - 1
     if _accepts(model, "logits_to_keep"):
         logits = model(**inputs, use_cache=False, logits_to_keep=T - first_col).logits  # (B, T - first, V)
     else:
@@ -191,17 +188,15 @@ def sequence_logps(
     """
     lengths = (labels != IGNORE).sum(-1)  # (N,)
     input_ids, attention_mask, labels, position_ids = _trim(input_ids, attention_mask, labels, position_ids)
-    N, T = input_ids.shape
+    N = input_ids.shape[0]
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     # The hidden state at column t predicts the token at t + 1: keep the columns whose next token is labelled.
     nxt = labels[:, 1:]  # (N, T - 1)
     keep = nxt != IGNORE
     predict = torch.cat([keep, keep.new_zeros(N, 1)], dim=1)  # (N, T)
-    any_col = predict.any(0)
-    first = int(any_col.float().argmax()) if bool(any_col.any()) else T - 1
     logits = completion_logits(
-        model, predict, first, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        model, predict, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
     )  # (n_tokens, V)
     lp = token_logps(logits, nxt[keep], temperature)  # (n_tokens,)
     rows = keep.nonzero()[:, 0]  # (n_tokens,) row of each kept token, in the same row-major order

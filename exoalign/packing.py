@@ -258,7 +258,6 @@ def _shared_logps(
     logits = completion_logits(
         model,
         packed.predict,
-        packed.prompt_end - 1,
         input_ids=packed.input_ids,
         attention_mask=_mask_for(model, packed.segments),
         position_ids=packed.position_ids,

@@ -21,14 +21,6 @@ from exoalign.stages.generation import HFSampler, SamplingSettings
 EOS = 4  # the tiny enumerable models: vocabulary {0, 1, 2, 3, EOS}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads spin-wait when the CPUs are shared); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 
 class IdTokenizer:

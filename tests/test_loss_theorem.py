@@ -31,17 +31,9 @@ _spec.loader.exec_module(ga)
 KS = (2, 4, 8, 16, 32, 64, 128, 256)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Many small ops: on a shared 2-core machine two threads make them ~15× slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
-def curve(_one_thread) -> dict:
+def curve() -> dict:
     problem = ga.make_problem(n=256, seed=0, beta_pi=1.0, beta_r=1.0)
     return ga.alignment_curve(problem, KS, samples_per_k=1 << 17, seed=0)
 

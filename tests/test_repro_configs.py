@@ -24,14 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 SETTINGS = ("imdb", "tldr", "hh")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads spin-wait when the CPUs are shared); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 
 def _config_class(stem: str) -> type:
@@ -108,7 +100,6 @@ def _raw_data(root: Path, corpus: list[str]) -> dict[str, list[str]]:
 
 def _classifier(path: Path, tokenizer) -> Path:
     """A tiny two-label sentiment classifier standing in for the IMDB oracle."""
-    import torch
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     cfg = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=256, num_labels=2,

@@ -20,13 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SFT_SMOKE = ROOT / "configs" / "sft_smoke.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_bt_loss_golden():
     """Scores (2, −1) and (0, 0.5): L = mean(−log σ(3), −log σ(−0.5)) = mean(0.04859, 0.97408)."""

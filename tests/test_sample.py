@@ -21,16 +21,6 @@ from exoalign.stages.generation import SeededSampler, completion_seed, stage_arg
 from exoalign.stages.sample import SampleConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads spin-wait when the CPUs are shared); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 def _prompts(path, corpus, n):
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):

@@ -21,13 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SFT_SMOKE = ROOT / "configs" / "sft_smoke.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_loss_is_completion_token_nll():
     """Golden: the mean over completion tokens (EOS included) of −log softmax(logits)[next token], from the

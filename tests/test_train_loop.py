@@ -27,13 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on 2 shared cores is many times slower than 1
-    yield
-    torch.set_num_threads(n)
-
 
 def make_cfg(tmp_path: Path, *overrides: str, name: str = "run") -> TrainConfig:
     """The smoke config, shortened, writing under ``tmp_path``, with a private reference cache."""

@@ -20,13 +20,6 @@ from exoalign.train.step import compute_loss, grouped_logps, reference_logps
 DATA = Path(__file__).resolve().parents[1] / "configs" / "data"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 threads on 2 shared cores is many times slower than 1
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def toy():
