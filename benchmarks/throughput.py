@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import inspect
 import json
 import os
 import platform
@@ -183,25 +182,10 @@ def _setup(shape: Shape, work: Path) -> None:
 
 
 def compute_loss_fn(prefix_sharing: bool):
-    """The trainer's ``compute_loss`` with prompt sharing on or off.
+    """The trainer's per-batch computation (``exoalign.train.step.compute_loss``) with prompt sharing on or off."""
+    from exoalign.train.step import compute_loss
 
-    Uses the trainer's own ``prefix_sharing`` argument when ``compute_loss`` has one; until then routes its
-    log-prob call through :func:`exoalign.packing.group_logps` (in this benchmark process only).
-    """
-    from exoalign.packing import group_logps
-    from exoalign.train import step
-
-    if "prefix_sharing" in inspect.signature(step.compute_loss).parameters:
-        return functools.partial(step.compute_loss, prefix_sharing=prefix_sharing)
-
-    def grouped(model, batch, temperature=1.0):
-        return group_logps(model, batch, temperature=temperature, prefix_sharing=prefix_sharing)
-
-    def compute_loss(*args, **kwargs):
-        step.grouped_logps = grouped  # set on every call: both settings may be in use in one process
-        return step.compute_loss(*args, **kwargs)
-
-    return compute_loss
+    return functools.partial(compute_loss, prefix_sharing=prefix_sharing)
 
 
 def run_exoalign(shape: Shape, assets: Path, work: Path, ch: Channel, prefix_sharing: bool) -> None:
@@ -218,7 +202,7 @@ def run_exoalign(shape: Shape, assets: Path, work: Path, ch: Channel, prefix_sha
                         max_steps=shape.warmup + shape.steps + 1, seed=shape.seed, cpu=True,
                         ref_cache_dir=str(work / "ref-cache"), prefix_sharing=prefix_sharing),
     )
-    inner = compute_loss_fn(prefix_sharing)
+    inner = loop.compute_loss  # the loop passes train.prefix_sharing to it
     calls = [0]
     tokens = [0]
 
@@ -232,7 +216,8 @@ def run_exoalign(shape: Shape, assets: Path, work: Path, ch: Channel, prefix_sha
         if not ch.wait():
             raise _Stop
         calls[0] += 1
-        tokens[0] = policy_tokens(batch, prefix_sharing)
+        if calls[0] == 1:  # every batch of this job has the same shape
+            tokens[0] = policy_tokens(batch, prefix_sharing)
         loss, metrics = inner(model, batch, loss_cfg, ref_model, **kw)
         last_loss[0] = float(loss.detach())
         return loss, metrics
@@ -374,6 +359,74 @@ def run_prefix(shape: Shape, assets: Path) -> dict:
                           "loss_diff": abs(losses[True] - losses[False])}
     peaks.append(matmul_peak())
     return {"prefix": result, "peaks": peaks}
+
+
+FAMILIES = {
+    "matmul (linear layers, LM head)": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "attention (SDPA)": ("scaled_dot_product",),
+    "elementwise mul/pow/tanh (mostly gelu_new)": ("aten::mul", "aten::pow", "aten::tanh"),
+    "layer norm": ("layer_norm",),
+    "copies, cat, fill (layouts, transposes)": ("aten::copy_", "aten::cat", "aten::fill_", "aten::zero_"),
+    "adds and sums (residuals, bias grads)": ("aten::add", "aten::sum"),
+}
+
+
+def profile_step(shape: Shape, assets: Path, prefix_sharing: bool = True, steps: int = 3) -> dict[str, list]:
+    """Where a training step like the loop's goes: wall seconds per phase (median of ``steps``), and the
+    forward + backward's self time by operator family (torch.profiler, one step).
+
+    The optimiser is ``torch.optim.AdamW`` with the loop's arguments (the default implementation), and the
+    fused one for comparison.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from exoalign.data import GroupCollator
+    from exoalign.models import load_causal_lm
+    from exoalign.train.config import LossConfig
+
+    model = load_causal_lm(str(assets / "policy"))
+    model.train()
+    g = torch.Generator().manual_seed(shape.seed)
+    c = shape.completion_len
+    feats = [{"index": b, "prompt_ids": torch.randint(2, shape.vocab, (shape.prompt_len,), generator=g).tolist(),
+              "completion_ids": [torch.randint(2, shape.vocab, (c - 1,), generator=g).tolist() + [0] for _ in range(2)],
+              "ref_logps": [-600.0, -600.0]} for b in range(shape.pairs)]
+    batch = GroupCollator(1)(feats)
+    fn = compute_loss_fn(prefix_sharing)
+    loss_cfg = LossConfig(name="exo", target="pref", beta_pi=0.1, eps=1e-3)
+    opts = {"AdamW (default)": torch.optim.AdamW(model.parameters(), lr=1e-6),
+            "AdamW (fused=True)": torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)}
+    phases: dict[str, list[float]] = {}
+
+    def timed(name: str, f):
+        t = time.perf_counter()
+        out = f()
+        phases.setdefault(name, []).append(time.perf_counter() - t)
+        return out
+
+    def fwd_bwd() -> None:
+        loss, _ = timed("forward (loss)", lambda: fn(model, batch, loss_cfg))
+        timed("backward", loss.backward)
+        timed("clip", lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+
+    for i in range(steps + 1):
+        for name, opt in opts.items():
+            fwd_bwd()
+            timed(name, opt.step)
+            opt.zero_grad(set_to_none=True)
+        if i == 0:
+            phases.clear()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss, _ = fn(model, batch, loss_cfg)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    families: dict[str, float] = {}
+    for e in prof.key_averages():
+        fam = next((f for f, keys in FAMILIES.items() if any(e.key.startswith(k) or k in e.key for k in keys)), "other")
+        families[fam] = families.get(fam, 0.0) + e.self_cpu_time_total / 1e6
+    return {"phases": [(k, statistics.median(v)) for k, v in phases.items()],
+            "families": sorted(families.items(), key=lambda kv: -kv[1])}
 
 
 def worker_main(system: str, shape: Shape, assets: Path, work: Path) -> None:
@@ -589,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", type=Path, help="write the Markdown tables here")
     p.add_argument("--details", type=Path, help="write every measurement (JSON) here")
     p.add_argument("--steps", type=int, help="timed steps per system (overrides the preset)")
+    p.add_argument("--profile", action="store_true", help="only profile one exoalign step by operator family")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--assets", type=Path, help=argparse.SUPPRESS)
@@ -603,6 +657,21 @@ def main(argv: list[str] | None = None) -> int:
     shape = Shape(**overrides)
     if args.steps:
         shape.steps = args.steps
+    if args.profile:
+        import torch
+
+        torch.set_num_threads(shape.threads)
+        with tempfile.TemporaryDirectory(prefix="exoalign-profile-") as tmp:
+            make_assets(shape, Path(tmp))
+            prof = profile_step(shape, Path(tmp))
+        print("| phase of one step | wall s (median) |\n|---|---|")
+        for name, t in prof["phases"]:
+            print(f"| {name} | {t:.3f} |")
+        total = sum(t for _, t in prof["families"])
+        print("\n| forward + backward by operator family | self s | share |\n|---|---|---|")
+        for fam, t in prof["families"]:
+            print(f"| {fam} | {t:.3f} | {t / total:.0%} |")
+        return 0
     res = run(shape)
     out = summary(res)
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -15,6 +15,9 @@ import dataclasses
 import difflib
 import inspect
 import math
+import os
+import re
+import sys
 import textwrap
 import types
 import typing
@@ -153,6 +156,10 @@ def _key_lines(node: yaml.Node | None, prefix: str = "") -> dict[str, int]:
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
             key = prefix + str(k.value)
+            if key in lines:
+                # YAML would silently keep the last value: a pasted-twice key is almost always a mistake.
+                raise ConfigError("duplicate key", line=k.start_mark.line + 1, field=key,
+                                  fix=f"keep one '{key}' (the other is on line {lines[key]})")
             lines[key] = k.start_mark.line + 1
             lines.update(_key_lines(v, key + "."))
     return lines
@@ -170,6 +177,13 @@ def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(
+            f"YAML tag not allowed ({e.problem}); configs are read with yaml.safe_load, which builds plain values only",
+            file=str(path), line=mark.line + 1 if mark is not None else None,
+            fix="remove the !!tag and write a plain value",
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -179,7 +193,13 @@ def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping of keys to values", file=str(path), line=1)
-    return data, _key_lines(node)
+    try:
+        lines = _key_lines(node)
+    except ConfigError as e:
+        e.file = str(path)
+        e.args = (str(e),)
+        raise
+    return data, lines
 
 
 def _unknown_key(key: str, choices: list[str], where: dict) -> ConfigError:
@@ -280,24 +300,74 @@ def to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write ``cfg`` as YAML, atomically (a temp file renamed over ``path``)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def config_parser(prog: str, cls: type, description: str = "") -> argparse.ArgumentParser:
-    """An argparse parser taking ``--config FILE`` and trailing ``key=value`` overrides; ``--help`` lists
-    every config key with its default and docstring."""
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` whose usage errors are :class:`ConfigError` (one ``error:`` line and exit 2 through
+    ``exoalign.cli``) instead of a usage block and ``SystemExit(2)``. ``--help`` still prints and exits 0."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(message, file="command line", fix=f"see `{self.prog} --help`")
+
+
+def _flags_to_overrides(argv: list[str], known: set[str]) -> list[str]:
+    """Rewrite ``--key value`` and ``--key=value`` (dashes read as underscores) into ``key=value`` overrides,
+    leaving the parser's own options (``known``) alone; a bare ``--flag`` means ``flag=true``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and len(arg) > 2 and arg.split("=", 1)[0] not in known:
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                nxt = argv[i + 1] if i + 1 < len(argv) else None
+                # The next word is this flag's value unless it is another flag or a key=value override.
+                if nxt is not None and not nxt.startswith("--") and not re.match(r"^[A-Za-z_][\w.]*=", nxt):
+                    value, i = nxt, i + 1
+                else:
+                    value = "true"  # a bare flag: --overwrite
+            out.append(f"{key.replace('-', '_')}={value}")
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+class ConfigArgumentParser(ArgumentParser):
+    """The parser of a config-driven command: ``[--config FILE] [key=value …]``, where any config key may also be
+    written ``--key value`` or ``--key=value`` (``--train.max-steps 5`` = ``train.max_steps=5``)."""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(_flags_to_overrides(argv, set(self._option_string_actions)), namespace)
+
+
+def config_parser(prog: str, cls: type, description: str = "") -> ConfigArgumentParser:
+    """A parser taking ``--config FILE`` and trailing ``key=value`` overrides (also ``--key value``); ``--help``
+    lists every config key with its default and docstring. Usage errors raise :class:`ConfigError`."""
     rows = describe(cls)
     width = max((len(k) for k, _, _ in rows), default=10)
-    epilog = "config keys (YAML or key=value overrides):\n" + "\n".join(
+    epilog = "config keys (YAML, key=value or --key value):\n" + "\n".join(
         f"  {k:<{width}}  {h} (default {d})" for k, d, h in rows
     )
-    p = argparse.ArgumentParser(
+    p = ConfigArgumentParser(
         prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", "-c", default=None, help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="key=value or section.key=value overrides")
+    p.add_argument("overrides", nargs="*", help="key=value or section.key=value overrides (or --key value)")
     return p
+
+
+def parse_config_args(prog: str, cls: type[T], argv: list[str] | None, description: str = "") -> T:
+    """Parse ``[--config FILE] [key=value | --key value …]`` and return the loaded, validated config."""
+    args = config_parser(prog, cls, description).parse_args(argv)
+    return load_config(cls, args.config, args.overrides)
 
 
 def require(cond: bool, field: str, message: str, fix: str) -> None:

@@ -115,11 +115,13 @@ def gathered_token_logps(
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under DDP / accelerate (``.module``) and PEFT (``get_base_model()``) wrappers."""
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner
+    """The model under DDP / accelerate (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            break
+        model = inner
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:

@@ -66,11 +66,14 @@ def build_model(config, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "right"):
     """``AutoTokenizer.from_pretrained`` with a pad token guaranteed (EOS if the tokeniser has none)."""
+    if looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
+        raise InputError("no such tokeniser directory", file=name_or_path, field="model.tokenizer",
+                         fix="give a directory with tokenizer files (a model directory has them) or a hub name")
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise InputError(
-            f"cannot load a tokeniser from {name_or_path!r} ({str(e).splitlines()[0]})",
+            f"cannot load a tokeniser ({str(e).splitlines()[0]})", file=str(name_or_path),
             field="model.tokenizer",
             fix="give a local directory with tokenizer files or a hub name (and network access)",
         ) from None
@@ -80,26 +83,47 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, paddin
     return tok
 
 
+def looks_local(name_or_path: str) -> bool:
+    """True when ``name_or_path`` names a local path (it exists, or is written as one) rather than a hub repo."""
+    return Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+
+
+def check_model_dir(name_or_path: str, field: str) -> None:
+    """Refuse, before any work, a local model that cannot be loaded safely: a missing directory, one without
+    ``config.json``, or one whose weights are not safetensors (pickled ``*.bin`` weights are never loaded,
+    since unpickling can run code). Hub names pass: they are checked when loaded (with ``use_safetensors``)."""
+    if not looks_local(name_or_path):
+        return
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise InputError("no such model directory", file=name_or_path, field=field,
+                         fix="give a model directory saved with save_pretrained, or a hub name")
+    if not (path / "config.json").is_file():
+        raise InputError("not a model directory (no config.json)", file=name_or_path, field=field,
+                         fix="give the directory that save_pretrained wrote")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        found = f" (found only {', '.join(pickled[:3])}: pickled weights are never loaded)" if pickled else ""
+        raise InputError(
+            f"no safetensors weights{found}", file=name_or_path, field=field,
+            fix="re-save the model with save_pretrained(dir, safe_serialization=True) from code you trust",
+        )
+
+
 def load_causal_lm(
-    name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False, **kwargs: Any
+    name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False, field: str = "model.name_or_path",
+    **kwargs: Any,
 ) -> torch.nn.Module:
     """``AutoModelForCausalLM.from_pretrained`` from safetensors only, remote code off unless asked for."""
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}", field="model.dtype", fix=f"use one of {', '.join(DTYPES)}")
-    path = Path(name_or_path)
-    if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
-        raise InputError(
-            f"no safetensors weights in {path}",
-            field="model.name_or_path",
-            fix="save the model with save_pretrained(safe_serialization=True); pickled .bin weights are not loaded",
-        )
+    check_model_dir(str(name_or_path), field)
     try:
         return AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
         )
     except OSError as e:
         raise InputError(
-            f"cannot load a model from {name_or_path!r} ({str(e).splitlines()[0]})",
-            field="model.name_or_path",
+            f"cannot load a model ({str(e).splitlines()[0]})", file=str(name_or_path), field=field,
             fix="give a local model directory or a hub name (and network access)",
         ) from None

@@ -13,8 +13,9 @@ Each completion then sees exactly the context it has in its own row, so its log-
 float rounding) while the prompt's share of the work is paid once instead of K times. The first token of every
 completion is predicted from the prompt's last position, so that one logit row is shared by the K completions.
 
-The 4-D mask goes through transformers' own attention paths: a boolean mask for SDPA (True = attend), an
-additive float mask for eager attention. Models whose attention cannot take such a mask (FlashAttention's
+The 4-D mask goes through transformers' own attention paths, which pass a ready 4-D mask through untouched:
+an additive float mask for SDPA and eager attention (a boolean one for SDPA under autocast). Logits are
+computed only at the positions that predict a completion token. Models whose attention cannot take such a mask (FlashAttention's
 varlen kernels, ALiBi or sliding-window models, recurrent models, custom code) are detected by
 :func:`supports_shared_prefix`, which also runs a tiny numerical probe once per model, and
 :func:`shared_prefix_logps` then falls back to the unshared layout.
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 #: Attention implementations known to honour a custom 4-D mask as given.
 MASKED_ATTENTION = ("sdpa", "eager")
-_PROBE_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str, bool]] = weakref.WeakKeyDictionary()
+_PROBE_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str | None, bool]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -220,36 +221,43 @@ def _probe(model: torch.nn.Module) -> bool:
     inner.eval()
     try:
         with torch.no_grad():
-            shared = _shared_logps(inner, batch, 1.0)
+            out = _shared_logps(inner, batch, 1.0)
             plain, _ = sequence_logps(inner, batch["input_ids"], batch["attention_mask"], batch["labels"])
     except Exception as e:  # any failure means: do not use this path for this model
         log.info("prefix sharing probe failed (%s: %s); using the unshared layout", type(e).__name__, e)
         return False
     finally:
         inner.train(was_training)
+    if out is None:
+        return False
     tol = 1e-3 if param.dtype in (torch.float32, torch.float64) else 5e-2
-    plain = plain.view(2, 2)
-    return bool(torch.allclose(shared[0], plain, rtol=tol, atol=tol))
+    return bool(torch.allclose(out[0], plain.view(2, 2), rtol=tol, atol=tol))
 
 
 def supports_shared_prefix(model: torch.nn.Module) -> bool:
-    """Whether ``model`` gives the same log-probs in the shared layout (config checks + a one-off probe)."""
-    reason = _static_support(model)
-    if reason is not None:
-        log.info("prefix sharing off: %s", reason)
-        return False
+    """Whether ``model`` gives the same log-probs in the shared layout (config checks + a one-off probe).
+
+    The answer is cached per model (and attention implementation), and a model that cannot take the shared
+    layout is named in one warning, not one per step.
+    """
     inner = _unwrap(model)
-    impl = inner.config._attn_implementation
+    impl = getattr(getattr(inner, "config", None), "_attn_implementation", None)
     cached = _PROBE_CACHE.get(inner)
-    if cached is None or cached[0] != impl:
-        cached = (impl, _probe(inner))
-        _PROBE_CACHE[inner] = cached
-    return cached[1]
+    if cached is not None and cached[0] == impl:
+        return cached[1]
+    reason = _static_support(inner)
+    ok = reason is None and _probe(inner)
+    if not ok:
+        why = reason or "its log-probs in the shared layout differ from the unshared ones (probe)"
+        log.warning("prefix sharing is off for %s: %s; using the unshared layout", type(inner).__name__, why)
+    _PROBE_CACHE[inner] = (impl, ok)
+    return ok
 
 
 def _shared_logps(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The shared-layout forward pass: ``([B, K] log-probs, [B, K] lengths)``, or None if nothing to share."""
     gm = batch["group_mask"]
     packed = pack_shared_prefix(batch["input_ids"], batch["attention_mask"], batch["labels"], gm)
     if packed is None:

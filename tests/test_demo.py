@@ -74,8 +74,8 @@ def test_picture_and_report(quick_run):
 
 def test_second_run_skips_every_stage(quick_run):
     results = json.loads((quick_run["out"] / "results.json").read_text())
-    stages = {k: v for k, v in results["timings"].items() if k != "report"}
-    assert len(stages) == 5 + 4 + 5  # corpus…label, four trainings, five evaluations (π_sft + 4 runs)
+    stages = results["timings"]
+    assert len(stages) == 6 + 4 + 5  # corpus…label, four trainings, five evaluations (π_sft + 4 runs)
     assert all(t["cached"] for t in stages.values()), stages
     assert quick_run["weights"].stat().st_mtime_ns == quick_run["stamp"]  # π_sft was not retrained
     assert quick_run["second"] < max(20.0, 0.25 * quick_run["first"])
@@ -121,3 +121,13 @@ def test_cuda_without_a_gpu_is_a_clean_input_error(tmp_path, capsys):
         pytest.skip("a GPU is present")
     assert main(["demo", "--quick", "--device", "cuda", "--out", str(tmp_path / "d")]) == 2
     assert "--device cpu" in capsys.readouterr().err
+
+
+def test_set_overrides_are_checked(tmp_path, capsys):
+    from exoalign.cli import main
+
+    assert D.settings_for(False, 2, ["beta_r=1.0", "k=8"]) == dataclasses.replace(D.DemoSettings(), seed=2, beta_r=1.0, k=8)
+    assert main(["demo", "--quick", "--set", "betar=1", "--out", str(tmp_path / "d")]) == 2
+    assert "did you mean 'beta_r'" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--set", "save_every=100", "--out", str(tmp_path / "d")]) == 2
+    assert not (tmp_path / "d").exists()  # rejected before anything was written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -74,6 +75,8 @@ def test_sft_cli_fine_tunes_a_saved_model(tmp_path, tiny_model_dir, capsys):
     code = cli_main(["sft", "--config", str(SFT_SMOKE), "model.init=pretrained", f"model.name_or_path={tiny_model_dir}",
                      f"train.output_dir={out}", "train.max_steps=3", "train.save_every=0", "data.eval_fraction=0"])
     assert code == 0
-    assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoint-3" / "COMPLETE").is_file()
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "COMPLETE").is_file()
+    assert not list(out.glob("checkpoint-*"))  # save_every=0: only final (it records its step)
+    assert json.loads((out / "final" / "trainer_state.json").read_text())["step"] == 3
     assert not (out / "init").exists()
     assert len([r for r in read_metrics(out) if "loss" in r]) == 1  # log_every=5: only the last step

@@ -53,7 +53,7 @@ class DemoSettings:
     """Seed of the corpus, π_sft's initialisation, sampling and training."""
     n_sft_reviews: int = 6000
     """Reviews π_sft is trained on."""
-    n_train_prompts: int = 512
+    n_train_prompts: int = 1024
     """Prompts for which π_sft's completions are sampled, scored and used to align (other reviews)."""
     n_eval_prompts: int = 128
     """Held-out prompts every checkpoint is evaluated on."""
@@ -83,9 +83,9 @@ class DemoSettings:
     """Optimizer steps of each of the four alignment runs."""
     align_batch_size: int = 16
     """Prompts per alignment step (pref: 16 pairs; rw: 16 groups of K)."""
-    align_lr: float = 1e-4
+    align_lr: float = 5e-5
     """Alignment learning rate (constant after a 10-step warm-up)."""
-    save_every: int = 40
+    save_every: int = 25
     """Checkpoint (and evaluate) every this many alignment steps."""
     beta_pi: float = 0.1
     """β_π of every loss (the DPO β)."""
@@ -98,6 +98,19 @@ class DemoSettings:
     gen_batch_size: int = 64
     """Prompts per generation batch."""
 
+    def __post_init__(self) -> None:
+        from ..config import require
+
+        for name in ("n_sft_reviews", "n_train_prompts", "n_eval_prompts", "n_layer", "n_embd", "n_head",
+                     "sft_steps", "sft_batch_size", "max_new_tokens", "align_steps", "align_batch_size",
+                     "save_every", "eval_samples", "gen_batch_size"):
+            require(getattr(self, name) >= 1, name, "must be at least 1", "use a positive whole number")
+        require(self.n_eval_prompts >= 2, "n_eval_prompts", "must be at least 2", "use e.g. 128")
+        require(self.k >= 2, "k", f"K must be at least 2 (got {self.k})", "use k=2 or more")
+        require(self.save_every <= self.align_steps, "save_every", "must not exceed align_steps",
+                "checkpoint at least once, e.g. save_every=align_steps")
+        require(self.n_embd % self.n_head == 0, "n_head", "must divide n_embd", "e.g. n_embd=128 with n_head=4")
+
 
 QUICK = dict(
     n_sft_reviews=2000, n_train_prompts=96, n_eval_prompts=48, vocab_size=768, n_layer=2, n_embd=64, n_head=2,
@@ -108,8 +121,9 @@ QUICK = dict(
 
 # Which settings each stage reads; a stage's fingerprint hashes these and the previous stage's fingerprint.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "corpus": ("seed", "n_sft_reviews", "n_train_prompts", "n_eval_prompts"),
+    "corpus": ("seed", "n_sft_reviews"),
     "sft": ("vocab_size", "n_layer", "n_embd", "n_head", "max_length", "sft_steps", "sft_batch_size", "sft_lr"),
+    "prompts": ("n_train_prompts", "n_eval_prompts"),
     "sample": ("k", "temperature", "max_new_tokens"),
     "score": (),
     "label": (),
@@ -134,6 +148,7 @@ class Demo:
         self.evals = out / "eval"
         self.marks = out / ".stages"
         self.timings: dict[str, dict[str, Any]] = {}
+        self.started = time.perf_counter()
 
     # -- bookkeeping
     def fingerprints(self) -> dict[str, str]:
@@ -163,27 +178,32 @@ class Demo:
             elif p.exists():
                 p.unlink()
 
-    def _done(self, name: str, fp: str, seconds: float) -> None:
+    def _done(self, name: str, fp: str, seconds: float, cpu: float) -> None:
+        """Mark stage ``name`` done; its wall and CPU seconds go into the marker and the timings."""
         self.marks.mkdir(parents=True, exist_ok=True)
         tmp = self._mark(name).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "seconds": seconds, "device": self.device}), encoding="utf-8")
+        record = {"fingerprint": fp, "seconds": seconds, "cpu_seconds": cpu, "device": self.device}
+        tmp.write_text(json.dumps(record), encoding="utf-8")
         os.replace(tmp, self._mark(name))
-        self.timings[name] = {"seconds": seconds, "cached": False}
+        self.timings[name] = {"seconds": seconds, "cpu_seconds": cpu, "cached": False}
+
+    def _cached(self, header: str, name: str) -> None:
+        mark = json.loads(self._mark(name).read_text(encoding="utf-8"))
+        print(f"{header}: cached ({mark['seconds']:.1f} s when it ran)", file=sys.stderr)
+        self.timings[name] = {"seconds": mark["seconds"], "cpu_seconds": mark.get("cpu_seconds"), "cached": True}
 
     def stage(self, n: int, name: str, fp: str, outputs: list[Path], work: Callable[[], None]) -> None:
         """Run ``work`` unless stage ``name`` is done with fingerprint ``fp``; time it; mark it done."""
         header = f"[{n}/{len(STAGE_KEYS) + 1}] {name}"
         if self.is_done(name, fp):
-            took = json.loads(self._mark(name).read_text(encoding="utf-8")).get("seconds")
-            print(f"{header}: cached ({took:.1f} s when it ran)", file=sys.stderr)
-            self.timings[name] = {"seconds": took, "cached": True}
+            self._cached(header, name)
             return
         print(f"{header} ...", file=sys.stderr)
         self._clear(outputs)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         work()
         took = time.perf_counter() - t0
-        self._done(name, fp, took)
+        self._done(name, fp, took, time.process_time() - c0)
         print(f"{header}: done in {took:.1f} s", file=sys.stderr)
 
     # -- the stages
@@ -191,8 +211,14 @@ class Demo:
         from ..data import write_rows
 
         s = self.s
-        n_prompts = s.n_train_prompts + s.n_eval_prompts
         sft_rows = reviews.prompt_rows(reviews.generate_reviews(s.n_sft_reviews, seed=s.seed), seed=s.seed)
+        write_rows(self.data / "sft.jsonl", sft_rows)
+
+    def prompts(self) -> None:
+        from ..data import write_rows
+
+        s = self.s
+        n_prompts = s.n_train_prompts + s.n_eval_prompts
         # Prompts come from reviews π_sft never saw (their completions are dropped), each prompt once: short
         # prefixes repeat ("I watched The"), and the stages would sample a repeated prompt only once.
         prompts: list[str] = []
@@ -202,7 +228,6 @@ class Demo:
             prompts = list(dict.fromkeys(prompts + [r["prompt"] for r in more]))
             rng_seed += 7919
         prompts = prompts[:n_prompts]
-        write_rows(self.data / "sft.jsonl", sft_rows)
         write_rows(self.data / "train_prompts.jsonl", [{"prompt": p} for p in prompts[: s.n_train_prompts]])
         write_rows(self.data / "eval_prompts.jsonl", [{"prompt": p} for p in prompts[s.n_train_prompts:]])
 
@@ -290,32 +315,34 @@ class Demo:
 
     # -- the whole chain
     def run(self) -> dict[str, Any]:
+        self.started = time.perf_counter()
         fp = self.fingerprints()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.stage(1, "corpus", fp["corpus"], [self.data], self.corpus)
+        self.stage(1, "corpus", fp["corpus"], [self.data / "sft.jsonl"], self.corpus)
         self.stage(2, "sft", fp["sft"], [self.sft_dir], self.sft)
-        self.stage(3, "sample", fp["sample"], [self.data / "groups.jsonl"], self.sample)
-        self.stage(4, "score", fp["score"], [self.data / "scored.jsonl"], self.score)
-        self.stage(5, "label", fp["label"], [self.data / "pairs.jsonl"], self.label)
+        self.stage(3, "prompts", fp["prompts"], [self.data / f"{n}_prompts.jsonl" for n in ("train", "eval")],
+                   self.prompts)
+        self.stage(4, "sample", fp["sample"], [self.data / "groups.jsonl", self.data / "groups.jsonl.meta.json"],
+                   self.sample)
+        self.stage(5, "score", fp["score"], [self.data / "scored.jsonl", self.data / "scored.jsonl.meta.json"],
+                   self.score)
+        self.stage(6, "label", fp["label"], [self.data / "pairs.jsonl"], self.label)
         names = [method_name(*m) for m in METHODS]
-        self.parallel(6, "train", fp["train"], [
+        self.parallel(7, "train", fp["train"], [
             (f"train {n}", _train_job, (str(self.out), self.s, self.device, *m), [self.runs / n],
              lambda n=n: _last_step(self.runs / n / "metrics.jsonl"), self.s.align_steps)
             for n, m in zip(names, METHODS)
         ])
         n_ckpt = {n: len(self.checkpoints(n)) for n in names}
-        self.parallel(7, "eval", fp["eval"], [
+        self.parallel(8, "eval", fp["eval"], [
             (f"eval {n}", _eval_job, (str(self.out), self.s, self.device, n), [self.evals / f"{n}.json"],
              lambda n=n: _n_results(self.evals / f"{n}.json"), 1 if n == "sft" else n_ckpt[n])
             for n in ["sft", *names]
         ])
         from .demo_report import write_report
 
-        t0 = time.perf_counter()
         print(f"[{len(STAGE_KEYS) + 1}/{len(STAGE_KEYS) + 1}] report ...", file=sys.stderr)
-        results = write_report(self, names)
-        self.timings["report"] = {"seconds": time.perf_counter() - t0, "cached": False}
-        return results
+        return write_report(self, names)
 
     def parallel(self, n: int, what: str, fp: str, jobs: list[tuple]) -> None:
         """Run the jobs of stage ``what`` that are not done yet side by side (one core each), with one bar."""
@@ -323,13 +350,11 @@ class Demo:
         todo = []
         for name, fn, args, outputs, progress, total in jobs:
             if self.is_done(name, fp):
-                took = json.loads(self._mark(name).read_text(encoding="utf-8")).get("seconds")
-                print(f"{header}: {name} cached ({took:.1f} s when it ran)", file=sys.stderr)
-                self.timings[name] = {"seconds": took, "cached": True}
+                self._cached(f"{header}: {name}", name)
                 continue
             self._clear(outputs)
             todo.append(Job(name, fn, args, self.out / "logs" / f"{name.replace(' ', '-')}.log", progress, total,
-                            on_done=lambda sec, name=name: self._done(name, fp, sec)))
+                            on_done=lambda sec, cpu, name=name: self._done(name, fp, sec, cpu)))
         if not todo:
             return
         workers = 1 if self.device == "cuda" else min(len(todo), usable_cores())
@@ -363,8 +388,13 @@ def _n_results(eval_json: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def settings_for(quick: bool, seed: int) -> DemoSettings:
-    return dataclasses.replace(DemoSettings(**(QUICK if quick else {})), seed=seed)
+def settings_for(quick: bool, seed: int, overrides: list[str] | tuple[str, ...] = ()) -> DemoSettings:
+    """The preset (default or ``--quick``) with ``seed`` and ``key=value`` overrides (``--set``), type-checked
+    like any exoalign config (an unknown key gets a "did you mean")."""
+    from ..config import load_config
+
+    preset = [f"{k}={v}" for k, v in (QUICK if quick else {}).items()]
+    return load_config(DemoSettings, None, [*preset, f"seed={seed}", *overrides])
 
 
 def resolve_device(device: str | None) -> str:
@@ -386,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="exoalign-demo", help="directory for everything (default ./exoalign-demo)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole chain (default 0)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one setting (repeatable), e.g. --set beta_r=1.0; keys: "
+                             + ", ".join(f.name for f in dataclasses.fields(DemoSettings) if f.name != "seed"))
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
@@ -393,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()  # the tiny model's config chatter is not news to a demo user
     device = resolve_device(args.device)
     one_thread()  # see demo_jobs: tiny models run fastest on one thread per process, one process per core
-    demo = Demo(Path(args.out), settings_for(args.quick, args.seed), device)
+    demo = Demo(Path(args.out), settings_for(args.quick, args.seed, args.set), device)
     t0 = time.perf_counter()
     results = demo.run()
     print(f"\n{results['verdict']}\n", file=sys.stderr)

@@ -37,8 +37,8 @@ class Job:
     progress: Callable[[], int]
     """Units done so far (polled in the parent)."""
     total: int
-    on_done: Callable[[float], None]
-    """Called in the parent with the job's wall time when it succeeds."""
+    on_done: Callable[[float, float], None]
+    """Called in the parent with the job's wall and CPU seconds when it succeeds."""
 
 
 def usable_cores() -> int:
@@ -56,15 +56,16 @@ def one_thread() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _worker(fn: Callable[..., Any], args: tuple, log: str) -> float:
+def _worker(fn: Callable[..., Any], args: tuple, log: str) -> tuple[float, float]:
+    """Run ``fn(*args)`` with its output in ``log``; return its wall and CPU seconds."""
     one_thread()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with open(log, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         fn(*args)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _tail(path: Path, n: int = 15) -> str:
@@ -90,7 +91,7 @@ def run_jobs(jobs: list[Job], desc: str, workers: int) -> None:
     if workers <= 1:
         for job in jobs:
             # In-process: the job's own bars would fight with this one, so its output goes to the log too.
-            job.on_done(_worker(job.fn, job.args, str(job.log)))
+            job.on_done(*_worker(job.fn, job.args, str(job.log)))
             refresh()
         bar.close()
         return
@@ -103,7 +104,7 @@ def run_jobs(jobs: list[Job], desc: str, workers: int) -> None:
             for fut in done:
                 job = futures[fut]
                 try:
-                    job.on_done(fut.result())
+                    job.on_done(*fut.result())
                 except BaseException:
                     bar.close()
                     print(f"\n{job.name} failed; the end of its log {job.log}:\n{_tail(job.log)}", file=sys.stderr)

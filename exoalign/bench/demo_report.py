@@ -17,10 +17,13 @@ import os
 import platform
 import re
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .demo_jobs import usable_cores
 
 if TYPE_CHECKING:
     from .demo import Demo
@@ -134,7 +137,8 @@ def write_report(demo: Demo, names: list[str]) -> dict[str, Any]:
     for n in names:
         # Every run starts at π_sft: its eval JSON, with π_sft's result put first, is the run's line.
         data = json.loads((demo.evals / f"{n}.json").read_text(encoding="utf-8"))
-        data["results"] = sft["results"] + data["results"]
+        start = [{**r, "run": n, "step": 0} for r in sft["results"]]
+        data["results"] = start + [{**r, "run": n} for r in data["results"]]
         paths.append(demo.evals / "with_sft" / f"{n}.json")
         paths[-1].parent.mkdir(parents=True, exist_ok=True)
         _write(paths[-1], json.dumps(data, indent=1))
@@ -146,6 +150,8 @@ def write_report(demo: Demo, names: list[str]) -> dict[str, Any]:
     results = {
         "runs": runs, "comparison": comparison, "verdict": text, "seed": demo.s.seed, "device": demo.device,
         "settings": dataclasses.asdict(demo.s), "timings": demo.timings, "versions": _versions(),
+        "total_seconds": time.perf_counter() - demo.started, "cores": usable_cores(),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "command": "exoalign demo " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else sys.argv[1:]),
     }
     _write(out / "results.json", json.dumps(results, indent=1) + "\n")
@@ -180,11 +186,16 @@ def markdown(results: dict[str, Any]) -> str:
         "## Every checkpoint", "", checkpoint_table(results["runs"]), "",
         "## Settings", "", "| setting | value |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in s.items()], "",
-        "## Timings", "", "| stage | seconds | |", "|---|---:|---|",
+        "## Timings", "",
+        f"Wall-clock and CPU seconds per stage on {results['cores']} usable core(s); the load average (other "
+        f"processes on the machine) was {results['load_average']} at the end. Trainings and evaluations run "
+        "side by side, one core each, so their wall times overlap.", "",
+        "| stage | wall s | CPU s | |", "|---|---:|---:|---|",
     ]
     for stage, t in results["timings"].items():
-        sec = t.get("seconds")
-        lines.append(f"| {stage} | {sec:.1f} | {'cached (time of the run that made it)' if t.get('cached') else ''} |"
-                     if isinstance(sec, (int, float)) and math.isfinite(sec) else f"| {stage} | – | |")
+        cpu = t.get("cpu_seconds")
+        lines.append(f"| {stage} | {t['seconds']:.1f} | {'–' if cpu is None else f'{cpu:.1f}'} | "
+                     f"{'cached (times of the run that made it)' if t.get('cached') else ''} |")
+    lines.append(f"| **total of this invocation** | {results['total_seconds']:.1f} | | |")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
     return "\n".join(lines)

@@ -189,7 +189,7 @@ def run_benchmark(cfg: ExactConfig, *, progress: bool = True) -> tuple[dict, dic
     for m in data_methods:
         out[m.name] = _mean_record(runs[m.name], curves[m.name])
 
-    toy = run_toy(ToySpec(steps=cfg.toy_steps, seed=cfg.seed))
+    toy = run_toy(ToySpec(steps=cfg.toy_steps, seed=cfg.seed, beta_pi=cfg.beta_pi))
     config = dataclasses.asdict(cfg) | {
         "beta_r": cfg.beta_r,
         "completions_per_prompt": spec.size,

@@ -86,8 +86,9 @@ def markdown(results: dict, toy: dict) -> str:
                      f"{d['mean']:+.3f} ± {d['std']:.3f} | {d['wins']}/{d['n']} seeds |")
     m = toy["metrics"]
     lines += ["", "## 1-D illustration (unimodal Gaussian policy, bimodal π*, rw targets)", "",
+              "rkl-exact / fkl-exact: exact reverse / forward KL projections of π* onto the Gaussian family.", "",
               "| method | gap | μ | σ | KL(π‖π*) | KL(π*‖π) |", "|---|---|---|---|---|---|"]
-    for name in ("exo", "dpo"):
+    for name in [n for n in ("exo", "dpo", "rkl-exact", "fkl-exact") if n in m]:
         r = m[name]
         lines.append(f"| {name} | {r['gap']:.3f} | {r['mu']:.3f} | {r['sigma']:.3f} | {r['kl_to_opt']:.3f} | "
                      f"{r['kl_from_opt']:.3f} |")

@@ -52,7 +52,7 @@ from ..config import require, to_dict
 from ..data import write_rows
 from ..errors import ConfigError, InputError
 from ..logprobs import IGNORE, sequence_logps
-from ..models import DTYPES, load_causal_lm, load_tokenizer
+from ..models import DTYPES, check_model_dir, load_causal_lm, load_tokenizer
 from ..stages.generation import (
     Completion,
     Sampler,
@@ -378,6 +378,14 @@ def run(cfg: EvalConfig) -> Path:
     _check_runnable(cfg)
     out = Path(cfg.output)
     checkpoints = expand_checkpoints(cfg.checkpoints)
+    # Every model is checked before any work, so a bad one cannot stop the run after the baseline was written.
+    for ckpt in checkpoints:
+        check_model_dir(ckpt.path, "checkpoints")
+    check_model_dir(cfg.sft_model, "sft_model")
+    if cfg.baseline:
+        check_model_dir(cfg.baseline, "baseline")
+    if cfg.reward_model:
+        check_model_dir(cfg.reward_model, "reward_model")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.sft_model, trust_remote_code=cfg.trust_remote_code,
                                padding_side="left")
     prompts = load_prompts(cfg.prompts, split=cfg.split, tokenizer=tokenizer, dedupe=cfg.dedupe, limit=cfg.max_prompts)

@@ -12,13 +12,13 @@ per run — the paper's IMDB figure (reward against KL for every checkpoint of E
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+from ..config import ArgumentParser
 from ..errors import InputError
 
 SCHEMA = "exoalign.eval/1"
@@ -41,11 +41,46 @@ def load_eval(path: str) -> dict[str, Any]:
         raise InputError("holds no evaluated checkpoints", file=path, field="results",
                          fix="run exoalign eval to completion first")
     for i, r in enumerate(results):
-        for key in ("name", "kl", "kl_k3", "reward"):
-            if key not in r:
-                raise InputError("missing", file=path, line=None, field=f"results[{i}].{key}",
-                                 fix="regenerate the file with exoalign eval")
+        _check_result(r, path, i)
     return data
+
+
+def _number(value: Any, *, finite: bool) -> bool:
+    """A real number (not a bool); with ``finite`` neither NaN nor infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) or not finite
+
+
+def _check_result(r: Any, path: str, i: int) -> None:
+    """One entry of ``results``: the fields the plot and the table read, with the right types."""
+    fix = "regenerate the file with exoalign eval"
+    if not isinstance(r, dict):
+        raise InputError("must be an object", file=path, field=f"results[{i}]", fix=fix)
+    for key in ("name", "kl", "kl_k3", "reward"):
+        if key not in r:
+            raise InputError("missing", file=path, field=f"results[{i}].{key}", fix=fix)
+    if not isinstance(r["name"], str):
+        raise InputError("must be a string", file=path, field=f"results[{i}].name", fix=fix)
+    for key in ("kl", "kl_k3"):
+        if not _number(r[key], finite=True):
+            raise InputError(f"must be a finite number (got {r[key]!r})", file=path, field=f"results[{i}].{key}", fix=fix)
+    reward = r["reward"]
+    if not isinstance(reward, dict) or not _number(reward.get("mean"), finite=True):
+        raise InputError("must be an object with a finite 'mean'", file=path, field=f"results[{i}].reward", fix=fix)
+    for key in ("ci_low", "ci_high"):  # a CI may be NaN (one prompt); it is then drawn without a bar
+        if key in reward and not _number(reward[key], finite=False):
+            raise InputError("must be a number", file=path, field=f"results[{i}].reward.{key}", fix=fix)
+    step = r.get("step")
+    if step is not None and not _number(step, finite=True):
+        raise InputError("must be a number or null", file=path, field=f"results[{i}].step", fix=fix)
+    if r.get("run") is not None and not isinstance(r["run"], str):
+        raise InputError("must be a string or null", file=path, field=f"results[{i}].run", fix=fix)
+    wr = r.get("win_rate")
+    if wr is not None and (not isinstance(wr, dict)
+                           or not all(_number(wr.get(k), finite=False) for k in ("mean", "ci_low", "ci_high"))):
+        raise InputError("must be null or an object with numbers mean, ci_low, ci_high", file=path,
+                         field=f"results[{i}].win_rate", fix=fix)
 
 
 def _order(r: dict[str, Any]) -> tuple[float, str]:
@@ -140,7 +175,7 @@ def frontier(paths: list[str], output: str, *, table_path: str | None = None, kl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="exoalign plot", description="plots of eval results")
+    parser = ArgumentParser(prog="exoalign plot", description="plots of eval results")
     sub = parser.add_subparsers(dest="what", required=True)
     f = sub.add_parser("frontier", help="reward vs KL of every checkpoint of several runs (one PNG + a table)")
     f.add_argument("files", nargs="+", help="eval JSONs written by exoalign eval (each holds one or more runs)")

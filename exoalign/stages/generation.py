@@ -22,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,7 +347,14 @@ def check_meta(output: str | Path, meta: dict, *, overwrite: bool) -> bool:
                 p.unlink()
     if not out.exists():
         return False
-    old = json.loads(mp.read_text(encoding="utf-8")) if mp.exists() else None
+    try:
+        old = json.loads(mp.read_text(encoding="utf-8")) if mp.exists() else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        old = None
+    if mp.exists() and not isinstance(old, dict):
+        # A damaged record: nothing says the rows in `output` were made with these settings.
+        raise ConfigError(f"{out} exists but its settings record {mp} is unreadable", field="output",
+                          fix="pass overwrite=true to start afresh, or choose a new output")
     if old != meta:
         changed = sorted(k for k in set(meta) | set(old or {}) if (old or {}).get(k) != meta.get(k))
         raise ConfigError(
@@ -373,27 +378,8 @@ def write_meta(output: str | Path, meta: dict) -> None:
 def stage_args(prog: str, cls: type, argv: list[str] | None, description: str = "") -> Any:
     """Parse ``[--config FILE] [key=value …]`` for a stage config, also accepting ``--key value`` and
     ``--key=value`` (dashes read as underscores), so ``exoalign score --oracle m:f`` works like
-    ``exoalign score oracle=m:f``. Returns the loaded, validated config."""
-    from ..config import config_parser, load_config
+    ``exoalign score oracle=m:f``. Returns the loaded, validated config (see
+    :func:`exoalign.config.parse_config_args`, which every config-driven command shares)."""
+    from ..config import parse_config_args
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    keep = ("--config", "-c", "--help", "-h")
-    rewritten: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--") and len(arg) > 2 and arg.split("=", 1)[0] not in keep:
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                nxt = argv[i + 1] if i + 1 < len(argv) else None
-                # The next word is this flag's value unless it is another flag or a key=value override.
-                if nxt is not None and not nxt.startswith("--") and not re.match(r"^[A-Za-z_][\w.]*=", nxt):
-                    value, i = argv[i + 1], i + 1
-                else:
-                    value = "true"  # a bare flag: --overwrite
-            rewritten.append(f"{key.replace('-', '_')}={value}")
-        else:
-            rewritten.append(arg)
-        i += 1
-    args = config_parser(prog, cls, description=description).parse_args(rewritten)
-    return load_config(cls, args.config, args.overrides)
+    return parse_config_args(prog, cls, argv, description)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..config import require
 from ..data import append_rows, load_rows, read_done_count
 from ..errors import ConfigError
-from ..models import DTYPES, load_causal_lm, load_tokenizer
+from ..models import DTYPES, check_model_dir, load_causal_lm, load_tokenizer
 from .generation import (
     Completion,
     HFSampler,
@@ -93,6 +93,7 @@ def check_runnable(cfg: SampleConfig) -> None:
                        ("output", "an output .jsonl path")):
         require(bool(getattr(cfg, name)), name, "not set", f"set {name}=… to {what}")
     require(Path(cfg.output).suffix == ".jsonl", "output", "must be a .jsonl file", "name the output e.g. groups.jsonl")
+    check_model_dir(cfg.model, "model")
 
 
 def load_prompts(source: str, *, split: str, tokenizer: Any, dedupe: bool, limit: int | None) -> list[str]:
@@ -112,7 +113,7 @@ def build_sampler(
     if resolve_backend(cfg.backend) == "vllm":
         return VLLMSampler(name_or_path, tokenizer, cfg, dtype=dtype, trust_remote_code=trust_remote_code, stream=stream)
     if model is None:
-        model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, field="model")
         model.to(pick_device(device)).eval()
     return HFSampler(model, tokenizer, cfg, stream=stream)
 

@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from ..config import require
 from ..data import append_rows, load_rows, read_done_count
 from ..errors import ConfigError, InputError
-from ..models import DTYPES
+from ..models import DTYPES, check_model_dir
 from .generation import check_meta, fingerprint, pick_device, stage_args, write_meta
 
 Judge = Callable[[list[str], list[str]], list[float]]
@@ -102,13 +102,7 @@ class RewardModelJudge:
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        path = Path(name_or_path)
-        if path.is_dir() and not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
-            raise InputError(f"no safetensors weights in {path}", field="reward_model",
-                             fix="save the reward model with save_pretrained(safe_serialization=True)")
-        if not path.exists() and (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1):
-            raise InputError("no such reward model directory", file=name_or_path, field="reward_model",
-                             fix="check the path, or give a hub name")
+        check_model_dir(name_or_path, "reward_model")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
                                                            revision=revision)
@@ -300,6 +294,8 @@ def run(cfg: ScoreConfig) -> Path:
         require(bool(getattr(cfg, name)), name, "not set", f"set {name}=… to a .jsonl path")
     require(Path(cfg.output).suffix == ".jsonl", "output", "must be a .jsonl file", "name it e.g. scored.jsonl")
     check_judge_given(cfg)
+    if cfg.reward_model:
+        check_model_dir(cfg.reward_model, "reward_model")
     rows = load_rows(cfg.input, "preference", split=cfg.split)
     out = Path(cfg.output)
     meta = {"stage": "score", "input": fingerprint([[r["prompt"], r["completions"]] for r in rows]),

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
+
 logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
@@ -68,15 +70,19 @@ def all_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, final: Path, state_dict: dict | None = None) -> Path:
-    """``save_pretrained`` of model (safetensors) and tokeniser into ``final``, via a temp dir and a rename."""
+def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, final: Path, state_dict: dict | None = None,
+                           extra: dict[str, Any] | None = None) -> Path:
+    """``save_pretrained`` of model (safetensors) and tokeniser into ``final``, via a temp dir and a rename;
+    ``extra`` maps file names to JSON objects written beside them (before the ``COMPLETE`` marker)."""
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    (tmp / COMPLETE).write_text("{}\n", encoding="utf-8")
+    for name, obj in (extra or {}).items():
+        write_json_atomic(tmp / name, obj)
+    write_json_atomic(tmp / COMPLETE, {})
     _replace_dir(tmp, final)
     return final
 
@@ -141,6 +147,17 @@ def prune(output_dir: Path, total_limit: int | None) -> None:
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> dict:
-    """Restore model, optimizer, scheduler and RNG states from ``path``; return its ``trainer_state.json``."""
-    accelerator.load_state(str(path / "state"))
-    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    """Restore model, optimizer, scheduler and RNG states from ``path``; return its ``trainer_state.json``.
+
+    accelerate reads the weights from safetensors and the other state files with ``torch.load(weights_only=True)``,
+    which refuses pickled code; a damaged or foreign state is an input error naming the checkpoint.
+    """
+    try:
+        accelerator.load_state(str(path / "state"))
+        return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except Exception as e:  # unpickling refused, a truncated file, shapes of another model: the checkpoint is bad
+        raise InputError(
+            f"cannot load the training state ({type(e).__name__}: {' '.join(str(e).split())[:200]})",
+            file=str(path), field="train.resume",
+            fix=f"delete {path.name} to resume from the checkpoint before it, or start a new run",
+        ) from None

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from ..config import require
 from ..errors import ConfigError
 from ..losses import LOSSES, check_eps
-from ..models import DTYPES
+from ..models import DTYPES, check_model_dir
 
 SCHEDULERS = (
     "linear",
@@ -287,3 +287,9 @@ def check_runnable(cfg: Any) -> None:
         "set model.name_or_path to a hub name or directory, or model.init=scratch",
     )
     require(bool(cfg.data.train_file), "data.train_file", "no training data given", "set data.train_file to a JSONL file")
+    # Model directories are checked before any data is read or anything is written: a missing directory or
+    # pickled-only weights would otherwise surface after minutes of work.
+    if cfg.model.init != "scratch":
+        check_model_dir(cfg.model.name_or_path, "model.name_or_path")
+    if getattr(cfg.model, "ref_name_or_path", None):
+        check_model_dir(cfg.model.ref_name_or_path, "model.ref_name_or_path")

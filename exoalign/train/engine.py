@@ -30,11 +30,14 @@ from transformers import get_scheduler
 from ..config import save_config, to_dict
 from ..errors import ConfigError
 from .checkpoint import (
+    COMPLETE,
+    STATE_FILE,
     all_finite,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     save_pretrained_atomic,
+    write_json_atomic,
 )
 from .config import TrainArgs
 from .step import is_peft
@@ -234,26 +237,53 @@ def _plan(args: TrainArgs, batches_per_epoch: int) -> int:
     return args.max_steps if args.max_steps is not None else max(1, math.ceil(args.epochs * steps_per_epoch))
 
 
+def finished_state(output_dir: Path) -> dict | None:
+    """The ``trainer_state.json`` of a complete ``output_dir/final`` (a run that ended), or None."""
+    final = output_dir / "final"
+    if not (final / COMPLETE).is_file():
+        return None
+    try:
+        state = json.loads((final / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("step"), int) else None
+
+
 def preflight(args: TrainArgs, *, warn: bool = True) -> Path | None:
     """Check ``output_dir`` before any work: the checkpoint to resume from (None for a fresh start).
 
-    A fresh run refuses a directory holding an earlier run's checkpoints (it would mix two runs); with
-    ``resume`` and no complete checkpoint the run starts from step 0 with a warning.
+    A fresh run refuses a directory holding an earlier run's checkpoints or its complete ``final`` (it would mix
+    two runs); with ``resume`` and no complete checkpoint the run starts from step 0 with a warning — unless
+    ``final`` shows that the run already ended (see :class:`_Run`).
     """
     out = Path(args.output_dir)
     if not args.resume:
-        if list_checkpoints(out, warn=False):
+        if list_checkpoints(out, warn=False) or (out / "final" / COMPLETE).is_file():
             raise ConfigError(
-                f"{out} already holds checkpoints of an earlier run",
+                f"{out} already holds checkpoints or the final model of an earlier run",
                 field="train.output_dir",
                 fix="pass --resume (train.resume=true) to continue it, or choose another output_dir",
             )
         return None
     found = list_checkpoints(out, warn=warn)
     resume_from = found[-1][1] if found else None
-    if resume_from is None and warn:
+    ended = finished_state(out) if resume_from is None else None
+    if ended is not None and args.max_steps is not None:
+        _check_continuable(out, ended, args.max_steps)  # early when the total is known; else once data are loaded
+    if resume_from is None and warn and ended is None:
         logger.warning("train.resume is set but %s has no complete checkpoint: starting from step 0", out)
     return resume_from
+
+
+def _check_continuable(out: Path, ended: dict, total: int) -> None:
+    """A run kept as ``final`` alone (save_every=0) can be resumed only to the step where it ended."""
+    if ended["step"] < total:
+        raise ConfigError(
+            f"{out} holds a run that ended at step {ended['step']} without a checkpoint (train.save_every=0), "
+            f"so it cannot be continued to step {total}",
+            field="train.resume",
+            fix="start a new run in another output_dir (set train.save_every > 0 to keep resumable checkpoints)",
+        )
 
 
 class _Run:
@@ -264,7 +294,7 @@ class _Run:
         self.acc, self.args, self.job = accelerator, args, job
         self.out = Path(args.output_dir)
         self.main = accelerator.is_main_process
-        resume_from = self._check_output_dir()
+        resume_from = preflight(args)
         if len(job.train_data) == 0:
             raise ConfigError("the training data has no rows", field="data.train_file", fix="give a file with rows")
         self.sampler = EpochSampler(len(job.train_data), args.seed)
@@ -286,6 +316,16 @@ class _Run:
         self.bad_update = False  # a micro-batch of the current update had a NaN/inf loss (nan_policy=skip)
         self.log = MetricsLog(self.out / "metrics.jsonl", self.main)
         self.last_saved = -1
+        # A run with save_every=0 keeps no checkpoint, only `final` with its step: resuming it after it ended is
+        # a no-op; continuing it further is impossible (no optimizer state was kept) and refused before any write.
+        self.ended = None if resume_from is not None or not args.resume else finished_state(self.out)
+        if self.ended is not None:
+            _check_continuable(self.out, self.ended, self.total)
+            self.step = self.ended["step"]
+            if self.main:
+                logger.info("%s already ended at step %d: nothing to do", self.out, self.step)
+            return
+        self._write_run_files()
         if resume_from is not None:
             state = load_checkpoint(accelerator, resume_from)
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
@@ -304,16 +344,13 @@ class _Run:
             accelerator.init_trackers(args.project_name, config=_flat_config(job.config))
         self.window = _Window()
 
-    def _check_output_dir(self) -> Path | None:
-        """The checkpoint to resume from (or None); writes config.yaml and run_info.json."""
-        resume_from = preflight(self.args)
+    def _write_run_files(self) -> None:
+        """``config.yaml`` and ``run_info.json`` (atomically: a kill never leaves half a file)."""
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.job.config is not None:
                 save_config(self.job.config, self.out / "config.yaml")
-            info = json.dumps(self.job.info, indent=2, default=str)
-            (self.out / "run_info.json").write_text(info + "\n", encoding="utf-8")
-        return resume_from
+            write_json_atomic(self.out / "run_info.json", json.loads(json.dumps(self.job.info, default=str)))
 
     # ------------------------------------------------------------------------------------------ steps
     def micro_step(self, batch: dict) -> None:
@@ -322,7 +359,7 @@ class _Run:
             loss, metrics = self.job.loss_fn(self.model, batch)
         if not _finite_everywhere(self.acc, loss):
             if self.args.nan_policy == "stop":
-                raise TrainingError(_nan_message(f"the loss is {float(loss)}", self.step, self.args, batch))
+                raise TrainingError(_nan_message(f"the loss is {float(loss.detach())}", self.step, self.args, batch))
             self.bad_update = True
             # Backward of a zero loss all the same: every process must join the gradient all-reduce. The
             # batch's metrics are dropped on every process alike (the check above is global), so the metric
@@ -393,7 +430,8 @@ class _Run:
         self.window.start = time.perf_counter()
 
     def save_final(self) -> Path:
-        """``output_dir/final``: the trained weights (LoRA merged) and the tokeniser, via ``save_pretrained``."""
+        """``output_dir/final``: the trained weights (LoRA merged) and the tokeniser, via ``save_pretrained``, and
+        ``trainer_state.json`` with the step (eval reads it; a resumed run that already ended stops there)."""
         final = self.out / "final"
         net = self.acc.unwrap_model(self.model)
         state_dict = None
@@ -402,7 +440,8 @@ class _Run:
         else:
             state_dict = self.acc.get_state_dict(self.model)  # collective under FSDP / ZeRO-3
         if self.main:
-            save_pretrained_atomic(net, self.job.tokenizer, final, state_dict=state_dict)
+            save_pretrained_atomic(net, self.job.tokenizer, final, state_dict=state_dict,
+                                   extra={STATE_FILE: {**self.state(), "final": True}})
         self.acc.wait_for_everyone()
         return final
 
@@ -410,6 +449,9 @@ class _Run:
 def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
     """Train ``job.model`` under ``args``; returns ``output_dir/final`` (model + tokeniser, safetensors)."""
     run = _Run(accelerator, args, job)
+    if run.ended is not None:
+        accelerator.end_training()
+        return run.out / "final"
     finished_before = run.step >= run.total  # resuming a run that had already ended: only re-save final
     run.model.train()
     bar = tqdm(total=run.total, initial=run.step, desc=f"train {run.out.name}",
@@ -444,8 +486,8 @@ def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
         bar.close()
     if run.eval_loader is not None and not finished_before:
         run.write_eval()
-    if run.last_saved != run.step:
-        run.save()
+    if args.save_every and run.last_saved != run.step:
+        run.save()  # the last step's checkpoint: a later --resume with more steps continues from it
     final = run.save_final()
     accelerator.end_training()
     return final

@@ -40,6 +40,10 @@ def split_heldout(rows: list[dict], data: DataBaseConfig, seed: int, kind: str, 
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, int(round(data.eval_fraction * len(rows))))
+    if n_eval >= len(rows):
+        raise ConfigError(f"holding out {n_eval} of the {len(rows)} rows leaves none to train on",
+                          file=data.train_file, field="data.eval_fraction",
+                          fix="give more rows, lower data.eval_fraction, or set it to 0")
     held = set(order[:n_eval])
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 

@@ -16,7 +16,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 
 from ..errors import InputError
-from ..models import DTYPES, load_causal_lm, load_tokenizer, tiny_config, train_bpe_tokenizer
+from ..models import DTYPES, check_model_dir, load_causal_lm, load_tokenizer, tiny_config, train_bpe_tokenizer
 from .checkpoint import COMPLETE, save_pretrained_atomic
 from .config import ModelConfig, TrainArgs
 
@@ -64,9 +64,10 @@ def build_scratch(
            "pad_token_id": tokenizer.pad_token_id}
     try:
         config = tiny_config(len(tokenizer), model_type=cfg.model_type, **ids, **overrides)
-    except (ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # unknown model_type, a key of the wrong type (transformers' strict configs), …
         raise InputError(
-            f"cannot build a {cfg.model_type!r} model ({e})", field="model.scratch_config", fix="check model_type and its keys"
+            f"cannot build a {cfg.model_type!r} model ({' '.join(str(e).split())[:300]})", field="model.scratch_config",
+            fix="check model_type and its keys",
         ) from None
     torch.manual_seed(seed)
     if head == "reward":
@@ -133,18 +134,14 @@ def load_reward_model(source: str, *, dtype: str = "float32", trust_remote_code:
     """``AutoModelForSequenceClassification`` with one output (a fresh score head on a causal-LM checkpoint)."""
     from transformers import AutoModelForSequenceClassification
 
-    path = Path(source)
-    if path.is_dir() and not any(path.glob("*.safetensors*")):
-        raise InputError(
-            f"no safetensors weights in {source}", field="model.name_or_path", fix="save the model with safetensors"
-        )
+    check_model_dir(str(source), "model.name_or_path")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except OSError as e:
         raise InputError(
-            f"cannot load a model from {source!r} ({str(e).splitlines()[0]})",
+            f"cannot load a model ({str(e).splitlines()[0]})", file=str(source),
             field="model.name_or_path",
             fix="give a local model directory or a hub name (and network access)",
         ) from None
@@ -176,7 +173,11 @@ def apply_lora(model: torch.nn.Module, cfg: ModelConfig, head: Head = "causal") 
     )
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:  # e.g. target modules that the model does not have
+        raise InputError(f"cannot add LoRA adapters ({str(e).splitlines()[0]})", field="model.lora_target_modules",
+                         fix="name modules the model has (e.g. c_attn for GPT-2), or leave it empty for all linear layers") from None
 
 
 def finalize(model: torch.nn.Module) -> torch.nn.Module:
