@@ -153,6 +153,10 @@ CONFIG_MATRIX = [
     ("train", ["train.nan_policy=ignore"], "field 'train.nan_policy'"),
     ("train", ["--bogus-flag"], "field 'bogus_flag': unknown config key"),
     ("train", ["lr"], "cannot read override 'lr'"),
+    ("train", ["data.eval_fraction=0.9"], "field 'data.eval_fraction': holding out 2 of the 2 rows leaves none"),
+    ("train", ["model.name_or_path=./no-such-model"], "error: ./no-such-model: field 'model.name_or_path': no such model"),
+    ("sample", ["model=./no-such-model"], "error: ./no-such-model: field 'model': no such model directory"),
+    ("eval", ["checkpoints=[./no-such-run]"], "error: ./no-such-run: field 'checkpoints': no such model directory"),
     ("sft", ["data.k=2"], "field 'data.k': unknown config key"),
     ("sft", ["train.batch_size=0"], "field 'train.batch_size'"),
     ("rm", ["data.eval_fraction=1.5"], "field 'data.eval_fraction'"),
@@ -322,3 +326,36 @@ def test_flag_style_overrides_work_for_every_config_command(ws, tmp_path):
     out = tmp_path / "labels.jsonl"
     assert cli(["label", "--input", str(good), f"--output={out}", "--method", "bradley_terry"]) == 0
     assert out.is_file()
+
+
+def test_a_model_directory_without_config_is_refused(ws, tmp_path, capsys):
+    not_a_model = ws.root  # data files, no config.json
+    good = ws.file("good-preference.jsonl", GOOD["preference"])
+    assert cli([*COMMANDS["train"](ws, good, tmp_path), f"model.name_or_path={not_a_model}"]) == 2
+    assert one_error_line(capsys).startswith(f"error: {not_a_model}: field 'model.name_or_path': not a model directory")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_resume_record_is_refused(ws, tmp_path, capsys):
+    """``sample``/``score`` record their settings in ``<output>.meta.json``; if it cannot be read, nothing says the
+    rows already in the output belong to this run: exit 2, and the output is left as it was."""
+    good = ws.file("good-prompt.jsonl", GOOD["prompt"])
+    out, meta = tmp_path / "s.jsonl", tmp_path / "s.jsonl.meta.json"
+    out.write_text('{"prompt": "p", "completions": ["a", "b"]}\n', encoding="utf-8")
+    meta.write_text('{"stage": "sam', encoding="utf-8")
+    assert cli(COMMANDS["sample"](ws, good, tmp_path)) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {meta}: field 'output': the settings record of {out} is unreadable"), line
+    assert "overwrite=true" in line
+    assert out.read_text(encoding="utf-8") == '{"prompt": "p", "completions": ["a", "b"]}\n'
+
+
+def test_errors_found_only_with_the_model_still_exit_2(ws, tmp_path, capsys):
+    """LoRA target modules can only be checked against the loaded model: exit 2 and a last ``error:`` line (the
+    progress lines before it stay), and no run directory."""
+    good = ws.file("good-preference.jsonl", GOOD["preference"])
+    assert cli([*COMMANDS["train"](ws, good, tmp_path), "model.lora_r=2", "model.lora_target_modules=[nope]"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: field 'model.lora_target_modules': cannot add LoRA adapters"), err
+    assert sum(line.startswith("error:") for line in err) == 1 and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "run").exists()

@@ -274,7 +274,7 @@ def _load_state(path: Path, settings: dict, overwrite: bool) -> dict | None:
     if state.get("settings") != settings:
         old = state.get("settings") or {}
         changed = sorted(k for k in set(settings) | set(old) if old.get(k) != settings.get(k))
-        raise ConfigError(f"{path} was written with other settings ({', '.join(changed)})", field="output",
+        raise ConfigError(f"was written with other settings ({', '.join(changed)})", file=str(path), field="output",
                           fix="rerun with the same settings to resume, pass overwrite=true, or choose a new output")
     return state
 

@@ -129,8 +129,10 @@ def exo(
 
     With q = softmax(r / β_r) and y_i ~ π_sft, the gradient of L tends (K → ∞) to the gradient of
     ``KL(π_θ^{β_π} ‖ π*_{β_r})`` where ``π_θ^{β_π} ∝ π_sft (π_θ/π_sft)^{β_π}`` and ``π*_{β_r} ∝ π_sft
-    exp(r/β_r)``, i.e. of the RL objective with KL coefficient β = β_π β_r: EXO is mode-seeking like RL
-    (``tests/test_loss_theorem.py`` checks this). With preference targets q = [1 − ε, ε] it is TRL's
+    exp(r/β_r)``: EXO is mode-seeking like RL (``tests/test_loss_theorem.py`` checks this). Both sides reach
+    their minimum at the RL optimum with KL coefficient β = β_π β_r when the policy can represent it; when it
+    cannot, the limit equals the RL objective's gradient only for β_π = 1 (for other β_π it is the reverse KL
+    of the tempered ``π_θ^{β_π}``), so prefer β_π = 1 with reward targets (see docs/exact_benchmark.md). With preference targets q = [1 − ε, ε] it is TRL's
     ``exo_pair``; unnormalised log-targets (the authors' ``[0, −10]``) shift L by a constant only.
     """
     mask = _full_mask(policy_logps, mask)

@@ -353,13 +353,13 @@ def check_meta(output: str | Path, meta: dict, *, overwrite: bool) -> bool:
         old = None
     if mp.exists() and not isinstance(old, dict):
         # A damaged record: nothing says the rows in `output` were made with these settings.
-        raise ConfigError(f"{out} exists but its settings record {mp} is unreadable", field="output",
+        raise ConfigError(f"the settings record of {out} is unreadable", file=str(mp), field="output",
                           fix="pass overwrite=true to start afresh, or choose a new output")
     if old != meta:
         changed = sorted(k for k in set(meta) | set(old or {}) if (old or {}).get(k) != meta.get(k))
         raise ConfigError(
-            f"{out} exists and was written with other settings ({', '.join(changed) or 'unknown'})",
-            field="output",
+            f"exists and was written with other settings ({', '.join(changed) or 'unknown'})",
+            file=str(out), field="output",
             fix="rerun with the same settings to resume, pass overwrite=true, or choose a new output",
         )
     return True

@@ -200,7 +200,8 @@ class TrainArgs:
     cpu: bool = False
     """Train on the CPU even when a GPU is present."""
     save_every: int = 0
-    """Save a checkpoint every this many optimizer steps (0 = only at the end)."""
+    """Save a resumable checkpoint every this many optimizer steps and at the last one (0 = none: only final,
+    which a resumed run cannot continue past its last step)."""
     save_total_limit: int | None = None
     """Keep only the newest this many checkpoints (null = keep all)."""
     log_every: int = 10
