@@ -174,6 +174,7 @@ BAD = [
     ("messages-without-tokenizer", "sft", ['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'], 1, "messages", "chat template"),
     ("message-without-role", "sft", ['{"messages": [{"content": "hi"}]}'], 1, "messages[0]", "no 'role'"),
     ("prompt-and-messages", "group", ['{"prompt": "p", "messages": [{"role": "user", "content": "hi"}], "completions": ["a", "b"]}'], 1, "messages", "together"),
+    ("messages-as-text", "sft", ['{"completion": "c", "messages": "hi"}'], 1, "messages", "list of messages"),
     ("lone-surrogate", "pair", ['{"prompt": "bad \\ud800", "chosen": "c", "rejected": "r"}'], 1, "prompt", "surrogate"),
 ]
 

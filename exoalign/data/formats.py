@@ -187,6 +187,9 @@ def _prompt(ctx: _Ctx, before: list[dict[str, str]] | None) -> str:
     if prompt is not None and messages is not None:
         raise ctx.error("messages", "given together with 'prompt'", "give the prompt once: 'prompt' or 'messages'")
     if prompt is None and messages is not None:
+        if not isinstance(messages, list):  # text belongs in 'prompt'; 'messages' is always a conversation
+            raise ctx.error("messages", f"must be a list of messages, got {_json_type(messages)}",
+                            'give [{"role": "user", "content": "..."}, ...], or the text as "prompt"')
         prompt, field = messages, "messages"
     else:
         field = "prompt"
