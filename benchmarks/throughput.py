@@ -70,7 +70,8 @@ class Shape:
     prefix_completion: int = 48
     prefix_ks: tuple[int, ...] = (2, 4, 8)
     prefix_groups: int = 2  # groups per batch in the prompt-sharing benchmark
-    prefix_steps: int = 3  # timed steps per (K, layout), after one warm-up
+    prefix_steps: int = 3  # timed steps per (K, layout)
+    prefix_warmup: int = 1  # untimed steps per (K, layout) before them
     systems: tuple[str, ...] = ("exoalign", "exoalign_unshared", "trl_default", "trl_fastest")
 
     @property
@@ -78,7 +79,8 @@ class Shape:
         return (self.warmup + self.steps + 1) * self.pairs  # +1: the exoalign hook stops at the next step
 
 
-QUICK = dict(warmup=1, steps=2, prefix_groups=1, prefix_steps=1, systems=("exoalign", "trl_default", "trl_fastest"))
+QUICK = dict(warmup=1, steps=2, prefix_groups=1, prefix_steps=1, prefix_warmup=0,
+             systems=("exoalign", "trl_default", "trl_fastest"))
 TINY = dict(layers=2, width=64, heads=2, vocab=512, positions=128, prompt_len=8, completion_len=8, pairs=2,
             warmup=1, steps=1, prefix_prompt=16, prefix_completion=4, prefix_ks=(2, 4), prefix_groups=1,
             prefix_steps=1, systems=("exoalign", "trl_default", "trl_fastest"))
@@ -321,13 +323,16 @@ def run_prefix(shape: Shape, assets: Path) -> dict:
     prompt sharing, then the peak again (the best of the two is the limit)."""
     import torch
 
-    peaks = [matmul_peak()]
     from exoalign.data import GroupCollator
     from exoalign.models import load_causal_lm
+    from exoalign.packing import supports_shared_prefix
     from exoalign.train.config import LossConfig
 
+    peaks = [matmul_peak()]
     model = load_causal_lm(str(assets / "policy"))
     model.train()
+    if not supports_shared_prefix(model):  # also runs the one-off probe before anything is timed
+        raise RuntimeError("prompt sharing is unavailable for the benchmark model")
     loss_cfg = LossConfig(name="exo", target="rw", beta_pi=0.1, beta_r=0.1)
     fns = {share: compute_loss_fn(share) for share in (False, True)}
     g = torch.Generator().manual_seed(shape.seed + 2)
@@ -345,13 +350,13 @@ def run_prefix(shape: Shape, assets: Path) -> dict:
         batch = GroupCollator(1)(feats)
         times: dict[bool, list[float]] = {False: [], True: []}
         losses: dict[bool, float] = {}
-        for i in range(1 + shape.prefix_steps):
+        for i in range(shape.prefix_warmup + shape.prefix_steps):
             for share in (False, True):  # interleaved
                 t = time.perf_counter()
                 loss, _ = fns[share](model, batch, loss_cfg)
                 loss.backward()
                 model.zero_grad(set_to_none=True)
-                if i > 0:
+                if i >= shape.prefix_warmup:
                     times[share].append(time.perf_counter() - t)
                 losses[share] = float(loss.detach())
         unshared, shared = statistics.median(times[False]), statistics.median(times[True])
@@ -606,16 +611,17 @@ def markdown(res: dict, command: str) -> str:
         f"completions {sh['completion_len']} tokens; fp32; {sh['steps']} timed steps after {sh['warmup']} warm-up "
         f"per system, interleaved.",
         "",
-        "| system | median s/step | CPU s/step | completion tokens/s | exoalign speedup | peak RSS MiB "
+        "| system | median s/step | min s/step | CPU s/step | completion tokens/s | exoalign speedup | peak RSS MiB "
         "| RSS above start MiB | policy + ref tokens/step | MFU | step-0 loss | last-step loss |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     exo_s = s["exoalign"]["median_s"]
     for name, v in s.items():
         f = v["final"]
         mfu = flops(res["params"], f) / v["median_s"] / (peak * 1e9)
         lines.append(
-            f"| {name} | {v['median_s']:.3f} | {statistics.median(v['cpu_s']):.2f} | {tok_per_step / v['median_s']:.0f} "
+            f"| {name} | {v['median_s']:.3f} | {min(v['step_s']):.3f} | {statistics.median(v['cpu_s']):.2f} "
+            f"| {tok_per_step / v['median_s']:.0f} "
             f"| {v['median_s'] / exo_s:.2f}× | {f['peak_rss_mb']:.0f} | {f['peak_rss_mb'] - f['baseline_rss_mb']:.0f} "
             f"| {f['policy_tokens']} + {f['ref_tokens']} | {mfu:.1%} | {v['losses'][0]:.6f} | {v['losses'][-1]:.6f} |"
         )
@@ -643,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--details", type=Path, help="write every measurement (JSON) here")
     p.add_argument("--steps", type=int, help="timed steps per system (overrides the preset)")
     p.add_argument("--profile", action="store_true", help="only profile one exoalign step by operator family")
+    p.add_argument("--render", type=Path, help="re-render the JSON and tables from a --details file (no run)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
     p.add_argument("--assets", type=Path, help=argparse.SUPPRESS)
@@ -672,9 +679,14 @@ def main(argv: list[str] | None = None) -> int:
         for fam, t in prof["families"]:
             print(f"| {fam} | {t:.3f} | {t / total:.0%} |")
         return 0
-    res = run(shape)
-    out = summary(res)
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.render:
+        res = json.loads(args.render.read_text())
+        command = res.get("command", command)
+    else:
+        res = run(shape)
+        res["command"] = command.strip()
+    out = summary(res)
     print(markdown(res, command.strip()))
     print(json.dumps(out, indent=2))
     if args.json:

@@ -199,3 +199,25 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(f"| **total of this invocation** | {results['total_seconds']:.1f} | | |")
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def seed_summary(paths: list[str]) -> str:
+    """Markdown table of the EXO-vs-DPO comparisons of several demo runs (e.g. seeds), with their mean."""
+    rows = ["| run | comparison | KL range (nats) | mean reward gap | EXO higher on | verdict |",
+            "|---|---|---:|---:|---:|---|"]
+    gaps: dict[str, list[float]] = {}
+    for path in paths:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+        for key, c in results["comparison"].items():
+            line = verdict({key: c})
+            side = "level" if "LEVEL WITH" in line else "above" if "ABOVE" in line else "below"
+            rows.append(f"| seed {results['seed']} | {key.replace('_vs_', ' vs ')} | 0–{c['kl_max']:.2f} | "
+                        f"{c['mean_reward_gap']:+.3f} | {100 * c['frac_above']:.0f}% | EXO {side} |")
+            gaps.setdefault(key, []).append(c["mean_reward_gap"])
+    for key, g in gaps.items():
+        rows.append(f"| mean of {len(g)} | {key.replace('_vs_', ' vs ')} | | {float(np.mean(g)):+.3f} | | |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m exoalign.bench.demo_report DIR1/results.json DIR2/results.json …
+    print(seed_summary(sys.argv[1:]), end="")
