@@ -7,6 +7,7 @@ YAML is read with ``yaml.safe_load``: the ``!!python`` tag cases are in ``tests/
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -160,6 +161,9 @@ def test_trust_remote_code_defaults_to_false_everywhere():
 def oracle_dir(tmp_path, monkeypatch) -> Path:
     """A working directory with a good judge and modules that leave a marker if they are ever imported."""
     monkeypatch.chdir(tmp_path)
+    for name in ("judge", "evil_data", "evil_spec"):  # another test may have imported its own `judge`
+        sys.modules.pop(name, None)
+    importlib.invalidate_caches()
     (tmp_path / "judge.py").write_text(JUDGE, encoding="utf-8")
     for name in ("evil_data", "evil_spec"):
         (tmp_path / f"{name}.py").write_text(MARKER_MODULE.format(marker=str(tmp_path / f"{name}.imported")))
