@@ -131,3 +131,16 @@ def test_set_overrides_are_checked(tmp_path, capsys):
     assert "did you mean 'beta_r'" in capsys.readouterr().err
     assert main(["demo", "--quick", "--set", "save_every=100", "--out", str(tmp_path / "d")]) == 2
     assert not (tmp_path / "d").exists()  # rejected before anything was written
+
+
+def test_first_updates_of_exo_and_dpo_pref_are_parallel(quick_run):
+    """At π_sft every log-ratio is 0, so per pair ∂L/∂(h_w − h_l) is −(½ − ε) for DPO and −¼·log((1−ε)/ε)
+    for EXO (β_π factored out): the same constant for every pair. The parameter gradients are parallel and
+    EXO's is longer by ¼·log(999)/0.499 = 3.4604 at ε = 1e-3."""
+    from exoalign.bench.demo_diagnose import first_update_cosines
+
+    c = first_update_cosines(quick_run["out"], n_groups=32)
+    assert c["pref_grad_cosine"] == pytest.approx(1.0, abs=1e-4)
+    assert c["pref_grad_norm_ratio_exo_over_dpo"] == pytest.approx(0.25 * math.log(0.999 / 0.001) / 0.499, rel=1e-3)
+    # with reward targets the directions differ (EXO: centred rewards; DPO: best vs the rest)
+    assert c["rw_grad_cosine"] < 0.99

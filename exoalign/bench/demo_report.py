@@ -201,6 +201,15 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _label(results: dict[str, Any]) -> str:
+    """``seed N`` plus the settings that differ from the default preset (``k=8``), to tell runs apart."""
+    from .demo import DemoSettings
+
+    default = dataclasses.asdict(DemoSettings())
+    changed = [f"{k}={v}" for k, v in results["settings"].items() if k != "seed" and default.get(k) != v]
+    return " ".join([f"seed {results['seed']}", *changed])
+
+
 def seed_summary(paths: list[str]) -> str:
     """Markdown table of the EXO-vs-DPO comparisons of several demo runs (e.g. seeds), with their mean."""
     rows = ["| run | comparison | KL range (nats) | mean reward gap | EXO higher on | verdict |",
@@ -211,7 +220,7 @@ def seed_summary(paths: list[str]) -> str:
         for key, c in results["comparison"].items():
             line = verdict({key: c})
             side = "level" if "LEVEL WITH" in line else "above" if "ABOVE" in line else "below"
-            rows.append(f"| seed {results['seed']} | {key.replace('_vs_', ' vs ')} | 0–{c['kl_max']:.2f} | "
+            rows.append(f"| {_label(results)} | {key.replace('_vs_', ' vs ')} | 0–{c['kl_max']:.2f} | "
                         f"{c['mean_reward_gap']:+.3f} | {100 * c['frac_above']:.0f}% | EXO {side} |")
             gaps.setdefault(key, []).append(c["mean_reward_gap"])
     for key, g in gaps.items():
