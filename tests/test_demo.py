@@ -144,3 +144,14 @@ def test_first_updates_of_exo_and_dpo_pref_are_parallel(quick_run):
     assert c["pref_grad_norm_ratio_exo_over_dpo"] == pytest.approx(0.25 * math.log(0.999 / 0.001) / 0.499, rel=1e-3)
     # with reward targets the directions differ (EXO: centred rewards; DPO: best vs the rest)
     assert c["rw_grad_cosine"] < 0.99
+
+
+def test_a_deleted_output_is_remade_and_nothing_else(quick_run):
+    from exoalign.cli import main
+
+    out = quick_run["out"]
+    (out / "eval" / "dpo-rw.json").unlink()
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    timings = json.loads((out / "results.json").read_text())["timings"]
+    assert [k for k, t in timings.items() if not t["cached"]] == ["eval dpo-rw"]
+    assert (out / "eval" / "dpo-rw.json").is_file()

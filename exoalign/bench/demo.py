@@ -1,25 +1,26 @@
 """``exoalign demo``: EXO vs DPO on controlled sentiment generation, offline, on a CPU, in minutes.
 
-    exoalign demo [--quick] [--out DIR] [--device cpu|cuda] [--seed N]
+    exoalign demo [--quick] [--out DIR] [--device cpu|cuda] [--seed N] [--set KEY=VALUE ...]
 
 The paper's IMDB experiment (Ji et al., ICML 2024, §5.1) scaled down to a CPU and run by the library's own
-stages, each reading and writing files in ``DIR`` (default ``./exoalign-demo``):
+stages, each reading and writing files in ``DIR`` (default ``./exoalign-demo``); see ``docs/demo.md``:
 
-1. ``corpus``  synthetic movie reviews from a stochastic grammar (:mod:`exoalign.bench.reviews`): SFT rows,
-   training prompts and held-out prompts (a prompt = the first 3–6 words of a review);
+1. ``corpus``  synthetic movie reviews from a stochastic grammar (:mod:`exoalign.bench.reviews`) → SFT rows;
 2. ``sft``     π_sft: a byte-level BPE tokeniser and a small GPT-2 trained from scratch (``exoalign sft``);
-3. ``sample``  K completions per training prompt from π_sft (``exoalign sample``);
-4. ``score``   rewards from the oracle, VADER sentiment of the completion (``exoalign score``);
-5. ``label``   best-vs-worst preference pairs from the scored groups (``exoalign label``);
-6. ``train``   four runs on the same prompts with the same budget: ``exo`` and ``dpo``, each with ``pref``
+3. ``prompts`` training and held-out prompts: the first 3–6 words of other reviews, each distinct;
+4. ``sample``  K completions per training prompt from π_sft (``exoalign sample``);
+5. ``score``   rewards from the oracle, VADER sentiment of the completion (``exoalign score``);
+6. ``label``   best-vs-worst preference pairs from the scored groups (``exoalign label``);
+7. ``train``   four runs on the same prompts with the same budget: ``exo`` and ``dpo``, each with ``pref``
    targets (the pairs) and ``rw`` targets (the K scored completions) (``exoalign train``);
-7. ``eval``    every checkpoint, π_sft included as step 0, on held-out prompts: oracle reward and
-   ``KL(π‖π_sft)`` (``exoalign eval``);
-8. ``report``  the reward–KL frontier (``exoalign plot frontier``), ``results.json`` and ``report.md``.
+8. ``eval``    π_sft and every checkpoint on the held-out prompts: oracle reward and ``KL(π‖π_sft)``
+   (``exoalign eval``);
+9. ``report``  the reward–KL frontier (``exoalign plot frontier``), ``results.json`` and ``report.md``.
 
 A stage is skipped when its outputs exist and were made with the same settings (a fingerprint of the settings
 it depends on, chained through the stages before it), so a second run, or a run after an interruption, only
-does what is missing. Change a setting and exactly the stages that depend on it run again.
+does what is missing. Change a setting and exactly the stages that depend on it run again. (The device is not part of the
+fingerprint: results made on the CPU are reused by a ``--device cuda`` run in the same directory.)
 """
 
 from __future__ import annotations
@@ -164,11 +165,13 @@ class Demo:
     def _mark(self, stage: str) -> Path:
         return self.marks / f"{stage}.json"
 
-    def is_done(self, stage: str, fp: str) -> bool:
+    def is_done(self, stage: str, fp: str, outputs: list[Path]) -> bool:
+        """Stage ``stage`` finished with fingerprint ``fp`` and its outputs are still there."""
         try:
-            return json.loads(self._mark(stage).read_text(encoding="utf-8"))["fingerprint"] == fp
+            same = json.loads(self._mark(stage).read_text(encoding="utf-8"))["fingerprint"] == fp
         except (OSError, ValueError, KeyError):
             return False
+        return same and all(p.exists() for p in outputs)
 
     def _clear(self, outputs: list[Path]) -> None:
         """Remove a stage's outputs left by a run with other settings, or by an interrupted stage that cannot
@@ -196,7 +199,7 @@ class Demo:
     def stage(self, n: int, name: str, fp: str, outputs: list[Path], work: Callable[[], None]) -> None:
         """Run ``work`` unless stage ``name`` is done with fingerprint ``fp``; time it; mark it done."""
         header = f"[{n}/{len(STAGE_KEYS) + 1}] {name}"
-        if self.is_done(name, fp):
+        if self.is_done(name, fp, outputs):
             self._cached(header, name)
             return
         print(f"{header} ...", file=sys.stderr)
@@ -350,7 +353,7 @@ class Demo:
         header = f"[{n}/{len(STAGE_KEYS) + 1}] {what}"
         todo = []
         for name, fn, args, outputs, progress, total in jobs:
-            if self.is_done(name, fp):
+            if self.is_done(name, fp, outputs):
                 self._cached(f"{header}: {name}", name)
                 continue
             self._clear(outputs)
