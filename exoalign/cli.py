@@ -12,7 +12,7 @@ import sys
 from .errors import InputError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("exoalign.bench.demo:main", "EXO vs DPO on controlled sentiment generation, offline, on a CPU"),
+    "demo": ("exoalign.demo.pipeline:main", "EXO vs DPO on controlled sentiment generation, offline, on a CPU"),
     "sft": ("exoalign.stages.sft:main", "supervised fine-tuning on prompt/completion rows"),
     "sample": ("exoalign.stages.sample:main", "sample K completions per prompt (HF generate or vLLM)"),
     "rm": ("exoalign.stages.reward_model:main", "`exoalign rm train`: Bradley-Terry reward model on pairs"),

@@ -8,14 +8,15 @@ import math
 import pytest
 import torch
 
-from exoalign.bench.exact_metrics import (
+from exoalign.cli import main as cli_main
+from exoalign.exact.metrics import (
     best_of_n_logps,
     exact_metrics,
     kl,
     objective,
     optimum_logps,
 )
-from exoalign.bench.exact_problem import (
+from exoalign.exact.problem import (
     SeqPolicy,
     SeqTaskSpec,
     all_sequences,
@@ -24,8 +25,7 @@ from exoalign.bench.exact_problem import (
     seq_index,
     sequence_logps,
 )
-from exoalign.bench.exact_train import sample_offline
-from exoalign.cli import main as cli_main
+from exoalign.exact.train import sample_offline
 
 
 def _random_policy(vocab: int = 3, length: int = 4, prompts: int = 2, seed: int = 0) -> SeqPolicy:
@@ -149,7 +149,7 @@ def test_offline_pairs_follow_bradley_terry():
 
 def test_exo_rw_gradient_tends_to_the_rl_gradient_with_beta_pi_one():
     """With β_π = 1 and many samples from π_sft, ∇ EXO ∥ ∇ KL(π_θ‖π*) (Ji et al. 2024, Thm 3.x)."""
-    from exoalign.bench.exact_toy import GaussianPolicy, ToySpec, toy_problem
+    from exoalign.exact.toy import GaussianPolicy, ToySpec, toy_problem
     from exoalign.losses import get_loss, reward_targets
 
     spec = ToySpec()

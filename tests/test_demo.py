@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from exoalign.bench import demo as D
-from exoalign.bench.demo_report import compare, envelope, verdict
+from exoalign.demo import pipeline as D
+from exoalign.demo.report import compare, envelope, verdict
 
 pytest.importorskip("vaderSentiment")
 
@@ -137,7 +137,7 @@ def test_first_updates_of_exo_and_dpo_pref_are_parallel(quick_run):
     """At π_sft every log-ratio is 0, so per pair ∂L/∂(h_w − h_l) is −(½ − ε) for DPO and −¼·log((1−ε)/ε)
     for EXO (β_π factored out): the same constant for every pair. The parameter gradients are parallel and
     EXO's is longer by ¼·log(999)/0.499 = 3.4604 at ε = 1e-3."""
-    from exoalign.bench.demo_diagnose import first_update_cosines
+    from exoalign.demo.diagnose import first_update_cosines
 
     c = first_update_cosines(quick_run["out"], n_groups=32)
     assert c["pref_grad_cosine"] == pytest.approx(1.0, abs=1e-4)

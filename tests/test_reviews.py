@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from exoalign.bench import reviews as R
+from exoalign.demo import reviews as R
 
 pytest.importorskip("vaderSentiment")
 

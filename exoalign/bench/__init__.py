@@ -1,0 +1,1 @@
+"""``exoalign bench``: the command that dispatches to the benchmarks (the exact one lives in :mod:`exoalign.exact`)."""

@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .demo_jobs import usable_cores
+from .jobs import usable_cores
 
 if TYPE_CHECKING:
-    from .demo import Demo
+    from .pipeline import Demo
 
 COMPARISONS = (("exo-pref", "dpo-pref"), ("exo-rw", "dpo-rw"))
 """EXO against DPO with the same targets on the same data."""
@@ -203,7 +203,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _label(results: dict[str, Any]) -> str:
     """``seed N`` plus the settings that differ from the default preset (``k=8``), to tell runs apart."""
-    from .demo import DemoSettings
+    from .settings import DemoSettings
 
     default = dataclasses.asdict(DemoSettings())
     changed = [f"{k}={v}" for k, v in results["settings"].items() if k != "seed" and default.get(k) != v]
@@ -228,5 +228,5 @@ def seed_summary(paths: list[str]) -> str:
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":  # python -m exoalign.bench.demo_report DIR1/results.json DIR2/results.json …
+if __name__ == "__main__":  # python -m exoalign.demo.report DIR1/results.json DIR2/results.json …
     print(seed_summary(sys.argv[1:]), end="")

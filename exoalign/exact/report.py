@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from .exact_metrics import METRICS
+from .metrics import METRICS
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -161,7 +161,7 @@ def plot_curves(results: dict, path: Path) -> None:
 
 def write_all(results: dict, toy: dict, out_dir: Path) -> list[Path]:
     """Write every output file into ``out_dir``; return their paths."""
-    from .exact_toy import plot_toy
+    from .toy import plot_toy
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / n for n in ("results.json", "results.md", "illustration.json", "illustration.png",

@@ -1,6 +1,6 @@
 """Why EXO and DPO move alike in the demo: the directions of their first updates from π_sft.
 
-    python -m exoalign.bench.demo_diagnose DIR [--groups 128]
+    python -m exoalign.demo.diagnose DIR [--groups 128]
 
 At the start of training π_θ = π_sft, so every log-ratio ``h_i = log π_θ(y_i|x) − log π_sft(y_i|x)`` is 0 and
 the policy distribution over a group is uniform, ``p_i = 1/K``. The gradients of the losses with respect to
@@ -78,7 +78,7 @@ def first_update_cosines(out: Path, n_groups: int = 128) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exoalign.bench.demo_diagnose", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m exoalign.demo.diagnose", description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="a finished `exoalign demo` directory")
     parser.add_argument("--groups", type=int, default=128, help="scored groups to take the gradients on")
     args = parser.parse_args(argv)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..losses import get_loss, reward_targets
-from .exact_metrics import exact_metrics, optimum_logps
+from .metrics import exact_metrics, optimum_logps
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ def train_toy(spec: ToySpec, loss_name: str) -> GaussianPolicy:
 def project(spec: ToySpec, direction: str, steps: int = 1500) -> GaussianPolicy:
     """The best Gaussian by exact gradient descent from π_sft on ``KL(π_θ‖π*)`` (``"reverse"``, what RL
     reaches) or ``KL(π*‖π_θ)`` (``"forward"``, what DPO-rw reaches with infinite data and K → ∞)."""
-    from .exact_metrics import kl
+    from .metrics import kl
 
     sft_logps, rewards = toy_problem(spec)
     opt = optimum_logps(sft_logps, rewards, spec.beta)

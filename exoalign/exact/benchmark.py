@@ -7,11 +7,11 @@ estimation noise in the evaluation. The trained methods call the library's loss 
 (``get_loss`` + ``pref_targets``/``reward_targets``) on sequence log-probs summed over tokens, exactly as a
 user's training run does. See ``docs/exact_benchmark.md`` and the modules:
 
-* ``exact_problem`` — task, GRU policy, enumeration, SFT fit
-* ``exact_metrics`` — exact metrics, π*, analytic best-of-N
-* ``exact_train`` — offline data and training of each method
-* ``exact_toy`` — the one-dimensional illustration
-* ``exact_report`` — results.json, results.md and the PNGs
+* ``problem`` — task, GRU policy, enumeration, SFT fit
+* ``metrics`` — exact metrics, π*, analytic best-of-N
+* ``train`` — offline data and training of each method
+* ``toy`` — the one-dimensional illustration
+* ``report`` — results.json, results.md and the PNGs
 
 β convention (DESIGN.md): the losses see ``p = softmax(β_π h)`` and ``q = softmax(r/β_r)`` (or Bradley–Terry
 labels at temperature β_r), so their optimum is π*_β with ``β = β_π β_r``. The benchmark uses ``β_π = 1``
@@ -31,10 +31,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import require
-from .exact_metrics import METRICS, best_of_n_logps, exact_metrics, optimum_logps
-from .exact_problem import SeqPolicy, SeqTaskSpec, all_sequences, build_task, fit_sft
-from .exact_toy import ToySpec, run_toy
-from .exact_train import policy_table, sample_offline, train_method, trained_methods
+from .metrics import METRICS, best_of_n_logps, exact_metrics, optimum_logps
+from .problem import SeqPolicy, SeqTaskSpec, all_sequences, build_task, fit_sft
+from .toy import ToySpec, run_toy
+from .train import policy_table, sample_offline, train_method, trained_methods
 
 
 @dataclass
@@ -205,6 +205,6 @@ def run_benchmark(cfg: ExactConfig, *, progress: bool = True) -> tuple[dict, dic
 
 def write_outputs(results: dict, toy: dict, out_dir: str | Path) -> list[Path]:
     """Write results.json, results.md, illustration.json and the PNGs into ``out_dir`` (atomically)."""
-    from .exact_report import write_all
+    from .report import write_all
 
     return write_all(results, toy, Path(out_dir))

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from ..losses import get_loss, pref_targets, reward_targets
-from .exact_metrics import exact_metrics, kl, objective, optimum_logps
-from .exact_problem import SeqPolicy, enumerate_logps, sequence_logps
+from .metrics import exact_metrics, kl, objective, optimum_logps
+from .problem import SeqPolicy, enumerate_logps, sequence_logps
 
 
 @dataclass(frozen=True)

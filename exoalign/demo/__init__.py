@@ -1,0 +1,1 @@
+"""The demo: EXO vs DPO on controlled sentiment generation (``exoalign demo``)."""
