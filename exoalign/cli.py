@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 bad input or config (one line naming the file, line, fi
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from .errors import InputError
@@ -22,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("exoalign.eval.evaluate:main", "reward, KL to the SFT policy and win rate of checkpoints"),
     "plot": ("exoalign.eval.plots:main", "`exoalign plot frontier`: reward-KL frontier of several runs"),
     "bench": ("exoalign.bench.cli:main", "`exoalign bench exact`: the exact-optimum benchmark"),
+    "model": ("exoalign.zoo:main", "`exoalign model get smollm2`: a pretrained model offline, as safetensors"),
 }
 
 
@@ -32,7 +34,19 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def thread_policy(environ: dict | None = None) -> None:
+    """Passive OpenMP waiting unless the user chose a policy or a thread count (set before torch is imported).
+
+    Spin-waiting threads of torch's default policy burn the cores other processes need; on a shared or loaded
+    machine that made steps 3-8x slower (docs/speed.md). Has no effect once torch has been imported.
+    """
+    env = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" not in env and "OMP_NUM_THREADS" not in env:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
+    thread_policy()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -49,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     module, func = COMMANDS[name][0].split(":")
     try:
         entry = getattr(importlib.import_module(module), func)
+        if name not in ("plot", "label", "bench"):  # the commands that load models (the others skip the import)
+            from .quiet import install
+
+            install()  # transformers' load/save bars and two uninformative warnings off (exoalign/quiet.py)
         code = entry(rest)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -202,13 +202,64 @@ def read_yaml(path: str | Path) -> tuple[dict, dict[str, int]]:
     return data, lines
 
 
-def _unknown_key(key: str, choices: list[str], where: dict) -> ConfigError:
+#: Names users bring from other trainers (HF Trainer, TRL) → the field that means the same here.
+ALIASES = {
+    "learning_rate": "lr", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs",
+    "model_name_or_path": "name_or_path", "beta": "beta_pi", "loss_type": "name",
+    "warmup": "warmup_steps", "lr_scheduler_type": "scheduler", "dataset": "train_file", "train_data": "train_file",
+    "adam_epsilon": "adam_eps", "bf16": "mixed_precision", "output": "output_dir",
+}
+
+
+def _leaves(cls: type, prefix: str = "") -> list[str]:
+    """Dotted keys of every leaf field of a (nested) config dataclass."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints.get(f.name)
+        if dataclasses.is_dataclass(tp):
+            out.extend(_leaves(tp, prefix + f.name + "."))
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _elsewhere(key: str, root: type | None) -> str | None:
+    """The dotted key of another section that ``key`` (its last part) most likely means: ``lr`` → ``train.lr``."""
+    if root is None:
+        return None
+    leaves = [k for k in _leaves(root) if "." in k]
+    if not leaves:
+        return None
+    name = key.rsplit(".", 1)[-1].replace("-", "_")
+    by_name: dict[str, str] = {}
+    for leaf in leaves:
+        by_name.setdefault(leaf.rsplit(".", 1)[-1], leaf)
+    for candidate in (name, ALIASES.get(name.lower())):
+        if candidate in by_name and by_name[candidate] != key:
+            return by_name[candidate]
+    close = difflib.get_close_matches(name, list(by_name), n=1, cutoff=0.75)
+    return by_name[close[0]] if close and by_name[close[0]] != key else None
+
+
+def _unknown_key(key: str, choices: list[str], where: dict, root: type | None = None) -> ConfigError:
+    """Unknown ``key``: suggest a close key of the same section, else the dotted key of another section that
+    it names (``lr`` → ``train.lr``, ``learning_rate`` → ``train.lr``), else list the section's keys."""
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], choices, n=1)
-    fix = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(choices)}"
+    other = None if close else _elsewhere(key, root)
+    if close:
+        fix = f"did you mean '{close[0]}'?"
+    elif other:
+        fix = f"did you mean '{other}'?"
+    else:
+        fix = f"valid keys here: {', '.join(choices)}"
     return ConfigError("unknown config key", **where, fix=fix)
 
 
-def _build(cls: type[T], data: dict, prefix: str, src: str | None, lines: dict[str, int]) -> T:
+def _build(cls: type[T], data: dict, prefix: str, src: str | None, lines: dict[str, int],
+           root: type | None = None) -> T:
+    root = root or cls
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -216,14 +267,14 @@ def _build(cls: type[T], data: dict, prefix: str, src: str | None, lines: dict[s
         dotted = prefix + str(key)
         where = {"file": src, "line": lines.get(dotted), "field": dotted}
         if key not in names:
-            raise _unknown_key(dotted, names, where)
+            raise _unknown_key(dotted, names, where, root)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if value is None:
                 value = {}
             if not isinstance(value, dict):
                 raise ConfigError("must be a section (a mapping of keys)", **where, fix=f"write {key}: {{...}}")
-            kwargs[key] = _build(tp, value, dotted + ".", src, lines)
+            kwargs[key] = _build(tp, value, dotted + ".", src, lines, root)
         else:
             kwargs[key] = _coerce(value, tp, where)
     try:

@@ -15,12 +15,16 @@ Three things keep this cheap:
   autograd function that keeps only the logits (which exist anyway) and one float per token, and writes the
   gradient ``onehot − softmax`` straight into one buffer: no ``[N, V]`` log-softmax, no fp32 copy of bf16 logits.
 * Columns that are padding in every row are dropped before the forward pass.
+* With the chunked head (:func:`chunked_head_logps`, on where it wins: see :data:`HEAD_MODE`) even the
+  ``[n_tokens, V]`` logits never exist: the model returns hidden states and :class:`_HeadLogps` projects
+  ``chunk`` rows at a time, recomputing each chunk's logits in backward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -86,6 +90,101 @@ class _TokenLogps(torch.autograd.Function):
         if tau != 1.0:
             grad.div_(tau)  # chain rule through x = logits / τ
         return grad, None, None, None, None
+
+
+class _HeadLogps(torch.autograd.Function):
+    """``log softmax(h W^T / τ)[target]`` per token from hidden states ``h`` ``[m, H]`` and the head ``W`` ``[V, H]``.
+
+    No ``[m, V]`` tensor is kept: the forward projects ``chunk`` rows at a time and keeps one ``logsumexp`` per
+    row; the backward recomputes each chunk's logits and, with ``G = −g_row · softmax / τ`` ``[chunk, V]``,
+    accumulates ``dh = G W`` and ``dW += G^T h``. The one-hot part ``g · (W[t], h)/τ`` is added by index ops.
+    One extra head matmul per step buys the memory of the logits and their gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, index, temperature: float, chunk: int, dtype):
+        m, vocab = hidden.shape[0], weight.shape[0]
+        h, w = hidden.to(dtype), weight.to(dtype)  # views when already of the compute dtype
+        b = bias.to(dtype) if bias is not None else None
+        lse = torch.empty(m, dtype=torch.float32, device=hidden.device)  # (m,)
+        for s, e in _chunks(m, vocab, chunk):
+            block = (torch.addmm(b, h[s:e], w.t()) if b is not None else h[s:e] @ w.t()).float()  # (rows, V)
+            if temperature != 1.0:
+                block = block / temperature
+            lse[s:e] = torch.logsumexp(block, dim=-1)
+        rows = index if index is not None else torch.arange(m, device=hidden.device)  # (n,)
+        picked = (h[rows] * w[targets]).sum(-1, dtype=torch.float32)  # (n,) the target logits
+        if b is not None:
+            picked = picked + b[targets].float()
+        ctx.save_for_backward(h, w, b, targets, rows, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return picked / temperature - lse[rows]
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        h, w, b, targets, rows, lse = ctx.saved_tensors
+        tau, (h_dtype, w_dtype, b_dtype) = ctx.temperature, ctx.dtypes
+        m, vocab = h.shape[0], w.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        g = grad_out.float() / tau  # (n,)
+        g_row = torch.zeros_like(lse).index_add_(0, rows, g)  # (m,) a row read by several tokens sums theirs
+        gh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None  # (m, H)
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None  # (V, H)
+        gb = torch.zeros(vocab, dtype=torch.float32, device=w.device) if need_b else None  # (V,)
+        for s, e in _chunks(m, vocab, ctx.chunk):
+            block = (torch.addmm(b, h[s:e], w.t()) if b is not None else h[s:e] @ w.t()).float()  # (rows, V)
+            # G = −g_row · softmax(x / τ), softmax = exp(x/τ − lse); the one-hot part is added below.
+            block = (block.div_(tau) if tau != 1.0 else block).sub_(lse[s:e, None]).exp_().mul_(-g_row[s:e, None])
+            if gb is not None:
+                gb += block.sum(0)
+            G = block.to(h.dtype)
+            if gh is not None:
+                gh[s:e] = (G @ w).float()  # (rows, H)
+            if gw is not None:
+                if G.dtype == torch.float32:
+                    gw.addmm_(G.t(), h[s:e])  # (V, H), in place
+                else:
+                    gw += (G.t() @ h[s:e]).float()
+        # The one-hot part: d logp / dx_target = 1 (times g / τ).
+        if gh is not None:
+            gh.index_add_(0, rows, w[targets].float() * g[:, None])
+        if gw is not None:
+            gw.index_add_(0, targets, h[rows].float() * g[:, None])
+        if gb is not None:
+            gb.index_add_(0, targets, g)
+        return (
+            gh.to(h_dtype) if gh is not None else None,
+            gw.to(w_dtype) if gw is not None else None,
+            gb.to(b_dtype) if gb is not None else None,
+            None, None, None, None, None,
+        )
+
+
+def head_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    index: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """``log softmax((h W^T + b) / τ)[target]`` ``[n]`` fp32 from hidden states ``[m, H]``, never holding ``[m, V]``.
+
+    ``index`` ``[n]`` (optional) names the hidden row that predicts each target (rows may repeat). Under
+    autocast the matmuls run in the autocast dtype, as the model's own head would; ``chunk`` rows are projected at
+    a time (default: as many as fit 32 MiB of fp32 logits). Targets of ``-100`` are read as token 0.
+    """
+    n = index.numel() if index is not None else hidden.shape[0]
+    if n == 0:
+        return hidden.new_zeros(0, dtype=torch.float32) + (hidden.sum() + weight.sum()) * 0
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    step = chunk if chunk is not None else max(1, _BLOCK_ELEMS // max(weight.shape[0], 1))
+    with torch.autocast(device_type, enabled=False):
+        return _HeadLogps.apply(hidden, weight, bias, targets.clamp(min=0), index, float(temperature), step, dtype)
 
 
 def token_logps(
@@ -163,6 +262,122 @@ def completion_logits(model: torch.nn.Module, predict: torch.Tensor, **inputs: t
     return logits[predict[:, first_col:]]  # (n, V)
 
 
+#: Where the chunked head (:func:`head_token_logps`) replaces the model's own head: ``"auto"`` where it wins
+#: (docs/speed.md), ``"on"`` wherever the model allows it, ``"off"`` never. Set by ``train.chunked_head``.
+HEAD_MODE = "auto"
+#: ``auto`` projects in chunks when the full logits would exceed this many elements (with gradients).
+_AUTO_MIN_ELEMS = 1 << 26
+_HEAD_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+#: Config fields of models whose logits are not plain ``head(hidden)`` (soft-capping, scaling).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+@contextlib.contextmanager
+def head_mode(mode: str) -> Iterator[None]:
+    """Use the chunked head ``"auto"``/``"on"``/``"off"`` inside the block (see :data:`HEAD_MODE`)."""
+    global HEAD_MODE
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"unknown head mode {mode!r}; use auto, on or off")
+    was, HEAD_MODE = HEAD_MODE, mode
+    try:
+        yield
+    finally:
+        HEAD_MODE = was
+
+
+def _head_name(inner: torch.nn.Module) -> str | None:
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:  # a LoRA-wrapped or custom head: its weight is not the whole story
+        return None
+    return next((name for name, child in inner.named_children() if child is head), None)
+
+
+@contextlib.contextmanager
+def _hidden_out(inner: torch.nn.Module, name: str) -> Iterator[torch.nn.Linear]:
+    """The model returns its final hidden states as ``.logits`` inside the block (its head is an identity)."""
+    head = getattr(inner, name)
+    setattr(inner, name, torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        setattr(inner, name, head)
+
+
+def _sharded(model: torch.nn.Module, weight: torch.Tensor) -> bool:
+    """FSDP (1 or 2) or DeepSpeed ZeRO-3 hold the head's weight in pieces: it cannot be used outside forward."""
+    if any("FullyShardedDataParallel" in type(m).__name__ for m in (model, _unwrap(model))):
+        return True
+    return type(weight.data) is not torch.Tensor or weight.numel() == 0 or hasattr(weight, "ds_id")
+
+
+def chunked_head_supported(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s logits are ``lm_head(hidden)`` of a plain ``nn.Linear`` (config checks + one probe)."""
+    inner = _unwrap(model)
+    cached = _HEAD_CACHE.get(inner)
+    if cached is not None:
+        return cached
+    name = _head_name(inner)
+    config = getattr(inner, "config", None)
+    ok = name is not None and compact_logits_supported(inner)
+    ok = ok and not any(getattr(config, f, None) not in (None, 1, 1.0) for f in _LOGIT_TRANSFORMS)
+    if ok:
+        ids = torch.arange(1, 4, device=inner.get_output_embeddings().weight.device)[None] % inner.config.vocab_size
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        was = inner.training
+        inner.eval()
+        try:
+            with torch.no_grad():
+                plain = inner(input_ids=ids, use_cache=False, logits_to_keep=keep).logits.float()
+                with _hidden_out(inner, name) as head:
+                    hidden = inner(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+                ok = hidden.shape[-1] == head.in_features and torch.allclose(
+                    torch.nn.functional.linear(hidden, head.weight, head.bias).float(), plain, rtol=1e-4, atol=1e-4
+                )
+        except Exception:  # any failure: this model keeps its own head
+            ok = False
+        finally:
+            inner.train(was)
+    _HEAD_CACHE[inner] = bool(ok)
+    return bool(ok)
+
+
+def _use_chunked(model: torch.nn.Module, n_rows: int) -> bool:
+    if HEAD_MODE == "off" or not chunked_head_supported(model):
+        return False
+    head = _unwrap(model).get_output_embeddings()
+    if _sharded(model, head.weight):
+        return False
+    # auto: without gradients chunking only saves work; with them it costs one more head matmul, which pays
+    # for itself only when the logits are large (docs/speed.md).
+    return HEAD_MODE == "on" or not torch.is_grad_enabled() or n_rows * head.out_features >= _AUTO_MIN_ELEMS
+
+
+def completion_token_logps(
+    model: torch.nn.Module,
+    predict: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    index: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    **inputs: torch.Tensor,
+) -> torch.Tensor:
+    """Log-probs ``[n]`` of ``targets`` predicted at the True positions of ``predict`` ``[B, T]`` (row-major).
+
+    ``index`` ``[n]`` names the predicting position of each target among the True ones (default: one each).
+    Uses the chunked head (:func:`head_token_logps`) or the model's logits (:func:`completion_logits`).
+    """
+    n_rows = int(predict.sum())
+    if _use_chunked(model, n_rows):
+        inner = _unwrap(model)
+        with _hidden_out(inner, _head_name(inner)) as head:
+            hidden = completion_logits(model, predict, **inputs)  # (n_rows, H)
+        return head_token_logps(hidden, head.weight, targets, bias=head.bias, index=index, temperature=temperature)
+    logits = completion_logits(model, predict, **inputs)  # (n_rows, V)
+    if index is None:
+        return token_logps(logits, targets, temperature)
+    return gathered_token_logps(logits, index, targets, temperature)
+
+
 def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, position_ids):
     """Drop the columns that are padding in every row (a caller's fixed-length padding costs nothing then)."""
     used = attention_mask.bool().any(0)  # (T,)
@@ -197,10 +412,10 @@ def sequence_logps(
     nxt = labels[:, 1:]  # (N, T - 1)
     keep = nxt != IGNORE
     predict = torch.cat([keep, keep.new_zeros(N, 1)], dim=1)  # (N, T)
-    logits = completion_logits(
-        model, predict, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    )  # (n_tokens, V)
-    lp = token_logps(logits, nxt[keep], temperature)  # (n_tokens,)
+    lp = completion_token_logps(
+        model, predict, nxt[keep], temperature=temperature,
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    )  # (n_tokens,)
     rows = keep.nonzero()[:, 0]  # (n_tokens,) row of each kept token, in the same row-major order
     sums = torch.zeros(N, dtype=lp.dtype, device=lp.device).index_add(0, rows, lp)  # (N,)
     return sums, lengths

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from .errors import InputError
+from .zoo import check_available, is_zoo_name, resolve_model_path
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -86,6 +87,7 @@ def build_model(config, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "right"):
     """``AutoTokenizer.from_pretrained`` with a pad token guaranteed (EOS if the tokeniser has none)."""
+    name_or_path = resolve_model_path(name_or_path)  # a zoo name (smollm2) → its converted directory
     if looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
         raise InputError("no such tokeniser directory", file=name_or_path, field="model.tokenizer",
                          fix="give a directory with tokenizer files (a model directory has them) or a hub name")
@@ -112,6 +114,9 @@ def check_model_dir(name_or_path: str, field: str) -> None:
     """Refuse, before any work, a local model that cannot be loaded safely: a missing directory, one without
     ``config.json``, or one whose weights are not safetensors (pickled ``*.bin`` weights are never loaded,
     since unpickling can run code). Hub names pass: they are checked when loaded (with ``use_safetensors``)."""
+    if is_zoo_name(name_or_path):  # converted when loaded; here only checked to be installable
+        check_available(name_or_path, field)
+        return
     if not looks_local(name_or_path):
         return
     path = Path(name_or_path).expanduser()
@@ -137,7 +142,8 @@ def load_causal_lm(
     """``AutoModelForCausalLM.from_pretrained`` from safetensors only, remote code off unless asked for."""
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}", field="model.dtype", fix=f"use one of {', '.join(DTYPES)}")
-    check_model_dir(str(name_or_path), field)
+    name_or_path = resolve_model_path(str(name_or_path))  # a zoo name (smollm2) → its converted directory
+    check_model_dir(name_or_path, field)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs

@@ -15,10 +15,12 @@ completion is predicted from the prompt's last position, so that one logit row i
 
 The 4-D mask goes through transformers' own attention paths, which pass a ready 4-D mask through untouched:
 an additive float mask for SDPA and eager attention (a boolean one for SDPA under autocast). Logits are
-computed only at the positions that predict a completion token. Models whose attention cannot take such a mask (FlashAttention's
-varlen kernels, ALiBi or sliding-window models, recurrent models, custom code) are detected by
+computed only at the positions that predict a completion token. Models whose attention cannot take such a
+mask (FlashAttention's varlen kernels, ALiBi models such as Bloom, recurrent models, custom code) are detected by
 :func:`supports_shared_prefix`, which also runs a tiny numerical probe once per model, and
-:func:`shared_prefix_logps` then falls back to the unshared layout.
+:func:`shared_prefix_logps` then falls back to the unshared layout. Sliding-window models (Mistral, Gemma2,
+Gemma3) share too: a ready 4-D mask replaces the window, which is exact as long as no sequence is longer than
+the window (``data.max_length`` ≤ ``sliding_window``); a batch longer than the window falls back.
 """
 
 from __future__ import annotations
@@ -33,8 +35,7 @@ from .logprobs import (
     IGNORE,
     _accepts,
     _unwrap,
-    completion_logits,
-    gathered_token_logps,
+    completion_token_logps,
     position_ids_from_mask,
     sequence_logps,
 )
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 #: Attention implementations known to honour a custom 4-D mask as given.
 MASKED_ATTENTION = ("sdpa", "eager")
 _PROBE_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str | None, bool]] = weakref.WeakKeyDictionary()
+_WARNED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
 @dataclass
@@ -201,11 +203,22 @@ def _static_support(model: torch.nn.Module) -> str | None:
         return f"attention implementation {impl!r} (a custom 4-D mask needs one of {', '.join(MASKED_ATTENTION)})"
     if getattr(config, "alibi", False) or config.model_type in ("bloom", "mpt"):
         return "ALiBi positions are derived from the 2-D mask"
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention replaces a custom mask"
     if not (_accepts(inner, "position_ids") and _accepts(inner, "attention_mask")):
         return "forward takes no position_ids / attention_mask"
     return None
+
+
+def sliding_window(model: torch.nn.Module) -> int | None:
+    """The model's attention window in tokens, or None when it attends to the whole sequence.
+
+    A ready 4-D mask replaces the window in transformers' mask builders, so the shared layout is exact only for
+    batches whose unshared sequences fit in the window (query ``i`` sees key ``j`` iff ``i − j < window``).
+    """
+    config = getattr(_unwrap(model), "config", None)
+    if config is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    window = getattr(config, "sliding_window", None)
+    return int(window) if window else None
 
 
 def _probe(model: torch.nn.Module) -> bool:
@@ -258,19 +271,25 @@ def _shared_logps(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The shared-layout forward pass: ``([B, K] log-probs, [B, K] lengths)``, or None if nothing to share."""
+    reason = _static_support(model)
+    if reason is not None:  # the same rule supports_shared_prefix applies, never a crash deep in the model
+        raise ValueError(f"prefix sharing cannot serve {type(_unwrap(model)).__name__}: {reason}")
     gm = batch["group_mask"]
     packed = pack_shared_prefix(batch["input_ids"], batch["attention_mask"], batch["labels"], gm)
     if packed is None:
         return None
     B, K = gm.shape
-    logits = completion_logits(
+    # One logits row per predicting position; the prompt's last one serves K completions.
+    lp = completion_token_logps(
         model,
         packed.predict,
+        packed.targets,
+        index=packed.pred_index,
+        temperature=temperature,
         input_ids=packed.input_ids,
         attention_mask=_mask_for(model, packed.segments),
         position_ids=packed.position_ids,
-    )  # (n_pred, V): one row per predicting position; the prompt's last one serves K completions
-    lp = gathered_token_logps(logits, packed.pred_index, packed.targets, temperature)  # (n,)
+    )  # (n,)
     sums = torch.zeros(B * K, dtype=lp.dtype, device=lp.device).index_add(0, packed.slots, lp)  # (B*K,)
     return sums.view(B, K), packed.lengths
 
@@ -287,7 +306,12 @@ def shared_prefix_logps(
     """
     gm = batch["group_mask"].to(torch.bool)
     B, K = gm.shape
-    out = _shared_logps(model, batch, temperature) if supports_shared_prefix(model) else None
+    window = sliding_window(model)
+    fits = window is None or batch["input_ids"].shape[1] <= window
+    if not fits:
+        _warn_once(model, f"a batch of {batch['input_ids'].shape[1]} tokens is longer than its attention window "
+                          f"({window}); such batches use the unshared layout (set data.max_length <= {window})")
+    out = _shared_logps(model, batch, temperature) if fits and supports_shared_prefix(model) else None
     if out is not None:
         return out
     logps, lengths = sequence_logps(
@@ -295,6 +319,13 @@ def shared_prefix_logps(
     )
     gm = gm.to(logps.device)
     return logps.view(B, K).masked_fill(~gm, 0.0), lengths.view(B, K).masked_fill(~gm, 0)
+
+
+def _warn_once(model: torch.nn.Module, why: str) -> None:
+    inner = _unwrap(model)
+    if inner not in _WARNED:
+        _WARNED.add(inner)
+        log.warning("prefix sharing for %s: %s", type(inner).__name__, why)
 
 
 def group_logps(

@@ -173,7 +173,8 @@ def test_quick_mode_runs_through_the_cli_and_writes_the_schema(tmp_path):
     names = {"exo-pref", "dpo-pref", "ipo", "rl-exact", "sft", "optimum"}
     names |= {f"{m}-rw-k{k}" for m in ("exo", "dpo") for k in (2, 4, 8)}
     names |= {f"best-of-n-{n}" for n in res["config"]["best_of_n"]}
-    assert names <= set(res["methods"])
+    online = {f"{m}-k{k}" for m in ("online-exo", "online-dpo", "rloo") for k in (2, 4, 8)}
+    assert names | online <= set(res["methods"])
     for name, rec in res["methods"].items():
         for key in ("gap", "J", "kl_to_opt", "kl_from_opt", "reward", "kl_to_sft"):
             assert isinstance(rec[key], float) and math.isfinite(rec[key]), (name, key)
@@ -188,11 +189,48 @@ def test_quick_mode_runs_through_the_cli_and_writes_the_schema(tmp_path):
     for f in ("results.md", "illustration.png", "gap.png", "curves.png", "illustration.json"):
         assert (out / f).stat().st_size > 0
     assert "| exo-rw-k8 |" in (out / "results.md").read_text()
+    assert "| online-exo-k8 |" in (out / "results.md").read_text() and (out / "online.png").stat().st_size > 0
+    # online: ESS of p and q recorded; p is uniform at one use per sample with β_π = 1 (p ∝ π_θ/π_t = 1)
+    for name in online | {f"{m}-rw-k{k}" for m in ("exo", "dpo") for k in (2, 4, 8)}:
+        assert 0.0 < m[name]["ess_q"] <= 1.0 + 1e-9 and 0.0 < m[name]["ess"] <= 1.0 + 1e-9, name
+    for k in (2, 4, 8):
+        assert m[f"online-exo-k{k}"]["ess"] == pytest.approx(1.0, abs=1e-5)
+        assert m[f"exo-rw-k{k}"]["ess"] < 0.95  # offline p leaves uniform as π_θ moves away from π_sft
+        # at one use per sample RLOO's gradient is online EXO's times β K/(K−1): under Adam the same run
+        assert m[f"rloo-k{k}"]["gap"] == pytest.approx(m[f"online-exo-k{k}"]["gap"], abs=0.02)
+    # sampling from the current policy removes the coverage limit of offline data (issue 13's done-when)
+    assert m["online-exo-k8"]["gap"] < m["exo-rw-k8"]["gap"]
     assert not list(out.glob("*.tmp"))
     # the illustration: EXO sits on the dominant (left) mode, DPO spreads (larger σ, larger gap)
     toy = json.loads((out / "illustration.json").read_text())["metrics"]
     assert abs(toy["exo"]["mu"] - 0.25) < 0.05 and toy["exo"]["sigma"] < toy["dpo"]["sigma"]
     assert toy["exo"]["gap"] < toy["dpo"]["gap"]
+
+
+def test_ancestral_sampling_follows_the_enumerated_table():
+    """sample_sequences draws from π_θ exactly: empirical frequencies of 200k draws match the exact table."""
+    from exoalign.exact.online import sample_sequences
+
+    pol = _random_policy(seed=5).float()
+    with torch.no_grad():
+        table = enumerate_logps(pol.double(), torch.arange(2)).exp()  # (2, 81)
+    seqs = sample_sequences(pol, torch.tensor([0, 1]), 100_000, torch.Generator().manual_seed(0))  # (2, 100k, 4)
+    assert seqs.shape == (2, 100_000, 4)
+    for x in range(2):
+        freq = torch.bincount(seq_index(seqs[x], 3), minlength=81).double() / 100_000
+        se = (table[x] * (1 - table[x]) / 100_000).sqrt()
+        assert ((freq - table[x]).abs() <= 5 * se + 1e-4).all()
+
+
+def test_online_methods_and_their_names():
+    from exoalign.exact.train import online_methods, trained_methods
+
+    names = [m.name for m in online_methods((2, 8), (1, 4))]
+    assert names == ["online-exo-k2", "online-dpo-k2", "rloo-k2", "online-exo-k8", "online-dpo-k8", "rloo-k8",
+                     "online-exo-k2-r4", "online-dpo-k2-r4", "rloo-k2-r4", "online-exo-k8-r4", "online-dpo-k8-r4",
+                     "rloo-k8-r4"]
+    assert {m.reuse for m in online_methods((2,), (1, 4))} == {1, 4}
+    assert not any(m.targets == "online" for m in trained_methods((2, 4)))
 
 
 @pytest.mark.parametrize(
@@ -207,6 +245,9 @@ def test_quick_mode_runs_through_the_cli_and_writes_the_schema(tmp_path):
         ["length=9"],
         ["ks=[1]"],
         ["batch=30"],
+        ["reuse=[0]"],
+        ["reuse=[1,1]"],
+        ["online_seeds=-1"],
         ["no_such_key=1"],
     ],
 )

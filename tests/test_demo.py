@@ -8,57 +8,74 @@ import json
 import math
 import time
 
+import numpy as np
 import pytest
 
 from exoalign.demo import pipeline as D
-from exoalign.demo.report import compare, envelope, verdict
+from exoalign.demo.frontier import compare, envelope, paired_bootstrap, side, verdict
 
 pytest.importorskip("vaderSentiment")
 
 METHODS = {"exo-pref", "exo-rw", "dpo-pref", "dpo-rw"}
+QUICK = ["demo", "--quick", "--model", "scratch", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """One ``exoalign demo --quick`` through the CLI table, then the same command again."""
+    """One ``exoalign demo --quick --model scratch`` through the CLI table, then the same command again."""
     from exoalign.cli import main
 
     out = tmp_path_factory.mktemp("demo")
     t0 = time.perf_counter()
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    assert main([*QUICK, "--out", str(out)]) == 0
     first = time.perf_counter() - t0
     weights = out / "sft" / "final" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     results_first = json.loads((out / "results.json").read_text())
     t0 = time.perf_counter()
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    assert main([*QUICK, "--out", str(out)]) == 0
     second = time.perf_counter() - t0
     return {"out": out, "first": first, "second": second, "stamp": stamp, "weights": weights,
             "results_first": results_first}
 
 
-def test_results_schema_and_four_runs(quick_run):
+def test_results_schema_methods_and_betas(quick_run):
     results = json.loads((quick_run["out"] / "results.json").read_text())
     assert set(results["runs"]) == METHODS
-    s = D.settings_for(quick=True, seed=0)
+    s = D.settings_for(quick=True, seed=0, model="scratch")
+    assert len(s.beta_pi) >= 2
+    sft_points = set()
     for name, points in results["runs"].items():
-        steps = [p["step"] for p in points]
-        # π_sft at step 0, then every checkpoint: save_every, 2·save_every, …, align_steps
-        assert steps == list(range(0, s.align_steps + 1, s.save_every)), name
+        for beta in s.beta_pi:
+            run = [p for p in points if p["beta_pi"] == beta]
+            # π_sft at step 0 of every run, then every checkpoint: save_every, 2·save_every, …, align_steps
+            assert [p["step"] for p in run] == list(range(0, s.align_steps + 1, s.save_every)), (name, beta)
+            assert all(p["beta_r"] == s.beta_r for p in run)
+            assert run[0]["kl"] == 0.0  # π_sft against itself
+            sft_points.add(json.dumps({k: v for k, v in run[0].items() if k not in ("beta_pi", "run")}))
+            assert max(p["kl"] for p in run[1:]) > 0.05, (name, beta)  # training moved every policy
         for p in points:
             assert isinstance(p["step"], int)
             assert math.isfinite(p["kl"]) and math.isfinite(p["reward"])
             assert -1.0 <= p["reward"] <= 1.0  # VADER compound
-        assert points[0]["kl"] == 0.0  # π_sft against itself
-        # training moved every policy away from π_sft
-        assert max(p["kl"] for p in points[1:]) > 0.05, name
-    # all runs start from the same π_sft point
-    assert len({json.dumps(r[0]) for r in results["runs"].values()}) == 1
-    assert set(results["comparison"]) == {"exo-pref_vs_dpo-pref", "exo-rw_vs_dpo-rw"}
-    assert results["settings"] == dataclasses.asdict(s)
+        # the frontier is the envelope over both β runs: it starts at π_sft and never falls
+        xs, ys = results["frontiers"][name]
+        assert xs[0] == 0.0 and ys == sorted(ys) and max(ys) == max(p["reward"] for p in points)
+    assert len(sft_points) == 1  # all runs start from the same π_sft point
+    expected = {"exo-pref_vs_dpo-pref", "exo-rw_vs_dpo-rw"}
+    expected |= {f"{m}@{b:g}_vs_{m.replace('exo', 'dpo')}@{b:g}" for m in ("exo-pref", "exo-rw") for b in s.beta_pi}
+    assert set(results["comparison"]) == expected
+    for c in results["comparison"].values():
+        lo, hi = c["ci"]
+        assert lo <= c["mean_reward_gap"] + 1e-9 and c["mean_reward_gap"] - 1e-9 <= hi or c["kl_max"] == 0
+        assert c["side"] == ("above" if lo > 0 else "below" if hi < 0 else "no difference detected")
+        assert c["n_prompts"] == s.n_eval_prompts
+    settings = results["settings"]
+    assert settings["model_name"] == "scratch" and 1e5 < settings["model_parameters"] < 1e7
+    assert {k: settings[k] for k in dataclasses.asdict(s)} == dataclasses.asdict(s)
 
 
-def test_picture_and_report(quick_run):
+def test_picture_report_examples_and_definitions(quick_run):
     out = quick_run["out"]
     png = (out / "frontier.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -70,12 +87,21 @@ def test_picture_and_report(quick_run):
     for name in METHODS:
         assert name in report
     assert "## Timings" in report and "## Settings" in report
+    assert "**k1**" in report and "**k3**" in report and "**tokens**" in report
+    ex = results["examples"]
+    assert len(ex["prompts"]) == 3 and len(ex["sft"]["completions"]) == 3
+    for name in METHODS:
+        assert len(ex[name]["completions"]) == 3 and ex[name]["step"] > 0
+        assert ex[name]["reward"] == max(p["reward"] for p in results["runs"][name] if p["step"] > 0)
+        assert ex[name]["completions"][0][:20].replace("|", "\\|") in report
+    table = (out / "frontier.md").read_text()
+    assert table.count("\n") == 1 + 1 + sum(len(p) for p in results["runs"].values())
 
 
 def test_second_run_skips_every_stage(quick_run):
     results = json.loads((quick_run["out"] / "results.json").read_text())
     stages = results["timings"]
-    assert len(stages) == 6 + 4 + 5  # corpus…label, four trainings, five evaluations (π_sft + 4 runs)
+    assert len(stages) == 6 + 8 + 9  # corpus…label, 4 methods × 2 β trainings, their evaluations + π_sft's
     assert all(t["cached"] for t in stages.values()), stages
     assert quick_run["weights"].stat().st_mtime_ns == quick_run["stamp"]  # π_sft was not retrained
     assert quick_run["second"] < max(20.0, 0.25 * quick_run["first"])
@@ -84,12 +110,18 @@ def test_second_run_skips_every_stage(quick_run):
 
 
 def test_changing_a_training_setting_invalidates_only_later_stages():
-    base = D.Demo(D.Path("x"), D.settings_for(quick=True, seed=0), "cpu").fingerprints()
-    lr = dataclasses.replace(D.settings_for(quick=True, seed=0), align_lr=1e-3)
-    changed = D.Demo(D.Path("x"), lr, "cpu").fingerprints()
+    quick = D.settings_for(quick=True, seed=0, model="scratch")
+    base = D.Demo(D.Path("x"), quick, "cpu").fingerprints()
+    changed = D.Demo(D.Path("x"), dataclasses.replace(quick, align_lr=1e-3), "cpu").fingerprints()
     assert [k for k in base if base[k] != changed[k]] == ["train", "eval"]
-    other_seed = D.Demo(D.Path("x"), D.settings_for(quick=True, seed=1), "cpu").fingerprints()
+    other_seed = D.Demo(D.Path("x"), D.settings_for(quick=True, seed=1, model="scratch"), "cpu").fingerprints()
     assert all(base[k] != other_seed[k] for k in base)
+    # the toy's SFT settings do not touch a real model's stages; the prompt format does
+    real = D.settings_for(quick=True, seed=0)
+    fp = D.Demo(D.Path("x"), real, "cpu").fingerprints()
+    assert fp == D.Demo(D.Path("x"), dataclasses.replace(real, n_layer=7, sft_lr=1.0), "cpu").fingerprints()
+    raw = D.Demo(D.Path("x"), dataclasses.replace(real, prompt_format="raw"), "cpu").fingerprints()
+    assert [k for k in fp if fp[k] != raw[k]] == ["prompts", "sample", "score", "label", "train", "eval"]
 
 
 def test_envelope_and_comparison_by_hand():
@@ -106,10 +138,41 @@ def test_envelope_and_comparison_by_hand():
     assert c["mean_reward_gap"] == pytest.approx(0.2, abs=1e-3)
     assert c["frac_above"] == pytest.approx(200 / 201)
     assert c["reward_a_at_kl_max"] == pytest.approx(0.4) and c["reward_b_at_kl_max"] == pytest.approx(0.2)
+    assert compare(a, a)["mean_reward_gap"] == 0.0
+
+
+def _pts(kls, prompt_rewards, prompt_kls=None):
+    """Points whose per-prompt means are given (KL the same on every prompt unless prompt_kls is)."""
+    out = []
+    for i, (kl, pr) in enumerate(zip(kls, prompt_rewards)):
+        pk = [kl] * len(pr) if prompt_kls is None else prompt_kls[i]
+        out.append({"kl": float(np.mean(pk)), "reward": float(np.mean(pr)), "prompt_reward": list(pr),
+                    "prompt_kl": list(pk)})
+    return out
+
+
+def test_paired_bootstrap_verdicts():
+    """b's checkpoints: π_sft (KL 0) and one at KL 1, with per-prompt rewards that vary a lot across prompts.
+    a = b + 0.1 on every prompt at the KL-1 checkpoint: the envelope gap is 0.1·x on [0, 1], mean 0.05 on
+    every resample (the prompt noise cancels in the pair), so the interval is [0.05, 0.05] → "above".
+    Swapped → "below". A difference that flips sign between prompts (±0.3, mean 0) → "no difference
+    detected" although each resample's gap is rarely exactly 0."""
+    rng = np.random.default_rng(0)
+    n = 40
+    base = rng.uniform(-1, 1, n)
+    zero = np.zeros(n)
+    b = _pts([0.0, 1.0], [zero, base])
+    a = _pts([0.0, 1.0], [zero, base + 0.1])
+    c = paired_bootstrap(a, b, n_boot=300, seed=1)
+    assert c["mean_reward_gap"] == pytest.approx(0.05, abs=2e-3)
+    assert c["ci"] == pytest.approx([0.05, 0.05], abs=2e-3) and c["side"] == "above"
     assert "ABOVE" in verdict({"a_vs_b": c})
-    assert "BELOW" in verdict({"b_vs_a": compare(b, a)})
-    level = compare(a, a)
-    assert level["mean_reward_gap"] == 0.0 and "LEVEL WITH" in verdict({"a_vs_a": level})
+    assert paired_bootstrap(b, a, n_boot=300, seed=1)["side"] == "below"
+    flip = np.where(np.arange(n) % 2 == 0, 0.3, -0.3)
+    c = paired_bootstrap(_pts([0.0, 1.0], [zero, base + flip]), b, n_boot=300, seed=1)
+    assert c["ci"][0] < 0 < c["ci"][1] and c["side"] == "no difference detected"
+    assert "NO DIFFERENCE DETECTED" in verdict({"a_vs_b": c})
+    assert side(0.01, 0.2) == "above" and side(-0.2, -0.01) == "below" and side(-0.01, 0.01).startswith("no")
 
 
 def test_cuda_without_a_gpu_is_a_clean_input_error(tmp_path, capsys):
@@ -119,17 +182,24 @@ def test_cuda_without_a_gpu_is_a_clean_input_error(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert main(["demo", "--quick", "--device", "cuda", "--out", str(tmp_path / "d")]) == 2
+    assert main(["demo", "--quick", "--model", "scratch", "--device", "cuda", "--out", str(tmp_path / "d")]) == 2
     assert "--device cpu" in capsys.readouterr().err
 
 
-def test_set_overrides_are_checked(tmp_path, capsys):
+def test_overrides_are_key_value_and_checked(tmp_path, capsys):
     from exoalign.cli import main
 
     assert D.settings_for(False, 2, ["beta_r=1.0", "k=8"]) == dataclasses.replace(D.DemoSettings(), seed=2, beta_r=1.0, k=8)
-    assert main(["demo", "--quick", "--set", "betar=1", "--out", str(tmp_path / "d")]) == 2
-    assert "did you mean 'beta_r'" in capsys.readouterr().err
-    assert main(["demo", "--quick", "--set", "save_every=100", "--out", str(tmp_path / "d")]) == 2
+    assert D.settings_for(False, 0, ["model=scratch"]).align_steps == 200  # the toy's preset follows model=
+    s = D.settings_for(True, 0, ["beta_pi=[0.3,1]", "align_lr=1e-4"], model="scratch")
+    assert s.beta_pi == [0.3, 1.0] and s.align_lr == 1e-4 and s.n_layer == D.QUICK_SCRATCH["n_layer"]
+    for argv, needle in [(["betar=1"], "did you mean 'beta_r'"), (["--set", "betar=1"], "did you mean 'beta_r'"),
+                         (["--betar", "1"], "did you mean 'beta_r'"), (["save_every=100"], "save_every"),
+                         (["methods=[exo-rw,ppo]"], "methods"), (["--device", "tpu"], "--device")]:
+        assert main(["demo", "--quick", "--model", "scratch", *argv, "--out", str(tmp_path / "d")]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, (argv, err)
+        assert "usage:" not in err
     assert not (tmp_path / "d").exists()  # rejected before anything was written
 
 
@@ -150,8 +220,9 @@ def test_a_deleted_output_is_remade_and_nothing_else(quick_run):
     from exoalign.cli import main
 
     out = quick_run["out"]
-    (out / "eval" / "dpo-rw.json").unlink()
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    name = "dpo-rw_bpi0.1"
+    (out / "eval" / f"{name}.json").unlink()
+    assert main([*QUICK, "--out", str(out)]) == 0
     timings = json.loads((out / "results.json").read_text())["timings"]
-    assert [k for k, t in timings.items() if not t["cached"]] == ["eval dpo-rw"]
-    assert (out / "eval" / "dpo-rw.json").is_file()
+    assert [k for k, t in timings.items() if not t["cached"]] == [f"eval {name}"]
+    assert (out / "eval" / f"{name}.json").is_file()

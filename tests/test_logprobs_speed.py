@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from exoalign.logprobs import (
+    chunked_head_supported,
     compact_logits_supported,
     gathered_token_logps,
     sequence_logps,
@@ -20,7 +21,9 @@ VOCAB = 64
 @pytest.fixture()
 def model() -> torch.nn.Module:
     config = tiny_config(VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=1)
-    return build_model(config, seed=0)
+    model = build_model(config, seed=0)
+    chunked_head_supported(model)  # its one-off probe runs the model on 3 tokens: done before any hook counts
+    return model
 
 
 def batch() -> dict[str, torch.Tensor]:

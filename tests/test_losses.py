@@ -27,6 +27,7 @@ from exoalign.losses import (
     loss_info,
     pref_targets,
     reward_targets,
+    rloo,
     rpo,
     simpo,
 )
@@ -49,6 +50,8 @@ def _call(name: str, pol, ref, tgt, beta, mask=None, lengths=None, **kw):
     """Call loss ``name`` with the extra inputs it needs (lengths default to 1 token each)."""
     if LOSSES[name].needs_lengths:
         kw["lengths"] = torch.ones_like(pol, dtype=torch.long) if lengths is None else lengths
+    if LOSSES[name].online_only:
+        kw.setdefault("shaped_rewards", tgt)  # rloo: the log-targets serve as (shaped) rewards
     return get_loss(name)(pol, ref, tgt, beta, mask, **kw)
 
 
@@ -488,8 +491,9 @@ def test_bf16_inputs_are_computed_in_fp32(name):
 
 # ----------------------------------------------------------------------- registry and targets
 def test_registry_names_and_info():
-    assert set(LOSSES) == {"exo", "dpo", "ipo", "cdpo", "simpo", "rpo", "hinge"}
-    expected = {"exo": exo, "dpo": dpo, "ipo": ipo, "cdpo": cdpo, "simpo": simpo, "rpo": rpo, "hinge": hinge}
+    assert set(LOSSES) == {"exo", "dpo", "ipo", "cdpo", "simpo", "rpo", "hinge", "rloo"}
+    expected = {"exo": exo, "dpo": dpo, "ipo": ipo, "cdpo": cdpo, "simpo": simpo, "rpo": rpo, "hinge": hinge,
+                "rloo": rloo}
     for name, fn in expected.items():
         assert get_loss(name) is fn
         assert "https://" in fn.__doc__  # the paper is cited in every loss's docstring

@@ -49,7 +49,10 @@ def usable_cores() -> int:
 
 
 def one_thread() -> None:
-    """One intra-op thread (see the module docstring); set in every demo process."""
+    """One intra-op thread (see the module docstring); set in every demo process, and passive OpenMP waiting
+    for the processes it spawns (spinning threads steal the cores of the other jobs)."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(1)

@@ -1,31 +1,33 @@
-"""``exoalign demo``: EXO vs DPO on controlled sentiment generation, offline, on a CPU, in minutes.
+"""``exoalign demo``: EXO vs DPO on controlled sentiment generation, offline, on a CPU.
 
-    exoalign demo [--quick] [--out DIR] [--device cpu|cuda] [--seed N] [--set KEY=VALUE ...]
+    exoalign demo [--quick] [--model smollm2|scratch|DIR] [--out DIR] [--device cpu|cuda] [--seed N] [key=value ...]
 
-The paper's IMDB experiment (Ji et al., ICML 2024, §5.1) scaled down to a CPU and run by the library's own
-stages, each reading and writing files in ``DIR`` (default ``./exoalign-demo``); see ``docs/demo.md``:
+The paper's IMDB experiment (Ji et al., ICML 2024, §5.1: steer a language model to write positive movie
+reviews; reward = a sentiment judge) run by the library's own stages, each reading and writing files in
+``DIR`` (default ``./exoalign-demo``); see ``docs/demo.md``:
 
-1. ``corpus``  synthetic movie reviews from a stochastic grammar (:mod:`exoalign.demo.reviews`) → SFT rows;
-2. ``sft``     π_sft: a byte-level BPE tokeniser and a small GPT-2 trained from scratch (``exoalign sft``);
-3. ``prompts`` training and held-out prompts: the first 3–6 words of other reviews, each distinct;
+1. ``corpus``  (scratch only) synthetic movie reviews from a stochastic grammar (:mod:`exoalign.demo.reviews`);
+2. ``sft``     π_sft: a real model as it is (``smollm2``, resolved by :mod:`exoalign.zoo`), or for
+   ``model=scratch`` a small GPT-2 trained from scratch on the grammar (``exoalign sft``);
+3. ``prompts`` training and held-out prompts: openings of other reviews, each distinct (inside the chat
+   template after an instruction, or raw: ``prompt_format``);
 4. ``sample``  K completions per training prompt from π_sft (``exoalign sample``);
 5. ``score``   rewards from the oracle, VADER sentiment of the completion (``exoalign score``);
 6. ``label``   best-vs-worst preference pairs from the scored groups (``exoalign label``);
-7. ``train``   four runs on the same prompts with the same budget: ``exo`` and ``dpo``, each with ``pref``
-   targets (the pairs) and ``rw`` targets (the K scored completions) (``exoalign train``);
-8. ``eval``    π_sft and every checkpoint on the held-out prompts: oracle reward and ``KL(π‖π_sft)``
-   (``exoalign eval``);
-9. ``report``  the reward–KL frontier (``exoalign plot frontier``), ``results.json`` and ``report.md``.
+7. ``train``   one run per method and β_π on the same samples with the same budget (``exoalign train``);
+8. ``eval``    π_sft and every checkpoint on the held-out prompts, same prompts and random streams for all:
+   oracle reward and ``KL(π‖π_sft)`` (``exoalign eval``);
+9. ``report``  the frontiers (envelopes over checkpoints and β), a paired-bootstrap verdict, examples.
 
 A stage is skipped when its outputs exist and were made with the same settings (a fingerprint of the settings
 it depends on, chained through the stages before it), so a second run, or a run after an interruption, only
-does what is missing. Change a setting and exactly the stages that depend on it run again. (The device is not part of the
-fingerprint: results made on the CPU are reused by a ``--device cuda`` run in the same directory.)
+does what is missing; each (method, β_π) run has its own fingerprint, so adding a β value runs only the new
+runs. (The device is not part of the fingerprint: results made on the CPU are reused by a ``--device cuda``
+run in the same directory.)
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -40,7 +42,19 @@ from typing import Any
 from ..errors import InputError
 from . import reviews
 from .jobs import Job, one_thread, run_jobs, usable_cores
-from .settings import METHODS, QUICK, STAGE_KEYS, DemoSettings, method_name  # noqa: F401 (re-exported)
+from .settings import (  # noqa: F401 (re-exported)
+    METHODS,
+    OFFLINE_METHODS,
+    QUICK_SCRATCH,
+    STAGE_KEYS,
+    DemoSettings,
+    method_name,
+    preset,
+    run_name,
+    stage_keys,
+)
+
+N_STAGES = 9
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -57,15 +71,34 @@ class Demo:
         self.timings: dict[str, dict[str, Any]] = {}
         self.started = time.perf_counter()
 
+    @property
+    def sft_model(self) -> str:
+        """π_sft's directory: the toy's SFT output, or the real model's local directory."""
+        if self.s.scratch:
+            return str(self.sft_dir / "final")
+        from ..zoo import resolve_model_path
+
+        return resolve_model_path(self.s.model)
+
+    def run_list(self) -> list[tuple[str, str, float]]:
+        """``(run name, method, β_π)`` of every run, the costlier rw runs first."""
+        order = sorted(self.s.methods, key=lambda m: (not m.endswith("-rw"), self.s.methods.index(m)))
+        return [(run_name(m, b), m, b) for b in self.s.beta_pi for m in order]
+
     # -- bookkeeping
     def fingerprints(self) -> dict[str, str]:
         """Chained fingerprints: a change of a setting changes the fingerprint of its stage and all later ones."""
-        prev, out = "exoalign-demo/1", {}
+        prev, out = "exoalign-demo/2", {}
         values = dataclasses.asdict(self.s)
-        for stage, keys in STAGE_KEYS.items():
+        for stage, keys in stage_keys(self.s.scratch).items():
             blob = json.dumps([prev, stage, {k: values[k] for k in keys}], sort_keys=True)
             prev = out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
         return out
+
+    @staticmethod
+    def job_fp(stage_fp: str, *parts: Any) -> str:
+        """Fingerprint of one job of a stage (one run's training or evaluation)."""
+        return hashlib.sha256(json.dumps([stage_fp, *parts]).encode()).hexdigest()[:16]
 
     def _mark(self, stage: str) -> Path:
         return self.marks / f"{stage}.json"
@@ -103,7 +136,7 @@ class Demo:
 
     def stage(self, n: int, name: str, fp: str, outputs: list[Path], work: Callable[[], None]) -> None:
         """Run ``work`` unless stage ``name`` is done with fingerprint ``fp``; time it; mark it done."""
-        header = f"[{n}/{len(STAGE_KEYS) + 1}] {name}"
+        header = f"[{n}/{N_STAGES}] {name}"
         if self.is_done(name, fp, outputs):
             self._cached(header, name)
             return
@@ -123,6 +156,17 @@ class Demo:
         sft_rows = reviews.prompt_rows(reviews.generate_reviews(s.n_sft_reviews, seed=s.seed), seed=s.seed)
         write_rows(self.data / "sft.jsonl", sft_rows)
 
+    def model_info(self) -> None:
+        """π_sft's name, directory and parameter count, for results.json (a real model: converted on first use)."""
+        from ..models import load_causal_lm
+
+        path = self.sft_model
+        model = load_causal_lm(path)
+        n = sum(p.numel() for p in model.parameters())
+        self.data.mkdir(parents=True, exist_ok=True)
+        info = {"name": self.s.model, "path": path, "parameters": n, "model_type": model.config.model_type}
+        (self.data / "model.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+
     def prompts(self) -> None:
         from ..data import write_rows
 
@@ -136,9 +180,15 @@ class Demo:
             more = reviews.prompt_rows(reviews.generate_reviews(2 * n_prompts, seed=rng_seed), seed=rng_seed)
             prompts = list(dict.fromkeys(prompts + [r["prompt"] for r in more]))
             rng_seed += 7919
-        prompts = prompts[:n_prompts]
-        write_rows(self.data / "train_prompts.jsonl", [{"prompt": p} for p in prompts[: s.n_train_prompts]])
-        write_rows(self.data / "eval_prompts.jsonl", [{"prompt": p} for p in prompts[s.n_train_prompts:]])
+        rows = [self.prompt_row(p) for p in prompts[:n_prompts]]
+        write_rows(self.data / "train_prompts.jsonl", rows[: s.n_train_prompts])
+        write_rows(self.data / "eval_prompts.jsonl", rows[s.n_train_prompts:])
+
+    def prompt_row(self, opening: str) -> dict[str, Any]:
+        """A prompt row: the bare opening (toy, raw) or a chat turn the stages render with the chat template."""
+        if self.s.scratch or self.s.prompt_format == "raw":
+            return {"prompt": opening}
+        return {"messages": [{"role": "user", "content": self.s.instruction + opening}]}
 
     def _train_args(self, **kw: Any) -> Any:
         from ..train.config import TrainArgs
@@ -155,21 +205,22 @@ class Demo:
             model=ModelConfig(init="scratch", model_type="gpt2", vocab_size=s.vocab_size,
                               scratch_config={"n_layer": s.n_layer, "n_embd": s.n_embd, "n_head": s.n_head}),
             data=DataBaseConfig(train_file=str(self.data / "sft.jsonl"), max_length=s.max_length,
-                                max_prompt_length=24),
+                                max_prompt_length=s.max_prompt_length),
             train=self._train_args(output_dir=str(self.sft_dir), lr=s.sft_lr, batch_size=s.sft_batch_size,
                                    max_steps=s.sft_steps, warmup_steps=max(1, s.sft_steps // 20),
                                    scheduler="cosine"),
         )
         sft(cfg)
+        self.model_info()
 
     def sample(self) -> None:
         from ..stages.sample import SampleConfig, run
 
         s = self.s
-        run(SampleConfig(model=str(self.sft_dir / "final"), prompts=str(self.data / "train_prompts.jsonl"),
+        run(SampleConfig(model=self.sft_model, prompts=str(self.data / "train_prompts.jsonl"),
                          output=str(self.data / "groups.jsonl"), k=s.k, temperature=s.temperature,
                          max_new_tokens=s.max_new_tokens, min_new_tokens=1, seed=s.seed,
-                         batch_size=s.gen_batch_size, device=self.device))
+                         max_prompt_length=s.max_prompt_length, batch_size=s.gen_batch_size, device=self.device))
 
     def score(self) -> None:
         from ..stages.score import ScoreConfig, run
@@ -183,52 +234,65 @@ class Demo:
         run(LabelConfig(input=str(self.data / "scored.jsonl"), output=str(self.data / "pairs.jsonl"),
                         method="best_worst"))
 
-    def train(self, loss: str, target: str) -> None:
+    def train(self, method: str, beta_pi: float) -> None:
+        """One alignment run of ``method`` at ``beta_pi`` into ``runs/<run name>``."""
         from ..train.config import DataConfig, LossConfig, ModelConfig, TrainConfig
         from ..train.loop import train
 
         s = self.s
+        loss, target = method.split("-", 1)
+        if method in ("online-exo", "rloo"):
+            # Hook for the online issue: these sample from the current policy each round (`online.rounds`).
+            if "online" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+                raise InputError(f"method {method!r} needs online training, which this exoalign does not have yet",
+                                 field="methods", fix="leave it out of methods=[…]")
+            raise InputError(f"method {method!r} is not wired into the demo yet", field="methods",
+                             fix="leave it out of methods=[…]")
         data = self.data / ("pairs.jsonl" if target == "pref" else "scored.jsonl")
         cfg = TrainConfig(
-            model=ModelConfig(name_or_path=str(self.sft_dir / "final")),
-            data=DataConfig(train_file=str(data), max_length=s.max_length, max_prompt_length=24,
+            model=ModelConfig(name_or_path=self.sft_model),
+            data=DataConfig(train_file=str(data), max_length=s.max_length, max_prompt_length=s.max_prompt_length,
                             k=2 if target == "pref" else None),
-            loss=LossConfig(name=loss, target=target, beta_pi=s.beta_pi, beta_r=s.beta_r, eps=s.eps),
-            train=self._train_args(output_dir=str(self.runs / method_name(loss, target)), lr=s.align_lr,
+            loss=LossConfig(name=loss, target=target, beta_pi=beta_pi, beta_r=s.beta_r, eps=s.eps),
+            train=self._train_args(output_dir=str(self.runs / run_name(method, beta_pi)), lr=s.align_lr,
                                    batch_size=s.align_batch_size, max_steps=s.align_steps,
-                                   warmup_steps=min(10, s.align_steps // 4), scheduler="constant_with_warmup",
-                                   save_every=s.save_every),
+                                   warmup_steps=max(1, min(10, s.align_steps // 10)),
+                                   scheduler="constant_with_warmup", save_every=s.save_every),
         )
         train(cfg)
 
     def checkpoints(self, name: str) -> list[Path]:
         """Every saved checkpoint of run ``name`` in step order; ``sft`` is π_sft alone (step 0 of every run)."""
         if name == "sft":
-            return [self.sft_dir / "final"]
+            return [Path(self.sft_model)]
         run = self.runs / name
         steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "COMPLETE").is_file())
         return [run / f"checkpoint-{k}" for k in steps]
 
     def evaluate(self, name: str) -> None:
         """``exoalign eval`` of run ``name``'s checkpoints. π_sft is evaluated once, as run ``sft``, and the
-        report puts it at step 0 of every run; every evaluation draws its samples from the same seeds."""
+        report puts it at step 0 of every run; every evaluation draws its samples from the same seeds (the
+        completion j of held-out prompt i has the same random stream for every checkpoint)."""
         from ..eval.evaluate import EvalConfig, run
 
         s = self.s
-        run(EvalConfig(checkpoints=[str(p) for p in self.checkpoints(name)], sft_model=str(self.sft_dir / "final"),
+        run(EvalConfig(checkpoints=[str(p) for p in self.checkpoints(name)], sft_model=self.sft_model,
                        prompts=str(self.data / "eval_prompts.jsonl"), oracle=reviews.ORACLE,
                        samples_per_prompt=s.eval_samples, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
-                       min_new_tokens=1, seed=s.seed + 1000, batch_size=s.gen_batch_size, win_rate=False,
-                       output=str(self.evals / f"{name}.json"), run_name=name, device=self.device,
-                       logp_batch_size=64))
+                       max_prompt_length=s.max_prompt_length, min_new_tokens=1, seed=s.seed + 1000,
+                       batch_size=s.gen_batch_size, win_rate=False, output=str(self.evals / f"{name}.json"),
+                       run_name=name, device=self.device, logp_batch_size=64))
 
     # -- the whole chain
     def run(self) -> dict[str, Any]:
         self.started = time.perf_counter()
         fp = self.fingerprints()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.stage(1, "corpus", fp["corpus"], [self.data / "sft.jsonl"], self.corpus)
-        self.stage(2, "sft", fp["sft"], [self.sft_dir], self.sft)
+        if self.s.scratch:
+            self.stage(1, "corpus", fp["corpus"], [self.data / "sft.jsonl"], self.corpus)
+            self.stage(2, "sft", fp["sft"], [self.sft_dir, self.data / "model.json"], self.sft)
+        else:
+            self.stage(2, "sft", fp["sft"], [self.data / "model.json"], self.model_info)
         self.stage(3, "prompts", fp["prompts"], [self.data / f"{n}_prompts.jsonl" for n in ("train", "eval")],
                    self.prompts)
         self.stage(4, "sample", fp["sample"], [self.data / "groups.jsonl", self.data / "groups.jsonl.meta.json"],
@@ -236,44 +300,47 @@ class Demo:
         self.stage(5, "score", fp["score"], [self.data / "scored.jsonl", self.data / "scored.jsonl.meta.json"],
                    self.score)
         self.stage(6, "label", fp["label"], [self.data / "pairs.jsonl"], self.label)
-        names = [method_name(*m) for m in METHODS]
-        self.parallel(7, "train", fp["train"], [
-            (f"train {n}", _train_job, (str(self.out), self.s, self.device, *m), [self.runs / n],
-             lambda n=n: _last_step(self.runs / n / "metrics.jsonl"), self.s.align_steps)
-            for n, m in zip(names, METHODS)
+        runs = self.run_list()
+        train_fp = {name: self.job_fp(fp["train"], m, b) for name, m, b in runs}
+        self.parallel(7, "train", [
+            (f"train {name}", train_fp[name], _train_job, (str(self.out), self.s, self.device, m, b),
+             [self.runs / name], lambda name=name: _last_step(self.runs / name / "metrics.jsonl"), self.s.align_steps)
+            for name, m, b in runs
         ])
-        n_ckpt = {n: len(self.checkpoints(n)) for n in names}
-        self.parallel(8, "eval", fp["eval"], [
-            (f"eval {n}", _eval_job, (str(self.out), self.s, self.device, n), [self.evals / f"{n}.json"],
-             lambda n=n: _n_results(self.evals / f"{n}.json"), 1 if n == "sft" else n_ckpt[n])
-            for n in ["sft", *names]
+        n_ckpt = {name: len(self.checkpoints(name)) for name, _, _ in runs}
+        evals = [("sft", self.job_fp(fp["eval"], "sft"))]
+        evals += [(name, self.job_fp(fp["eval"], train_fp[name])) for name, _, _ in runs]
+        self.parallel(8, "eval", [
+            (f"eval {name}", efp, _eval_job, (str(self.out), self.s, self.device, name), [self.evals / f"{name}.json"],
+             lambda name=name: _n_results(self.evals / f"{name}.json"), 1 if name == "sft" else n_ckpt[name])
+            for name, efp in evals
         ])
         from .report import write_report
 
-        print(f"[{len(STAGE_KEYS) + 1}/{len(STAGE_KEYS) + 1}] report ...", file=sys.stderr)
-        return write_report(self, names)
+        print(f"[{N_STAGES}/{N_STAGES}] report ...", file=sys.stderr)
+        return write_report(self, runs)
 
-    def parallel(self, n: int, what: str, fp: str, jobs: list[tuple]) -> None:
+    def parallel(self, n: int, what: str, jobs: list[tuple]) -> None:
         """Run the jobs of stage ``what`` that are not done yet side by side (one core each), with one bar."""
-        header = f"[{n}/{len(STAGE_KEYS) + 1}] {what}"
+        header = f"[{n}/{N_STAGES}] {what}"
         todo = []
-        for name, fn, args, outputs, progress, total in jobs:
+        for name, fp, fn, args, outputs, progress, total in jobs:
             if self.is_done(name, fp, outputs):
                 self._cached(f"{header}: {name}", name)
                 continue
             self._clear(outputs)
             todo.append(Job(name, fn, args, self.out / "logs" / f"{name.replace(' ', '-')}.log", progress, total,
-                            on_done=lambda sec, cpu, name=name: self._done(name, fp, sec, cpu)))
+                            on_done=lambda sec, cpu, name=name, fp=fp: self._done(name, fp, sec, cpu)))
         if not todo:
             return
-        workers = 1 if self.device == "cuda" else min(len(todo), usable_cores())
+        workers = 1 if self.device == "cuda" else min(len(todo), self.s.workers or usable_cores())
         t0 = time.perf_counter()
         run_jobs(todo, f"{header} ({len(todo)} jobs, {workers} at a time)", workers)
         print(f"{header}: done in {time.perf_counter() - t0:.1f} s (logs in {self.out / 'logs'})", file=sys.stderr)
 
 
-def _train_job(out: str, settings: DemoSettings, device: str, loss: str, target: str) -> None:
-    Demo(Path(out), settings, device).train(loss, target)
+def _train_job(out: str, settings: DemoSettings, device: str, method: str, beta_pi: float) -> None:
+    Demo(Path(out), settings, device).train(method, beta_pi)
 
 
 def _eval_job(out: str, settings: DemoSettings, device: str, name: str) -> None:
@@ -297,13 +364,21 @@ def _n_results(eval_json: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def settings_for(quick: bool, seed: int, overrides: list[str] | tuple[str, ...] = ()) -> DemoSettings:
-    """The preset (default or ``--quick``) with ``seed`` and ``key=value`` overrides (``--set``), type-checked
-    like any exoalign config (an unknown key gets a "did you mean")."""
-    from ..config import load_config
+def settings_for(quick: bool, seed: int, overrides: list[str] | tuple[str, ...] = (), model: str | None = None,
+                 device: str = "cpu") -> DemoSettings:
+    """The preset for the model, size and device, with ``seed`` and ``key=value`` overrides, type-checked like
+    any exoalign config (an unknown key gets a "did you mean"). The model is ``model``, else a ``model=…``
+    override, else the default (smollm2)."""
+    from ..config import load_config, parse_override
 
-    preset = [f"{k}={v}" for k, v in (QUICK if quick else {}).items()]
-    return load_config(DemoSettings, None, [*preset, f"seed={seed}", *overrides])
+    chosen = model
+    for item in overrides:
+        key, value = parse_override(item)
+        if key == "model":
+            chosen = str(value)
+    chosen = chosen or DemoSettings.model
+    pre = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in preset(chosen, quick, device).items()]
+    return load_config(DemoSettings, None, [*pre, f"model={chosen}", f"seed={seed}", *overrides])
 
 
 def resolve_device(device: str | None) -> str:
@@ -316,26 +391,40 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def _parser() -> Any:
+    from ..config import ConfigArgumentParser, describe
+
+    rows = [r for r in describe(DemoSettings) if r[0] != "seed"]
+    width = max(len(k) for k, _, _ in rows)
+    p = ConfigArgumentParser(
         prog="exoalign demo", description=__doc__.split("\n\n")[0],
-        epilog="Outputs: DIR/report.md, DIR/results.json, DIR/frontier.png (and every stage's files).",
+        epilog="Outputs: DIR/report.md, DIR/results.json, DIR/frontier.png (and every stage's files).\n\n"
+               "settings (key=value, --key value or --set key=value; presets by model and --quick):\n"
+               + "\n".join(f"  {k:<{width}}  {h} (default {d})" for k, d, h in rows),
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="a small run of the same chain (under 2 minutes)")
-    parser.add_argument("--out", default="exoalign-demo", help="directory for everything (default ./exoalign-demo)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the whole chain (default 0)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change one setting (repeatable), e.g. --set beta_r=1.0; keys: "
-                             + ", ".join(f.name for f in dataclasses.fields(DemoSettings) if f.name != "seed"))
-    args = parser.parse_args(argv)
+    p.add_argument("--quick", action="store_true", help="a small run of the same chain (a few minutes)")
+    p.add_argument("--model", default=None, help="π_sft: smollm2 (default), a model directory, or scratch (the toy)")
+    p.add_argument("--out", default="exoalign-demo", help="directory for everything (default ./exoalign-demo)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole chain (default 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="same as a bare key=value")
+    p.add_argument("overrides", nargs="*", help="key=value settings (see below)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.device not in (None, "cpu", "cuda"):
+        raise InputError(f"unknown device {args.device!r}", field="--device", fix="use --device cpu or --device cuda")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()  # the tiny model's config chatter is not news to a demo user
+    hf_logging.set_verbosity_error()  # the models' config chatter is not news to a demo user
     device = resolve_device(args.device)
-    one_thread()  # see demo_jobs: tiny models run fastest on one thread per process, one process per core
-    demo = Demo(Path(args.out), settings_for(args.quick, args.seed, args.set), device)
+    settings = settings_for(args.quick, args.seed, [*args.set, *args.overrides], model=args.model, device=device)
+    one_thread()  # see jobs: small models run fastest on one thread per process, one process per core
+    demo = Demo(Path(args.out), settings, device)
     t0 = time.perf_counter()
     results = demo.run()
     print(f"\n{results['verdict']}\n", file=sys.stderr)

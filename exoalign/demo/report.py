@@ -1,18 +1,14 @@
-"""The demo's report: ``results.json``, the frontier PNG and ``report.md``, and the EXO-vs-DPO verdict.
+"""The demo's report: ``results.json``, ``frontier.png`` + ``frontier.md`` and ``report.md`` with the verdict.
 
-"EXO's frontier lies above DPO's" is measured, not eyeballed: each run's frontier is the upper envelope of its
-checkpoints in the (KL, reward) plane — the most reward reached at no more than a given KL — interpolated
-linearly between envelope points. Two runs are compared on the KL range both cover (from 0, where both start at
-π_sft, to the smaller of their largest KLs): the mean difference of their envelopes over that range, and the
-share of the range where EXO's is higher. That is "higher reward at equal KL", averaged over the KL budgets
-both runs reached.
+Each point is one checkpoint evaluated on the held-out prompts (step 0 of every run is π_sft itself); a
+method's frontier is the envelope of its points over every β_π (:mod:`exoalign.demo.frontier`), and EXO is
+compared with DPO by a paired bootstrap over the prompts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import re
@@ -23,92 +19,61 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .frontier import envelope, paired_bootstrap, verdict
 from .jobs import usable_cores
+from .settings import fmt_beta
 
 if TYPE_CHECKING:
     from .pipeline import Demo
 
-COMPARISONS = (("exo-pref", "dpo-pref"), ("exo-rw", "dpo-rw"))
-"""EXO against DPO with the same targets on the same data."""
+COMPARISONS = (("exo-pref", "dpo-pref"), ("exo-rw", "dpo-rw"), ("online-exo", "rloo"))
+"""EXO against DPO with the same targets on the same samples (and online EXO against RLOO when they ran)."""
+DEFINITIONS = (
+    "**KL** is `KL(π‖π_sft)` in nats per completion, estimated on the policy's own samples y ~ π: "
+    "**k1** = mean of `log π(y) − log π_sft(y)` (unbiased; the authors' estimator, the x axis) and "
+    "**k3** = mean of `ρ − 1 − log ρ` with `ρ = π_sft(y)/π(y)` (never negative, lower variance). "
+    "Log-probs are sums over the completion's tokens at the sampling temperature. **tokens** = the mean "
+    "number of generated tokens per completion (EOS included when it was sampled; at most max_new_tokens). "
+    "**reward** = VADER compound sentiment of the completion, in [-1, 1]."
+)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
 
 
 def load_points(eval_json: Path) -> list[dict[str, Any]]:
-    """A run's checkpoints from its eval JSON as ``{"step", "kl", "reward", …}`` in step order (π_sft = 0)."""
+    """Checkpoints of one eval JSON, each with its per-prompt means (from the saved samples) and examples."""
     data = json.loads(eval_json.read_text(encoding="utf-8"))
+    samples_dir = eval_json.with_name(eval_json.stem + ".samples")
     points = []
     for r in data["results"]:
         m = re.search(r"checkpoint-(\d+)$", r["checkpoint"].rstrip("/"))
-        step = int(m.group(1)) if m else 0  # the only non-checkpoint is π_sft itself, the start of every run
-        wr = r.get("win_rate") or {}
+        rows = [json.loads(line) for line in
+                (samples_dir / f"{_safe(r['name'])}.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+        lp = np.asarray([row["logps"] for row in rows], dtype=np.float64)  # (n_prompts, samples)
+        ref = np.asarray([row["ref_logps"] for row in rows], dtype=np.float64)  # (n_prompts, samples)
         points.append({
-            "step": step, "kl": float(r["kl"]), "reward": float(r["reward"]["mean"]),
+            "step": int(m.group(1)) if m else 0, "kl": float(r["kl"]), "kl_se": float(r["kl_se"]),
+            "kl_k3": float(r["kl_k3"]), "reward": float(r["reward"]["mean"]),
             "reward_ci": [float(r["reward"]["ci_low"]), float(r["reward"]["ci_high"])],
-            "kl_se": float(r["kl_se"]), "kl_k3": float(r["kl_k3"]),
-            "win_rate": float(wr["mean"]) if "mean" in wr else None,
-            "length": float(r["length"]),
+            "length": float(r["length"]), "finished": float(r.get("finished", float("nan"))),
+            "prompt_reward": [float(np.mean(row["rewards"])) for row in rows],
+            "prompt_kl": (lp - ref).mean(1).tolist(),
+            "examples": [row["completions"][0] for row in rows[:3]],
         })
     return sorted(points, key=lambda p: p["step"])
 
 
-def envelope(points: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
-    """Upper-left envelope ``(kl, reward)``: the points no other point beats with less KL and more reward.
-
-    KL estimates of checkpoints near π_sft can come out slightly negative (sampling noise); they are clipped
-    to 0 so every frontier starts on the reward axis.
-    """
-    pts = sorted((max(p["kl"], 0.0), p["reward"]) for p in points)
-    xs, ys = [], []
-    for x, y in pts:
-        if not ys or y > ys[-1]:
-            xs.append(x)
-            ys.append(y)
-    return np.asarray(xs), np.asarray(ys)
-
-
-def reward_at(env: tuple[np.ndarray, np.ndarray], kl: np.ndarray) -> np.ndarray:
-    """Best reward of the envelope within each KL budget, linear between envelope points."""
-    xs, ys = env
-    if len(xs) == 1:
-        return np.full_like(kl, ys[0], dtype=np.float64)
-    return np.interp(kl, xs, ys)  # constant beyond the ends: no extrapolation beyond what was reached
-
-
-def compare(a: list[dict[str, Any]], b: list[dict[str, Any]], n_grid: int = 201) -> dict[str, float]:
-    """Frontier of ``a`` minus frontier of ``b`` over the KL range both reached."""
-    ea, eb = envelope(a), envelope(b)
-    # The range both runs explored, whether or not their late checkpoints improved the reward.
-    kl_max = max(0.0, float(min(max(p["kl"] for p in a), max(p["kl"] for p in b))))
-    grid = np.linspace(0.0, kl_max, n_grid)
-    diff = reward_at(ea, grid) - reward_at(eb, grid)
-    halfwidths = [(p["reward_ci"][1] - p["reward_ci"][0]) / 2 for p in a + b if "reward_ci" in p]
-    return {"kl_max": kl_max, "mean_reward_gap": float(diff.mean()), "frac_above": float((diff > 0).mean()),
-            "reward_a_at_kl_max": float(reward_at(ea, grid[-1:])[0]),
-            "reward_b_at_kl_max": float(reward_at(eb, grid[-1:])[0]),
-            "point_ci_halfwidth": float(np.mean(halfwidths)) if halfwidths else float("nan")}
-
-
-LEVEL = 0.005
-"""A mean gap smaller than this (0.25% of the reward range [-1, 1]) is reported as level."""
-
-
-def verdict(comparison: dict[str, dict[str, float]]) -> str:
-    """One sentence per comparison, stating plainly which frontier is higher and by how much."""
-    lines = []
-    for key, c in comparison.items():
-        a, b = key.split("_vs_")
-        if c["kl_max"] <= 0:
-            lines.append(f"{a} vs {b}: no common KL range (a run did not move from π_sft); no verdict.")
-            continue
-        gap = c["mean_reward_gap"]
-        side = "LEVEL WITH" if abs(gap) < LEVEL else "ABOVE" if gap > 0 else "BELOW"
-        ci = c.get("point_ci_halfwidth", float("nan"))
-        noise = f"; a single point's 95% CI is ±{ci:.3f}" if math.isfinite(ci) else ""
-        lines.append(
-            f"{a} vs {b}: {a}'s frontier lies {side} {b}'s — mean reward gap {gap:+.3f} at equal KL over "
-            f"KL in [0, {c['kl_max']:.2f}] nats, higher on {100 * c['frac_above']:.0f}% of that range "
-            f"(at KL {c['kl_max']:.2f}: {c['reward_a_at_kl_max']:.3f} vs {c['reward_b_at_kl_max']:.3f}{noise})."
-        )
-    return "\n".join(lines)
+def collect(demo: Demo, runs: list[tuple[str, str, float]]) -> dict[str, list[dict[str, Any]]]:
+    """Per method, the points of all its runs (π_sft as step 0 of each), with ``beta_pi`` and ``beta_r``."""
+    sft = load_points(demo.evals / "sft.json")[0]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, method, beta_pi in runs:
+        beta = {"run": name, "beta_pi": beta_pi, "beta_r": demo.s.beta_r}
+        pts = [{**beta, **sft, "step": 0}] + [{**beta, **p} for p in load_points(demo.evals / f"{name}.json")]
+        out.setdefault(method, []).extend(pts)
+    return out
 
 
 def _versions() -> dict[str, str]:
@@ -127,71 +92,119 @@ def _write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_report(demo: Demo, names: list[str]) -> dict[str, Any]:
-    """Write ``frontier.png`` (+ ``frontier.md``), ``results.json`` and ``report.md`` into the demo directory."""
-    from ..eval.plots import frontier
+PER_PROMPT = ("prompt_reward", "prompt_kl", "examples")
 
-    out = demo.out
-    sft = json.loads((demo.evals / "sft.json").read_text(encoding="utf-8"))
-    paths = []
-    for n in names:
-        # Every run starts at π_sft: its eval JSON, with π_sft's result put first, is the run's line.
-        data = json.loads((demo.evals / f"{n}.json").read_text(encoding="utf-8"))
-        start = [{**r, "run": n, "step": 0} for r in sft["results"]]
-        data["results"] = start + [{**r, "run": n} for r in data["results"]]
-        paths.append(demo.evals / "with_sft" / f"{n}.json")
-        paths[-1].parent.mkdir(parents=True, exist_ok=True)
-        _write(paths[-1], json.dumps(data, indent=1))
-    runs = {n: load_points(p) for n, p in zip(names, paths)}
-    frontier([str(p) for p in paths], str(out / "frontier.png"), table_path=str(out / "frontier.md"),
-             labels=names, title=f"exoalign demo: reward–KL frontier (seed {demo.s.seed})")
-    comparison = {f"{a}_vs_{b}": compare(runs[a], runs[b]) for a, b in COMPARISONS if a in runs and b in runs}
-    text = verdict(comparison)
+
+def write_report(demo: Demo, runs: list[tuple[str, str, float]]) -> dict[str, Any]:
+    """Write ``frontier.png`` (+ ``frontier.md``), ``results.json`` and ``report.md`` into the demo directory."""
+    out, s = demo.out, demo.s
+    points = collect(demo, runs)
+    comparison: dict[str, Any] = {}
+    for a, b in COMPARISONS:
+        if a not in points or b not in points:
+            continue
+        comparison[f"{a}_vs_{b}"] = {**paired_bootstrap(points[a], points[b], n_boot=s.n_bootstrap, seed=s.seed),
+                                     "beta_pi": "envelope"}
+        for beta in s.beta_pi:  # the same comparison at each β_π alone
+            pa = [p for p in points[a] if p["beta_pi"] == beta]
+            pb = [p for p in points[b] if p["beta_pi"] == beta]
+            comparison[f"{a}@{fmt_beta(beta)}_vs_{b}@{fmt_beta(beta)}"] = {
+                **paired_bootstrap(pa, pb, n_boot=s.n_bootstrap, seed=s.seed), "beta_pi": beta}
+    model = json.loads((demo.data / "model.json").read_text(encoding="utf-8"))
+    settings = {**dataclasses.asdict(s), "model_name": model["name"], "model_parameters": model["parameters"],
+                "model_type": model["model_type"]}
+    examples = _examples(demo, points)
+    public = {m: [{k: v for k, v in p.items() if k not in PER_PROMPT} for p in pts] for m, pts in points.items()}
     results = {
-        "runs": runs, "comparison": comparison, "verdict": text, "seed": demo.s.seed, "device": demo.device,
-        "settings": dataclasses.asdict(demo.s), "timings": demo.timings, "versions": _versions(),
+        "runs": public, "frontiers": {m: [list(map(float, xy)) for xy in zip(*envelope(pts))] for m, pts in points.items()},
+        "comparison": comparison, "verdict": verdict(comparison), "seed": s.seed, "device": demo.device,
+        "settings": settings, "examples": examples, "definitions": DEFINITIONS,
+        "timings": demo.timings, "versions": _versions(),
         "total_seconds": time.perf_counter() - demo.started, "cores": usable_cores(),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "command": "exoalign demo " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else sys.argv[1:]),
     }
+    from .plot import plot
+
+    plot(points, out / "frontier.png", title=f"exoalign demo on {model['name']}: reward–KL frontier (seed {s.seed})")
+    _write(out / "frontier.md", checkpoint_table(public) + "\n")
     _write(out / "results.json", json.dumps(results, indent=1) + "\n")
     _write(out / "report.md", markdown(results))
     return results
 
 
+def _opening(row: dict[str, Any], instruction: str) -> str:
+    if "messages" in row:
+        return row["messages"][-1]["content"].removeprefix(instruction)
+    return row["prompt"]
+
+
+def _examples(demo: Demo, points: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The first three held-out prompts with π_sft's completion and each method's best checkpoint's."""
+    rows = [json.loads(line) for line in (demo.data / "eval_prompts.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()][:3]
+    any_pts = next(iter(points.values()))
+    ex: dict[str, Any] = {"prompts": [_opening(r, demo.s.instruction) for r in rows],
+                          "sft": {"reward": any_pts[0]["reward"], "completions": any_pts[0]["examples"]}}
+    for method, pts in points.items():
+        best = max((p for p in pts if p["step"] > 0), key=lambda p: p["reward"], default=pts[0])
+        ex[method] = {"run": best["run"], "step": best["step"], "beta_pi": best["beta_pi"], "kl": best["kl"],
+                      "reward": best["reward"], "completions": best["examples"]}
+    return ex
+
+
 def checkpoint_table(runs: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown rows of every checkpoint of every run (step 0 = π_sft)."""
-    lines = ["| run | step | KL(π‖π_sft) | KL (k3) | reward | reward 95% CI | tokens |", "|---|---:|---:|---:|---:|---|---:|"]
+    lines = ["| method | β_π | β_r | step | KL k1 (nats) | KL k3 (nats) | reward | reward 95% CI | tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name, points in runs.items():
         for p in points:
             lo, hi = p["reward_ci"]
-            lines.append(f"| {name} | {p['step']} | {p['kl']:.3f} | {p['kl_k3']:.3f} | {p['reward']:.3f} | "
-                         f"[{lo:.3f}, {hi:.3f}] | {p['length']:.1f} |")
+            lines.append(f"| {name} | {fmt_beta(p['beta_pi'])} | {fmt_beta(p['beta_r'])} | {p['step']} | {p['kl']:.3f} | "
+                         f"{p['kl_k3']:.3f} | {p['reward']:.3f} | [{lo:.3f}, {hi:.3f}] | {p['length']:.1f} |")
     return "\n".join(lines)
 
 
+def _quote(text: str, n: int = 160) -> str:
+    text = " ".join(text.split())
+    return (text[:n] + "…" if len(text) > n else text).replace("|", "\\|")
+
+
 def markdown(results: dict[str, Any]) -> str:
-    """``report.md``: the verdict, the picture, every checkpoint's numbers, the settings and the timings."""
-    s = results["settings"]
+    """``report.md``: the verdict, the picture, examples, every checkpoint, the settings and the timings."""
+    s, ex = results["settings"], results["examples"]
+    model = f"{s['model_name']} ({s['model_parameters'] / 1e6:.1f}M parameters)"
     lines = [
-        f"# exoalign demo — EXO vs DPO on controlled sentiment generation (seed {results['seed']})", "",
-        f"Command: `{results['command'].strip()}` on {results['device']}.", "",
-        "Task: continue the first words of a synthetic movie review so that it reads positive; reward = VADER "
-        "sentiment of the completion (in [-1, 1]); every method starts from the same π_sft and trains on the "
-        "same prompts and completions for the same number of steps. Each point is a checkpoint (step 0 = π_sft) "
-        f"evaluated on {s['n_eval_prompts']} held-out prompts × {s['eval_samples']} samples.", "",
-        "## Verdict (higher reward at equal KL)", "",
+        f"# exoalign demo — EXO vs DPO on controlled sentiment generation, {s['model_name']} (seed {results['seed']})",
+        "", f"Command: `{results['command'].strip()}` on {results['device']}.", "",
+        f"Task: π_sft = {model} continues the opening of a movie review "
+        f"({'inside the chat template after ' + repr(s['instruction']) if s['prompt_format'] == 'chat' and s['model'] != 'scratch' else 'as raw text'}); "
+        "reward = VADER sentiment of the completion. Every method starts from π_sft and trains on the same "
+        f"{s['n_train_prompts']} prompts × K = {s['k']} samples of π_sft for {s['align_steps']} steps, once per "
+        f"β_π in {s['beta_pi']} (β_r = {s['beta_r']} for rw targets; pref targets use ε = {s['eps']} instead). "
+        f"Each point is a checkpoint (step 0 = π_sft) evaluated on {s['n_eval_prompts']} held-out prompts × "
+        f"{s['eval_samples']} samples, with the same prompts and random streams for every checkpoint. A method's "
+        "frontier is the envelope of its checkpoints over all β_π.", "",
+        "## Verdict (higher reward at equal KL; paired bootstrap over held-out prompts)", "",
         *[f"* {line}" for line in results["verdict"].splitlines()], "",
-        "![reward–KL frontier](frontier.png)", "",
-        "## Every checkpoint", "", checkpoint_table(results["runs"]), "",
-        "## Settings", "", "| setting | value |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in s.items()], "",
-        "## Timings", "",
-        f"Wall-clock and CPU seconds per stage on {results['cores']} usable core(s); the load average (other "
-        f"processes on the machine) was {results['load_average']} at the end. Trainings and evaluations run "
-        "side by side, one core each, so their wall times overlap.", "",
-        "| stage | wall s | CPU s | |", "|---|---:|---:|---|",
+        "![reward–KL frontier](frontier.png)", "", DEFINITIONS, "",
+        "## Example completions (the first three held-out prompts; first sample)", "",
+        "| prompt | " + " | ".join(ex["prompts"]).replace("\n", " ") + " |",
+        "|---|" + "---|" * len(ex["prompts"]),
+        f"| π_sft (reward {ex['sft']['reward']:.3f}) | " + " | ".join(_quote(c) for c in ex["sft"]["completions"]) + " |",
     ]
+    for method, e in ex.items():
+        if method in ("prompts", "sft"):
+            continue
+        lines.append(f"| {method} best: β_π={fmt_beta(e['beta_pi'])} step {e['step']} (reward {e['reward']:.3f}, "
+                     f"KL {e['kl']:.2f}) | " + " | ".join(_quote(c) for c in e["completions"]) + " |")
+    lines += ["", "## Every checkpoint", "", checkpoint_table(results["runs"]), "",
+              "## Settings", "", "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in s.items()], "",
+              "## Timings", "",
+              f"Wall-clock and CPU seconds per stage on {results['cores']} usable core(s); the load average (other "
+              f"processes on the machine) was {results['load_average']} at the end. Trainings and evaluations run "
+              "side by side, one core each, so their wall times overlap.", "",
+              "| stage | wall s | CPU s | |", "|---|---:|---:|---|"]
     for stage, t in results["timings"].items():
         cpu = t.get("cpu_seconds")
         lines.append(f"| {stage} | {t['seconds']:.1f} | {'–' if cpu is None else f'{cpu:.1f}'} | "
@@ -201,30 +214,19 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _label(results: dict[str, Any]) -> str:
-    """``seed N`` plus the settings that differ from the default preset (``k=8``), to tell runs apart."""
-    from .settings import DemoSettings
-
-    default = dataclasses.asdict(DemoSettings())
-    changed = [f"{k}={v}" for k, v in results["settings"].items() if k != "seed" and default.get(k) != v]
-    return " ".join([f"seed {results['seed']}", *changed])
-
-
 def seed_summary(paths: list[str]) -> str:
-    """Markdown table of the EXO-vs-DPO comparisons of several demo runs (e.g. seeds), with their mean."""
-    rows = ["| run | comparison | KL range (nats) | mean reward gap | EXO higher on | verdict |",
-            "|---|---|---:|---:|---:|---|"]
-    gaps: dict[str, list[float]] = {}
+    """Markdown table of the EXO-vs-DPO comparisons of several demo runs (e.g. seeds)."""
+    rows = ["| run | comparison | β_π | KL range (nats) | mean reward gap | 95% paired CI | verdict |",
+            "|---|---|---|---:|---:|---|---|"]
     for path in paths:
         results = json.loads(Path(path).read_text(encoding="utf-8"))
+        label = f"{results['settings'].get('model_name', '?')} seed {results['seed']}"
         for key, c in results["comparison"].items():
-            line = verdict({key: c})
-            side = "level" if "LEVEL WITH" in line else "above" if "ABOVE" in line else "below"
-            rows.append(f"| {_label(results)} | {key.replace('_vs_', ' vs ')} | 0–{c['kl_max']:.2f} | "
-                        f"{c['mean_reward_gap']:+.3f} | {100 * c['frac_above']:.0f}% | EXO {side} |")
-            gaps.setdefault(key, []).append(c["mean_reward_gap"])
-    for key, g in gaps.items():
-        rows.append(f"| mean of {len(g)} | {key.replace('_vs_', ' vs ')} | | {float(np.mean(g)):+.3f} | | |")
+            a, b = (x.split("@")[0] for x in key.split("_vs_"))
+            beta = c.get("beta_pi", "envelope")
+            rows.append(f"| {label} | {a} vs {b} | {beta if beta == 'envelope' else fmt_beta(beta)} | "
+                        f"0–{c['kl_max']:.2f} | {c['mean_reward_gap']:+.3f} | [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] | "
+                        f"EXO {c['side']} |".replace("EXO no difference", "no difference"))
     return "\n".join(rows) + "\n"
 
 

@@ -1,12 +1,20 @@
-"""The demo's settings: everything its numbers depend on, and which stage reads which."""
+"""The demo's settings: everything its numbers depend on, the presets, and which stage reads which."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-METHODS = (("exo", "rw"), ("dpo", "rw"), ("exo", "pref"), ("dpo", "pref"))
-"""The four runs: (loss, target), named ``{loss}-{target}`` in results.json. The rw runs (K completions per
+OFFLINE_METHODS = ("exo-rw", "dpo-rw", "exo-pref", "dpo-pref")
+"""The offline runs, ``{loss}-{target}``: EXO and DPO with reward targets (all K scored completions) and with
+preference targets (the best-vs-worst pair), all on the same samples of π_sft. The rw runs (K completions per
 prompt, about twice the work of a pair) come first so that two workers finish together."""
+ONLINE_METHODS = ("online-exo", "rloo")
+"""Methods that sample from the current policy each round (``exoalign train`` with ``online.rounds``); they
+join the demo through ``methods=[…]`` once ``TrainConfig`` has its ``online`` section (see pipeline.train)."""
+METHODS = tuple(tuple(m.split("-")) for m in OFFLINE_METHODS)
+"""(loss, target) of the offline runs (kept for callers of the first demo)."""
+SCRATCH = "scratch"
+"""``model=scratch``: the toy π_sft, a small GPT-2 trained from scratch on the review grammar."""
 
 
 @dataclass(frozen=True)
@@ -14,86 +22,164 @@ class DemoSettings:
     """Everything the demo's numbers depend on (recorded in results.json and report.md)."""
 
     seed: int = 0
-    """Seed of the corpus, π_sft's initialisation, sampling and training."""
+    """Seed of the corpus, π_sft's initialisation (scratch), sampling and training."""
+    model: str = "smollm2"
+    """π_sft: a model name (smollm2) or directory, aligned as it is; 'scratch' = a toy GPT-2 trained on the grammar."""
+    prompt_format: str = "chat"
+    """Real models: 'chat' (the opening inside the chat template after `instruction`) or 'raw' (the bare opening)."""
+    instruction: str = "Continue this movie review: "
+    """prompt_format=chat: the user turn is this text followed by the review's opening."""
     n_sft_reviews: int = 6000
-    """Reviews π_sft is trained on."""
-    n_train_prompts: int = 1024
-    """Prompts for which π_sft's completions are sampled, scored and used to align (other reviews)."""
-    n_eval_prompts: int = 128
+    """scratch: reviews π_sft is trained on."""
+    n_train_prompts: int = 128
+    """Prompts for which π_sft's completions are sampled, scored and used to align (openings of other reviews)."""
+    n_eval_prompts: int = 48
     """Held-out prompts every checkpoint is evaluated on."""
     vocab_size: int = 1024
-    """Byte-level BPE vocabulary trained on the SFT rows."""
+    """scratch: byte-level BPE vocabulary trained on the SFT rows."""
     n_layer: int = 4
-    """π_sft transformer blocks."""
+    """scratch: π_sft transformer blocks."""
     n_embd: int = 128
-    """π_sft width."""
+    """scratch: π_sft width."""
     n_head: int = 4
-    """π_sft attention heads."""
+    """scratch: π_sft attention heads."""
     max_length: int = 96
-    """Tokens of prompt + completion in training (reviews are ~45 tokens, rarely over 90)."""
+    """Tokens of prompt + completion in training."""
+    max_prompt_length: int = 64
+    """Longest prompt in tokens (the chat template adds ~35 tokens to an opening)."""
     sft_steps: int = 400
-    """SFT optimizer steps."""
+    """scratch: SFT optimizer steps."""
     sft_batch_size: int = 32
-    """SFT rows per step."""
+    """scratch: SFT rows per step."""
     sft_lr: float = 3e-3
-    """SFT peak learning rate (cosine decay, warm-up 5%)."""
+    """scratch: SFT peak learning rate (cosine decay, warm-up 5%)."""
     k: int = 4
     """Completions sampled per training prompt; rw runs use all K, pref runs the best-vs-worst pair."""
     temperature: float = 1.0
     """Sampling temperature of the training completions and of evaluation (KL measured at it)."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = 24
     """Longest completion, in tokens."""
-    align_steps: int = 200
-    """Optimizer steps of each of the four alignment runs."""
-    align_batch_size: int = 16
-    """Prompts per alignment step (pref: 16 pairs; rw: 16 groups of K)."""
-    align_lr: float = 5e-5
-    """Alignment learning rate (constant after a 10-step warm-up)."""
-    save_every: int = 25
-    """Checkpoint (and evaluate) every this many alignment steps."""
-    beta_pi: float = 0.1
-    """β_π of every loss (the DPO β)."""
+    methods: list[str] = field(default_factory=lambda: list(OFFLINE_METHODS))
+    """Runs to train and compare: exo-rw, dpo-rw, exo-pref, dpo-pref (and online-exo, rloo once online lands)."""
+    beta_pi: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    """β_π values (the DPO β): every method runs once per value; its frontier is the envelope over them."""
     beta_r: float = 0.1
-    """β_r of the rw targets softmax(r/β_r); rewards lie in [-1, 1]."""
+    """β_r of the rw targets softmax(r/β_r); rewards lie in [-1, 1] (pref targets use eps instead)."""
     eps: float = 1e-3
     """Label smoothing ε of the pref targets [1-ε, ε]."""
+    align_steps: int = 30
+    """Optimizer steps of each alignment run."""
+    align_batch_size: int = 4
+    """Prompts per alignment step (pref: that many pairs; rw: that many groups of K)."""
+    align_lr: float = 1e-5
+    """Alignment learning rate (constant after a short warm-up)."""
+    save_every: int = 10
+    """Checkpoint (and evaluate) every this many alignment steps."""
     eval_samples: int = 2
     """Completions per held-out prompt and checkpoint."""
+    n_bootstrap: int = 2000
+    """Paired bootstrap resamples of the held-out prompts behind the verdict's intervals."""
     gen_batch_size: int = 64
     """Prompts per generation batch."""
+    workers: int = 0
+    """Parallel job processes on a CPU (0 = one per usable core; 1 = run every job in this process)."""
+
+    @property
+    def scratch(self) -> bool:
+        return self.model == SCRATCH
 
     def __post_init__(self) -> None:
         from ..config import require
 
         for name in ("n_sft_reviews", "n_train_prompts", "n_eval_prompts", "n_layer", "n_embd", "n_head",
                      "sft_steps", "sft_batch_size", "max_new_tokens", "align_steps", "align_batch_size",
-                     "save_every", "eval_samples", "gen_batch_size"):
+                     "save_every", "eval_samples", "gen_batch_size", "max_prompt_length"):
             require(getattr(self, name) >= 1, name, "must be at least 1", "use a positive whole number")
-        require(self.n_eval_prompts >= 2, "n_eval_prompts", "must be at least 2", "use e.g. 128")
+        require(self.n_eval_prompts >= 2, "n_eval_prompts", "must be at least 2", "use e.g. 48")
         require(self.k >= 2, "k", f"K must be at least 2 (got {self.k})", "use k=2 or more")
         require(self.save_every <= self.align_steps, "save_every", "must not exceed align_steps",
                 "checkpoint at least once, e.g. save_every=align_steps")
         require(self.n_embd % self.n_head == 0, "n_head", "must divide n_embd", "e.g. n_embd=128 with n_head=4")
+        require(self.prompt_format in ("chat", "raw"), "prompt_format", f"unknown format {self.prompt_format!r}",
+                "use chat or raw")
+        require(bool(self.model), "model", "is empty", "use smollm2, a model directory or scratch")
+        known = OFFLINE_METHODS + ONLINE_METHODS
+        bad = [m for m in self.methods if m not in known]
+        require(not bad and bool(self.methods), "methods", f"unknown method(s) {bad}" if bad else "is empty",
+                f"choose from {', '.join(known)}")
+        require(len(set(self.methods)) == len(self.methods), "methods", "lists a method twice", "list each once")
+        require(bool(self.beta_pi) and all(b > 0 for b in self.beta_pi), "beta_pi", "needs positive values",
+                "e.g. beta_pi=[0.1,1.0]")
+        require(len(set(self.beta_pi)) == len(self.beta_pi), "beta_pi", "lists a value twice", "list each once")
+        require(self.beta_r > 0, "beta_r", "must be > 0", "e.g. beta_r=0.1")
+        require(self.n_bootstrap >= 100, "n_bootstrap", "must be at least 100", "use e.g. 2000")
+        require(self.workers >= 0, "workers", "must be >= 0", "0 = one per core")
 
 
-QUICK = dict(
-    n_sft_reviews=2000, n_train_prompts=96, n_eval_prompts=48, vocab_size=768, n_layer=2, n_embd=64, n_head=2,
-    sft_steps=150, sft_lr=5e-3, k=4, max_new_tokens=32, align_steps=24, align_batch_size=8, align_lr=2e-4,
-    save_every=8, eval_samples=1,
+SCRATCH_PRESET = dict(
+    n_train_prompts=1024, n_eval_prompts=128, max_length=96, max_prompt_length=24, max_new_tokens=48,
+    align_steps=200, align_batch_size=16, align_lr=5e-5, save_every=50, eval_samples=2,
 )
-"""``--quick``: the same chain, small enough to finish in under two minutes (the tests run it)."""
+"""``model=scratch``: the toy of the first demo (a 0.9M-parameter GPT-2 trained on the grammar, ~10 min)."""
+QUICK_SCRATCH = dict(
+    n_sft_reviews=2000, n_train_prompts=96, n_eval_prompts=48, vocab_size=768, n_layer=2, n_embd=64, n_head=2,
+    sft_steps=150, sft_lr=5e-3, k=4, max_new_tokens=32, max_prompt_length=24, align_steps=24, align_batch_size=8,
+    align_lr=2e-4, save_every=8, eval_samples=1, n_bootstrap=500,
+)
+"""``--quick --model scratch``: the same chain, tiny (the default test suite runs it)."""
+QUICK_REAL = dict(
+    n_train_prompts=32, n_eval_prompts=16, max_new_tokens=16, align_steps=8, align_batch_size=4, align_lr=2e-5,
+    save_every=4, eval_samples=1, n_bootstrap=1000,
+)
+"""``--quick`` on a real model: every stage and method, a few steps (a few minutes on 2 cores)."""
+CUDA_REAL = dict(
+    n_train_prompts=512, n_eval_prompts=128, max_new_tokens=48, max_length=128, align_steps=120,
+    align_batch_size=8, save_every=20, eval_samples=4, beta_pi=[0.1, 0.3, 1.0],
+)
+"""``--device cuda`` on a real model: more prompts, steps, tokens and β values."""
+
+
+def preset(model: str, quick: bool, device: str) -> dict:
+    """The preset overrides for this model, size and device (applied before the user's overrides)."""
+    if model == SCRATCH:
+        return {**SCRATCH_PRESET, **(QUICK_SCRATCH if quick else {})}
+    if quick:
+        return dict(QUICK_REAL)
+    return dict(CUDA_REAL) if device == "cuda" else {}
+
 
 # Which settings each stage reads; a stage's fingerprint hashes these and the previous stage's fingerprint.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "corpus": ("seed", "n_sft_reviews"),
+    "corpus": ("seed", "model", "n_sft_reviews"),
     "sft": ("vocab_size", "n_layer", "n_embd", "n_head", "max_length", "sft_steps", "sft_batch_size", "sft_lr"),
-    "prompts": ("n_train_prompts", "n_eval_prompts"),
-    "sample": ("k", "temperature", "max_new_tokens"),
+    "prompts": ("n_train_prompts", "n_eval_prompts", "prompt_format", "instruction"),
+    "sample": ("k", "temperature", "max_new_tokens", "max_prompt_length"),
     "score": (),
     "label": (),
-    "train": ("align_steps", "align_batch_size", "align_lr", "save_every", "beta_pi", "beta_r", "eps"),
+    "train": ("align_steps", "align_batch_size", "align_lr", "save_every", "beta_r", "eps", "max_length"),
     "eval": ("eval_samples",),
 }
+"""For a real model the corpus and SFT stages do not run; their keys that only the toy reads are left out of
+its fingerprints (see :func:`stage_keys`). ``methods`` and ``beta_pi`` are not here: each (method, β_π) run
+is a job with its own fingerprint, so adding a β value or a method runs only the new runs."""
+SCRATCH_ONLY = {"n_sft_reviews", "vocab_size", "n_layer", "n_embd", "n_head", "sft_steps", "sft_batch_size",
+                "sft_lr", "prompt_format", "instruction"}
+
+
+def stage_keys(scratch: bool) -> dict[str, tuple[str, ...]]:
+    """STAGE_KEYS for the toy (every key) or a real model (the toy's corpus and SFT keys dropped)."""
+    if scratch:
+        return {k: tuple(v for v in keys if v not in ("prompt_format", "instruction")) for k, keys in STAGE_KEYS.items()}
+    return {k: tuple(v for v in keys if v not in SCRATCH_ONLY) for k, keys in STAGE_KEYS.items()}
+
+
+def fmt_beta(b: float) -> str:
+    return f"{b:g}"
+
+
+def run_name(method: str, beta_pi: float) -> str:
+    """Directory and job name of one run: ``exo-rw_bpi0.1``."""
+    return f"{method}_bpi{fmt_beta(beta_pi)}"
 
 
 def method_name(loss: str, target: str) -> str:

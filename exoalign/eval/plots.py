@@ -1,13 +1,23 @@
 """``exoalign plot frontier``: the reward–KL frontier of several runs in one PNG, plus a Markdown table.
 
-    exoalign plot frontier results/exo.json results/dpo.json --output results/frontier.png
+    exoalign plot frontier results/exo.json results/dpo.json --output results/frontier.png [--table t.md]
 
 Each argument is an eval JSON (``exoalign eval``; schema ``exoalign.eval/1``). Its results are grouped into
 runs by their ``run`` field (the training output_dir they came from); a JSON holding one run is labelled by
 its own ``run`` name (or ``--labels``). Every checkpoint becomes a point at ``(KL(π_θ‖π_sft), mean reward)``
 with the reward's confidence interval as an error bar; a run's points are joined in step order, one colour
-per run — the paper's IMDB figure (reward against KL for every checkpoint of EXO and DPO). ``--kl kl_k3`` plots the k3 estimate instead of the authors' ``kl``. The table
-(``<output stem>.md`` unless ``--table``) lists every point with both KL estimates, the reward and the win rate.
+per run — the paper's IMDB figure (reward against KL for every checkpoint of EXO and DPO).
+
+* π_sft is not a run: it is the step-0 point of every run (KL 0 by definition). It is the result whose
+  checkpoint is the eval's ``sft_model`` (from any of the files, when they share that model), else the eval's
+  baseline when the baseline is π_sft (its reward from the baseline's own samples).
+* ``final`` is drawn once: when a run's ``final`` has the step of one of its checkpoints (the same weights),
+  only the checkpoint is drawn and its table row says ``(= final)``.
+* The axes carry units: KL in nats (which estimator), the reward named by its judge (oracle or reward model).
+
+``--kl kl_k3`` plots the k3 estimate instead of the authors' ``kl``. The table (``<output stem>.md`` unless
+``--table``) lists π_sft once and then every point of every run, with both KL estimates, the reward and the
+win rate.
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ from ..config import ArgumentParser
 from ..errors import InputError
 
 SCHEMA = "exoalign.eval/1"
+SFT_LABEL = "π_sft"
+Run = tuple[str, dict[str, Any]]
+"""``(label, {"results": [result, …]})``: one line of the plot; π_sft's point (``"sft": True``) comes first."""
 
 
 def load_eval(path: str) -> dict[str, Any]:
@@ -83,52 +96,161 @@ def _check_result(r: Any, path: str, i: int) -> None:
                          field=f"results[{i}].win_rate", fix=fix)
 
 
+# ------------------------------------------------------------------------------------------- runs
+def _norm(path: Any) -> str | None:
+    return os.path.normpath(str(path)) if isinstance(path, str) and path else None
+
+
+def sft_model(data: dict[str, Any]) -> str | None:
+    """The π_sft the file's KLs are measured against (``settings.sft_model``), normalised; None if unknown."""
+    return _norm((data.get("settings") or {}).get("sft_model"))
+
+
+def _is_sft(r: dict[str, Any], sft: str | None) -> bool:
+    return sft is not None and _norm(r.get("checkpoint")) == sft
+
+
+def sft_point(data: dict[str, Any]) -> dict[str, Any] | None:
+    """π_sft's point in this file: its own result (same sampling seeds as the checkpoints), else the baseline
+    when the baseline is π_sft (KL 0 exactly), else None."""
+    sft = sft_model(data)
+    for r in data["results"]:
+        if _is_sft(r, sft):
+            return {**r, "step": 0, "sft": True}
+    base = data.get("baseline")
+    if sft is not None and isinstance(base, dict) and _norm(base.get("model")) == sft:
+        reward = base.get("reward")
+        if isinstance(reward, dict) and _number(reward.get("mean"), finite=True):
+            return {"checkpoint": base["model"], "name": f"{SFT_LABEL} (baseline samples)", "step": 0, "kl": 0.0,
+                    "kl_k3": 0.0, "reward": reward, "win_rate": None, "sft": True}
+    return None
+
+
 def _order(r: dict[str, Any]) -> tuple[float, str]:
     step = r.get("step")
     return (float(step) if isinstance(step, (int, float)) else math.inf, r["name"])
 
 
+def _is_final(r: dict[str, Any]) -> bool:
+    return r["name"].rstrip("/").endswith("final") and os.path.basename(str(r.get("checkpoint", "")).rstrip("/")) == "final"
+
+
+def dedupe_final(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``results`` in step order, without a ``final`` whose step equals a checkpoint's (the same weights): that
+    checkpoint is marked ``"final": True`` instead."""
+    rs = sorted(results, key=_order)
+    steps = {r.get("step") for r in rs if not _is_final(r) and r.get("step") is not None}
+    out = []
+    for r in rs:
+        if _is_final(r) and r.get("step") is not None and r["step"] in steps:
+            continue
+        out.append(r)
+    finals = {r["step"] for r in rs if _is_final(r) and r.get("step") in steps}
+    return [{**r, "final": True} if not _is_final(r) and r.get("step") in finals else r for r in out]
+
+
+def group_runs(data: dict[str, Any], label: str, start: dict[str, Any] | None = None) -> list[Run]:
+    """Split one eval JSON into runs (its results' ``run`` field), π_sft taken out and put first in each run
+    (``start``: π_sft's point from another file when this one has none)."""
+    sft = sft_model(data)
+    start = sft_point(data) or start
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in data["results"]:
+        if not _is_sft(r, sft):
+            groups.setdefault(str(r.get("run") or label), []).append(r)
+    if len(groups) == 1:
+        groups = {label: next(iter(groups.values()))}
+    return [(name, {"results": ([start] if start else []) + dedupe_final(rs)}) for name, rs in groups.items()]
+
+
+def _sft_points(runs: list[Run]) -> list[dict[str, Any]]:
+    """The distinct π_sft points of ``runs`` (one when all runs share the same evaluation of π_sft)."""
+    seen: dict[tuple, dict[str, Any]] = {}
+    for _, data in runs:
+        for r in data["results"]:
+            if r.get("sft"):
+                seen.setdefault((_norm(r.get("checkpoint")), r["reward"]["mean"], r["kl"]), r)
+    return list(seen.values())
+
+
+# ------------------------------------------------------------------------------------------ table
 def _fmt(x: Any, digits: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
 
-def table(runs: list[tuple[str, dict[str, Any]]]) -> str:
-    """Markdown table of every checkpoint of every run."""
+def _row(label: str, r: dict[str, Any]) -> str:
+    rw, wr = r["reward"], r.get("win_rate")
+    ci = f"[{_fmt(rw.get('ci_low'))}, {_fmt(rw.get('ci_high'))}]"
+    wci = f"[{_fmt(wr['ci_low'])}, {_fmt(wr['ci_high'])}]" if wr else "–"
+    step = r.get("step")
+    name = r["name"] + (" (= final)" if r.get("final") else "")
+    return (f"| {label} | {name} | {step if step is not None else '–'} | {_fmt(r['kl'])} | {_fmt(r['kl_k3'])} "
+            f"| {_fmt(rw['mean'])} | {ci} | {_fmt(wr['mean'] if wr else None)} | {wci} |")
+
+
+def table(runs: list[Run], sft_points: list[dict[str, Any]] | None = None) -> str:
+    """Markdown table: π_sft once (the step-0 point of every run), then every checkpoint of every run."""
     lines = [
-        "| run | checkpoint | step | KL (k1) | KL (k3) | reward | reward CI | win rate | win-rate CI |",
+        "| run | checkpoint | step | KL (k1, nats) | KL (k3, nats) | reward | reward CI | win rate | win-rate CI |",
         "|---|---|---:|---:|---:|---:|---|---:|---|",
     ]
+    lines += [_row(SFT_LABEL, r) for r in (_sft_points(runs) if sft_points is None else sft_points)]
     for label, data in runs:
-        for r in sorted(data["results"], key=_order):
-            rw, wr = r["reward"], r.get("win_rate")
-            ci = f"[{_fmt(rw.get('ci_low'))}, {_fmt(rw.get('ci_high'))}]"
-            wci = f"[{_fmt(wr['ci_low'])}, {_fmt(wr['ci_high'])}]" if wr else "–"
-            step = r.get("step")
-            lines.append(
-                f"| {label} | {r['name']} | {step if step is not None else '–'} | {_fmt(r['kl'])} | {_fmt(r['kl_k3'])} "
-                f"| {_fmt(rw['mean'])} | {ci} | {_fmt(wr['mean'] if wr else None)} | {wci} |"
-            )
+        lines += [_row(label, r) for r in data["results"] if not r.get("sft")]
     return "\n".join(lines) + "\n"
 
 
-def plot_frontier(runs: list[tuple[str, dict[str, Any]]], output: Path, *, kl_key: str = "kl", title: str | None = None) -> None:
-    """Reward (with CI bars) against KL, one line of checkpoints per run, saved as a PNG."""
+# ------------------------------------------------------------------------------------------- plot
+def judge_name(data: dict[str, Any]) -> str | None:
+    """What the file's rewards come from, short enough for an axis (None if not recorded): ``oracle
+    my_reward.py:score`` (a file), ``oracle vader_sentiment`` (a module's function), ``reward model rm/final``."""
+    settings = data.get("settings") or {}
+    if settings.get("oracle"):
+        module, _, func = str(settings["oracle"]).rpartition(":")
+        return f"oracle {os.path.basename(module)}:{func}" if module.endswith(".py") else f"oracle {func}"
+    if settings.get("reward_model"):
+        parts = Path(str(settings["reward_model"])).parts
+        return "reward model " + "/".join(parts[-2:])
+    return None
+
+
+def axis_labels(kl_key: str, judges: list[str], confidence: float | None) -> tuple[str, str]:
+    """``(x label, y label)``: KL in nats with its estimator; the reward named by its judge(s), with the CI."""
+    est = "k3 estimate" if kl_key == "kl_k3" else "k1 estimate"
+    x = f"KL(π_θ ‖ π_sft) in nats ({est}, on π_θ's samples)"
+    unique = list(dict.fromkeys(judges))
+    source = "; ".join(unique) if unique else "judge not recorded"
+    bars = f"; bars: {confidence:.0%} CI" if confidence else ""
+    return x, f"mean reward\n({source}{bars})"
+
+
+def plot_frontier(runs: list[Run], output: Path, *, kl_key: str = "kl", title: str | None = None,
+                  judges: list[str] | None = None, confidence: float | None = None) -> None:
+    """Reward (with CI bars) against KL, one line of checkpoints per run starting at π_sft, saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for label, data in runs:
-        rs = sorted(data["results"], key=_order)
-        x = [r[kl_key] for r in rs]
-        y = [r["reward"]["mean"] for r in rs]
+    def bars(rs: list[dict[str, Any]]) -> list[list[float]]:
         lo = [r["reward"]["mean"] - r["reward"].get("ci_low", r["reward"]["mean"]) for r in rs]
         hi = [r["reward"].get("ci_high", r["reward"]["mean"]) - r["reward"]["mean"] for r in rs]
-        yerr = [[v if math.isfinite(v) else 0.0 for v in lo], [v if math.isfinite(v) else 0.0 for v in hi]]
-        ax.errorbar(x, y, yerr=yerr, marker="o", markersize=4, capsize=2, linewidth=1.2, label=label)
-    ax.set_xlabel("KL(π_θ ‖ π_sft)" + (" (k3 estimate)" if kl_key == "kl_k3" else ""))
-    ax.set_ylabel("mean reward")
+        return [[v if math.isfinite(v) else 0.0 for v in lo], [v if math.isfinite(v) else 0.0 for v in hi]]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label, data in runs:
+        rs = data["results"]
+        if not any(not r.get("sft") for r in rs):
+            continue  # π_sft alone: drawn below
+        ax.errorbar([r[kl_key] for r in rs], [r["reward"]["mean"] for r in rs], yerr=bars(rs), marker="o",
+                    markersize=4, capsize=2, linewidth=1.2, label=label)
+    start = _sft_points(runs)
+    if start:
+        ax.errorbar([r[kl_key] for r in start], [r["reward"]["mean"] for r in start], yerr=bars(start), fmt="*",
+                    color="black", markersize=11, capsize=2, zorder=5, label=f"{SFT_LABEL} (step 0 of every run)")
+    xlabel, ylabel = axis_labels(kl_key, judges or [], confidence)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "reward–KL frontier")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -140,14 +262,20 @@ def plot_frontier(runs: list[tuple[str, dict[str, Any]]], output: Path, *, kl_ke
     os.replace(tmp, output)
 
 
-def group_runs(data: dict[str, Any], label: str) -> list[tuple[str, dict[str, Any]]]:
-    """Split one eval JSON into ``(label, {"results": [...]})`` per run (its results' ``run`` field)."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in data["results"]:
-        groups.setdefault(str(r.get("run") or label), []).append(r)
-    if len(groups) == 1:
-        return [(label, {"results": next(iter(groups.values()))})]
-    return [(run, {"results": rs}) for run, rs in groups.items()]
+def collect(paths: list[str], labels: list[str] | None = None) -> tuple[list[Run], list[dict[str, Any]]]:
+    """Load the eval JSONs into runs; returns ``(runs, files' data)``. A file without π_sft borrows the point of
+    another file that measured KL against the same π_sft; a file holding only π_sft adds no run of its own."""
+    files = [load_eval(p) for p in paths]
+    starts = {sft_model(d): sft_point(d) for d in files if sft_point(d) is not None}
+    runs: list[Run] = []
+    for i, (p, data) in enumerate(zip(paths, files)):
+        label = labels[i] if labels else str(data.get("run") or Path(p).stem)
+        got = group_runs(data, label, starts.get(sft_model(data)))
+        if not got and sft_point(data) is not None and not any(sft_model(d) == sft_model(data) and d is not data
+                                                                 for d in files):
+            got = [(SFT_LABEL, {"results": [sft_point(data)]})]  # π_sft was all there was to draw
+        runs.extend(got)
+    return runs, files
 
 
 def frontier(paths: list[str], output: str, *, table_path: str | None = None, kl_key: str = "kl",
@@ -159,15 +287,14 @@ def frontier(paths: list[str], output: str, *, table_path: str | None = None, kl
         raise InputError("the plot must be a .png file", field="output", fix="name it e.g. frontier.png")
     if labels is not None and len(labels) != len(paths):
         raise InputError(f"{len(labels)} labels for {len(paths)} files", field="labels", fix="give one label per file")
-    runs = []
-    for i, p in enumerate(paths):
-        data = load_eval(p)
-        label = labels[i] if labels else str(data.get("run") or Path(p).stem)
-        runs.extend(group_runs(data, label))
+    runs, files = collect(paths, labels)
     png = Path(output)
     md = Path(table_path) if table_path else png.with_suffix(".md")
     text = table(runs)
-    plot_frontier(runs, png, kl_key=kl_key, title=title)
+    judges = [j for j in (judge_name(d) for d in files) if j]
+    confidence = files[0].get("confidence") if all(d.get("confidence") == files[0].get("confidence") for d in files) else None
+    plot_frontier(runs, png, kl_key=kl_key, title=title, judges=judges,
+                  confidence=confidence if _number(confidence, finite=True) else None)
     tmp = md.with_name(md.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, md)

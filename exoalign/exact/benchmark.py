@@ -10,6 +10,7 @@ user's training run does. See ``docs/exact_benchmark.md`` and the modules:
 * ``problem`` — task, GRU policy, enumeration, SFT fit
 * ``metrics`` — exact metrics, π*, analytic best-of-N
 * ``train`` — offline data and training of each method
+* ``online`` — the online methods: sampling from the current policy, corrected targets, reuse
 * ``toy`` — the one-dimensional illustration
 * ``report`` — results.json, results.md and the PNGs
 
@@ -74,7 +75,12 @@ class ExactConfig:
     seeds: int = 5
     """Offline datasets (and minibatch orders) per trained method."""
     ks: list[int] = field(default_factory=lambda: [2, 4, 8, 32])
-    """Group sizes K of the rw methods (32 shows the trend towards rl-exact as K grows)."""
+    """Group sizes K of the rw and online methods (32 shows the trend towards rl-exact as K grows)."""
+    reuse: list[int] = field(default_factory=lambda: [1, 4])
+    """Online methods: steps per sampled round; R > 1 adds methods with suffix -r{R} ([] = no online methods)."""
+    online_seeds: int = 3
+    """Seeds of the online methods: the first min(online_seeds, seeds) of the offline seeds (0 = all); fewer
+    keeps the full run near 30 min on 2 busy cores."""
     best_of_n: list[int] = field(default_factory=lambda: [4, 16, 64])
     """N of the analytic best-of-N references."""
     eval_every: int = 50
@@ -93,6 +99,10 @@ class ExactConfig:
         require(self.vocab >= 2 and self.length >= 1, "vocab", "need vocab ≥ 2 and length ≥ 1", "use vocab=8 length=5")
         require(self.vocab**self.length <= 65536, "length", f"V^L = {self.vocab ** self.length} is too many to enumerate",
                 "keep vocab**length ≤ 65536")
+        require(all(isinstance(r, int) and r >= 1 for r in self.reuse) and len(set(self.reuse)) == len(self.reuse),
+                "reuse", f"steps per round must be distinct integers ≥ 1, got {self.reuse}", "use e.g. [1, 4]")
+        require(isinstance(self.online_seeds, int) and self.online_seeds >= 0, "online_seeds",
+                f"must be an integer ≥ 0, got {self.online_seeds!r}", "use 0 (= seeds) or e.g. 3")
         for name in ("prompts", "hidden", "embed", "steps", "seeds", "eval_every", "toy_steps"):
             require(getattr(self, name) >= 1, name, f"must be ≥ 1, got {getattr(self, name)!r}", "use a positive integer")
         require(self.sft_steps >= 0, "sft_steps", "must be ≥ 0", "use e.g. 300")
@@ -111,7 +121,8 @@ class ExactConfig:
 
 
 #: ``--quick``: a 4096-completion space, 2 prompts, 1 seed, short training (< 60 s on 2 cores).
-QUICK = dict(length=4, prompts=2, sft_steps=150, pool=256, batch=64, steps=150, seeds=1, ks=[2, 4, 8], eval_every=25,
+QUICK = dict(length=4, prompts=2, sft_steps=150, pool=256, batch=64, steps=150, seeds=1, ks=[2, 4, 8], reuse=[1],
+             eval_every=25,
              toy_steps=200)
 
 
@@ -126,12 +137,14 @@ def _versions() -> dict[str, str]:
 
 
 def _mean_record(runs: list[dict[str, float]], curves: list[list[tuple[int, float]]]) -> dict:
-    """Mean of each metric over seeds, plus the per-seed values and the mean gap curve."""
-    rec: dict = {m: sum(r[m] for r in runs) / len(runs) for m in METRICS}
+    """Mean of each metric (and of the training ESS where recorded) over seeds, the per-seed values and the
+    mean gap curve."""
+    keys = [*METRICS, *(k for k in ("ess", "ess_q") if all(k in r for r in runs))]
+    rec: dict = {m: sum(r[m] for r in runs) / len(runs) for m in keys}
     rec["seeds"] = len(runs)
     if len(runs) > 1:
         rec["gap_std"] = float(torch.tensor([r["gap"] for r in runs], dtype=torch.float64).std().item())
-    rec["per_seed"] = {m: [r[m] for r in runs] for m in METRICS}
+    rec["per_seed"] = {m: [r[m] for r in runs] for m in keys}
     if curves:
         rec["curve"] = [[s, sum(c[i][1] for c in curves) / len(curves)] for i, (s, _) in enumerate(curves[0])]
     return rec
@@ -154,10 +167,12 @@ def run_benchmark(cfg: ExactConfig, *, progress: bool = True) -> tuple[dict, dic
     opt_logps = optimum_logps(sft_logps, rewards, cfg.beta)
     seqs = all_sequences(cfg.vocab, cfg.length)
 
-    methods = trained_methods(tuple(cfg.ks))
-    data_methods = [m for m in methods if m.targets != "exact"]
+    methods = trained_methods(tuple(cfg.ks), tuple(cfg.reuse))
+    data_methods = [m for m in methods if m.targets not in ("exact", "online")]
+    online = [m for m in methods if m.targets == "online"]
     exact_refs = [m for m in methods if m.targets == "exact"]
-    total = cfg.steps * (len(data_methods) * cfg.seeds + len(exact_refs))
+    online_seeds = min(cfg.online_seeds or cfg.seeds, cfg.seeds)
+    total = cfg.steps * (len(data_methods) * cfg.seeds + len(online) * online_seeds + len(exact_refs))
     bar = tqdm(total=total, desc="bench exact", disable=not progress, unit="step")
     train_kw = dict(beta=cfg.beta, beta_r=cfg.beta_r, eps=cfg.eps, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr,
                     eval_every=cfg.eval_every, tick=lambda: bar.update(1))
@@ -169,24 +184,26 @@ def run_benchmark(cfg: ExactConfig, *, progress: bool = True) -> tuple[dict, dic
     # the exact references are deterministic (no data, same start): one run each
     for m in exact_refs:
         bar.set_postfix_str(m.name)
-        policy, curve = train_method(m, sft_policy, sft_logps, rewards, None, seed=cfg.seed, **train_kw)
+        policy, curve, _ = train_method(m, sft_policy, sft_logps, rewards, None, seed=cfg.seed, **train_kw)
         out[m.name] = _mean_record([exact_metrics(policy_table(policy, cfg.prompts), sft_logps, rewards, cfg.beta)],
                                    [curve])
     for n in cfg.best_of_n:
         out[f"best-of-n-{n}"] = _mean_record([exact_metrics(best_of_n_logps(sft_logps, rewards, n), sft_logps,
                                                             rewards, cfg.beta)], [])
-    runs: dict[str, list] = {m.name: [] for m in data_methods}
-    curves: dict[str, list] = {m.name: [] for m in data_methods}
+    runs: dict[str, list] = {m.name: [] for m in data_methods + online}
+    curves: dict[str, list] = {m.name: [] for m in data_methods + online}
     for i in range(cfg.seeds):
         seed = cfg.seed + i
         data = sample_offline(sft_logps, rewards, seqs, cfg.pool, cfg.beta_r, torch.Generator().manual_seed(seed))
-        for m in data_methods:
+        # online methods draw their rounds from the same seed (they never see the offline data)
+        for m in data_methods + (online if i < online_seeds else []):
             bar.set_postfix_str(f"{m.name} seed {seed}")
-            policy, curve = train_method(m, sft_policy, sft_logps, rewards, data, seed=seed, **train_kw)
-            runs[m.name].append(exact_metrics(policy_table(policy, cfg.prompts), sft_logps, rewards, cfg.beta))
+            policy, curve, stats = train_method(m, sft_policy, sft_logps, rewards, data, seed=seed, **train_kw)
+            runs[m.name].append(exact_metrics(policy_table(policy, cfg.prompts), sft_logps, rewards, cfg.beta)
+                                | stats)
             curves[m.name].append(curve)
     bar.close()
-    for m in data_methods:
+    for m in data_methods + online:
         out[m.name] = _mean_record(runs[m.name], curves[m.name])
 
     toy = run_toy(ToySpec(steps=cfg.toy_steps, seed=cfg.seed, beta_pi=cfg.beta_pi))
@@ -196,6 +213,7 @@ def run_benchmark(cfg: ExactConfig, *, progress: bool = True) -> tuple[dict, dic
         "policy_params": sum(p.numel() for p in sft_policy.parameters()),
         "sft_fit_kl": sft_fit_kl,
         "seed_list": [cfg.seed + i for i in range(cfg.seeds)],
+        "online_seed_list": [cfg.seed + i for i in range(online_seeds)],
         "optimizer": "Adam, cosine decay to 0",
         "versions": _versions(),
         "wall_s": round(time.perf_counter() - t0, 1),

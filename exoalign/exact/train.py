@@ -11,6 +11,8 @@ learning rate, number of steps and number of completions per step (``batch`` seq
 * ``exo-pref``, ``dpo-pref``, ``ipo``: labelled pairs, targets ``pref_targets(B, ε)`` (chosen first)
 * ``rl-exact``: the reference — gradient ascent on the exact ``J_β`` by enumeration (what RL with infinitely
   many samples would do); it needs no data.
+* ``online-exo-k{K}``, ``online-dpo-k{K}``, ``rloo-k{K}`` (suffix ``-r{R}`` for reuse R): sampled from the
+  current policy each round, see ``online.py``; no offline data.
 
 The losses get ``β_π = β / β_r``, so that every method's optimum is π*_β with the same β (DESIGN.md).
 """
@@ -23,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses import get_loss, pref_targets, reward_targets
+from ..losses import ess, get_loss, masked_log_softmax, pref_targets, reward_targets
 from .metrics import exact_metrics, kl, objective, optimum_logps
+from .online import train_online
 from .problem import SeqPolicy, enumerate_logps, sequence_logps
 
 
@@ -34,16 +37,33 @@ class Method:
 
     name: str
     loss: str
-    targets: str  # "rw" | "pref" | "exact"
+    targets: str  # "rw" | "pref" | "exact" | "online"
     k: int
+    reuse: int = 1
+    """Online methods: optimiser steps per sampled round."""
 
 
-def trained_methods(ks: tuple[int, ...]) -> list[Method]:
-    """``exo-pref, dpo-pref, ipo, exo-rw-k{K}, dpo-rw-k{K}`` for every ``K`` in ``ks``, then the two exact
-    references ``rl-exact`` (reverse KL to π*, i.e. −J) and ``fkl-exact`` (forward KL ``KL(π*‖π_θ)``)."""
+def online_methods(ks: tuple[int, ...], reuse: tuple[int, ...]) -> list[Method]:
+    """``online-exo-k{K}``, ``online-dpo-k{K}``, ``rloo-k{K}`` for every K, and with suffix ``-r{R}`` for every
+    reuse R > 1 in ``reuse``."""
+    out = []
+    for r in reuse:
+        suffix = "" if r == 1 else f"-r{r}"
+        for k in ks:
+            out += [Method(f"online-exo-k{k}{suffix}", "exo", "online", k, r),
+                    Method(f"online-dpo-k{k}{suffix}", "dpo", "online", k, r),
+                    Method(f"rloo-k{k}{suffix}", "rloo", "online", k, r)]
+    return out
+
+
+def trained_methods(ks: tuple[int, ...], reuse: tuple[int, ...] = ()) -> list[Method]:
+    """``exo-pref, dpo-pref, ipo, exo-rw-k{K}, dpo-rw-k{K}`` for every ``K`` in ``ks``, the online methods for
+    every reuse in ``reuse`` (none by default), then the two exact references ``rl-exact`` (reverse KL to π*,
+    i.e. −J) and ``fkl-exact`` (forward KL ``KL(π*‖π_θ)``)."""
     out = [Method("exo-pref", "exo", "pref", 2), Method("dpo-pref", "dpo", "pref", 2), Method("ipo", "ipo", "pref", 2)]
     for k in ks:
         out += [Method(f"exo-rw-k{k}", "exo", "rw", k), Method(f"dpo-rw-k{k}", "dpo", "rw", k)]
+    out += online_methods(ks, reuse)
     return out + [Method("rl-exact", "rl", "exact", 0), Method("fkl-exact", "fkl", "exact", 0)]
 
 
@@ -97,8 +117,9 @@ def _batch(data: OfflineData, method: Method, batch: int, gen: torch.Generator):
 def loss_on_batch(
     policy: SeqPolicy, data: OfflineData, method: Method, x: torch.Tensor, idx: torch.Tensor,
     beta_pi: float, beta_r: float, eps: float,
-) -> torch.Tensor:
-    """The mean library loss on groups ``idx [G, K]`` of prompts ``x [G]`` — the user-facing code path."""
+) -> tuple[torch.Tensor, float, float]:
+    """The mean library loss on groups ``idx [G, K]`` of prompts ``x [G]`` — the user-facing code path — and
+    the mean ESS fraction ``(1/Σp²)/K`` of the loss's p = softmax(β_π h) and of its target q."""
     g, k = idx.shape
     seqs = data.seqs[x.unsqueeze(1), idx]  # (G, K, L)
     policy_logps = sequence_logps(policy, x.repeat_interleave(k), seqs.reshape(g * k, -1)).view(g, k)
@@ -108,7 +129,8 @@ def loss_on_batch(
     else:
         targets = pref_targets(g, eps)
     out = get_loss(method.loss)(policy_logps, ref_logps, targets, beta_pi)
-    return out.losses.mean()
+    log_p = masked_log_softmax(beta_pi * (policy_logps.detach() - ref_logps), None)  # (G, K)
+    return out.losses.mean(), ess(log_p).mean().item(), ess(targets).mean().item()
 
 
 def train_method(
@@ -127,11 +149,12 @@ def train_method(
     seed: int,
     eval_every: int,
     tick: Callable[[], None] = lambda: None,
-) -> tuple[SeqPolicy, list[tuple[int, float]]]:
-    """Train a copy of π_sft with ``method``; return it and the exact-gap curve ``[(step, gap), …]``.
+) -> tuple[SeqPolicy, list[tuple[int, float]], dict[str, float]]:
+    """Train a copy of π_sft with ``method``; return it, the exact-gap curve ``[(step, gap), …]`` and the
+    training statistics (``ess``, ``ess_q``: mean ESS fractions of p and q; empty for the exact references).
 
-    ``sft_logps``/``rewards``: ``[P, N]`` exact tables (for rl-exact and for the curve). ``tick`` is called
-    once per step (progress bar).
+    ``sft_logps``/``rewards``: ``[P, N]`` exact tables (for rl-exact, the online methods and the curve).
+    ``tick`` is called once per step (progress bar).
     """
     policy = copy.deepcopy(sft_policy).float().train()
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
@@ -143,6 +166,17 @@ def train_method(
     sft32, r32 = sft_logps.float(), rewards.float()
     opt32 = optimum_logps(sft_logps, rewards, beta).float()
     curve = [(0, 1.0)]
+
+    def after(step: int) -> None:
+        tick()
+        if step % eval_every == 0 or step == steps:
+            curve.append((step, evaluate(policy, sft_logps, rewards, beta)["gap"]))
+
+    if method.targets == "online":
+        stats = train_online(policy, method.loss, method.k, method.reuse, sft32, r32, beta_pi=beta / beta_r,
+                             beta_r=beta_r, steps=steps, batch=batch, opt=opt, sched=sched, gen=gen, on_step=after)
+        return policy, curve, stats
+    ess_p = ess_q = 0.0
     for step in range(1, steps + 1):
         if method.targets == "exact":
             logps = enumerate_logps(policy, prompts)  # (P, N)
@@ -153,15 +187,15 @@ def train_method(
         else:
             assert data is not None
             x, idx = _batch(data, method, batch, gen)
-            loss = loss_on_batch(policy, data, method, x, idx, beta / beta_r, beta_r, eps)
+            loss, e_p, e_q = loss_on_batch(policy, data, method, x, idx, beta / beta_r, beta_r, eps)
+            ess_p, ess_q = ess_p + e_p, ess_q + e_q
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        tick()
-        if step % eval_every == 0 or step == steps:
-            curve.append((step, evaluate(policy, sft_logps, rewards, beta)["gap"]))
-    return policy, curve
+        after(step)
+    stats = {} if method.targets == "exact" else {"ess": ess_p / steps, "ess_q": ess_q / steps}
+    return policy, curve, stats
 
 
 @torch.no_grad()

@@ -17,8 +17,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .core import LossOutput, cdpo, dpo, exo, hinge, ipo, rpo, simpo
-from .targets import NEG, check_eps, masked_log_softmax, pref_targets, reward_targets
+from .core import LossOutput, cdpo, dpo, exo, hinge, ipo, rloo, rpo, simpo
+from .targets import (
+    NEG,
+    OnlineTargets,
+    check_eps,
+    ess,
+    masked_log_softmax,
+    online_targets,
+    pref_targets,
+    reward_targets,
+)
 
 
 @dataclass(frozen=True)
@@ -29,10 +38,13 @@ class LossInfo:
     needs_lengths: bool
     listwise: bool
     """True when the loss uses all K completions; False when it uses the best/worst pair of each group."""
+    online_only: bool = False
+    """True when the loss needs samples of the current policy (``shaped_rewards`` from ``online_targets``)."""
 
     @property
     def params(self) -> list[str]:
-        """Names of the keyword-only parameters (``label_smoothing``, ``gamma``, ``alpha``, ``lengths``)."""
+        """Names of the keyword-only parameters (``label_smoothing``, ``gamma``, ``alpha``, ``lengths``,
+        ``shaped_rewards``)."""
         sig = inspect.signature(self.fn)
         return [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
@@ -45,6 +57,7 @@ LOSSES: dict[str, LossInfo] = {
     "simpo": LossInfo("simpo", simpo, needs_ref=False, needs_lengths=True, listwise=False),
     "rpo": LossInfo("rpo", rpo, needs_ref=True, needs_lengths=True, listwise=False),
     "hinge": LossInfo("hinge", hinge, needs_ref=True, needs_lengths=False, listwise=False),
+    "rloo": LossInfo("rloo", rloo, needs_ref=False, needs_lengths=False, listwise=True, online_only=True),
 }
 
 
@@ -56,7 +69,8 @@ def loss_info(name: str) -> LossInfo:
 
 
 def get_loss(name: str) -> Callable[..., LossOutput]:
-    """The loss function registered as ``name`` (``exo``, ``dpo``, ``ipo``, ``cdpo``, ``simpo``, ``rpo``, ``hinge``)."""
+    """The loss function registered as ``name`` (``exo``, ``dpo``, ``ipo``, ``cdpo``, ``simpo``, ``rpo``, ``hinge``,
+    ``rloo``)."""
     return loss_info(name).fn
 
 
@@ -65,17 +79,21 @@ __all__ = [
     "NEG",
     "LossInfo",
     "LossOutput",
+    "OnlineTargets",
     "cdpo",
     "check_eps",
     "dpo",
+    "ess",
     "exo",
     "get_loss",
     "hinge",
     "ipo",
     "loss_info",
     "masked_log_softmax",
+    "online_targets",
     "pref_targets",
     "reward_targets",
+    "rloo",
     "rpo",
     "simpo",
 ]

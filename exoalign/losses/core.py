@@ -298,3 +298,40 @@ def rpo(
     out = _metrics(rewards, target_logprobs, mask)
     out["nll"] = nll.detach().mean()
     return LossOutput(losses, rewards, out)
+
+
+# ---------------------------------------------------------------------------------------- online RL
+def rloo(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    target_logprobs: torch.Tensor,
+    beta_pi: float,
+    mask: torch.Tensor | None = None,
+    *,
+    shaped_rewards: torch.Tensor,
+) -> LossOutput:
+    """RLOO: REINFORCE with a leave-one-out baseline on the KL-shaped reward, for samples of the current policy.
+
+    Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human
+    Feedback in LLMs", ACL 2024, https://arxiv.org/abs/2402.14740 (Sec. 3). With ``n`` valid completions
+    ``y_i ~ π_t`` and ``R_i = r_i − β (log π_t − log π_sft)(y_i)`` (``shaped_rewards``, from
+    :func:`~exoalign.losses.online_targets`, β = β_π β_r)::
+
+        A_i = R_i − (1/(n−1)) Σ_{j≠i} R_j,      L = −(1/n) Σ_i A_i log π_θ(y_i|x)
+
+    Its gradient at θ = θ_t is an unbiased estimate of ``∇ E_{π_θ}[r] − β ∇ KL(π_θ ‖ π_sft)``: use each
+    sample for one step (it is not an objective to optimise further). ``ref_logps``, ``target_logprobs`` and
+    ``beta_pi`` do not enter the loss (the shaping carries β); ``target_logprobs`` picks the best/worst
+    completion for the ``rewards/*`` metrics. The returned ``rewards`` are the advantages ``A`` (detached).
+    """
+    mask = _full_mask(policy_logps, mask)
+    logp = _log_ratio(policy_logps, None, mask)  # (B, K), 0 in padding
+    r = _f32(shaped_rewards.to(logp.device)).detach().masked_fill(~mask, 0.0)  # (B, K)
+    n = mask.sum(-1, keepdim=True).to(r.dtype)  # (B, 1)
+    # leave-one-out mean of the others; a group with one completion has no baseline and gets A = 0
+    others = (r.sum(-1, keepdim=True) - r) / (n - 1).clamp(min=1)
+    adv = torch.where(mask & (n >= 2), r - others, torch.zeros_like(r))  # (B, K)
+    losses = -(adv * logp).sum(-1) / n.squeeze(-1).clamp(min=1)
+    out = _metrics(adv, target_logprobs, mask)
+    out["rloo/shaped_reward"] = (r.sum() / mask.sum().clamp(min=1)).detach()
+    return LossOutput(losses, adv, out)

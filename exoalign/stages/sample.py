@@ -30,6 +30,7 @@ from ..config import require
 from ..data import append_rows, load_rows, read_done_count
 from ..errors import ConfigError
 from ..models import DTYPES, check_model_dir, load_causal_lm, load_tokenizer
+from ..zoo import resolve_model_path
 from .generation import (
     Completion,
     HFSampler,
@@ -111,7 +112,8 @@ def build_sampler(
 ) -> Sampler:
     """The sampler of ``cfg.backend``; the HF one reuses ``model`` when given (eval shares it for log-probs)."""
     if resolve_backend(cfg.backend) == "vllm":
-        return VLLMSampler(name_or_path, tokenizer, cfg, dtype=dtype, trust_remote_code=trust_remote_code, stream=stream)
+        return VLLMSampler(resolve_model_path(name_or_path), tokenizer, cfg, dtype=dtype,
+                           trust_remote_code=trust_remote_code, stream=stream)
     if model is None:
         model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, field="model")
         model.to(pick_device(device)).eval()

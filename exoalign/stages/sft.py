@@ -20,6 +20,7 @@ from ..train.config import DataBaseConfig, ModelConfig, TrainArgs, check_runnabl
 from ..train.engine import Job, fit, preflight
 from ..train.loop import split_heldout
 from ..train.setup import load_model, load_tok, make_accelerator, prepare_source
+from ..train.summary import report
 
 
 @dataclass
@@ -68,7 +69,10 @@ def sft(cfg: SFTConfig) -> Path:
     info = {"train_stats": train_data.stats, "eval_stats": eval_data.stats if eval_data else None, "model_source": source}
     job = Job(model=model, tokenizer=tokenizer, train_data=train_data, collate=GroupCollator(tokenizer.pad_token_id),
               loss_fn=sft_loss, eval_data=eval_data, config=cfg, info=info)
-    return fit(acc, args, job)
+    final = fit(acc, args, job)
+    if acc.is_main_process:
+        report(args.output_dir, lr=args.lr)  # one summary line; a warning when too small to change the model
+    return final
 
 
 def main(argv: list[str]) -> int:

@@ -16,6 +16,8 @@ _WHERE = {
     "DataConfig": "config",
     "LossConfig": "config",
     "TrainArgs": "config",
+    "OnlineConfig": "config",
+    "train_online": "online",
     "train": "loop",
     "compute_loss": "step",
     "fit": "engine",

@@ -178,7 +178,15 @@ class TrainArgs:
     lr: float = 1e-6
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """AdamW (decoupled) weight decay; biases and norm weights are exempt unless weight_decay_exclude_norm_bias=false."""
+    weight_decay_exclude_norm_bias: bool = True
+    """Exempt biases and normalisation weights (LayerNorm, RMSNorm, ...) from weight decay, as HF Trainer and TRL do."""
+    adam_beta1: float = 0.9
+    """AdamW β1 (decay rate of the gradient's running mean)."""
+    adam_beta2: float = 0.999
+    """AdamW β2 (decay rate of the squared gradient's running mean); the EXO paper's code uses 0.95."""
+    adam_eps: float = 1e-8
+    """AdamW ε added to the denominator."""
     batch_size: int = 8
     """Groups (prompts) per device per micro-batch; the global batch is batch_size × grad_accum × processes."""
     grad_accum: int = 1
@@ -227,7 +235,13 @@ class TrainArgs:
 
     def __post_init__(self) -> None:
         require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0 (got {self.lr})", "use e.g. 1e-6")
-        require(self.weight_decay >= 0, "weight_decay", "must be >= 0", "use e.g. 0.0")
+        require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0", "use e.g. 0.0")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            require(math.isfinite(value) and 0.0 <= value < 1.0, name, f"must be in [0, 1) (got {value})",
+                    "use e.g. 0.9 for adam_beta1 and 0.999 (or the paper's 0.95) for adam_beta2")
+        require(math.isfinite(self.adam_eps) and self.adam_eps > 0, "adam_eps", f"must be > 0 (got {self.adam_eps})",
+                "use e.g. 1e-8")
         require(self.batch_size >= 1, "batch_size", "must be at least 1", "use e.g. 8")
         require(self.grad_accum >= 1, "grad_accum", "must be at least 1", "use 1 for no accumulation")
         require(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1", "use null to train by epochs")
@@ -257,6 +271,62 @@ class TrainArgs:
 
 
 @dataclass
+class OnlineConfig:
+    """Online training (section ``online``): rounds of sampling from the current policy, scoring and training.
+
+    With ``rounds >= 1``, ``data.train_file`` holds prompt rows and the run is ``rounds × steps_per_round``
+    optimizer steps (``train.max_steps`` and ``train.epochs`` are not used); every round ends with a checkpoint
+    (``train.save_every`` adds ones within a round when it divides steps_per_round); see docs/online.md.
+    """
+
+    rounds: int = 0
+    """Rounds of sample → score → train; 0 = offline training on data.train_file's scored rows (the default)."""
+    k: int = 4
+    """Completions sampled per prompt in each round (K >= 2)."""
+    prompts_per_round: int = 8
+    """Prompts sampled in each round, taken in turn from a seeded shuffle of data.train_file's prompts."""
+    steps_per_round: int = 1
+    """Optimizer steps on each round's groups (1 = each sample used for one step; more reuses the samples)."""
+    max_new_tokens: int = 32
+    """Most tokens sampled per completion; data.max_prompt_length + max_new_tokens must fit in data.max_length."""
+    temperature: float = 1.0
+    """Sampling temperature; the sampler's log-probs are taken at exactly this temperature."""
+    top_k: int = 0
+    """Must stay 0: a top-k sampler's log-probs are not the policy's, and no correction is implemented."""
+    top_p: float = 1.0
+    """Must stay 1.0: nucleus sampling changes the distribution sampled, and no correction is implemented."""
+    oracle: str | None = None
+    """Reward function module:function or file.py:function, called fn(prompts, completions) -> rewards."""
+    reward_model: str | None = None
+    """Reward model directory (sequence classifier, as exoalign score's reward_model)."""
+    generation_batch_size: int = 16
+    """Prompts per generate call (each expands to k rows); does not change the samples."""
+
+    def __post_init__(self) -> None:
+        require(self.rounds >= 0, "rounds", f"must be >= 0 (got {self.rounds})", "use 0 (offline) or a number of rounds")
+        require(self.k >= 2, "k", f"K must be at least 2 (got {self.k})", "use k=4 or more completions per prompt")
+        require(self.prompts_per_round >= 1, "prompts_per_round", "must be >= 1", "use e.g. 8")
+        require(self.steps_per_round >= 1, "steps_per_round", "must be >= 1", "use 1 (one step per sample) or more")
+        require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1", "use e.g. 32")
+        require(math.isfinite(self.temperature) and self.temperature > 0, "temperature",
+                f"must be > 0 (got {self.temperature})", "use e.g. 1.0 or 0.8")
+        require(self.top_k == 0, "top_k", f"top-k sampling ({self.top_k}) is not corrected for in the sampler's "
+                "log-probs", "use top_k=0 (sample the policy's full distribution)")
+        require(self.top_p == 1.0, "top_p", f"nucleus sampling ({self.top_p}) is not corrected for in the sampler's "
+                "log-probs", "use top_p=1.0 (sample the policy's full distribution)")
+        require(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1", "use e.g. 16")
+        if self.rounds > 0 and bool(self.oracle) == bool(self.reward_model):
+            both = bool(self.oracle)
+            require(False, "reward_model" if both else "oracle",
+                    "online training needs exactly one of oracle and reward_model" + (" (both are set)" if both else ""),
+                    "set online.oracle=module:function (or file.py:function), or online.reward_model=DIR")
+
+
+#: Losses that train on the corrected online groups.
+ONLINE_LOSSES = ("exo", "dpo", "rloo")
+
+
+@dataclass
 class TrainConfig:
     """``exoalign train``: align a causal LM with a loss from the registry on pairs or scored groups."""
 
@@ -268,8 +338,16 @@ class TrainConfig:
     """Loss and its hyper-parameters."""
     train: TrainArgs = field(default_factory=TrainArgs)
     """Optimisation, logging, checkpoints."""
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    """Online training: sample from the current policy each round (rounds=0, the default, is offline)."""
 
     def __post_init__(self) -> None:
+        if self.online.rounds > 0:
+            check_online(self)
+            return
+        require(not getattr(LOSSES[self.loss.name], "online_only", False), "loss.name",
+                f"loss {self.loss.name!r} trains on samples of the current policy only",
+                "set online.rounds >= 1 (with online.oracle or online.reward_model), or use exo/dpo offline")
         # Preference targets are a distribution over exactly (chosen, rejected).
         require(
             self.loss.target != "pref" or self.data.k in (None, 2),
@@ -294,3 +372,19 @@ def check_runnable(cfg: Any) -> None:
         check_model_dir(cfg.model.name_or_path, "model.name_or_path")
     if getattr(cfg.model, "ref_name_or_path", None):
         check_model_dir(cfg.model.ref_name_or_path, "model.ref_name_or_path")
+
+
+def check_online(cfg: TrainConfig) -> None:
+    """Cross-section checks of an online run (``online.rounds >= 1``)."""
+    on, d = cfg.online, cfg.data
+    require(cfg.loss.name in ONLINE_LOSSES, "loss.name", f"loss {cfg.loss.name!r} has no online form",
+            f"use one of {', '.join(ONLINE_LOSSES)} with online.rounds >= 1")
+    need = d.max_prompt_length + on.max_new_tokens
+    require(need <= d.max_length, "online.max_new_tokens",
+            f"data.max_prompt_length ({d.max_prompt_length}) + online.max_new_tokens ({on.max_new_tokens}) = {need} "
+            f"exceeds data.max_length ({d.max_length}), so sampled completions would be cut",
+            f"set data.max_length >= {need} or lower online.max_new_tokens")
+    require(d.k is None, "data.k", "data.k selects completions of offline rows; online groups have online.k",
+            "remove data.k and set online.k")
+    require(not d.eval_file and d.eval_fraction == 0, "data.eval_file" if d.eval_file else "data.eval_fraction",
+            "held-out evaluation is not supported online", "remove it (evaluate the final model with exoalign eval)")

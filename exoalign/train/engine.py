@@ -40,6 +40,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .config import TrainArgs
+from .setup import make_optimizer
 from .step import is_peft
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,10 @@ class Job:
     """The stage's whole config: saved as output_dir/config.yaml and given to the trackers."""
     info: dict = field(default_factory=dict)
     """Extra facts about the run (cache hits, truncation counts) written to output_dir/run_info.json."""
+    after_step: Callable[[int], dict | None] | None = None
+    """Called with the step count after each optimizer step (after logging, before held-out evaluation and the
+    checkpoint); metrics it returns are written as a record of that step. Online training refills
+    ``train_data`` with the next round's groups here, so a checkpoint at that step already includes them."""
 
 
 class EpochSampler(Sampler[int]):
@@ -300,9 +305,7 @@ class _Run:
         self.sampler = EpochSampler(len(job.train_data), args.seed)
         loader = DataLoader(job.train_data, batch_size=args.batch_size, sampler=self.sampler, collate_fn=job.collate)
         self.params = [p for p in job.model.parameters() if p.requires_grad]
-        # The fused kernel is one pass over the parameters instead of a dozen (~20x faster on CPU); same update.
-        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in self.params)
-        optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
+        optimizer = make_optimizer(job.model, args)  # AdamW; biases and norm weights without weight decay
         self.model, self.optimizer, self.loader = accelerator.prepare(job.model, optimizer, loader)
         self.total = _plan(args, len(self.loader))
         scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=args.warmup_steps,
@@ -400,6 +403,15 @@ class _Run:
         self.window = _Window()
         return record
 
+    def after_step(self) -> None:
+        """The job's per-step hook; its metrics become a record of this step (its time is not a step's)."""
+        began = time.perf_counter()
+        extra = self.job.after_step(self.step)
+        if extra:
+            self.log.write({"step": self.step, **extra})
+            self.acc.log(extra, step=self.step)
+        self.window.start += time.perf_counter() - began
+
     def write_eval(self) -> None:
         metrics = evaluate(self.acc, self.model, self.eval_loader, self.job.loss_fn)
         self.log.write({"step": self.step, **metrics})
@@ -474,6 +486,8 @@ def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
                 if run.step % args.log_every == 0 or last:
                     record = run.log_window()
                     bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "rewards/accuracies") if k in record})
+                if job.after_step is not None:
+                    run.after_step()
                 if run.eval_loader is not None and args.eval_every and run.step % args.eval_every == 0 and not last:
                     run.write_eval()
                 if args.save_every and run.step % args.save_every == 0 and not last:

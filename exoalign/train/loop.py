@@ -27,6 +27,7 @@ from .engine import Job, fit, preflight
 from .refcache import attach, model_identity, ref_logps_table
 from .setup import disable_dropout, load_model, load_tok, make_accelerator, prepare_source
 from .step import compute_loss, is_peft
+from .summary import report
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +121,15 @@ def _cached_reference(acc: Any, cfg: TrainConfig, data: TokenizedData, tokenizer
         temperature=cfg.loss.temperature,
         desc=f"reference log-probs ({what})",
     )
-    if acc.is_main_process:
-        logger.info("reference log-probs (%s): %s", what, "loaded from cache" if hit else "computed and cached")
-    return attach(data, table), hit
+    return attach(data, table), hit  # refcache logs the hit or miss, with the file
 
 
 def train(cfg: TrainConfig) -> Path:
     """Run ``exoalign train``; returns ``output_dir/final`` (loadable with ``AutoModelForCausalLM.from_pretrained``)."""
+    if cfg.online.rounds > 0:  # rounds of sampling from the current policy around the same loop (online.py)
+        from .online import train_online
+
+        return train_online(cfg)
     check_runnable(cfg)
     args = cfg.train
     preflight(args, warn=False)  # refuse a used output_dir before building anything
@@ -183,7 +186,10 @@ def train(cfg: TrainConfig) -> Path:
 
     job = Job(model=model, tokenizer=tokenizer, train_data=train_data, collate=GroupCollator(tokenizer.pad_token_id),
               loss_fn=loss_fn, eval_data=eval_data, config=cfg, info=info)
-    return fit(acc, args, job)
+    final = fit(acc, args, job)
+    if acc.is_main_process:
+        report(out, lr=args.lr)  # one summary line; a warning when the run was too small to change the model
+    return final
 
 
 def _load_reference(cfg: TrainConfig, source: str) -> torch.nn.Module:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..data import GroupCollator, TokenizedData, tokenizer_hash
+from ..zoo import resolve_model_path
 from .step import grouped_logps, is_peft, unwrap
 
 logger = logging.getLogger(__name__)
@@ -56,8 +57,8 @@ def _hash_file(path: Path, digest: Any) -> None:
 
 
 def model_identity(name_or_path: str) -> str:
-    """A hash of the model's weight files (a local directory or the hub snapshot it resolves to)."""
-    path = Path(os.path.expanduser(name_or_path))
+    """A hash of the model's weight files (a local directory, a zoo name's converted one, or a hub snapshot)."""
+    path = Path(os.path.expanduser(resolve_model_path(str(name_or_path))))
     if not path.is_dir():
         try:  # a hub name: the cached snapshot directory (named by commit) holds the files
             from transformers.utils import cached_file
@@ -178,7 +179,7 @@ def ref_logps_table(
         if table is None:
             table = load_file(str(path))["logps"]
         if accelerator.is_main_process:
-            logger.info("%s: cache hit %s", desc, path)
+            logger.info("%s: loaded from cache %s", desc, path)
         return table, True
     table = compute_table(
         accelerator, get_model(), data, tokenizer.pad_token_id, batch_size=batch_size, temperature=temperature, desc=desc

@@ -6,6 +6,7 @@ Shared by ``exoalign train``, ``exoalign sft`` and ``exoalign rm train``.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from accelerate.utils import set_seed
 
 from ..errors import InputError
 from ..models import DTYPES, check_model_dir, load_causal_lm, load_tokenizer, tiny_config, train_bpe_tokenizer
+from ..zoo import is_zoo_name, resolve_model_path
 from .checkpoint import COMPLETE, save_pretrained_atomic
 from .config import ModelConfig, TrainArgs
 
@@ -78,11 +80,96 @@ def build_scratch(
     return save_pretrained_atomic(model, tokenizer, out_dir)
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Zero every dropout probability: policy and reference log-probs must be deterministic functions."""
+#: Names of config fields and module attributes that hold a dropout-like probability (or noise scale) applied
+#: only in training mode: attention_dropout, hidden_dropout, attn_pdrop, resid_pdrop, OPT's dropout and
+#: layerdrop, drop_path_rate, MoE router_jitter_noise, …
+DROPOUT_NAME = re.compile(r"(dropout|pdrop|layerdrop|drop_rate|drop_prob|drop_path|jitter)", re.IGNORECASE)
+
+
+def _zero_dropout_attrs(obj: Any) -> int:
+    """Set every number-valued attribute of ``obj`` whose name looks like a dropout probability to 0."""
+    n = 0
+    for name, value in list(vars(obj).items()):
+        if DROPOUT_NAME.search(name) and isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+            setattr(obj, name, type(value)(0))
+            n += 1
+    return n
+
+
+def _zero_config_dropout(config: Any, seen: set[int]) -> int:
+    """Zero the dropout fields of a transformers config and of its sub-configs (``text_config``, …)."""
+    from transformers import PretrainedConfig
+
+    if id(config) in seen:
+        return 0
+    seen.add(id(config))
+    n = _zero_dropout_attrs(config)
+    for value in list(vars(config).values()):
+        if isinstance(value, PretrainedConfig):
+            n += _zero_config_dropout(value, seen)
+    return n
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Zero every dropout probability, so policy and reference log-probs are deterministic functions of the weights.
+
+    Three places hold one: ``nn.Dropout`` modules; float attributes that modules copied from the config at
+    build time and apply functionally (OPT's ``self.dropout``, GPTBigCode's ``attn_pdrop``, the
+    ``attention_dropout`` every attention passes to its kernel when training); and the config itself, which
+    some models read at forward time. All three are zeroed, names matched by :data:`DROPOUT_NAME`. Returns
+    how many values were changed.
+    """
+    n, seen = 0, set()
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            n += module.p != 0
             module.p = 0.0
+        else:
+            n += _zero_dropout_attrs(module)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            n += _zero_config_dropout(config, seen)
+    return n
+
+
+def is_norm_module(module: torch.nn.Module) -> bool:
+    """LayerNorm, RMSNorm, GroupNorm, BatchNorm and every model's own ``*Norm`` class (LlamaRMSNorm, …)."""
+    norms = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm, torch.nn.modules.batchnorm._NormBase)
+    return isinstance(module, norms) or "Norm" in type(module).__name__
+
+
+def no_decay_names(model: torch.nn.Module) -> set[str]:
+    """Names of the trainable parameters exempt from weight decay: biases and the weights of norm modules."""
+    out = set()
+    for module_name, module in model.named_modules():
+        norm = is_norm_module(module)
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and (norm or "bias" in name):
+                out.add(f"{module_name}.{name}" if module_name else name)
+    return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, exclude_norm_bias: bool = True) -> list[dict]:
+    """AdamW parameter groups: ``weight_decay`` on the trainable weights, 0 on biases and norm weights (when
+    ``exclude_norm_bias``), as the HF Trainer builds them. Tied parameters appear once; empty groups are dropped."""
+    skip = no_decay_names(model) if exclude_norm_bias and weight_decay > 0 else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name in skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: torch.nn.Module, args: TrainArgs) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable parameters with ``train.{lr, adam_beta1, adam_beta2, adam_eps}`` and the
+    weight-decay groups of :func:`param_groups`; the fused kernel when every parameter allows it."""
+    groups = param_groups(model, args.weight_decay, args.weight_decay_exclude_norm_bias)
+    params = [p for g in groups for p in g["params"]]
+    # The fused kernel is one pass over the parameters instead of a dozen (~20x faster on CPU); same update.
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                             weight_decay=args.weight_decay, fused=fused or None)
 
 
 def model_source(cfg: ModelConfig, output_dir: Path) -> Path | str:
@@ -111,6 +198,11 @@ def prepare_source(
         if accelerator.is_main_process and not (resume and (init / COMPLETE).is_file()):
             build_scratch(cfg, texts, max_length=max_length, seed=seed, out_dir=init, head=head)
         accelerator.wait_for_everyone()
+    elif is_zoo_name(str(source)):  # smollm2 → its converted directory (converted once, by the main process)
+        if accelerator.is_main_process:
+            resolve_model_path(str(source))
+        accelerator.wait_for_everyone()
+        source = resolve_model_path(str(source))
     return str(source)
 
 

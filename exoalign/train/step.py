@@ -70,6 +70,8 @@ def reference_logps(
 
 def targets_for(batch: dict[str, torch.Tensor], loss_cfg: LossConfig, B: int, K: int, device: torch.device) -> torch.Tensor:
     """Log-target distribution ``[B, K]`` over the completions: pref ``log[1-ε, ε]`` or rw ``log softmax(r/β_r)``."""
+    if "target_logprobs" in batch:  # online groups carry their importance-corrected targets (online_targets)
+        return batch["target_logprobs"].float()
     if loss_cfg.target == "pref":
         if K != 2:
             raise ConfigError(
@@ -139,7 +141,8 @@ def compute_loss(
             ref = reference_logps(model, batch, loss_cfg.temperature, ref_model, prefix_sharing)
         ref = ref.to(policy.dtype)
     targets = targets_for(batch, loss_cfg, B, K, policy.device)  # (B, K)
-    params = {"lengths": lengths, "label_smoothing": loss_cfg.label_smoothing, "gamma": loss_cfg.gamma, "alpha": loss_cfg.alpha}
+    params = {"lengths": lengths, "label_smoothing": loss_cfg.label_smoothing, "gamma": loss_cfg.gamma, "alpha": loss_cfg.alpha,
+              "shaped_rewards": batch.get("shaped_rewards")}  # rloo: online groups carry the KL-shaped reward
     kwargs = {name: params[name] for name in info.params if name in params}
     out = info.fn(policy, ref, targets, loss_cfg.beta_pi, mask, **kwargs)
     loss = out.losses.mean()

@@ -1,0 +1,247 @@
+"""``exoalign train`` online (``online.rounds >= 1``): rounds of sampling from the current policy, scoring with an
+oracle, importance-corrected targets, training through the one loop; per-round metrics, reloading, exact resume,
+the sampler's log-probs, bad settings."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from exoalign import cli
+from exoalign.config import load_config
+from exoalign.errors import ConfigError, InputError
+from exoalign.stages import generation
+from exoalign.train import online
+from exoalign.train.config import TrainConfig
+from exoalign.train.engine import read_metrics
+from exoalign.train.loop import train
+from exoalign.train.online import OnlineCollator, round_features, round_prompts, train_online
+from exoalign.train.step import compute_loss, grouped_logps
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.yaml"
+ORACLE = '''
+def f(prompts, completions):
+    """Ten times the share of the letter e: a reward a random tiny model can move."""
+    return [10.0 * c.count("e") / (1 + len(c)) for c in completions]
+'''
+KEYS = ("online/reward", "online/kl", "online/ess", "online/ess_policy", "online/loss", "online/length")
+
+
+def oracle_file(tmp_path: Path) -> Path:
+    path = tmp_path / "oracle.py"
+    path.write_text(ORACLE, encoding="utf-8")
+    return path
+
+
+def make_cfg(tmp_path: Path, *overrides: str, name: str = "run") -> TrainConfig:
+    """The smoke config's tiny scratch GPT-2, online: 2 rounds of 8 prompts × K=4, 12 new tokens, β_π = 1."""
+    base = [f"train.output_dir={tmp_path / name}", f"train.ref_cache_dir={tmp_path / 'cache'}", "train.log_every=1",
+            "train.save_every=0", "train.warmup_steps=0", "train.lr=3e-4", "train.scheduler=linear",
+            "data.eval_fraction=0", "loss.beta_pi=1.0", "online.rounds=2", "online.k=4",
+            "online.prompts_per_round=8", "online.steps_per_round=2", "online.max_new_tokens=12",
+            f"online.oracle={oracle_file(tmp_path)}:f"]
+    return load_config(TrainConfig, SMOKE, base + list(overrides))
+
+
+def online_records(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run) if "online/round" in r]
+
+
+def train_records(run: Path) -> list[dict]:
+    return [r for r in read_metrics(run) if "loss" in r]
+
+
+def test_two_rounds_train_log_and_the_final_model_reloads(tmp_path):
+    """Two rounds: one online record per round at its last step, with finite metrics; π_0 = π_sft so the first
+    round's sample KL is exactly 0 and the second's is positive; at the first step of each round p is uniform
+    (β_π = 1, sampling temperature = loss temperature: log π_θ − corrected reference = 0, so every implicit
+    reward is 0); ``final`` reloads with from_pretrained and reproduces the loss the in-memory model logged on the
+    last round's groups; the weights moved."""
+    cfg = make_cfg(tmp_path)
+    final = train(cfg)  # the offline entry point dispatches to train_online
+    run = final.parent
+    recs = online_records(run)
+    assert [r["step"] for r in recs] == [2, 4] and [r["online/round"] for r in recs] == [0, 1]
+    for r in recs:
+        assert all(math.isfinite(r[k]) for k in KEYS)
+        assert 0 < r["online/ess"] <= 1 and 0 < r["online/ess_policy"] <= 1
+    assert recs[0]["online/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert recs[1]["online/kl"] > 1e-4
+    steps = train_records(run)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for first in (steps[0], steps[2]):
+        assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-4)
+        assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert abs(steps[1]["rewards/margins"]) > 1e-3  # after one update p has left uniform
+
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    record = json.loads((run / "online" / "round-00001.json").read_text())
+    feats, _ = round_features(record, cfg.loss.beta_pi, cfg.loss.beta_r)
+    from exoalign.models import load_tokenizer
+
+    tok = load_tokenizer(str(final))
+    batch = OnlineCollator(tok.pad_token_id)(feats)
+    with torch.no_grad():
+        loss, _ = compute_loss(model, batch, cfg.loss)
+    assert float(loss) == pytest.approx(recs[1]["online/loss"], rel=1e-4, abs=1e-6)
+    init, trained = load_file(str(run / "init" / "model.safetensors")), load_file(str(final / "model.safetensors"))
+    assert all(not torch.equal(init[k], trained[k]) for k in trained)
+
+
+def test_round_prompts_cover_every_prompt_before_repeating():
+    """Rounds take consecutive chunks of seeded shuffles: 3 rounds of 4 of 6 prompts use each prompt twice."""
+    seen = [i for r in range(3) for i in round_prompts(6, 4, seed=0, r=r)]
+    assert sorted(seen) == sorted(list(range(6)) * 2)
+    assert sorted(seen[:6]) == list(range(6))
+    assert round_prompts(6, 4, seed=0, r=1) == round_prompts(6, 4, seed=0, r=1) != round_prompts(6, 4, seed=1, r=1)
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: a BaseException, so no ``except Exception`` on the way cleans anything up."""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("online-full")
+    cfg = make_cfg(tmp, "online.steps_per_round=4", "train.save_every=2", name="full")
+    return Path(train_online(cfg)), cfg
+
+
+@pytest.mark.parametrize("kill_at", [3, 6], ids=["mid-round-0", "start-of-round-1"])
+def test_resume_after_a_kill_is_exact(tmp_path, monkeypatch, uninterrupted, kill_at):
+    """Killed during training step ``kill_at`` (checkpoints every 2 steps, rounds of 4): resumed from step 2 (in
+    round 0) or step 4 (the round boundary, whose checkpoint was written after round 1 was sampled), the run
+    reuses the saved samples and ends with the same loss log, per-round metrics and weights, bit for bit."""
+    full_final, full_cfg = uninterrupted
+    cfg = make_cfg(tmp_path, "online.steps_per_round=4", "train.save_every=2", name="cut")
+    real, calls = online.compute_loss, [0]
+
+    def dies_at(model, batch, loss_cfg, ref_model=None, **kw):
+        if torch.is_grad_enabled():  # training micro-batches only, not the round-end evaluation
+            calls[0] += 1
+            if calls[0] == kill_at:
+                raise _Killed
+        return real(model, batch, loss_cfg, ref_model, **kw)
+
+    monkeypatch.setattr(online, "compute_loss", dies_at)
+    with pytest.raises(_Killed):
+        train_online(cfg)
+    monkeypatch.setattr(online, "compute_loss", real)
+    resumed = train_online(make_cfg(tmp_path, "online.steps_per_round=4", "train.save_every=2", "train.resume=true",
+                                    name="cut"))
+
+    def log(run: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(run)]
+
+    assert log(resumed.parent) == log(full_final.parent)
+    a, b = load_file(str(full_final / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for r in (0, 1):
+        name = f"online/round-{r:05d}.json"
+        assert (resumed.parent / name).read_text() == (full_final.parent / name).read_text()
+
+
+def test_sampler_logps_are_those_of_the_distribution_sampled(tmp_path, monkeypatch):
+    """The round's ``sampler_logps`` equal, completion by completion, the sum over its sampled tokens (EOS
+    included) of log softmax(logits / T) as generate drew them (recorded inside the Gumbel-max sampler) at the
+    sampling temperature T = 0.7; the π_sft log-probs are at the loss temperature 1.0 (π_0 = π_sft, so they are
+    the starting policy's at T = 1.0) and differ from the sampler's."""
+    steps: list[list[torch.Tensor]] = []
+
+    class Recording(generation.SeededSampler):
+        def __call__(self, input_ids, scores):
+            out = super().__call__(input_ids, scores)
+            choice = out.argmax(-1)  # (R,) the drawn token: 0 there, -inf elsewhere
+            steps.append(torch.log_softmax(scores.float(), -1).gather(1, choice[:, None]).squeeze(1))
+            return out
+
+    monkeypatch.setattr(generation, "SeededSampler", Recording)
+    cfg = make_cfg(tmp_path, "online.rounds=1", "online.steps_per_round=1", "online.temperature=0.7",
+                   "online.generation_batch_size=8")
+    final = train_online(cfg)
+    record = json.loads((final.parent / "online" / "round-00000.json").read_text())
+    per_token = torch.stack(steps, 1)  # (R, steps): one generate call, rows = prompt n × K + j
+    K = cfg.online.k
+    for n, group in enumerate(record["completion_ids"]):
+        for j, ids in enumerate(group):
+            want = float(per_token[n * K + j, : len(ids)].sum())
+            assert record["sampler_logps"][n][j] == pytest.approx(want, abs=2e-4)
+    init = AutoModelForCausalLM.from_pretrained(final.parent / "init").eval()
+    feats = [{"index": n, "prompt_ids": p, "completion_ids": c}
+             for n, (p, c) in enumerate(zip(record["prompt_ids"], record["completion_ids"]))]
+    from exoalign.data import GroupCollator
+
+    batch = GroupCollator(0)(feats)
+    with torch.no_grad():
+        at_1, _ = grouped_logps(init, batch, temperature=1.0)  # (N, K)
+        at_07, _ = grouped_logps(init, batch, temperature=0.7)
+    assert torch.allclose(at_1, torch.tensor(record["sft_logps"]), atol=1e-4)
+    assert torch.allclose(at_07, torch.tensor(record["sampler_logps"]), atol=1e-4)
+    assert (at_1 - at_07).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("loss", ["dpo", "rloo"])
+def test_dpo_and_rloo_train_online(tmp_path, loss):
+    """The other online losses run through the same rounds: finite losses every step, two round records, weights
+    moved; rloo's first step sees advantages of the KL-shaped reward (not all zero)."""
+    final = train_online(make_cfg(tmp_path, f"loss.name={loss}", "online.steps_per_round=1"))
+    steps = train_records(final.parent)
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    assert len(online_records(final.parent)) == 2
+    if loss == "rloo":
+        assert abs(steps[0]["rewards/margins"]) > 1e-4
+    init = load_file(str(final.parent / "init" / "model.safetensors"))
+    trained = load_file(str(final / "model.safetensors"))
+    assert any(not torch.equal(init[k], trained[k]) for k in trained)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "words"),
+    [
+        (["online.oracle=null"], "online.oracle", "exactly one of oracle and reward_model"),
+        (["online.reward_model=some/dir"], "online.reward_model", "both are set"),
+        (["online.k=1"], "online.k", "at least 2"),
+        (["online.temperature=0"], "online.temperature", "must be > 0"),
+        (["online.top_k=20"], "online.top_k", "not corrected"),
+        (["online.top_p=0.9"], "online.top_p", "not corrected"),
+        (["online.steps_per_round=0"], "online.steps_per_round", ">= 1"),
+        (["online.max_new_tokens=40"], "online.max_new_tokens", "exceeds data.max_length"),
+        (["loss.name=ipo"], "loss.name", "no online form"),
+        (["data.eval_fraction=0.1"], "data.eval_fraction", "not supported online"),
+        (["online.rounds=0", "loss.name=rloo"], "loss.name", "current policy only"),
+    ],
+)
+def test_bad_settings_are_one_line_config_errors(tmp_path, overrides, field, words):
+    with pytest.raises(ConfigError) as e:
+        make_cfg(tmp_path, *overrides)
+    assert e.value.field == field and words in str(e.value) and "Fix:" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
+    """From the command line: a bad setting, too many prompts per round and an oracle that does not exist each
+    exit 2 with one ``error:`` line, before anything is written."""
+    out = tmp_path / "run"
+    common = ["train", "--config", str(SMOKE), f"train.output_dir={out}", "data.eval_fraction=0",
+              "online.rounds=2", "online.max_new_tokens=8"]
+    cases = [["online.top_p=0.5", f"online.oracle={oracle_file(tmp_path)}:f"],
+             ["online.prompts_per_round=9", f"online.oracle={oracle_file(tmp_path)}:f"],
+             [f"online.oracle={tmp_path / 'missing.py'}:f"]]
+    for extra in cases:
+        assert cli.main(common + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error:"), err
+        assert not out.exists()
+
+
+def test_train_online_refuses_offline_configs(tmp_path):
+    cfg = load_config(TrainConfig, SMOKE, [f"train.output_dir={tmp_path / 'x'}"])
+    with pytest.raises(InputError, match="online.rounds >= 1"):
+        train_online(cfg)
