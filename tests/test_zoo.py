@@ -99,7 +99,7 @@ def test_get_model_converts_once_into_the_cache_and_resolves_to_it(cache, fake_c
     assert zoo.get_model("smollm2", progress=False) == path
     assert zoo.resolve_model_path("smollm2") == str(path)
     assert len(fake_convert) == 1  # idempotent: the marker short-cuts later calls
-    assert [p.name for p in path.parent.iterdir()] == ["smollm2-float32"]  # no temporary left
+    assert _leftovers(path.parent) == ["smollm2-float32"]  # no temporary left
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o777 & ~umask  # readable by others sharing the cache
@@ -114,7 +114,7 @@ def test_failed_conversion_leaves_no_directory(cache, fake_convert, monkeypatch)
     monkeypatch.setattr(zoo, "_convert", broken)
     with pytest.raises(KeyboardInterrupt):
         zoo.get_model("smollm2", progress=False)
-    assert list((cache / "models").iterdir()) == []
+    assert _leftovers(cache / "models") == []
 
 
 def test_stale_temporaries_of_dead_processes_are_removed(cache, fake_convert):
@@ -139,7 +139,32 @@ def test_a_concurrent_conversion_that_finished_first_wins(cache, fake_convert, m
     monkeypatch.setattr(zoo, "_convert", slow)
     assert zoo.get_model("smollm2", progress=False) == target
     assert (target / zoo.COMPLETE).read_text() == "other\n"
-    assert [p.name for p in target.parent.iterdir()] == ["smollm2-float32"]
+    assert _leftovers(target.parent) == ["smollm2-float32"]
+
+
+def test_a_caller_waits_for_a_conversion_in_progress_instead_of_repeating_it(cache, fake_convert):
+    import fcntl
+    import threading
+
+    target = cache / "models" / "smollm2-float32"
+    target.parent.mkdir(parents=True)
+    with open(target.parent / ".smollm2-float32.lock", "a+") as held:  # "another process" is converting
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result: list[Path] = []
+        waiter = threading.Thread(target=lambda: result.append(zoo.get_model("smollm2", progress=False)))
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not result  # blocked on the lock
+        target.mkdir()
+        (target / zoo.COMPLETE).write_text("other\n")
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiter.join(10)
+    assert result == [target] and fake_convert == []  # found the finished directory, converted nothing
+
+
+def _leftovers(models: Path) -> list[str]:
+    """Entries of the models directory other than the (harmless, persistent) lock files."""
+    return sorted(p.name for p in models.iterdir() if not p.name.endswith(".lock"))
 
 
 def test_out_must_be_new_empty_or_finished(tmp_path, fake_convert):
@@ -215,3 +240,16 @@ def test_gguf_save_workaround_is_still_needed_and_keeps_the_weights(tmp_path):
         after = reloaded(ids).logits
     assert before.std() > 0.01  # a real function of the input, not all zeros
     assert torch.equal(before, after)
+
+
+def test_reference_cache_key_is_the_converted_weights_not_the_name(cache, fake_convert):
+    """``model_identity`` hashes the weights the name resolves to: the same key as the directory itself, and a
+    new key once the converted weights change (a name-only key would reuse stale reference log-probs)."""
+    from exoalign.train.refcache import model_identity
+
+    path = zoo.get_model("smollm2", progress=False)
+    (path / "model.safetensors").write_bytes(b"weights v1")
+    first = model_identity("smollm2")
+    assert first == model_identity(str(path))
+    (path / "model.safetensors").write_bytes(b"weights v2")
+    assert model_identity("smollm2") != first

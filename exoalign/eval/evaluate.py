@@ -78,7 +78,7 @@ class EvalConfig(JudgeSettings, SamplingSettings):
     checkpoints: list[str] = field(default_factory=list)
     """Policies to evaluate: model directories or hub names; a training output_dir expands to its checkpoints."""
     sft_model: str = ""
-    """π_sft: the reference of the KL (directory or hub name) and the default baseline of the win rate."""
+    """π_sft: the reference of the KL (directory, hub name or smollm2) and the default baseline of the win rate."""
     tokenizer: str | None = None
     """Tokeniser shared by all models; defaults to sft_model."""
     prompts: str = ""

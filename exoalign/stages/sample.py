@@ -52,7 +52,7 @@ class SampleConfig(SamplingSettings):
     """``exoalign sample``: K completions per prompt (Hugging Face generate, or vLLM on a GPU)."""
 
     model: str = ""
-    """Model to sample from (usually π_sft): a local directory or a hub name."""
+    """Model to sample from (usually π_sft): a local directory, a hub name or smollm2 (the offline SmolLM2-135M)."""
     tokenizer: str | None = None
     """Tokeniser directory or hub name; defaults to model."""
     prompts: str = ""

@@ -43,7 +43,8 @@ class ModelConfig:
     """The policy to train: a hub name or local directory, or a tiny model built from a config."""
 
     name_or_path: str = ""
-    """Hugging Face hub name or local directory of the starting model (π_sft); unused when init=scratch."""
+    """Hub name, local directory or smollm2 (offline SmolLM2-135M) of the starting model (π_sft); unused when
+    init=scratch."""
     tokenizer: str | None = None
     """Tokeniser hub name or directory; defaults to name_or_path."""
     ref_name_or_path: str | None = None
@@ -286,7 +287,8 @@ class OnlineConfig:
     prompts_per_round: int = 8
     """Prompts sampled in each round, taken in turn from a seeded shuffle of data.train_file's prompts."""
     steps_per_round: int = 1
-    """Optimizer steps on each round's groups (1 = each sample used for one step; more reuses the samples)."""
+    """Optimizer steps on each round's groups; each group is used steps_per_round × train.batch_size ×
+    train.grad_accum / prompts_per_round times (1 = every sample once, as RLOO assumes; more reuses them)."""
     max_new_tokens: int = 32
     """Most tokens sampled per completion; data.max_prompt_length + max_new_tokens must fit in data.max_length."""
     temperature: float = 1.0
@@ -384,6 +386,11 @@ def check_online(cfg: TrainConfig) -> None:
             f"data.max_prompt_length ({d.max_prompt_length}) + online.max_new_tokens ({on.max_new_tokens}) = {need} "
             f"exceeds data.max_length ({d.max_length}), so sampled completions would be cut",
             f"set data.max_length >= {need} or lower online.max_new_tokens")
+    slots = on.steps_per_round * cfg.train.batch_size * cfg.train.grad_accum
+    require(slots >= on.prompts_per_round, "online.prompts_per_round",
+            f"{on.prompts_per_round} groups per round but steps_per_round × batch_size × grad_accum = {slots}, so "
+            "some sampled groups would never be trained on",
+            f"set online.prompts_per_round <= {slots}, or raise online.steps_per_round or train.batch_size")
     require(d.k is None, "data.k", "data.k selects completions of offline rows; online groups have online.k",
             "remove data.k and set online.k")
     require(not d.eval_file and d.eval_fraction == 0, "data.eval_file" if d.eval_file else "data.eval_fraction",

@@ -52,31 +52,90 @@ def make_accelerator(args: TrainArgs) -> Accelerator:
     return accelerator
 
 
-def build_scratch(
-    cfg: ModelConfig, texts: Sequence[str], *, max_length: int, seed: int, out_dir: Path, head: Head = "causal"
-) -> Path:
-    """Train a BPE tokeniser on ``texts``, build a random model of ``cfg.model_type``, save both to ``out_dir``."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def _scratch_config(cfg: ModelConfig, tokenizer: Any, max_length: int, head: Head) -> Any:
+    """The transformers config of a scratch model, or :class:`InputError` naming ``model.model_type`` (unknown, or
+    without the head this stage needs) or ``model.scratch_config`` (a key the config class refuses)."""
+    import difflib
 
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=cfg.vocab_size, model_max_length=max_length)
+    from transformers import (
+        CONFIG_MAPPING,
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+    )
+
+    mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING if head == "reward" else MODEL_FOR_CAUSAL_LM_MAPPING
+    auto = "AutoModelForSequenceClassification" if head == "reward" else "AutoModelForCausalLM"
+    usable = sorted(t for t in CONFIG_MAPPING if CONFIG_MAPPING[t] in mapping)
+    if cfg.model_type not in CONFIG_MAPPING or CONFIG_MAPPING[cfg.model_type] not in mapping:
+        close = difflib.get_close_matches(cfg.model_type, usable, n=3)
+        what = "unknown model_type" if cfg.model_type not in CONFIG_MAPPING else f"{auto} cannot build it"
+        hint = f" (close: {', '.join(close)})" if close else ""
+        raise InputError(
+            f"{cfg.model_type!r} is not a model_type with a {'reward' if head == 'reward' else 'causal-LM'} head "
+            f"({what})", field="model.model_type",
+            fix=f"use a decoder-only model_type such as gpt2, llama, mistral, qwen2{hint}",
+        )
     overrides = dict(cfg.scratch_config)
     length_key = "n_positions" if cfg.model_type == "gpt2" else "max_position_embeddings"
     overrides.setdefault(length_key, max(max_length, 64))
     ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     try:
-        config = tiny_config(len(tokenizer), model_type=cfg.model_type, **ids, **overrides)
-    except Exception as e:  # unknown model_type, a key of the wrong type (transformers' strict configs), …
+        return tiny_config(len(tokenizer), model_type=cfg.model_type, **ids, **overrides)
+    except Exception as e:  # a key of the wrong type or value (transformers' strict configs), …
         raise InputError(
-            f"cannot build a {cfg.model_type!r} model ({' '.join(str(e).split())[:300]})", field="model.scratch_config",
-            fix="check model_type and its keys",
+            f"cannot build a {cfg.model_type!r} config ({' '.join(str(e).split())[:300]})",
+            field="model.scratch_config", fix=f"check the keys given for {cfg.model_type!r} and their values",
         ) from None
+
+
+def _check_runs(model: torch.nn.Module, cfg: ModelConfig, max_length: int) -> None:
+    """One forward pass at the full data.max_length: a config the architecture rejects only when it runs (gptj's
+    rotary_dim above the head size, too few positions, …) fails here, before anything is written."""
+    n = max(2, max_length)
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = (torch.arange(n) % max(vocab - 3, 1) + 3).view(1, n)  # (1, n) ordinary (non-special) ids
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    except Exception as e:
+        raise InputError(
+            f"a {cfg.model_type!r} model built from this config cannot run "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]})", field="model.scratch_config",
+            fix=f"make the keys consistent (e.g. rotary_dim <= n_embd / n_head, positions >= data.max_length "
+                f"{max_length}), or drop them to use the defaults",
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def build_scratch(
+    cfg: ModelConfig, texts: Sequence[str], *, max_length: int, seed: int, out_dir: Path, head: Head = "causal"
+) -> Path:
+    """Train a BPE tokeniser on ``texts``, build a random model of ``cfg.model_type``, save both to ``out_dir``.
+
+    The model is checked to run (one forward pass) before anything is saved, so a bad ``model.model_type`` or
+    ``model.scratch_config`` is one :class:`InputError` and leaves no ``output_dir/init`` behind.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=cfg.vocab_size, model_max_length=max_length)
+    config = _scratch_config(cfg, tokenizer, max_length, head)
     torch.manual_seed(seed)
-    if head == "reward":
-        config.num_labels = 1
-        model = AutoModelForSequenceClassification.from_config(config)
-    else:
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        if head == "reward":
+            config.num_labels = 1
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # the config was accepted but the model's constructor rejects it
+        raise InputError(
+            f"cannot build a {cfg.model_type!r} model ({type(e).__name__}: {' '.join(str(e).split())[:200]})",
+            field="model.scratch_config", fix=f"check the keys given for {cfg.model_type!r} and their values",
+        ) from None
+    _check_runs(model, cfg, max_length)
     return save_pretrained_atomic(model, tokenizer, out_dir)
 
 
