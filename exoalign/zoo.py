@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -103,7 +104,7 @@ def is_zoo_name(name_or_path: str) -> bool:
 
 def check_available(name: str, field: str = "model") -> None:
     """Refuse, before any work, a zoo name that cannot be converted (ConfigError naming the install command)."""
-    if not any(is_complete(default_dir(name, dtype)) for dtype in DTYPE_CHOICES):
+    if not is_complete(default_dir(name)):  # the float32 directory is the one resolve_model_path uses
         gguf_path(name, field)
 
 
@@ -152,14 +153,17 @@ def get_model(name: str = "smollm2", out: str | Path | None = None, dtype: str =
 
 @contextlib.contextmanager
 def _lock(target: Path, progress: bool) -> Iterator[None]:
-    """Hold an advisory lock beside ``target`` so concurrent callers convert once (the rename keeps it safe
-    without one, e.g. on a file system without locks)."""
+    """Hold an advisory lock (a file under ``<cache>/locks``) so concurrent callers convert once; the atomic
+    rename keeps it safe without one (e.g. on a file system without locks)."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         yield
         return
-    with open(target.parent / f".{target.name}.lock", "a+") as f:
+    locks = cache_root() / "locks"  # in the cache, so an --out directory's parent gets no stray file
+    locks.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:16]
+    with open(locks / f"{target.name}-{key}.lock", "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -273,3 +273,27 @@ def test_online_exo_at_round_start_is_rloo_up_to_scale(tmp_path):
     K, beta_r = cfg.online.k, cfg.loss.beta_r
     assert torch.nn.functional.cosine_similarity(g_exo, g_rloo, dim=0) > 0.9999
     assert float(g_exo.norm() / g_rloo.norm()) == pytest.approx((K - 1) / (K * beta_r), rel=1e-3)
+
+
+def test_a_reward_model_scores_the_rounds(tmp_path, tiny_tokenizer):
+    """``online.reward_model``: the round's saved rewards are the reward model's scores of the round's (prompt,
+    completion) texts, as ``exoalign score`` computes them."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from exoalign.stages.score import RewardModelJudge
+
+    rm_cfg = GPT2Config(vocab_size=len(tiny_tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=128, num_labels=1,
+                        pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    rm_dir = tmp_path / "rm"
+    GPT2ForSequenceClassification(rm_cfg).save_pretrained(rm_dir)
+    tiny_tokenizer.save_pretrained(rm_dir)
+    cfg = make_cfg(tmp_path, "online.rounds=1", "online.oracle=null", f"online.reward_model={rm_dir}")
+    final = train_online(cfg)
+    record = json.loads((final.parent / "online" / "round-00000.json").read_text())
+    judge = RewardModelJudge(str(rm_dir), device="cpu")
+    K = cfg.online.k
+    want = judge([p for p in record["prompts"] for _ in range(K)], [c for g in record["completions"] for c in g])
+    got = [r for g in record["rewards"] for r in g]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert max(got) - min(got) > 1e-4  # the completions get different rewards

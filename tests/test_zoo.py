@@ -3,6 +3,7 @@ GGUF save workaround on a tiny GGUF file written on the spot (transformers' own 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -148,7 +149,10 @@ def test_a_caller_waits_for_a_conversion_in_progress_instead_of_repeating_it(cac
 
     target = cache / "models" / "smollm2-float32"
     target.parent.mkdir(parents=True)
-    with open(target.parent / ".smollm2-float32.lock", "a+") as held:  # "another process" is converting
+    locks = cache / "locks"
+    locks.mkdir(parents=True)
+    key = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:16]
+    with open(locks / f"smollm2-float32-{key}.lock", "a+") as held:  # "another process" is converting
         fcntl.flock(held, fcntl.LOCK_EX)
         result: list[Path] = []
         waiter = threading.Thread(target=lambda: result.append(zoo.get_model("smollm2", progress=False)))
@@ -163,11 +167,10 @@ def test_a_caller_waits_for_a_conversion_in_progress_instead_of_repeating_it(cac
 
 
 def _leftovers(models: Path) -> list[str]:
-    """Entries of the models directory other than the (harmless, persistent) lock files."""
-    return sorted(p.name for p in models.iterdir() if not p.name.endswith(".lock"))
+    return sorted(p.name for p in models.iterdir())
 
 
-def test_out_must_be_new_empty_or_finished(tmp_path, fake_convert):
+def test_out_must_be_new_empty_or_finished(cache, tmp_path, fake_convert):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
@@ -176,6 +179,7 @@ def test_out_must_be_new_empty_or_finished(tmp_path, fake_convert):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert zoo.get_model("smollm2", out=empty, progress=False) == empty and zoo.is_complete(empty)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "cache", "empty", "fake.gguf"]  # no stray files
 
 
 def write_tiny_gguf(path: Path, seed: int = 0) -> None:

@@ -76,6 +76,14 @@ def _scratch_config(cfg: ModelConfig, tokenizer: Any, max_length: int, head: Hea
             fix=f"use a decoder-only model_type such as gpt2, llama, mistral, qwen2{hint}",
         )
     overrides = dict(cfg.scratch_config)
+    known = set(vars(CONFIG_MAPPING[cfg.model_type]())) | set(getattr(CONFIG_MAPPING[cfg.model_type], "attribute_map", {}))
+    for key in overrides:  # transformers keeps unknown keys silently: n_layer on a llama would build 7B weights
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(k for k in known if not k.startswith("_")), n=1)
+            raise InputError(
+                f"{key!r} is not a key of the {cfg.model_type!r} config", field="model.scratch_config",
+                fix=f"did you mean '{close[0]}'?" if close else f"use the keys of transformers' {cfg.model_type} config",
+            )
     length_key = "n_positions" if cfg.model_type == "gpt2" else "max_position_embeddings"
     overrides.setdefault(length_key, max(max_length, 64))
     ids = {"eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id,
