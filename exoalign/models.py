@@ -85,18 +85,22 @@ def build_model(config, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None
     return model
 
 
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "right"):
-    """``AutoTokenizer.from_pretrained`` with a pad token guaranteed (EOS if the tokeniser has none)."""
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "right",
+                   field: str = "model.tokenizer"):
+    """``AutoTokenizer.from_pretrained`` with a pad token guaranteed (EOS if the tokeniser has none); errors
+    name ``field``, the key the user set."""
     name_or_path = resolve_model_path(name_or_path)  # a zoo name (smollm2) → its converted directory
     if looks_local(name_or_path) and not Path(name_or_path).expanduser().is_dir():
-        raise InputError("no such tokeniser directory", file=name_or_path, field="model.tokenizer",
+        raise InputError("no such tokeniser directory", file=name_or_path, field=field,
                          fix="give a directory with tokenizer files (a model directory has them) or a hub name")
+    check_hub(name_or_path, field)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                            **hub_kwargs(name_or_path))
     except OSError as e:
         raise InputError(
             f"cannot load a tokeniser ({str(e).splitlines()[0]})", file=str(name_or_path),
-            field="model.tokenizer",
+            field=field,
             fix="give a local directory with tokenizer files or a hub name (and network access)",
         ) from None
     if tok.pad_token is None:
@@ -110,6 +114,61 @@ def looks_local(name_or_path: str) -> bool:
     return Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
 
 
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers, asked once per process with one request (no retries); False at
+    once under ``HF_HUB_OFFLINE``. Without it, a download with no network retries for about a minute."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = constants.ENDPOINT
+    if endpoint not in _HUB_REACHABLE:
+        try:
+            get_session().head(endpoint, timeout=timeout)
+            _HUB_REACHABLE[endpoint] = True  # any answer, even an error status, means the network is there
+        except Exception:
+            _HUB_REACHABLE[endpoint] = False
+    return _HUB_REACHABLE[endpoint]
+
+
+def in_hub_cache(name: str) -> bool:
+    """Whether hub repo ``name`` has a snapshot in the local Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(name, local_files_only=True)
+        return True
+    except Exception:
+        return False
+
+
+def hub_kwargs(name_or_path: str) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments for ``name_or_path``: ``local_files_only`` when it is a hub name and
+    the hub cannot be reached, so a cached model loads at once instead of after a minute of retries."""
+    if looks_local(name_or_path) or is_zoo_name(name_or_path) or hub_reachable():
+        return {}
+    return {"local_files_only": True}
+
+
+def check_hub(name_or_path: str, field: str) -> None:
+    """Refuse at once a hub name that can be neither downloaded (no network, or ``HF_HUB_OFFLINE``) nor found
+    in the local cache, naming ``field`` and the offline alternatives."""
+    if looks_local(name_or_path) or is_zoo_name(name_or_path) or hub_reachable() or in_hub_cache(name_or_path):
+        return
+    from huggingface_hub import constants
+
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} cannot be reached"
+    scratch = ", or model.init=scratch (a tiny model built on the spot)" if field.startswith("model.") else ""
+    raise InputError(
+        f"cannot download hub model {name_or_path!r}: {why} and it is not in the local cache", file=name_or_path,
+        field=field, fix=f"use {field}=smollm2 (SmolLM2-135M-Instruct, installed offline), a local model "
+                         f"directory{scratch}; or connect to the hub",
+    )
+
+
 def check_model_dir(name_or_path: str, field: str) -> None:
     """Refuse, before any work, a local model that cannot be loaded safely: a missing directory, one without
     ``config.json``, or one whose weights are not safetensors (pickled ``*.bin`` weights are never loaded,
@@ -118,6 +177,7 @@ def check_model_dir(name_or_path: str, field: str) -> None:
         check_available(name_or_path, field)
         return
     if not looks_local(name_or_path):
+        check_hub(name_or_path, field)
         return
     path = Path(name_or_path).expanduser()
     if not path.is_dir():
@@ -146,7 +206,8 @@ def load_causal_lm(
     check_model_dir(name_or_path, field)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
+            name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True,
+            **{**hub_kwargs(name_or_path), **kwargs},
         )
         fuse_activations(model)
         return model

@@ -25,7 +25,8 @@ OUTPUTS = {"frontier.md", "report.md", "results.md", "table.md"}
 """Markdown files that exoalign commands write (named in the docs as outputs, not as repository files)."""
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-PATH = re.compile(r"(?<![\w./<>{}-])((?:%s)/[\w./{},*<>-]*)" % "|".join(re.escape(t) for t in TOP))
+_TOPS = "|".join(re.escape(t) for t in TOP)
+PATH = re.compile(r"(?<![\w./<>{}-])((?:" + _TOPS + r")/[\w./{},*<>-]*)")
 MD_NAME = re.compile(r"(?<![\w/.<-])([\w-]+\.md)\b")
 
 
@@ -90,3 +91,14 @@ def test_the_checker_finds_missing_files(tmp_path):
     bad = [ref for n, ref, base in refs if not _found(ref, base if base != tmp_path else tmp_path)]
     assert sorted(bad) == ["DESIGN.md", "exoalign/nowhere.py", "nothing.md"]
     assert ("docs/losses.md" in [r for _, r, _ in refs]) and "frontier.md" not in [r for _, r, _ in refs]
+
+
+def test_eval_batch_size_help_names_evals_own_keys():
+    """eval has no `k`: its batch_size help speaks of samples_per_prompt (sample's keeps its k)."""
+    from exoalign.config import field_help
+    from exoalign.eval.evaluate import EvalConfig
+    from exoalign.stages.sample import SampleConfig
+
+    text = field_help(EvalConfig)["batch_size"]
+    assert "samples_per_prompt" in text and not re.search(r"\bk\b", text)
+    assert re.search(r"\bk\b", field_help(SampleConfig)["batch_size"])

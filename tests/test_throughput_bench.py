@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"speedup_vs_trl_default", "speedup_vs_trl_fastest", "memory_ratio_vs_trl", "mfu", "loss_match",
-        "prefix_sharing", "versions"}
+        "prefix_sharing", "model", "params", "dtype", "versions"}
 
 
 def test_tiny_run_writes_the_summary(tmp_path: Path) -> None:
@@ -30,8 +30,10 @@ def test_tiny_run_writes_the_summary(tmp_path: Path) -> None:
     assert set(res["prefix_sharing"]) == {"2", "4"}
     assert all(v > 0 for v in res["prefix_sharing"].values())
     assert {"torch", "transformers", "trl", "exoalign"} <= set(res["versions"])
+    assert res["model"] == "gpt2-14m" and res["dtype"] == "fp32" and 10_000 < res["params"] < 1_000_000
     table = md.read_text()
     assert "| exoalign |" in table and "| trl_default |" in table and "| trl_fastest |" in table
+    assert "| exoalign_k4 |" in table  # the listwise job ran in the second phase
     # The step-0 loss is not the trivial value of a policy equal to its reference (the reference has other
     # weights), so agreeing on it checks the log-prob code of both systems.
     lines = table.splitlines()

@@ -115,26 +115,30 @@ def uninterrupted(tmp_path_factory):
     return Path(train_online(cfg)), cfg
 
 
-@pytest.mark.parametrize("kill_at", [3, 6], ids=["mid-round-0", "start-of-round-1"])
-def test_resume_after_a_kill_is_exact(tmp_path, monkeypatch, uninterrupted, kill_at):
-    """Killed during training step ``kill_at`` (checkpoints every 2 steps, rounds of 4): resumed from step 2 (in
-    round 0) or step 4 (the round boundary, whose checkpoint was written after round 1 was sampled), the run
-    reuses the saved samples and ends with the same loss log, per-round metrics and weights, bit for bit."""
+@pytest.mark.parametrize(
+    ("where", "kill_at"), [("compute_loss", 3), ("compute_loss", 6), ("judge_texts", 2)],
+    ids=["mid-round-0", "start-of-round-1", "sampling-round-1"],
+)
+def test_resume_after_a_kill_is_exact(tmp_path, monkeypatch, uninterrupted, where, kill_at):
+    """Killed during training step 3, during step 6, or while round 1 is being scored (checkpoints every 2 steps,
+    rounds of 4): resumed from step 2 (in round 0), from step 4 (the round boundary, whose checkpoint was written
+    after round 1 was sampled and saved) or from step 2 again (round 1 is sampled afresh at step 4), the run ends
+    with the same loss log, per-round metrics, sample files and weights as an uninterrupted one, bit for bit."""
     full_final, full_cfg = uninterrupted
     cfg = make_cfg(tmp_path, "online.steps_per_round=4", "train.save_every=2", name="cut")
-    real, calls = online.compute_loss, [0]
+    real, calls = getattr(online, where), [0]
 
-    def dies_at(model, batch, loss_cfg, ref_model=None, **kw):
-        if torch.is_grad_enabled():  # training micro-batches only, not the round-end evaluation
+    def dies_at(*a, **kw):
+        if where == "judge_texts" or torch.is_grad_enabled():  # training micro-batches, not round-end evaluation
             calls[0] += 1
             if calls[0] == kill_at:
                 raise _Killed
-        return real(model, batch, loss_cfg, ref_model, **kw)
+        return real(*a, **kw)
 
-    monkeypatch.setattr(online, "compute_loss", dies_at)
+    monkeypatch.setattr(online, where, dies_at)
     with pytest.raises(_Killed):
         train_online(cfg)
-    monkeypatch.setattr(online, "compute_loss", real)
+    monkeypatch.setattr(online, where, real)
     resumed = train_online(make_cfg(tmp_path, "online.steps_per_round=4", "train.save_every=2", "train.resume=true",
                                     name="cut"))
 
@@ -297,3 +301,17 @@ def test_a_reward_model_scores_the_rounds(tmp_path, tiny_tokenizer):
     got = [r for g in record["rewards"] for r in g]
     assert got == pytest.approx(want, abs=1e-5)
     assert max(got) - min(got) > 1e-4  # the completions get different rewards
+
+
+def test_lora_uses_the_base_weights_as_pi_sft(tmp_path):
+    """With LoRA no copy of π_sft is loaded: the reference is the model with its adapters off. The adapters start
+    at zero, so round 0's KL is 0; after training, round 1's samples are scored against the base (log μ ≠ log π_sft,
+    where a reference with the adapters left on would give exactly 0); final holds the merged weights."""
+    cfg = make_cfg(tmp_path, "model.lora_r=4", "train.lr=3e-3")
+    final = train_online(cfg)
+    recs = online_records(final.parent)
+    assert recs[0]["online/kl"] == pytest.approx(0.0, abs=1e-6) and abs(recs[1]["online/kl"]) > 1e-4
+    record = json.loads((final.parent / "online" / "round-00001.json").read_text())
+    mu, sft = torch.tensor(record["sampler_logps"]), torch.tensor(record["sft_logps"])
+    assert (mu - sft).abs().max() > 1e-3
+    AutoModelForCausalLM.from_pretrained(final)  # merged: plain from_pretrained loads it

@@ -81,8 +81,11 @@ class Demo:
         return resolve_model_path(self.s.model)
 
     def run_list(self) -> list[tuple[str, str, float]]:
-        """``(run name, method, β_π)`` of every run, the costlier rw runs first."""
-        order = sorted(self.s.methods, key=lambda m: (not m.endswith("-rw"), self.s.methods.index(m)))
+        """``(run name, method, β_π)`` of every run, rw and pref runs alternating: the two jobs that start
+        together then compute the two reference log-prob caches (scored groups, pairs) that all later runs read."""
+        rw = [m for m in self.s.methods if m.endswith("-rw")]
+        other = [m for m in self.s.methods if not m.endswith("-rw")]
+        order = [m for pair in zip(rw, other) for m in pair] + rw[len(other):] + other[len(rw):]
         return [(run_name(m, b), m, b) for b in self.s.beta_pi for m in order]
 
     # -- bookkeeping
@@ -258,7 +261,8 @@ class Demo:
                                    batch_size=s.align_batch_size, max_steps=s.align_steps,
                                    warmup_steps=max(1, min(10, s.align_steps // 10)),
                                    scheduler="constant_with_warmup", save_every=s.save_every,
-                                   prefix_sharing=not s.scratch),  # one prompt pass per group (exact)
+                                   prefix_sharing=not s.scratch,  # one prompt pass per group (exact)
+                                   mixed_precision="no" if s.mixed_precision == "fp32" else s.mixed_precision),
         )
         train(cfg)
         prune(self.runs / run_name(method, beta_pi))
@@ -389,7 +393,7 @@ def settings_for(quick: bool, seed: int, overrides: list[str] | tuple[str, ...] 
         if key == "model":
             chosen = str(value)
     chosen = chosen or DemoSettings.model
-    pre = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in preset(chosen, quick, device).items()]
+    pre = [f"{k}={json.dumps(v)}" for k, v in preset(chosen, quick, device).items()]  # JSON is YAML: "no" stays a string
     return load_config(DemoSettings, None, [*pre, f"model={chosen}", f"seed={seed}", *overrides])
 
 

@@ -91,6 +91,8 @@ class EvalConfig(JudgeSettings, SamplingSettings):
     """Evaluate each distinct prompt once."""
     samples_per_prompt: int = 1
     """Completions sampled per prompt and checkpoint (more = tighter KL and reward estimates)."""
+    batch_size: int = 16
+    """Prompts per generation batch (each expands to samples_per_prompt rows); does not change the samples."""
     baseline: str | None = None
     """Policy the win rate is measured against; null = sft_model."""
     win_rate: bool = True

@@ -146,7 +146,8 @@ def run(cfg: SampleConfig) -> Path:
     """Sample ``cfg.k`` completions for every prompt into ``cfg.output`` (resuming a partial output)."""
     check_runnable(cfg)
     out = Path(cfg.output)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, padding_side="left")
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, padding_side="left",
+                               field="tokenizer" if cfg.tokenizer else "model")
     prompts = load_prompts(cfg.prompts, split=cfg.split, tokenizer=tokenizer, dedupe=cfg.dedupe, limit=cfg.max_prompts)
     backend = resolve_backend(cfg.backend)
     meta = {

@@ -233,6 +233,12 @@ class TrainArgs:
     """On a NaN/inf loss or gradient: stop with a message, or skip the update and count it."""
     prefix_sharing: bool = False
     """Encode each prompt once for its K completions (shared-prefix attention); off = K full sequences."""
+    compile: bool = False
+    """torch.compile the model (inductor; needs a C++ compiler on CPU); falls back to eager with one warning.
+    Off by default: on CPU its minutes of compile time were not won back in the runs measured (docs/speed.md)."""
+    chunked_head: Literal["auto", "on", "off"] = "auto"
+    """LM head + log-softmax in chunks of tokens, never holding [tokens, vocab] logits: auto = without gradients
+    and for large logits (it costs one more head matmul in backward), on = always, off = never."""
 
     def __post_init__(self) -> None:
         require(math.isfinite(self.lr) and self.lr > 0, "lr", f"must be > 0 (got {self.lr})", "use e.g. 1e-6")

@@ -29,6 +29,7 @@ from transformers import get_scheduler
 
 from ..config import save_config, to_dict
 from ..errors import ConfigError
+from ..logprobs import head_mode
 from .checkpoint import (
     COMPLETE,
     STATE_FILE,
@@ -41,7 +42,7 @@ from .checkpoint import (
 )
 from .config import TrainArgs
 from .setup import make_optimizer
-from .step import is_peft
+from .step import compile_model, eager_fallback, is_peft
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +307,8 @@ class _Run:
         loader = DataLoader(job.train_data, batch_size=args.batch_size, sampler=self.sampler, collate_fn=job.collate)
         self.params = [p for p in job.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(job.model, args)  # AdamW; biases and norm weights without weight decay
+        if getattr(args, "compile", False):
+            compile_model(job.model)
         self.model, self.optimizer, self.loader = accelerator.prepare(job.model, optimizer, loader)
         self.total = _plan(args, len(self.loader))
         scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=args.warmup_steps,
@@ -360,8 +363,8 @@ class _Run:
     # ------------------------------------------------------------------------------------------ steps
     def micro_step(self, batch: dict) -> None:
         """Forward and backward of one micro-batch (gradients accumulate until the update)."""
-        with self.acc.autocast():
-            loss, metrics = self.job.loss_fn(self.model, batch)
+        with self.acc.autocast(), head_mode(getattr(self.args, "chunked_head", "auto")):
+            loss, metrics = eager_fallback(self.model, lambda: self.job.loss_fn(self.model, batch))
         if not _finite_everywhere(self.acc, loss):
             if self.args.nan_policy == "stop":
                 raise TrainingError(_nan_message(f"the loss is {float(loss.detach())}", self.step, self.args, batch))

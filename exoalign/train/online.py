@@ -210,8 +210,8 @@ class Rounds:
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read the samples of round {r} to resume it ({type(e).__name__})",
                              file=str(path), field="train.resume",
-                             fix="start a new run in another output_dir (the round's samples cannot be redrawn "
-                                 "from a policy that has moved since)") from None
+                             fix="resume with the config the run was started with (a finished run cannot get more "
+                                 "rounds: start a new one from its final model), or start a new run") from None
         if record.get("round") != r or len(record.get("prompt_ids", [])) != self.on.prompts_per_round:
             raise InputError(f"holds other samples than round {r} of this config", file=str(path),
                              field="train.resume", fix="resume with the config the run was started with")

@@ -17,7 +17,15 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 
 from ..errors import InputError
-from ..models import DTYPES, check_model_dir, load_causal_lm, load_tokenizer, tiny_config, train_bpe_tokenizer
+from ..models import (
+    DTYPES,
+    check_model_dir,
+    hub_kwargs,
+    load_causal_lm,
+    load_tokenizer,
+    tiny_config,
+    train_bpe_tokenizer,
+)
 from ..zoo import is_zoo_name, resolve_model_path
 from .checkpoint import COMPLETE, save_pretrained_atomic
 from .config import ModelConfig, TrainArgs
@@ -52,23 +60,33 @@ def make_accelerator(args: TrainArgs) -> Accelerator:
     return accelerator
 
 
+#: What different architectures call the same size (GPT-2 style vs Llama style names).
+_SYNONYMS = (
+    ("n_embd", "hidden_size", "d_model"), ("n_layer", "num_hidden_layers", "num_layers"),
+    ("n_head", "num_attention_heads"), ("n_positions", "max_position_embeddings"), ("n_inner", "intermediate_size", "ffn_dim"),
+)
+
+
 def _scratch_config(cfg: ModelConfig, tokenizer: Any, max_length: int, head: Head) -> Any:
     """The transformers config of a scratch model, or :class:`InputError` naming ``model.model_type`` (unknown, or
     without the head this stage needs) or ``model.scratch_config`` (a key the config class refuses)."""
     import difflib
 
-    from transformers import (
-        CONFIG_MAPPING,
-        MODEL_FOR_CAUSAL_LM_MAPPING,
-        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
     )
 
-    mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING if head == "reward" else MODEL_FOR_CAUSAL_LM_MAPPING
-    auto = "AutoModelForSequenceClassification" if head == "reward" else "AutoModelForCausalLM"
-    usable = sorted(t for t in CONFIG_MAPPING if CONFIG_MAPPING[t] in mapping)
-    if cfg.model_type not in CONFIG_MAPPING or CONFIG_MAPPING[cfg.model_type] not in mapping:
-        close = difflib.get_close_matches(cfg.model_type, usable, n=3)
-        what = "unknown model_type" if cfg.model_type not in CONFIG_MAPPING else f"{auto} cannot build it"
+    # By name (model_type → class name), so that no model code is imported to decide.
+    usable = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if head == "reward":
+        usable &= set(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    if cfg.model_type not in usable:
+        what = "unknown model_type" if cfg.model_type not in CONFIG_MAPPING else (
+            "transformers has no causal-LM class for it" if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            else "transformers has no sequence-classification class for it")
+        close = difflib.get_close_matches(cfg.model_type, sorted(usable), n=3)
         hint = f" (close: {', '.join(close)})" if close else ""
         raise InputError(
             f"{cfg.model_type!r} is not a model_type with a {'reward' if head == 'reward' else 'causal-LM'} head "
@@ -79,7 +97,8 @@ def _scratch_config(cfg: ModelConfig, tokenizer: Any, max_length: int, head: Hea
     known = set(vars(CONFIG_MAPPING[cfg.model_type]())) | set(getattr(CONFIG_MAPPING[cfg.model_type], "attribute_map", {}))
     for key in overrides:  # transformers keeps unknown keys silently: n_layer on a llama would build 7B weights
         if key not in known:
-            close = difflib.get_close_matches(str(key), sorted(k for k in known if not k.startswith("_")), n=1)
+            same = [k for group in _SYNONYMS if key in group for k in group if k in known]
+            close = same or difflib.get_close_matches(str(key), sorted(k for k in known if not k.startswith("_")), n=1)
             raise InputError(
                 f"{key!r} is not a key of the {cfg.model_type!r} config", field="model.scratch_config",
                 fix=f"did you mean '{close[0]}'?" if close else f"use the keys of transformers' {cfg.model_type} config",
@@ -296,7 +315,8 @@ def load_reward_model(source: str, *, dtype: str = "float32", trust_remote_code:
     check_model_dir(str(source), "model.name_or_path")
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True
+            source, num_labels=1, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, use_safetensors=True,
+            **hub_kwargs(str(source)),
         )
     except OSError as e:
         raise InputError(
@@ -309,8 +329,10 @@ def load_reward_model(source: str, *, dtype: str = "float32", trust_remote_code:
 
 def load_tok(cfg: ModelConfig, source: str) -> Any:
     """The tokeniser (model.tokenizer, else the model's own); its pad token is guaranteed."""
-    name = cfg.tokenizer if cfg.tokenizer and cfg.init != "scratch" else source
-    return load_tokenizer(name, trust_remote_code=cfg.trust_remote_code)
+    own = not (cfg.tokenizer and cfg.init != "scratch")
+    name = source if own else cfg.tokenizer
+    return load_tokenizer(name, trust_remote_code=cfg.trust_remote_code,
+                          field="model.name_or_path" if own else "model.tokenizer")
 
 
 def apply_lora(model: torch.nn.Module, cfg: ModelConfig, head: Head = "causal") -> torch.nn.Module:

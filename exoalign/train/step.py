@@ -7,6 +7,8 @@ optimizer around it, and benchmarks call it directly. It contains no loss formul
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,6 +18,8 @@ from ..logprobs import sequence_logps
 from ..losses import loss_info, pref_targets, reward_targets
 from .config import LossConfig
 
+log = logging.getLogger(__name__)
+
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP / accelerate / torch.compile wrappers."""
@@ -24,6 +28,45 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
+
+
+def compile_model(model: torch.nn.Module, **options: Any) -> bool:
+    """``torch.compile`` ``model``'s forward in place (inductor by default); False with one warning if it cannot.
+
+    Compilation itself happens at the first call; :func:`eager_fallback` catches a failure there.
+    """
+    try:
+        unwrap(model).compile(**options)
+    except Exception as e:  # torch.compile unavailable on this platform / Python
+        log.warning("train.compile: cannot compile (%s: %s); running eager", type(e).__name__, _first_line(e))
+        return False
+    return True
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def _is_compile_error(e: BaseException) -> bool:
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    return isinstance(e, (TorchDynamoException, InductorError))
+
+
+def eager_fallback(model: torch.nn.Module, fn: Callable[[], Any]) -> Any:
+    """``fn()``; if ``model`` is compiled and compiling fails, one warning line, ``model`` back to eager, ``fn()``."""
+    inner = unwrap(model)
+    if getattr(inner, "_compiled_call_impl", None) is None:
+        return fn()
+    try:
+        return fn()
+    except Exception as e:
+        if not _is_compile_error(e):
+            raise
+        log.warning("train.compile: compiling failed (%s: %s); running eager", type(e).__name__, _first_line(e))
+        inner._compiled_call_impl = None  # what nn.Module.compile set: the module's own forward again
+        return fn()
 
 
 def is_peft(model: torch.nn.Module) -> bool:

@@ -1,0 +1,501 @@
+"""The systems the throughput benchmark times (``benchmarks/throughput.py`` is the harness that times them).
+
+Each system runs in its own worker process and speaks a step protocol with the harness (:class:`Channel`):
+the harness says ``step``, the worker runs one training step of its system and answers with the step's wall
+and CPU seconds and its loss. Systems:
+
+* ``exoalign``          — ``exoalign.train.loop.train``: the library's own loop (reference log-probs cached
+  before training, prompt sharing on), fp32;
+* ``exoalign_bf16``     — the same under bf16 autocast (``train.mixed_precision=bf16``);
+* ``exoalign_unshared`` — the same with prompt sharing off;
+* ``exoalign_k4``       — the listwise job: groups of K = 4 completions (the pair's two and two more drawn from
+  the same token stream), EXO with reward targets;
+* ``trl_default``       — ``trl.DPOTrainer`` with its defaults (gradient checkpointing as TRL sets it) and
+  ``loss_type="exo_pair"``, ``label_smoothing=1e-3``, fp32 (``bf16=False``);
+* ``trl_fastest``       — the same with ``precompute_ref_log_probs=True`` and gradient checkpointing off;
+* ``trl_fastest_bf16``  — that under bf16 autocast (``bf16=True``).
+
+Models (``Shape.model``): ``gpt2-14m``, a GPT-2-style model built from a config with a fixed seed, and
+``smollm2``, SmolLM2-135M-Instruct's weights (``exoalign.zoo.resolve_model_path("smollm2")``). Both are driven
+through a word-level tokeniser that maps the word ``w{i}`` to id ``i``, so both systems see the same token ids.
+The reference is a second model of the same shape (another seed; for SmolLM2 its weights times ``1 + 0.02 z``),
+so that the step-0 loss is not the trivial ``KL([½, ½] ‖ [1 − ε, ε])`` and its agreement checks the log-prob code.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+# ------------------------------------------------------------------------------------------ shapes
+LOSS_TOL = 1e-4  # step-0 losses of all systems must agree this closely
+
+
+@dataclass
+class Shape:
+    """Everything that defines the job; the presets below are the full run, --quick and --tiny (tests)."""
+
+    model: str = "gpt2-14m"  # gpt2-14m (built from a config) or smollm2 (SmolLM2-135M-Instruct's weights)
+    layers: int = 6
+    width: int = 384
+    heads: int = 6
+    vocab: int = 8192
+    positions: int = 1024
+    prompt_len: int = 64
+    completion_len: int = 64  # EOS included
+    pairs: int = 8  # pairs per step (batch size)
+    warmup: int = 2  # steps per system excluded from the timings
+    steps: int = 10  # timed steps per system
+    threads: int = 2
+    seed: int = 0
+    prefix_prompt: int = 384
+    prefix_completion: int = 48
+    prefix_ks: tuple[int, ...] = (2, 4, 8)
+    prefix_groups: int = 2  # groups per batch in the prompt-sharing benchmark
+    prefix_steps: int = 3  # timed steps per (K, layout)
+    prefix_warmup: int = 1  # untimed steps per (K, layout) before them
+    systems: tuple[str, ...] = ("exoalign", "exoalign_unshared", "trl_default", "trl_fastest")
+    # A second interleaved phase after the first (fewer processes alive at once: SmolLM2 workers take GBs).
+    extra: tuple[str, ...] = ("exoalign_bf16", "exoalign_k4")
+
+    @property
+    def dtype(self) -> str:
+        return "fp32"  # of the headline rows; the *_bf16 rows run under bf16 autocast
+
+    @property
+    def rows(self) -> int:
+        return (self.warmup + self.steps + 1) * self.pairs  # +1: the exoalign hook stops at the next step
+
+
+QUICK = dict(warmup=1, steps=2, prefix_groups=1, prefix_steps=1, prefix_warmup=0,
+             systems=("exoalign", "trl_default", "trl_fastest"), extra=("exoalign_bf16", "exoalign_k4"))
+TINY = dict(layers=2, width=64, heads=2, vocab=512, positions=128, prompt_len=8, completion_len=8, pairs=2,
+            warmup=1, steps=1, prefix_prompt=16, prefix_completion=4, prefix_ks=(2, 4), prefix_groups=1,
+            prefix_steps=1, systems=("exoalign", "trl_default", "trl_fastest"), extra=("exoalign_k4",))
+#: SmolLM2-135M: 8 pairs, prompt 64 / completion 64. Three processes per phase (each holds two models and
+#: AdamW state, ~3 GB idle, up to ~8 GB in a step).
+SMOLLM2 = dict(model="smollm2", vocab=49152, positions=2048, warmup=1, steps=4,
+               systems=("exoalign", "trl_default", "trl_fastest"),
+               extra=("exoalign_bf16", "exoalign_k4", "trl_fastest_bf16"))
+SMOLLM2_QUICK = dict(SMOLLM2, warmup=1, steps=2, prefix_groups=1, prefix_steps=1, prefix_warmup=0,
+                     extra=("exoalign_bf16", "exoalign_k4"))
+MODELS = ("gpt2-14m", "smollm2")
+
+
+def preset(model: str, quick: bool = False, tiny: bool = False) -> Shape:
+    """The shape for ``--model`` / ``--quick`` / ``--tiny``."""
+    if tiny:
+        return Shape(**TINY)
+    if model == "smollm2":
+        return Shape(**(SMOLLM2_QUICK if quick else SMOLLM2))
+    return Shape(**(QUICK if quick else {}))
+
+
+# ------------------------------------------------------------------------------------------ assets
+def words(ids: list[int]) -> str:
+    return " ".join(f"w{i}" for i in ids)
+
+
+def make_assets(shape: Shape, root: Path) -> None:
+    """Tokeniser, policy (seed), reference (seed + 1) and the pairs, written once for every worker to load.
+
+    The tokeniser maps the word ``w{i}`` to id ``i`` (ids 0 and 1 are EOS and PAD), so texts of 64 words are
+    exactly 64 tokens for both systems and the two tokenisation pipelines give the same ids.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from exoalign.models import build_model, tiny_config
+
+    vocab = {"<eos>": 0, "<pad>": 1, **{f"w{i}": i for i in range(2, shape.vocab)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<pad>",
+                                  model_max_length=shape.positions)
+    if shape.model == "smollm2":
+        _smollm2_models(shape, tok, root)
+    else:
+        config = tiny_config(shape.vocab, n_layer=shape.layers, n_embd=shape.width, n_head=shape.heads,
+                             n_positions=shape.positions, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+        for name, seed in (("policy", shape.seed), ("reference", shape.seed + 1)):
+            model = build_model(config, seed=seed, tokenizer=tok)
+            model.save_pretrained(root / name)
+            tok.save_pretrained(root / name)
+    g = torch.Generator().manual_seed(shape.seed)
+    rows, groups = [], []
+    p, c = shape.prompt_len, shape.completion_len - 1  # EOS is appended by both pipelines
+    for _ in range(shape.rows):
+        ids = torch.randint(2, shape.vocab, (p + 4 * c,), generator=g).tolist()
+        # Completions start with a space: TRL tokenises prompt + completion as one text.
+        comps = [" " + words(ids[p + k * c : p + (k + 1) * c]) for k in range(4)]
+        rows.append({"prompt": words(ids[:p]), "chosen": comps[0], "rejected": comps[1]})
+        # The listwise job: the same prompt and pair, and two more completions from the same stream.
+        groups.append({"prompt": words(ids[:p]), "completions": comps,
+                       "rewards": torch.randn(4, generator=g).tolist()})
+    for name, data in (("pairs.jsonl", rows), ("groups.jsonl", groups)):
+        with open(root / name, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in data)
+
+
+def _smollm2_models(shape: Shape, tok: Any, root: Path) -> None:
+    """SmolLM2-135M-Instruct as the policy; the reference is its weights times ``1 + 0.02 z`` (seeded)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from exoalign.zoo import resolve_model_path
+
+    src = resolve_model_path("smollm2")
+    for name in ("policy", "reference"):
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        if model.config.vocab_size != shape.vocab:
+            raise RuntimeError(f"{src} has vocab {model.config.vocab_size}, the benchmark expects {shape.vocab}")
+        if name == "reference":
+            g = torch.Generator().manual_seed(shape.seed + 1)
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.mul_(1 + 0.02 * torch.randn(param.shape, generator=g))
+        model.config.bos_token_id = model.config.eos_token_id = 0
+        model.config.pad_token_id = 1
+        model.generation_config.bos_token_id = model.generation_config.eos_token_id = 0
+        model.generation_config.pad_token_id = 1
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+
+
+# ------------------------------------------------------------------------------------------ workers
+class Channel:
+    """The worker's side of the step protocol: stdin gets ``step``/``done``, a private fd gets JSON lines.
+
+    Libraries print to stdout (progress bars, warnings), so the protocol keeps the original stdout to itself
+    and points fd 1 at stderr.
+    """
+
+    def __init__(self) -> None:
+        self.out: TextIO = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        self.t_go = self.cpu_go = 0.0
+        self.baseline_mb = 0.0
+
+    def send(self, **msg: Any) -> None:
+        self.out.write(json.dumps(msg) + "\n")
+        self.out.flush()
+
+    def wait(self) -> bool:
+        """Block until the parent says ``step`` (True) or ``done`` (False); start the step clock."""
+        line = sys.stdin.readline().strip()
+        self.t_go, self.cpu_go = time.perf_counter(), time.process_time()
+        return line == "step"
+
+    def step_done(self, loss: float) -> None:
+        # CPU seconds beside wall seconds: on a shared machine they show how much of the wall time was waiting.
+        self.send(step_s=time.perf_counter() - self.t_go, cpu_s=time.process_time() - self.cpu_go, loss=loss)
+
+    def finish(self, **extra: Any) -> None:
+        self.send(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=self.baseline_mb, **extra)
+
+
+class _Stop(Exception):
+    """Raised inside the exoalign loop to end it after the last timed step."""
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def current_rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _setup(shape: Shape, work: Path) -> None:
+    import torch
+
+    torch.set_num_threads(shape.threads)
+    torch.set_num_interop_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["HF_DATASETS_CACHE"] = str(work / "hf-datasets")
+    os.environ["EXOALIGN_CACHE"] = str(work / "exoalign-cache")
+
+
+def compute_loss_fn(prefix_sharing: bool):
+    """The trainer's per-batch computation (``exoalign.train.step.compute_loss``) with prompt sharing on or off."""
+    from exoalign.train.step import compute_loss
+
+    return functools.partial(compute_loss, prefix_sharing=prefix_sharing)
+
+
+def run_exoalign(shape: Shape, assets: Path, work: Path, ch: Channel, prefix_sharing: bool, bf16: bool = False,
+                 listwise: bool = False) -> None:
+    """``exoalign.train.loop.train`` on the pairs (or the K = 4 groups); a hook around its ``compute_loss`` paces
+    the steps."""
+    from exoalign.train import loop
+    from exoalign.train.config import DataConfig, LossConfig, ModelConfig, TrainArgs, TrainConfig
+
+    cfg = TrainConfig(
+        model=ModelConfig(name_or_path=str(assets / "policy"), ref_name_or_path=str(assets / "reference")),
+        data=DataConfig(train_file=str(assets / ("groups.jsonl" if listwise else "pairs.jsonl")),
+                        max_length=shape.prompt_len + shape.completion_len, max_prompt_length=shape.prompt_len),
+        loss=(LossConfig(name="exo", target="rw", beta_pi=0.1, beta_r=0.1) if listwise
+              else LossConfig(name="exo", target="pref", beta_pi=0.1, eps=1e-3)),
+        train=TrainArgs(output_dir=str(work / "run"), lr=1e-6, batch_size=shape.pairs,
+                        max_steps=shape.warmup + shape.steps + 1, seed=shape.seed, cpu=True,
+                        ref_cache_dir=str(work / "ref-cache"), prefix_sharing=prefix_sharing,
+                        mixed_precision="bf16" if bf16 else "no"),
+    )
+    inner = loop.compute_loss  # the loop passes train.prefix_sharing to it
+    calls = [0]
+    tokens = [0]
+
+    def paced(model, batch, loss_cfg, ref_model=None, **kw):
+        # Call i reports step i − 1 (its clock ran from the parent's "step" until now: backward, clipping,
+        # optimiser, logging and the next batch's collation included), then waits for the next command.
+        if calls[0] == 0:
+            ch.send(ready=True)
+        else:
+            ch.step_done(last_loss[0])
+        if not ch.wait():
+            raise _Stop
+        calls[0] += 1
+        if calls[0] == 1:  # every batch of this job has the same shape
+            tokens[0] = policy_tokens(batch, prefix_sharing)
+        loss, metrics = inner(model, batch, loss_cfg, ref_model, **kw)
+        last_loss[0] = float(loss.detach())
+        return loss, metrics
+
+    last_loss = [float("nan")]
+    loop.compute_loss = paced
+    ch.baseline_mb = current_rss_mb()
+    try:
+        loop.train(cfg)
+    except _Stop:
+        pass
+    ch.finish(policy_tokens=tokens[0], ref_tokens=0)
+
+
+def policy_tokens(batch: dict, prefix_sharing: bool) -> int:
+    """Non-padding tokens the policy's forward pass sees for a collated group batch."""
+    am = batch["attention_mask"]
+    if not prefix_sharing:
+        return int(am.sum())
+    from exoalign.packing import pack_shared_prefix
+
+    packed = pack_shared_prefix(batch["input_ids"], am, batch["labels"], batch["group_mask"])
+    return int((packed.segments >= 0).sum()) if packed is not None else int(am.sum())
+
+
+def run_trl(shape: Shape, assets: Path, work: Path, ch: Channel, fastest: bool, bf16: bool = False) -> None:
+    """``trl.DPOTrainer`` (exo_pair) on the same pairs in exoalign's data order; a callback paces the steps.
+
+    Default: TRL's defaults (its gradient checkpointing included). Fastest: reference log-probs precomputed and
+    gradient checkpointing off."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from exoalign.train.engine import EpochSampler
+
+    rows = [json.loads(line) for line in open(assets / "pairs.jsonl", encoding="utf-8")]
+    order = list(EpochSampler(len(rows), shape.seed))  # exoalign's epoch-0 order, so step i sees the same pairs
+
+    class FixedOrder(torch.utils.data.Sampler):
+        def __iter__(self):
+            return iter(order)
+
+        def __len__(self) -> int:
+            return len(order)
+
+    class Trainer(DPOTrainer):
+        bench_loss = float("nan")
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return FixedOrder()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.bench_loss = float((out[0] if return_outputs else out).detach())
+            return out
+
+    class Pace(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            ch.step_done(trainer.bench_loss)
+            if not ch.wait():
+                control.should_training_stop = True
+            return control
+
+    ch.baseline_mb = current_rss_mb()
+    tok = AutoTokenizer.from_pretrained(assets / "policy")
+    model = AutoModelForCausalLM.from_pretrained(assets / "policy", dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(assets / "reference", dtype=torch.float32)
+    config = DPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=shape.pairs, max_steps=shape.warmup + shape.steps + 1,
+        loss_type=["exo_pair"], label_smoothing=1e-3, beta=0.1, learning_rate=1e-6, bf16=bf16, use_cpu=True,
+        report_to="none", save_strategy="no", seed=shape.seed, disable_tqdm=True,
+        precompute_ref_log_probs=fastest, **({"gradient_checkpointing": False} if fastest else {}),
+    )
+    trainer = Trainer(model=model, ref_model=ref, args=config, train_dataset=Dataset.from_list(rows),
+                      processing_class=tok, callbacks=[Pace()])
+    ch.send(ready=True)
+    if ch.wait():
+        trainer.train()
+    n = shape.pairs * 2 * (shape.prompt_len + shape.completion_len)
+    ch.finish(policy_tokens=n, ref_tokens=0 if fastest else n,
+              gradient_checkpointing=bool(getattr(trainer.args, "gradient_checkpointing", False)))
+
+
+def matmul_peak() -> float:
+    """Dense fp32 matmul GFLOP/s: the best of a few square sizes, a few repetitions each."""
+    import torch
+
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(2):
+            a @ b
+        reps = max(2, int(4e9 / (2 * n**3)))
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def run_prefix(shape: Shape, assets: Path) -> dict:
+    """The matmul peak, then forward + backward of the EXO loss on K-completion groups with and without
+    prompt sharing, then the peak again (the best of the two is the limit)."""
+    import torch
+
+    from exoalign.data import GroupCollator
+    from exoalign.models import load_causal_lm
+    from exoalign.packing import supports_shared_prefix
+    from exoalign.train.config import LossConfig
+
+    peaks = [matmul_peak()]
+    model = load_causal_lm(str(assets / "policy"))
+    model.train()
+    if not supports_shared_prefix(model):  # also runs the one-off probe before anything is timed
+        raise RuntimeError("prompt sharing is unavailable for the benchmark model")
+    loss_cfg = LossConfig(name="exo", target="rw", beta_pi=0.1, beta_r=0.1)
+    fns = {share: compute_loss_fn(share) for share in (False, True)}
+    g = torch.Generator().manual_seed(shape.seed + 2)
+    result: dict[str, dict[str, float]] = {}
+    for K in shape.prefix_ks:
+        feats = []
+        for b in range(shape.prefix_groups):
+            ids = torch.randint(2, shape.vocab, (shape.prefix_prompt + K * shape.prefix_completion,), generator=g)
+            prompt = ids[: shape.prefix_prompt].tolist()
+            comps = [ids[shape.prefix_prompt + k * shape.prefix_completion :][: shape.prefix_completion].tolist()
+                     for k in range(K)]
+            comps = [c[:-1] + [0] for c in comps]  # EOS last, as the tokeniser pipeline does
+            feats.append({"index": b, "prompt_ids": prompt, "completion_ids": comps,
+                          "rewards": torch.randn(K, generator=g).tolist(), "ref_logps": [-300.0] * K})
+        batch = GroupCollator(1)(feats)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        losses: dict[bool, float] = {}
+        for i in range(shape.prefix_warmup + shape.prefix_steps):
+            for share in (False, True):  # interleaved
+                t = time.perf_counter()
+                loss, _ = fns[share](model, batch, loss_cfg)
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+                if i >= shape.prefix_warmup:
+                    times[share].append(time.perf_counter() - t)
+                losses[share] = float(loss.detach())
+        unshared, shared = statistics.median(times[False]), statistics.median(times[True])
+        result[str(K)] = {"unshared_s": unshared, "shared_s": shared, "speedup": unshared / shared,
+                          "loss_diff": abs(losses[True] - losses[False])}
+    peaks.append(matmul_peak())
+    return {"prefix": result, "peaks": peaks}
+
+
+FAMILIES = {
+    "matmul (linear layers, LM head)": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "attention (SDPA)": ("scaled_dot_product",),
+    "elementwise mul/pow/tanh (mostly gelu_new)": ("aten::mul", "aten::pow", "aten::tanh"),
+    "layer norm": ("layer_norm",),
+    "copies, cat, fill (layouts, transposes)": ("aten::copy_", "aten::cat", "aten::fill_", "aten::zero_"),
+    "adds and sums (residuals, bias grads)": ("aten::add", "aten::sum"),
+}
+
+
+def profile_step(shape: Shape, assets: Path, prefix_sharing: bool = True, steps: int = 3) -> dict[str, list]:
+    """Where a training step like the loop's goes: wall seconds per phase (median of ``steps``), and the
+    forward + backward's self time by operator family (torch.profiler, one step).
+
+    The optimiser is ``torch.optim.AdamW`` with the loop's arguments (the default implementation), and the
+    fused one for comparison.
+    """
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from exoalign.data import GroupCollator
+    from exoalign.models import load_causal_lm
+    from exoalign.train.config import LossConfig
+
+    model = load_causal_lm(str(assets / "policy"))
+    model.train()
+    g = torch.Generator().manual_seed(shape.seed)
+    c = shape.completion_len
+    feats = [{"index": b, "prompt_ids": torch.randint(2, shape.vocab, (shape.prompt_len,), generator=g).tolist(),
+              "completion_ids": [torch.randint(2, shape.vocab, (c - 1,), generator=g).tolist() + [0] for _ in range(2)],
+              "ref_logps": [-600.0, -600.0]} for b in range(shape.pairs)]
+    batch = GroupCollator(1)(feats)
+    fn = compute_loss_fn(prefix_sharing)
+    loss_cfg = LossConfig(name="exo", target="pref", beta_pi=0.1, eps=1e-3)
+    opts = {"AdamW (default)": torch.optim.AdamW(model.parameters(), lr=1e-6),
+            "AdamW (fused=True)": torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)}
+    phases: dict[str, list[float]] = {}
+
+    def timed(name: str, f):
+        t = time.perf_counter()
+        out = f()
+        phases.setdefault(name, []).append(time.perf_counter() - t)
+        return out
+
+    def fwd_bwd() -> None:
+        loss, _ = timed("forward (loss)", lambda: fn(model, batch, loss_cfg))
+        timed("backward", loss.backward)
+        timed("clip", lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+
+    for i in range(steps + 1):
+        for name, opt in opts.items():
+            fwd_bwd()
+            timed(name, opt.step)
+            opt.zero_grad(set_to_none=True)
+        if i == 0:
+            phases.clear()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        loss, _ = fn(model, batch, loss_cfg)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    families: dict[str, float] = {}
+    for e in prof.key_averages():
+        fam = next((f for f, keys in FAMILIES.items() if any(e.key.startswith(k) or k in e.key for k in keys)), "other")
+        families[fam] = families.get(fam, 0.0) + e.self_cpu_time_total / 1e6
+    return {"phases": [(k, statistics.median(v)) for k, v in phases.items()],
+            "families": sorted(families.items(), key=lambda kv: -kv[1])}
+
+
+def worker_main(system: str, shape: Shape, assets: Path, work: Path) -> None:
+    ch = Channel()
+    _setup(shape, work)
+    if system.startswith("exoalign"):
+        run_exoalign(shape, assets, work, ch, prefix_sharing=system != "exoalign_unshared",
+                     bf16=system.endswith("_bf16"), listwise=system == "exoalign_k4")
+    elif system.startswith("trl"):
+        run_trl(shape, assets, work, ch, fastest=system.startswith("trl_fastest"), bf16=system.endswith("_bf16"))
+    else:
+        raise SystemExit(f"unknown system {system}")
+
+
