@@ -168,10 +168,14 @@ def test_sampler_logps_are_those_of_the_distribution_sampled(tmp_path, monkeypat
             return out
 
     monkeypatch.setattr(generation, "SeededSampler", Recording)
+    words = "the film was a long and quiet story about two old friends who walk home".split()
+    prompts = tmp_path / "prompts.jsonl"  # prompts of 1 to 8 words: generate left-pads them, training too
+    prompts.write_text("".join(json.dumps({"prompt": " ".join(words[i : i + 1 + i])}) + "\n" for i in range(8)))
     cfg = make_cfg(tmp_path, "online.rounds=1", "online.steps_per_round=1", "online.temperature=0.7",
-                   "online.generation_batch_size=8")
+                   "online.generation_batch_size=8", f"data.train_file={prompts}")
     final = train_online(cfg)
     record = json.loads((final.parent / "online" / "round-00000.json").read_text())
+    assert len({len(p) for p in record["prompt_ids"]}) >= 4  # padding really differs between rows
     per_token = torch.stack(steps, 1)  # (R, steps): one generate call, rows = prompt n × K + j
     K = cfg.online.k
     for n, group in enumerate(record["completion_ids"]):

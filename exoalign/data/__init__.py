@@ -12,11 +12,12 @@ See ``docs/data.md``. The pieces, in the order data flows through them::
 from .collate import GroupCollator
 from .formats import KINDS, load_rows
 from .io import append_rows, iter_source, read_done_count, read_source, truncate_torn, write_rows
-from .select import select_k
+from .select import PER_COMPLETION, reorder, select_k
 from .tokenize import TokenizedData, tokenize_rows, tokenizer_hash
 
 __all__ = [
     "KINDS",
+    "PER_COMPLETION",
     "GroupCollator",
     "TokenizedData",
     "append_rows",
@@ -24,6 +25,7 @@ __all__ = [
     "load_rows",
     "read_done_count",
     "read_source",
+    "reorder",
     "select_k",
     "tokenize_rows",
     "tokenizer_hash",

@@ -4,6 +4,11 @@ Kinds and their rows (plain text; see ``chat.py`` for conversations):
 
 * ``pair``   ``{"prompt", "chosen", "rejected"}`` (optional ``"rewards": [r_chosen, r_rejected]``)
 * ``group``  ``{"prompt", "completions": [...] (K ≥ 2), "rewards": [...] (optional, K finite numbers)}``
+
+Pair and group rows written by ``exoalign sample`` also carry, one entry per completion (chosen first in a pair):
+``"finished": [bool, ...]`` (did the completion end with EOS, or was it cut at ``max_new_tokens``) and
+``"completion_ids": [[int, ...], ...]`` (the sampled token ids, ending in the stop token when finished). Both
+are optional; ``tokenize_rows`` appends EOS only to finished completions and scores the stored ids as sampled.
 * ``sft``    ``{"prompt", "completion"}``
 * ``prompt`` ``{"prompt"}``
 * ``preference``: pair or group, decided by the file's first row; every row must then be that kind.
@@ -11,7 +16,7 @@ Kinds and their rows (plain text; see ``chat.py`` for conversations):
 Every row is checked before any row is returned, and the first bad one raises :class:`InputError` naming the
 file, the line (row number for JSON arrays, Parquet and ``datasets`` sources), the field and the fix.
 Normalised rows: pair/group → ``{"prompt": str, "completions": [str, ...], "rewards": [float, ...] | None}``
-(a pair is ``completions=[chosen, rejected]``); sft → ``{"prompt", "completion"}``; prompt → ``{"prompt"}``.
+(a pair is ``completions=[chosen, rejected]``), plus ``finished`` / ``completion_ids`` when the row has them; sft → ``{"prompt", "completion"}``; prompt → ``{"prompt"}``.
 Fields the format does not use are kept as they are.
 """
 
@@ -29,8 +34,8 @@ from .io import _json_type, is_finite_number, iter_source
 KINDS = ("pair", "group", "sft", "prompt", "preference")
 # Fields each kind reads (and so does not copy through as extras).
 _USED = {
-    "pair": ("prompt", "chosen", "rejected", "rewards", "messages"),
-    "group": ("prompt", "completions", "rewards", "messages"),
+    "pair": ("prompt", "chosen", "rejected", "rewards", "messages", "finished", "completion_ids"),
+    "group": ("prompt", "completions", "rewards", "messages", "finished", "completion_ids"),
     "sft": ("prompt", "completion", "messages"),
     "prompt": ("prompt", "messages"),
 }
@@ -150,11 +155,13 @@ def normalise_row(ctx: _Ctx, *, require_rewards: bool = False) -> dict[str, Any]
                                 "give every completion the same turns before the final reply")
             before = turns
     prompt = _prompt(ctx, before)
-    rewards = _rewards(ctx, len(texts), "completions" if kind == "group" else "chosen/rejected")
+    against = "completions" if kind == "group" else "chosen/rejected"
+    rewards = _rewards(ctx, len(texts), against)
     if rewards is None and require_rewards:
         raise ctx.error("rewards", "missing, but reward targets need one reward per completion",
                         "score the groups (`exoalign score`) or train with pref targets")
-    return {"prompt": prompt, "completions": texts, "rewards": rewards, **extras}
+    sampled = _sampled(ctx, len(texts), against)
+    return {"prompt": prompt, "completions": texts, "rewards": rewards, **sampled, **extras}
 
 
 # ---------------------------------------------------------------------------------------- fields
@@ -223,6 +230,33 @@ def _rewards(ctx: _Ctx, n: int, against: str) -> list[float] | None:
             what = "is not finite" if isinstance(r, (int, float)) and not isinstance(r, bool) else f"must be a number, got {_json_type(r)}"
             raise ctx.error(f"rewards[{i}]", f"{what} ({r!r})"[:120], "give finite numbers (re-score NaN/inf rewards)")
         out.append(float(r))
+    return out
+
+
+def _sampled(ctx: _Ctx, n: int, against: str) -> dict[str, Any]:
+    """The optional per-completion ``finished`` flags and sampled ``completion_ids`` of a row, validated."""
+    out: dict[str, Any] = {}
+    finished = ctx.get("finished")
+    if finished is not None:
+        if not isinstance(finished, list) or not all(isinstance(f, bool) for f in finished):
+            raise ctx.error("finished", f"must be a list of true/false, got {_json_type(finished)}"[:120],
+                            'write "finished": [true, false, ...] (did each completion end with EOS)')
+        if len(finished) != n:
+            raise ctx.error("finished", f"has {len(finished)} values but '{against}' has {n}",
+                            "give one flag per completion")
+        out["finished"] = list(finished)
+    ids = ctx.get("completion_ids")
+    if ids is not None:
+        ok = isinstance(ids, list) and all(
+            isinstance(c, list) and c and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in c)
+            for c in ids)
+        if not ok:
+            raise ctx.error("completion_ids", "must be a list of non-empty lists of token ids",
+                            "drop the field (the texts are then tokenised) or write [[12, 7, ...], ...]")
+        if len(ids) != n:
+            raise ctx.error("completion_ids", f"has {len(ids)} lists but '{against}' has {n}",
+                            "give one id list per completion, or drop the field")
+        out["completion_ids"] = [list(c) for c in ids]
     return out
 
 

@@ -9,8 +9,9 @@ A group may hold more completions than training uses (sample 8, train on 4). Thr
   choice is reproducible and does not depend on the other rows; kept in their original order.
 * ``first`` — the first ``k``.
 
-Rows with ``k`` or fewer completions are kept whole (the collator masks the missing slots). Rewards follow
-their completions; every other field is copied unchanged.
+Rows with ``k`` or fewer completions are kept whole (the collator masks the missing slots). Rewards and the
+other per-completion fields (:data:`PER_COMPLETION`) follow their completions (:func:`reorder`); every other
+field is copied unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +23,18 @@ from typing import Any
 from ..errors import InputError
 
 HOWS = ("best_worst", "random", "first")
+#: Row fields that hold one entry per completion, in the completions' order.
+PER_COMPLETION = ("completions", "rewards", "finished", "completion_ids")
+
+
+def reorder(row: dict[str, Any], order: list[int]) -> dict[str, Any]:
+    """A copy of normalised ``row`` keeping completions ``order`` (in that order), with every per-completion
+    field (rewards, finished flags, sampled ids) taken along; ``reorder(row, [1, 0])`` swaps a pair."""
+    new = dict(row)
+    for key in PER_COMPLETION:
+        if row.get(key) is not None:
+            new[key] = [row[key][i] for i in order]
+    return new
 
 
 def _pick(row: dict[str, Any], k: int, how: str, seed: int, index: int) -> list[int]:
@@ -51,10 +64,5 @@ def select_k(rows: list[dict[str, Any]], k: int, how: str = "best_worst", seed: 
         raise InputError(f"unknown selection {how!r}", field="how", fix=f"use one of {', '.join(HOWS)}")
     out = []
     for index, row in enumerate(rows):
-        keep = _pick(row, k, how, seed, index)
-        new = dict(row)
-        new["completions"] = [row["completions"][i] for i in keep]
-        if row.get("rewards") is not None:
-            new["rewards"] = [row["rewards"][i] for i in keep]
-        out.append(new)
+        out.append(reorder(row, _pick(row, k, how, seed, index)))
     return out

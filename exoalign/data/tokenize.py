@@ -4,10 +4,16 @@ Truncation policy (counted in ``.stats``):
 
 1. The prompt is tokenised and, when longer than ``max_prompt_length``, cut from the LEFT: its end — the part
    next to the completion — is what conditions the completion most, so it is what is kept.
-2. Each completion is tokenised without special tokens and EOS is appended; when prompt + completion is
-   longer than ``max_length``, the completion is cut on the RIGHT to ``max_length − len(prompt)`` tokens.
-   EOS is the last token, so it is kept only when the whole completion fits: a cut completion ends
-   mid-text and is scored as such, never as if the model had chosen to stop there.
+2. Each completion is tokenised without special tokens and EOS is appended — unless the row says the
+   completion did not finish (``"finished": [..., false, ...]``, written by ``exoalign sample`` for a
+   completion cut at ``max_new_tokens``): the policy is never trained on an end it did not produce. Rows
+   without ``finished`` (hand-written data, pairs from elsewhere) get EOS on every completion, as a finished
+   answer. When the row carries the sampled ``completion_ids`` and they still decode to the completion's text,
+   those ids are used as they are (the stop token included when finished), so log-probs are of exactly the
+   tokens sampled; re-tokenising the text may segment it differently. When prompt + completion is longer
+   than ``max_length``, the completion is cut on the RIGHT to ``max_length − len(prompt)`` tokens. EOS is
+   the last token, so it is kept only when the whole completion fits: a cut completion ends mid-text and is
+   scored as such, never as if the model had chosen to stop there.
 
 The prompt gets the tokeniser's own special tokens (e.g. Llama's BOS) unless its text already starts with
 the BOS token (a chat template put it there). The work is done on plain Python lists with the fast
@@ -45,7 +51,9 @@ class TokenizedData:
 
     features: list[dict[str, Any]]
     stats: dict[str, int] = field(default_factory=dict)
-    """``rows``, ``truncated_prompts``, ``truncated_completions`` (completions cut, counted one by one)."""
+    """``rows``, ``truncated_prompts``, ``truncated_completions`` (completions cut, counted one by one); for
+    sampled rows also ``unfinished_completions`` (no EOS appended), ``sampled_ids`` (stored ids used) and
+    ``stale_ids`` (stored ids that no longer decode to the text, so the text was tokenised)."""
     fingerprint: str = ""
     """Stable hash of the token ids (not the rewards) and the tokeniser: the reference-cache key's data part."""
 
@@ -90,6 +98,38 @@ def _encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     return out
 
 
+def _decode(tokenizer: Any, ids: list[int]) -> str | None:
+    """The text of ``ids`` as the sampler decoded it (special tokens skipped); None for ids it cannot decode."""
+    try:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    except (OverflowError, TypeError, ValueError, IndexError):
+        return None
+
+
+def _completion_ids(tokenizer: Any, rows: Sequence[dict[str, Any]], groups: list[list[str]],
+                    stats: dict[str, int]) -> list[list[int]]:
+    """The token ids of every completion, flat in row order, EOS appended as the module docstring says."""
+    eos = tokenizer.eos_token_id
+    flat = [c for g in groups for c in g]
+    text_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    sampled = [row if "completions" in row else {} for row in rows]  # sft rows are never sampled rows
+    stored_flat = [ids for row, g in zip(sampled, groups) for ids in (row.get("completion_ids") or [None] * len(g))]
+    finished = [f for row, g in zip(sampled, groups) for f in (row.get("finished") or [True] * len(g))]
+    have = [i for i, ids in enumerate(stored_flat) if ids is not None]
+    usable = {i for i in have if _decode(tokenizer, stored_flat[i]) == flat[i]}
+    out = []
+    for i, ids in enumerate(text_ids):
+        if i in usable:
+            out.append(list(stored_flat[i]))  # exactly as sampled, with its stop token when it finished
+        else:
+            out.append(list(ids) + [eos] if finished[i] else list(ids))
+    if have or any(row.get("finished") is not None for row in sampled):
+        stats["unfinished_completions"] = sum(not f for f in finished)
+        stats["sampled_ids"] = len(usable)
+        stats["stale_ids"] = len(have) - len(usable)
+    return out
+
+
 def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, *, max_length: int,
                   max_prompt_length: int) -> TokenizedData:
     """Tokenise normalised pair/group/sft rows with the truncation policy of the module docstring."""
@@ -102,8 +142,8 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, *, max_length:
     groups = [_row_completions(row, i) for i, row in enumerate(rows)]
     prompts = [row["prompt"] for row in rows]
     all_prompt_ids = _encode_prompts(tokenizer, prompts)
-    flat = [c for g in groups for c in g]
-    flat_ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    sampled_stats: dict[str, int] = {}
+    flat_ids = _completion_ids(tokenizer, rows, groups, sampled_stats)
 
     features, cut_prompts, cut_completions, pos = [], 0, 0, 0
     digest = hashlib.sha256(tokenizer_hash(tokenizer).encode())
@@ -114,7 +154,6 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, *, max_length:
         budget = max_length - len(prompt_ids)
         completion_ids = []
         for ids in flat_ids[pos : pos + len(group)]:
-            ids = list(ids) + [eos]
             if len(ids) > budget:
                 ids = ids[:budget]  # EOS is the last token: it goes first
                 cut_completions += 1
@@ -126,5 +165,6 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, *, max_length:
         # Lengths before contents, so that ([1, 2], [3]) and ([1], [2, 3]) hash differently.
         digest.update(array("q", [len(prompt_ids), len(completion_ids), *map(len, completion_ids)]).tobytes())
         digest.update(array("q", [*prompt_ids, *(t for c in completion_ids for t in c)]).tobytes())
-    stats = {"rows": len(features), "truncated_prompts": cut_prompts, "truncated_completions": cut_completions}
+    stats = {"rows": len(features), "truncated_prompts": cut_prompts, "truncated_completions": cut_completions,
+             **sampled_stats}
     return TokenizedData(features, stats, digest.hexdigest()[:16])

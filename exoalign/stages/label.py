@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import require
-from ..data import load_rows, write_rows
+from ..data import PER_COMPLETION, load_rows, reorder, write_rows
 from ..errors import InputError
 from .generation import stage_args
 
@@ -63,11 +63,12 @@ class LabelConfig:
 
 
 def _pair(row: dict[str, Any], a: int, b: int) -> dict[str, Any]:
-    """Pair row with chosen = completion ``a``, rejected = completion ``b`` (extra fields copied)."""
-    extras = {k: v for k, v in row.items() if k not in ("prompt", "completions", "rewards")}
-    r = row["rewards"]
-    return {"prompt": row["prompt"], "chosen": row["completions"][a], "rejected": row["completions"][b],
-            "rewards": [r[a], r[b]], **extras}
+    """Pair row with chosen = completion ``a``, rejected = completion ``b``; per-completion fields (rewards,
+    finished, completion_ids) follow them as ``[a, b]``, other extra fields are copied."""
+    picked = reorder(row, [a, b])
+    extras = {k: v for k, v in picked.items() if k not in ("prompt", "completions") and
+              (k not in PER_COMPLETION or v is not None)}
+    return {"prompt": row["prompt"], "chosen": picked["completions"][0], "rejected": picked["completions"][1], **extras}
 
 
 def best_worst(row: dict[str, Any], min_margin: float = 0.0) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data import GroupCollator, load_rows, select_k, tokenize_rows
+from ..data import GroupCollator, load_rows, reorder, select_k, tokenize_rows
 from ..errors import ConfigError, InputError
 from ..logprobs import position_ids_from_mask
 from ..train.config import DataBaseConfig, ModelConfig, TrainArgs, check_runnable
@@ -63,7 +63,7 @@ def as_pairs(rows: list[dict], file: str) -> list[dict]:
             row = select_k([row], 2, "best_worst")[0]
         r = row.get("rewards")
         if r is not None and r[1] > r[0]:
-            row = {**row, "completions": row["completions"][::-1], "rewards": r[::-1]}
+            row = reorder(row, [1, 0])  # rewards, finished flags and sampled ids follow their completions
         out.append(row)
     return out
 

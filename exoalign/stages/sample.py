@@ -1,4 +1,4 @@
-"""``exoalign sample``: K completions per prompt from a model → group rows ``{"prompt", "completions"}``.
+"""``exoalign sample``: K completions per prompt from a model → group rows ``{"prompt", "completions", …}``.
 
     exoalign sample model=runs/sft/final prompts=data/prompts.jsonl output=data/groups.jsonl k=4 temperature=0.8
 
@@ -10,6 +10,14 @@ an uninterrupted one would have written.
 Resuming: the settings are recorded in ``<output>.meta.json``. Rerunning the same command after a kill counts
 the complete rows already in the output, cuts off a torn last line, and continues with the next prompt.
 Rerunning with other settings is refused (``overwrite=true`` starts afresh).
+
+Each row also records, per completion, whether it ``finished`` (the model emitted EOS) or was cut at
+``max_new_tokens``, and the sampled ``completion_ids`` (ending in the stop token when finished)::
+
+    {"prompt": "...", "completions": ["...", "..."], "finished": [true, false], "completion_ids": [[...], [...]]}
+
+``exoalign train`` then appends EOS only to the finished ones and scores the sampled ids as they are, so the
+policy is never trained on an end of sequence it did not produce (see ``exoalign.data.tokenize``).
 
 Blank completions: the data format rejects completions that are empty or only whitespace, so ``sample``
 forbids EOS as the first token (``min_new_tokens=1``) and redraws a blank completion from a fresh stream
@@ -60,7 +68,7 @@ class SampleConfig(SamplingSettings):
     split: str = "train"
     """Split to read from a hub dataset or a DatasetDict directory."""
     output: str = ""
-    """Output JSONL of group rows {"prompt", "completions"}; appended to when resuming."""
+    """Output JSONL of group rows {"prompt", "completions", "finished", "completion_ids"}; appended to when resuming."""
     k: int = 2
     """Completions per prompt (K >= 2: a group needs at least two)."""
     max_prompts: int | None = None
@@ -142,6 +150,12 @@ def redraw_blanks(
                     sampler.stream = base  # type: ignore[attr-defined]
 
 
+def group_row(prompt: str, group: list[Completion]) -> dict[str, Any]:
+    """The output row of one prompt: texts, whether each finished (hit EOS), and the sampled ids."""
+    return {"prompt": prompt, "completions": [c.text for c in group], "finished": [bool(c.finished) for c in group],
+            "completion_ids": [list(c.ids) for c in group]}
+
+
 def run(cfg: SampleConfig) -> Path:
     """Sample ``cfg.k`` completions for every prompt into ``cfg.output`` (resuming a partial output)."""
     check_runnable(cfg)
@@ -175,7 +189,7 @@ def run(cfg: SampleConfig) -> Path:
             redraw_blanks(sampler, batch_ids, indices, groups, cfg.max_redraws)
             if not resumed and start == done:
                 write_meta(out, meta)  # only now, so a run that fails before its first rows leaves no files
-            append_rows(out, [{"prompt": prompts[i], "completions": [c.text for c in g]} for i, g in zip(indices, groups)])
+            append_rows(out, [group_row(prompts[i], g) for i, g in zip(indices, groups)])
             bar.update(len(indices))
     return out
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..data import GroupCollator, TokenizedData, load_rows, select_k, tokenize_rows
+from ..data import GroupCollator, TokenizedData, load_rows, reorder, select_k, tokenize_rows
 from ..errors import ConfigError
 from ..losses import loss_info
 from ..models import load_causal_lm
@@ -74,7 +74,7 @@ def prepare_rows(rows: list[dict], cfg: TrainConfig, file: str) -> list[dict]:
             r = row.get("rewards")
             # Pref targets put the chosen completion in column 0: a scored row is ordered best first.
             if r is not None and r[1] > r[0]:
-                row = {**row, "completions": row["completions"][::-1], "rewards": r[::-1]}
+                row = reorder(row, [1, 0])  # rewards, finished flags and sampled ids follow their completions
             out.append(row)
         rows = out
     return rows
