@@ -207,12 +207,15 @@ def summary(res: dict) -> dict:
     loss0 = [v["losses"][0] for k, v in s.items() if k in ("exoalign", "exoalign_unshared", "trl_default",
                                                             "trl_fastest")]
     # Memory against TRL at the same gradient-checkpointing setting as exoalign's (off): TRL's fastest run.
-    trl_rss = fastest["final"]["peak_rss_mb"]
+    def mem(v: dict) -> float:
+        return v["final"].get("peak_cuda_mb") or v["final"]["peak_rss_mb"]
+
+    trl_mem = mem(fastest)
     mfu = flops(res["params"], exo["final"]) / exo["median_s"] / (res["peak_gflops"] * 1e9)
     return {
         "speedup_vs_trl_default": default["median_s"] / exo["median_s"],
         "speedup_vs_trl_fastest": fastest["median_s"] / exo["median_s"],
-        "memory_ratio_vs_trl": exo["final"]["peak_rss_mb"] / trl_rss,
+        "memory_ratio_vs_trl": mem(exo) / trl_mem,
         "mfu": mfu,
         "loss_match": bool(max(loss0) - min(loss0) <= LOSS_TOL),
         "prefix_sharing": {k: v["speedup"] for k, v in res["prefix"].items()},
@@ -278,6 +281,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=MODELS, default="gpt2-14m", help="the job's model (default gpt2-14m)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quick", action="store_true", help="fewer steps and systems (14M: < 3 min; smollm2: < 8 min)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and job (seconds; for tests)")
     p.add_argument("--json", type=Path, help="write the summary JSON here")
@@ -297,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.assets, args.work)
         return 0
     shape = preset(args.model, quick=args.quick, tiny=args.tiny)
+    shape.device = args.device
     if args.steps:
         shape.steps = args.steps
     if args.profile:

@@ -44,6 +44,7 @@ class Shape:
     """Everything that defines the job; the presets below are the full run, --quick and --tiny (tests)."""
 
     model: str = "gpt2-14m"  # gpt2-14m (built from a config) or smollm2 (SmolLM2-135M-Instruct's weights)
+    device: str = "cpu"  # cpu or cuda (benchmarks/gpu_check.sh); memory is peak RSS on CPU, peak allocated on CUDA
     layers: int = 6
     width: int = 384
     heads: int = 6
@@ -201,6 +202,10 @@ class Channel:
         self.send(step_s=time.perf_counter() - self.t_go, cpu_s=time.process_time() - self.cpu_go, loss=loss)
 
     def finish(self, **extra: Any) -> None:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+            extra["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
         self.send(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=self.baseline_mb, **extra)
 
 
@@ -249,7 +254,7 @@ def run_exoalign(shape: Shape, assets: Path, work: Path, ch: Channel, prefix_sha
         loss=(LossConfig(name="exo", target="rw", beta_pi=0.1, beta_r=0.1) if listwise
               else LossConfig(name="exo", target="pref", beta_pi=0.1, eps=1e-3)),
         train=TrainArgs(output_dir=str(work / "run"), lr=1e-6, batch_size=shape.pairs,
-                        max_steps=shape.warmup + shape.steps + 1, seed=shape.seed, cpu=True,
+                        max_steps=shape.warmup + shape.steps + 1, seed=shape.seed, cpu=shape.device == "cpu",
                         ref_cache_dir=str(work / "ref-cache"), prefix_sharing=prefix_sharing,
                         mixed_precision="bf16" if bf16 else "no"),
     )
@@ -340,7 +345,7 @@ def run_trl(shape: Shape, assets: Path, work: Path, ch: Channel, fastest: bool, 
     ref = AutoModelForCausalLM.from_pretrained(assets / "reference", dtype=torch.float32)
     config = DPOConfig(
         output_dir=str(work / "trl"), per_device_train_batch_size=shape.pairs, max_steps=shape.warmup + shape.steps + 1,
-        loss_type=["exo_pair"], label_smoothing=1e-3, beta=0.1, learning_rate=1e-6, bf16=bf16, use_cpu=True,
+        loss_type=["exo_pair"], label_smoothing=1e-3, beta=0.1, learning_rate=1e-6, bf16=bf16, use_cpu=shape.device == "cpu",
         report_to="none", save_strategy="no", seed=shape.seed, disable_tqdm=True,
         precompute_ref_log_probs=fastest, **({"gradient_checkpointing": False} if fastest else {}),
     )
@@ -354,19 +359,28 @@ def run_trl(shape: Shape, assets: Path, work: Path, ch: Channel, fastest: bool, 
               gradient_checkpointing=bool(getattr(trainer.args, "gradient_checkpointing", False)))
 
 
-def matmul_peak() -> float:
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str = "cpu") -> float:
     """Dense fp32 matmul GFLOP/s: the best of a few square sizes, a few repetitions each."""
     import torch
 
     best = 0.0
-    for n in (512, 1024, 2048):
-        a, b = torch.randn(n, n), torch.randn(n, n)
+    for n in (512, 1024, 2048) if device == "cpu" else (4096, 8192):
+        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
         for _ in range(2):
             a @ b
-        reps = max(2, int(4e9 / (2 * n**3)))
+        reps = max(2, int((4e9 if device == "cpu" else 4e12) / (2 * n**3)))
+        _sync(device)
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
+        _sync(device)
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t) / 1e9)
     return best
 
@@ -381,8 +395,8 @@ def run_prefix(shape: Shape, assets: Path) -> dict:
     from exoalign.packing import supports_shared_prefix
     from exoalign.train.config import LossConfig
 
-    peaks = [matmul_peak()]
-    model = load_causal_lm(str(assets / "policy"))
+    peaks = [matmul_peak(shape.device)]
+    model = load_causal_lm(str(assets / "policy")).to(shape.device)
     model.train()
     if not supports_shared_prefix(model):  # also runs the one-off probe before anything is timed
         raise RuntimeError("prompt sharing is unavailable for the benchmark model")
@@ -400,7 +414,7 @@ def run_prefix(shape: Shape, assets: Path) -> dict:
             comps = [c[:-1] + [0] for c in comps]  # EOS last, as the tokeniser pipeline does
             feats.append({"index": b, "prompt_ids": prompt, "completion_ids": comps,
                           "rewards": torch.randn(K, generator=g).tolist(), "ref_logps": [-300.0] * K})
-        batch = GroupCollator(1)(feats)
+        batch = {k: v.to(shape.device) if hasattr(v, "to") else v for k, v in GroupCollator(1)(feats).items()}
         times: dict[bool, list[float]] = {False: [], True: []}
         losses: dict[bool, float] = {}
         for i in range(shape.prefix_warmup + shape.prefix_steps):
@@ -409,13 +423,14 @@ def run_prefix(shape: Shape, assets: Path) -> dict:
                 loss, _ = fns[share](model, batch, loss_cfg)
                 loss.backward()
                 model.zero_grad(set_to_none=True)
+                _sync(shape.device)
                 if i >= shape.prefix_warmup:
                     times[share].append(time.perf_counter() - t)
                 losses[share] = float(loss.detach())
         unshared, shared = statistics.median(times[False]), statistics.median(times[True])
         result[str(K)] = {"unshared_s": unshared, "shared_s": shared, "speedup": unshared / shared,
                           "loss_diff": abs(losses[True] - losses[False])}
-    peaks.append(matmul_peak())
+    peaks.append(matmul_peak(shape.device))
     return {"prefix": result, "peaks": peaks}
 
 

@@ -7,7 +7,13 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from exoalign.logprobs import sequence_logps
-from exoalign.packing import _shared_logps, collate_groups, shared_prefix_logps, sliding_window, supports_shared_prefix
+from exoalign.packing import (
+    _shared_logps,
+    collate_groups,
+    shared_prefix_logps,
+    sliding_window,
+    supports_shared_prefix,
+)
 
 V = 96
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)

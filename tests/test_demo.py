@@ -59,7 +59,7 @@ def test_results_schema_methods_and_betas(quick_run):
             assert math.isfinite(p["kl"]) and math.isfinite(p["reward"])
             assert -1.0 <= p["reward"] <= 1.0  # VADER compound
         # the frontier is the envelope over both β runs: it starts at π_sft and never falls
-        xs, ys = results["frontiers"][name]
+        xs, ys = results["frontiers"][name]["kl"], results["frontiers"][name]["reward"]
         assert xs[0] == 0.0 and ys == sorted(ys) and max(ys) == max(p["reward"] for p in points)
     assert len(sft_points) == 1  # all runs start from the same π_sft point
     expected = {"exo-pref_vs_dpo-pref", "exo-rw_vs_dpo-rw"}

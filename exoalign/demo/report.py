@@ -116,7 +116,8 @@ def write_report(demo: Demo, runs: list[tuple[str, str, float]]) -> dict[str, An
     examples = _examples(demo, points)
     public = {m: [{k: v for k, v in p.items() if k not in PER_PROMPT} for p in pts] for m, pts in points.items()}
     results = {
-        "runs": public, "frontiers": {m: [list(map(float, xy)) for xy in zip(*envelope(pts))] for m, pts in points.items()},
+        "runs": public, "frontiers": {m: dict(zip(("kl", "reward"), (v.tolist() for v in envelope(pts))))
+                                         for m, pts in points.items()},
         "comparison": comparison, "verdict": verdict(comparison), "seed": s.seed, "device": demo.device,
         "settings": settings, "examples": examples, "definitions": DEFINITIONS,
         "timings": demo.timings, "versions": _versions(),
