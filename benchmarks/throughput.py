@@ -62,7 +62,10 @@ class Worker:
         wdir.mkdir(parents=True, exist_ok=True)
         self.log_path = wdir / "stderr.log"
         env = {**os.environ, "OMP_NUM_THREADS": str(shape.threads), "MKL_NUM_THREADS": str(shape.threads),
-               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
+               # Passive OpenMP waiting for every system alike (exoalign's CLI default): spinning threads on a
+               # shared machine made steps several times slower (docs/speed.md).
+               "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         cmd = [sys.executable, __file__, "--worker", system, "--shape", json.dumps(asdict(shape)),
                "--assets", str(assets), "--work", str(wdir)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -45,6 +45,7 @@ from .jobs import Job, one_thread, run_jobs, usable_cores
 from .settings import (  # noqa: F401 (re-exported)
     METHODS,
     OFFLINE_METHODS,
+    ONLINE_METHODS,
     QUICK_SCRATCH,
     STAGE_KEYS,
     DemoSettings,
@@ -86,7 +87,16 @@ class Demo:
         rw = [m for m in self.s.methods if m.endswith("-rw")]
         other = [m for m in self.s.methods if not m.endswith("-rw")]
         order = [m for pair in zip(rw, other) for m in pair] + rw[len(other):] + other[len(rw):]
-        return [(run_name(m, b), m, b) for b in self.s.beta_pi for m in order]
+        offline = [m for m in order if m not in ONLINE_METHODS]
+        online = [(run_name(m, self.s.online_beta_pi), m, self.s.online_beta_pi) for m in order if m in ONLINE_METHODS]
+        return online + [(run_name(m, b), m, b) for b in self.s.beta_pi for m in offline]
+
+    def train_fp(self, stage_fp: str, method: str, beta_pi: float) -> str:
+        """One run's fingerprint: the train stage's, the method and β_π (and the online settings for online runs)."""
+        if method in ONLINE_METHODS:
+            s = self.s
+            return self.job_fp(stage_fp, method, beta_pi, s.online_rounds, s.online_steps_per_round)
+        return self.job_fp(stage_fp, method, beta_pi)
 
     # -- bookkeeping
     def fingerprints(self) -> dict[str, str]:
@@ -237,20 +247,20 @@ class Demo:
         run(LabelConfig(input=str(self.data / "scored.jsonl"), output=str(self.data / "pairs.jsonl"),
                         method="best_worst"))
 
+    def steps(self, method: str) -> int:
+        """Optimizer steps of one run of ``method``."""
+        s = self.s
+        return s.online_rounds * s.online_steps_per_round if method in ONLINE_METHODS else s.align_steps
+
     def train(self, method: str, beta_pi: float) -> None:
         """One alignment run of ``method`` at ``beta_pi`` into ``runs/<run name>``."""
         from ..train.config import DataConfig, LossConfig, ModelConfig, TrainConfig
         from ..train.loop import train
 
         s = self.s
+        if method in ONLINE_METHODS:
+            return self.train_online(method, beta_pi)
         loss, target = method.split("-", 1)
-        if method in ("online-exo", "rloo"):
-            # Hook for the online issue: these sample from the current policy each round (`online.rounds`).
-            if "online" not in {f.name for f in dataclasses.fields(TrainConfig)}:
-                raise InputError(f"method {method!r} needs online training, which this exoalign does not have yet",
-                                 field="methods", fix="leave it out of methods=[…]")
-            raise InputError(f"method {method!r} is not wired into the demo yet", field="methods",
-                             fix="leave it out of methods=[…]")
         data = self.data / ("pairs.jsonl" if target == "pref" else "scored.jsonl")
         cfg = TrainConfig(
             model=ModelConfig(name_or_path=self.sft_model),
@@ -267,13 +277,39 @@ class Demo:
         train(cfg)
         prune(self.runs / run_name(method, beta_pi))
 
+    def train_online(self, method: str, beta_pi: float) -> None:
+        """An online run (``exoalign train`` with ``online.rounds``): each round samples K completions of
+        align_batch_size training prompts from the current policy, scores them with the oracle and trains on
+        them with the importance-corrected targets (online-exo) or the leave-one-out policy gradient (rloo)."""
+        from ..train.config import DataConfig, LossConfig, ModelConfig, OnlineConfig, TrainConfig
+        from ..train.loop import train
+
+        s = self.s
+        cfg = TrainConfig(
+            model=ModelConfig(name_or_path=self.sft_model),
+            data=DataConfig(train_file=str(self.data / "train_prompts.jsonl"), max_length=s.max_length,
+                            max_prompt_length=s.max_prompt_length),
+            loss=LossConfig(name="exo" if method == "online-exo" else "rloo", target="rw", beta_pi=beta_pi,
+                            beta_r=s.beta_r, temperature=s.temperature),
+            online=OnlineConfig(rounds=s.online_rounds, k=s.k, prompts_per_round=s.align_batch_size,
+                                steps_per_round=s.online_steps_per_round, max_new_tokens=s.max_new_tokens,
+                                temperature=s.temperature, oracle=reviews.ORACLE, generation_batch_size=s.gen_batch_size),
+            train=self._train_args(output_dir=str(self.runs / run_name(method, beta_pi)), lr=s.align_lr,
+                                   batch_size=s.align_batch_size // s.online_steps_per_round,
+                                   warmup_steps=1, scheduler="constant_with_warmup", prefix_sharing=not s.scratch,
+                                   mixed_precision="no" if s.mixed_precision == "fp32" else s.mixed_precision),
+        )
+        train(cfg)
+        prune(self.runs / run_name(method, beta_pi))
+
     def checkpoints(self, name: str) -> list[Path]:
         """Every saved checkpoint of run ``name`` in step order; ``sft`` is π_sft alone (step 0 of every run)."""
         if name == "sft":
             return [Path(self.sft_model)]
         run = self.runs / name
         steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "COMPLETE").is_file())
-        return [run / f"checkpoint-{k}" for k in steps]
+        # Online runs checkpoint every round; the evaluation takes every save_every-th step, as offline.
+        return [run / f"checkpoint-{k}" for k in steps if k % self.s.save_every == 0 or k == steps[-1]]
 
     def evaluate(self, name: str) -> None:
         """``exoalign eval`` of run ``name``'s checkpoints. π_sft is evaluated once, as run ``sft``, and the
@@ -307,10 +343,10 @@ class Demo:
                    self.score)
         self.stage(6, "label", fp["label"], [self.data / "pairs.jsonl"], self.label)
         runs = self.run_list()
-        train_fp = {name: self.job_fp(fp["train"], m, b) for name, m, b in runs}
+        train_fp = {name: self.train_fp(fp["train"], m, b) for name, m, b in runs}
         self.parallel(7, "train", [
             (f"train {name}", train_fp[name], _train_job, (str(self.out), self.s, self.device, m, b),
-             [self.runs / name], lambda name=name: _last_step(self.runs / name / "metrics.jsonl"), self.s.align_steps)
+             [self.runs / name], lambda name=name: _last_step(self.runs / name / "metrics.jsonl"), self.steps(m))
             for name, m, b in runs
         ])
         n_ckpt = {name: len(self.checkpoints(name)) for name, _, _ in runs}

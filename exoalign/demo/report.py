@@ -108,6 +108,8 @@ def write_report(demo: Demo, runs: list[tuple[str, str, float]]) -> dict[str, An
         for beta in s.beta_pi:  # the same comparison at each β_π alone
             pa = [p for p in points[a] if p["beta_pi"] == beta]
             pb = [p for p in points[b] if p["beta_pi"] == beta]
+            if not pa or not pb or len(s.beta_pi) < 2:
+                continue
             comparison[f"{a}@{fmt_beta(beta)}_vs_{b}@{fmt_beta(beta)}"] = {
                 **paired_bootstrap(pa, pb, n_boot=s.n_bootstrap, seed=s.seed), "beta_pi": beta}
     model = json.loads((demo.data / "model.json").read_text(encoding="utf-8"))

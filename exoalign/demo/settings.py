@@ -67,16 +67,23 @@ class DemoSettings:
     """β_r of the rw targets softmax(r/β_r); rewards lie in [-1, 1] (pref targets use eps instead)."""
     eps: float = 1e-3
     """Label smoothing ε of the pref targets [1-ε, ε]."""
-    align_steps: int = 18
+    align_steps: int = 8
     """Optimizer steps of each alignment run."""
     align_batch_size: int = 4
     """Prompts per alignment step (pref: that many pairs; rw: that many groups of K)."""
-    align_lr: float = 2e-5
+    align_lr: float = 3e-5
     """Alignment learning rate (constant after a short warm-up)."""
     mixed_precision: str = "bf16"
     """Training compute: bf16 autocast (fp32 weights and optimizer; ~2x faster on CPUs with bf16 units) or fp32."""
-    save_every: int = 6
+    save_every: int = 4
     """Checkpoint (and evaluate) every this many alignment steps."""
+    online_rounds: int = 8
+    """Online methods: rounds of sample K from π_t → score → one step (each round = align_batch_size prompts,
+    so online_rounds = align_steps sees as many prompts and samples as an offline run)."""
+    online_steps_per_round: int = 1
+    """Online methods: optimizer steps per round (1 = every sample used once; more reuses them)."""
+    online_beta_pi: float = 1.0
+    """β_π of the online runs (1 makes p uniform at each round's start: the corrected targets of docs/online.md)."""
     eval_samples: int = 1
     """Completions per held-out prompt and checkpoint."""
     n_bootstrap: int = 2000
@@ -117,6 +124,10 @@ class DemoSettings:
         require(self.n_bootstrap >= 100, "n_bootstrap", "must be at least 100", "use e.g. 2000")
         require(self.mixed_precision in ("bf16", "fp32"), "mixed_precision", f"unknown {self.mixed_precision!r}",
                 "use bf16 or fp32")
+        require(self.online_rounds >= 1 and self.online_steps_per_round >= 1, "online_rounds",
+                "online_rounds and online_steps_per_round must be at least 1", "use e.g. online_rounds=8")
+        require(self.align_batch_size % self.online_steps_per_round == 0, "online_steps_per_round",
+                "must divide align_batch_size (each round's prompts are split over its steps)", "use 1")
         require(self.workers >= 0, "workers", "must be >= 0", "0 = one per core")
 
 

@@ -58,6 +58,8 @@ class SamplingSettings:
     """Sampler: 'hf' (transformers generate), 'vllm' (needs vllm and a GPU), 'auto' (vllm when usable)."""
     gpu_memory_utilization: float = 0.85
     """vLLM only: fraction of the GPU's memory the vLLM engine may take."""
+    kv_cache: Literal["dynamic", "static"] = "dynamic"
+    """HF only: the KV cache of generate (static = preallocated; measured in docs/speed.md). Samples are the same."""
 
     def check_sampling(self) -> None:
         """Validate the sampling fields (called from the owning config's ``__post_init__``)."""
@@ -196,6 +198,7 @@ class HFSampler:
             min_new_tokens=s.min_new_tokens or None,
             eos_token_id=tok.eos_token_id,
             pad_token_id=pad_id,
+            **({"cache_implementation": "static"} if getattr(s, "kv_cache", "dynamic") == "static" else {}),
         )
         # generate() fills every unset field of `config` from the model's own generation_config.json (a chat
         # model may ship temperature / top_p / repetition_penalty there), which would change the distribution

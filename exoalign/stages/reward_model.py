@@ -64,7 +64,9 @@ def as_pairs(rows: list[dict], file: str) -> list[dict]:
         r = row.get("rewards")
         if r is not None and r[1] > r[0]:
             row = reorder(row, [1, 0])  # rewards, finished flags and sampled ids follow their completions
-        out.append(row)
+        # A reward model reads text: `exoalign score` gives it (prompt, completion) texts with EOS appended, so it
+        # is trained on the same form (not on the sampled ids, nor without EOS for a cut-off completion).
+        out.append({k: v for k, v in row.items() if k not in ("finished", "completion_ids")})
     return out
 
 

@@ -63,7 +63,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Allow model code from the hub (runs code from the model repository: only for models you trust)."""
     disable_dropout: bool = True
-    """Set every dropout probability to 0, so policy and reference log-probs are deterministic (as TRL does)."""
+    """Zero every dropout probability (nn.Dropout modules, dropout a module applies functionally, the config's dropout
+    fields), so policy and reference log-probs are deterministic functions of the weights."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     lora_r: int = 0

@@ -67,6 +67,10 @@ _SYNONYMS = (
 )
 
 
+#: Keyword arguments every config takes without keeping them under the same attribute name.
+_CONFIG_KWARGS = {"attn_implementation", "dtype", "torch_dtype", "num_labels", "id2label", "label2id"}
+
+
 def _scratch_config(cfg: ModelConfig, tokenizer: Any, max_length: int, head: Head) -> Any:
     """The transformers config of a scratch model, or :class:`InputError` naming ``model.model_type`` (unknown, or
     without the head this stage needs) or ``model.scratch_config`` (a key the config class refuses)."""
@@ -94,7 +98,11 @@ def _scratch_config(cfg: ModelConfig, tokenizer: Any, max_length: int, head: Hea
             fix=f"use a decoder-only model_type such as gpt2, llama, mistral, qwen2{hint}",
         )
     overrides = dict(cfg.scratch_config)
-    known = set(vars(CONFIG_MAPPING[cfg.model_type]())) | set(getattr(CONFIG_MAPPING[cfg.model_type], "attribute_map", {}))
+    config_class = CONFIG_MAPPING[cfg.model_type]
+    try:
+        known = set(vars(config_class())) | set(getattr(config_class, "attribute_map", {})) | _CONFIG_KWARGS
+    except Exception:  # a config class without usable defaults: leave the keys to transformers
+        known = set(overrides)
     for key in overrides:  # transformers keeps unknown keys silently: n_layer on a llama would build 7B weights
         if key not in known:
             same = [k for group in _SYNONYMS if key in group for k in group if k in known]

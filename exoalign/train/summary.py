@@ -6,8 +6,8 @@ cannot have changed the model.
 
 The first and last values are those of the first and last logged windows (``train.log_every`` steps each).
 A run is flagged when it had fewer than :data:`MIN_STEPS` optimizer steps, or when the policy's drift from the
-reference on the training data (``kl/batch``, the k1 estimate of ``KL(π_sft‖π_θ)``) stayed below
-:data:`MIN_KL` nats: an aligned model that close to π_sft samples essentially like it.
+reference on the training data (``|kl/batch|``, the k1 estimate of ``KL(π_sft‖π_θ)``) stayed below
+:data:`MIN_KL` nats in every logged window: an aligned model that close to π_sft samples essentially like it.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ class Summary:
     """Metrics of the last logged window."""
     eval_last: dict[str, float]
     """The last held-out metrics (``eval/…``), if the run had held-out rows."""
+    kl_max: float | None = None
+    """The largest ``|kl/batch|`` of any logged window: how far the policy got from the reference at any point."""
 
     def get(self, key: str) -> tuple[float, float] | None:
         if key in self.first and key in self.last:
@@ -66,7 +68,9 @@ def read_summary(output_dir: str | Path) -> Summary | None:
     if not train:
         return None
     last_eval = {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
-    return Summary(steps=train[-1]["step"], first=train[0], last=train[-1], eval_last=last_eval)
+    kls = [abs(r["kl/batch"]) for r in train if isinstance(r.get("kl/batch"), float) and math.isfinite(r["kl/batch"])]
+    return Summary(steps=train[-1]["step"], first=train[0], last=train[-1], eval_last=last_eval,
+                   kl_max=max(kls) if kls else None)
 
 
 def _arrow(pair: tuple[float, float] | None, digits: int, one_window: bool) -> str | None:
@@ -99,8 +103,8 @@ def too_small(s: Summary, *, lr: float) -> str | None:
     why = []
     if s.steps < MIN_STEPS:
         why.append(f"only {s.steps} optimizer step{'s' if s.steps != 1 else ''} (fewer than {MIN_STEPS})")
-    if s.kl is not None and abs(s.kl) < MIN_KL:
-        why.append(f"the policy moved {abs(s.kl):.2g} nats from the reference (below {MIN_KL})")
+    if s.kl_max is not None and s.kl_max < MIN_KL:  # at no logged window (a short last one can dip near 0)
+        why.append(f"the policy moved at most {s.kl_max:.2g} nats from the reference (below {MIN_KL})")
     if not why:
         return None
     return (f"warning: this run cannot have changed the model much: {' and '.join(why)}. Fix: train longer "

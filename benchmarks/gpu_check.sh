@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU check, ready to run on one CUDA GPU in under 8 minutes; writes one JSON file.
+#
+#   bash benchmarks/gpu_check.sh [OUT.json]      (default benchmarks/results/gpu/gpu_check.json)
+#
+# Parts (each under its own time limit, each recorded as passed / failed / skipped with its numbers):
+#   cuda_tests  - pytest -m cuda: bf16 vs fp32 within tolerance, prompt sharing with SDPA, chunked head, determinism
+#   throughput  - benchmarks/throughput.py --model smollm2 --quick --device cuda (fp32 + bf16 rows, vs TRL)
+#   sampling    - exoalign sample on SmolLM2 with HF generate and with vLLM: tokens/s and mean reward (oracle)
+#   demo        - exoalign demo --quick --device cuda
+# Without a GPU every part is skipped with one line and the JSON says so.
+set -u
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${1:-$ROOT/benchmarks/results/gpu/gpu_check.json}"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+[ -x "$PY" ] || PY=python
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/exoalign-gpu-check.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$(dirname "$OUT")" "$WORK/parts"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+cd "$ROOT"
+
+has_gpu() { "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; }
+GPU=0; has_gpu && GPU=1
+
+# part NAME SECONDS CMD...: run CMD under a time limit; record status, seconds and the log's tail.
+part() {
+  local name="$1" limit="$2"; shift 2
+  local rec="$WORK/parts/$name.json" log="$WORK/$name.log"
+  if [ "$GPU" = 0 ]; then
+    echo "skip: $name: no CUDA GPU on this machine"
+    "$PY" - "$rec" "$name" <<'PYEOF'
+import json, sys
+json.dump({"status": "skipped", "reason": "no CUDA GPU on this machine"}, open(sys.argv[1], "w"))
+PYEOF
+    return
+  fi
+  local t0=$SECONDS rc=0
+  timeout "$limit" "$@" >"$log" 2>&1 || rc=$?
+  local status=passed; [ "$rc" = 0 ] || status=failed; [ "$rc" = 124 ] && status=timeout
+  echo "$status: $name ($((SECONDS - t0)) s)"
+  "$PY" - "$rec" "$status" "$rc" "$((SECONDS - t0))" "$log" "$WORK" "$name" <<'PYEOF'
+import json, pathlib, sys
+rec, status, rc, secs, log, work, name = sys.argv[1:]
+out = {"status": status, "returncode": int(rc), "seconds": int(secs),
+       "log_tail": pathlib.Path(log).read_text(errors="replace")[-2000:]}
+extra = pathlib.Path(work) / f"{name}.result.json"
+if extra.exists():
+    out["result"] = json.loads(extra.read_text())
+json.dump(out, open(rec, "w"), indent=1)
+PYEOF
+}
+
+part cuda_tests 60 "$PY" -m pytest tests/test_speed_cuda.py -m cuda -q -rs
+part throughput 180 "$PY" benchmarks/throughput.py --model smollm2 --quick --device cuda \
+  --json "$WORK/throughput.result.json" --md "$WORK/throughput.md"
+part sampling 120 "$PY" benchmarks/throughput_sampling.py --device cuda --backends hf,vllm \
+  --json "$WORK/sampling.result.json"
+part demo 120 "$PY" -m exoalign.cli demo --quick --device cuda --out "$WORK/demo"
+
+"$PY" - "$OUT" "$WORK/parts" "$GPU" <<'PYEOF'
+import json, pathlib, platform, sys
+out, parts, gpu = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3] == "1"
+import torch
+res = {"gpu": torch.cuda.get_device_name(0) if gpu else None, "torch": torch.__version__,
+       "platform": platform.platform(),
+       "parts": {p.stem: json.loads(p.read_text()) for p in sorted(parts.glob("*.json"))}}
+res["all_passed"] = gpu and all(v["status"] == "passed" for v in res["parts"].values())
+pathlib.Path(out).write_text(json.dumps(res, indent=1) + "\n")
+print(f"wrote {out}")
+PYEOF
