@@ -45,6 +45,7 @@ from .jobs import Job, one_thread, run_jobs, usable_cores
 from .settings import (  # noqa: F401 (re-exported)
     METHODS,
     OFFLINE_METHODS,
+    OMIT_AT_DEFAULT,
     ONLINE_METHODS,
     QUICK_SCRATCH,
     STAGE_KEYS,
@@ -103,8 +104,10 @@ class Demo:
         """Chained fingerprints: a change of a setting changes the fingerprint of its stage and all later ones."""
         prev, out = "exoalign-demo/2", {}
         values = dataclasses.asdict(self.s)
+        defaults = dataclasses.asdict(DemoSettings())
         for stage, keys in stage_keys(self.s.scratch).items():
-            blob = json.dumps([prev, stage, {k: values[k] for k in keys}], sort_keys=True)
+            used = {k: values[k] for k in keys if not (k in OMIT_AT_DEFAULT and values[k] == defaults[k])}
+            blob = json.dumps([prev, stage, used], sort_keys=True)
             prev = out[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
         return out
 

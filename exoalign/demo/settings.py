@@ -69,13 +69,13 @@ class DemoSettings:
     """Label smoothing ε of the pref targets [1-ε, ε]."""
     align_steps: int = 8
     """Optimizer steps of each alignment run."""
-    align_batch_size: int = 4
+    align_batch_size: int = 2
     """Prompts per alignment step (pref: that many pairs; rw: that many groups of K)."""
     align_lr: float = 3e-5
     """Alignment learning rate (constant after a short warm-up)."""
     mixed_precision: str = "bf16"
     """Training compute: bf16 autocast (fp32 weights and optimizer; ~2x faster on CPUs with bf16 units) or fp32."""
-    save_every: int = 4
+    save_every: int = 8
     """Checkpoint (and evaluate) every this many alignment steps."""
     online_rounds: int = 8
     """Online methods: rounds of sample K from π_t → score → one step (each round = align_batch_size prompts,
@@ -134,22 +134,24 @@ class DemoSettings:
 SCRATCH_PRESET = dict(
     n_train_prompts=1024, n_eval_prompts=128, max_length=96, max_prompt_length=24, max_new_tokens=48,
     align_steps=200, align_batch_size=16, align_lr=5e-5, save_every=50, eval_samples=2, mixed_precision="fp32",
+    online_rounds=200,
 )
 """``model=scratch``: the toy of the first demo (a 0.9M-parameter GPT-2 trained on the grammar, ~10 min)."""
 QUICK_SCRATCH = dict(
     n_sft_reviews=2000, n_train_prompts=96, n_eval_prompts=48, vocab_size=768, n_layer=2, n_embd=64, n_head=2,
     sft_steps=150, sft_lr=5e-3, k=4, max_new_tokens=32, max_prompt_length=24, align_steps=24, align_batch_size=8,
-    align_lr=2e-4, save_every=8, eval_samples=1, n_bootstrap=500,
+    align_lr=2e-4, save_every=8, eval_samples=1, n_bootstrap=500, online_rounds=24,
 )
 """``--quick --model scratch``: the same chain, tiny (the default test suite runs it)."""
 QUICK_REAL = dict(
-    n_train_prompts=16, n_eval_prompts=12, max_new_tokens=16, align_steps=4, align_batch_size=4, save_every=2,
-    n_bootstrap=1000,
+    n_train_prompts=16, n_eval_prompts=12, max_new_tokens=16, align_steps=4, align_batch_size=2, save_every=2,
+    n_bootstrap=1000, online_rounds=4,
 )
 """``--quick`` on a real model: every stage and method, a few steps (a few minutes on 2 cores)."""
 CUDA_REAL = dict(
     n_train_prompts=512, n_eval_prompts=128, max_new_tokens=48, max_length=128, align_steps=120,
     align_batch_size=8, save_every=20, eval_samples=4, beta_pi=[0.1, 0.3, 1.0], mixed_precision="fp32",
+    online_rounds=120,
 )
 """``--device cuda`` on a real model: more prompts, steps, tokens and β values."""
 
@@ -179,7 +181,10 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
 its fingerprints (see :func:`stage_keys`). ``methods`` and ``beta_pi`` are not here: each (method, β_π) run
 is a job with its own fingerprint, so adding a β value or a method runs only the new runs."""
 SCRATCH_ONLY = {"n_sft_reviews", "vocab_size", "n_layer", "n_embd", "n_head", "sft_steps", "sft_batch_size",
-                "sft_lr", "prompt_format", "instruction"}
+                "sft_lr"}
+OMIT_AT_DEFAULT = {"prompt_format", "instruction"}
+"""Keys hashed only when they differ from their default (they joined the fingerprint late: directories made
+with the default chat prompts keep their cache)."""
 
 
 def stage_keys(scratch: bool) -> dict[str, tuple[str, ...]]:

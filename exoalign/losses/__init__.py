@@ -5,6 +5,9 @@
 >>> out = loss_fn(policy_logps, ref_logps, pref_targets(len(policy_logps), 1e-3), beta_pi=0.1)
 >>> out.losses.mean().backward()
 
+Online (completions sampled from the current policy π_t): ``online_targets(rewards, log π_t, log π_sft, β_π, β_r,
+mask)`` gives the corrected reference and targets for exo/dpo and the KL-shaped reward for ``rloo``.
+
 See ``core.py`` for the equations and papers, and ``docs/losses.md`` for when to use which. The trainer knows no loss formula: it asks :func:`get_loss`
 and reads the attributes :func:`loss_info` returns (whether the loss needs the reference model, completion
 lengths, and which extra parameters it takes).
