@@ -1,4 +1,5 @@
-"""Tests of the exact-optimum benchmark: enumeration, exact metrics, analytic best-of-N, the CLI's quick mode."""
+"""Tests of the exact-optimum benchmark: enumeration, exact metrics, analytic best-of-N, ancestral sampling, the online
+methods, the CLI's quick mode."""
 
 from __future__ import annotations
 
