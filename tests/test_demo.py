@@ -124,6 +124,20 @@ def test_changing_a_training_setting_invalidates_only_later_stages():
     assert [k for k in fp if fp[k] != raw[k]] == ["prompts", "sample", "score", "label", "train", "eval"]
 
 
+def test_online_methods_join_at_their_own_beta():
+    """online-exo and rloo run once, at online_beta_pi, with fingerprints that follow the online settings only."""
+    s = D.settings_for(False, 0, ["methods=[exo-rw,dpo-rw,exo-pref,dpo-pref,online-exo,rloo]"])
+    demo = D.Demo(D.Path("x"), s, "cpu")
+    runs = demo.run_list()
+    assert [r for r in runs if r[1] in ("online-exo", "rloo")] == [("online-exo_bpi1", "online-exo", 1.0),
+                                                                   ("rloo_bpi1", "rloo", 1.0)]
+    assert len(runs) == 2 + 4 * len(s.beta_pi) and demo.steps("rloo") == s.online_rounds
+    more = D.Demo(D.Path("x"), dataclasses.replace(s, online_rounds=3), "cpu")
+    fp, fp3 = demo.fingerprints()["train"], more.fingerprints()["train"]
+    assert fp == fp3 and demo.train_fp(fp, "rloo", 1.0) != more.train_fp(fp, "rloo", 1.0)
+    assert demo.train_fp(fp, "exo-rw", 1.0) == more.train_fp(fp, "exo-rw", 1.0)
+
+
 def test_envelope_and_comparison_by_hand():
     """Run a: (0, 0.0), (1, 0.4), (2, 0.3) → envelope (0, 0)-(1, 0.4), flat 0.4 after KL 1.
     Run b: (0, 0.0), (2, 0.2) → line of slope 0.1. Common KL range [0, 2] (both reached KL 2).
@@ -152,14 +166,15 @@ def _pts(kls, prompt_rewards, prompt_kls=None):
 
 
 def test_paired_bootstrap_verdicts():
-    """b's checkpoints: π_sft (KL 0) and one at KL 1, with per-prompt rewards that vary a lot across prompts.
+    """b's checkpoints: π_sft (KL 0, reward 0) and one at KL 1 with per-prompt rewards in [0.2, 1] that vary a lot
+    across prompts.
     a = b + 0.1 on every prompt at the KL-1 checkpoint: the envelope gap is 0.1·x on [0, 1], mean 0.05 on
     every resample (the prompt noise cancels in the pair), so the interval is [0.05, 0.05] → "above".
     Swapped → "below". A difference that flips sign between prompts (±0.3, mean 0) → "no difference
     detected" although each resample's gap is rarely exactly 0."""
     rng = np.random.default_rng(0)
     n = 40
-    base = rng.uniform(-1, 1, n)
+    base = rng.uniform(0.2, 1, n)  # positive: the KL-1 checkpoint is on both envelopes in every resample
     zero = np.zeros(n)
     b = _pts([0.0, 1.0], [zero, base])
     a = _pts([0.0, 1.0], [zero, base + 0.1])

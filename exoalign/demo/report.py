@@ -21,7 +21,7 @@ import numpy as np
 
 from .frontier import envelope, paired_bootstrap, verdict
 from .jobs import usable_cores
-from .settings import fmt_beta
+from .settings import ONLINE_METHODS, fmt_beta
 
 if TYPE_CHECKING:
     from .pipeline import Demo
@@ -108,7 +108,7 @@ def write_report(demo: Demo, runs: list[tuple[str, str, float]]) -> dict[str, An
         for beta in s.beta_pi:  # the same comparison at each β_π alone
             pa = [p for p in points[a] if p["beta_pi"] == beta]
             pb = [p for p in points[b] if p["beta_pi"] == beta]
-            if not pa or not pb or len(s.beta_pi) < 2:
+            if not pa or not pb or len(s.beta_pi) < 2 or a in ONLINE_METHODS:  # online runs use one β_π
                 continue
             comparison[f"{a}@{fmt_beta(beta)}_vs_{b}@{fmt_beta(beta)}"] = {
                 **paired_bootstrap(pa, pb, n_boot=s.n_bootstrap, seed=s.seed), "beta_pi": beta}
