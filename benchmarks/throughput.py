@@ -171,23 +171,30 @@ def run_phase(shape: Shape, systems: tuple[str, ...], assets: Path, work: Path, 
         for w in workers:
             assert w.read().get("ready"), w.system
         results = {w.system: SystemResult(w.system, phase=phase) for w in workers}
+        alive = list(workers)
         for i in range(shape.warmup + shape.steps):
-            for w in workers:  # A B C A B C …
-                msg = w.send("step")
+            for w in list(alive):  # A B C A B C …
+                try:
+                    msg = w.send("step")
+                except (RuntimeError, BrokenPipeError) as e:  # killed (e.g. out of memory): record, go on
+                    print(f"warning: {w.system} failed: {str(e).splitlines()[0]}", file=sys.stderr)
+                    results[w.system].final = {"error": str(e).splitlines()[0]}
+                    alive.remove(w)
+                    continue
                 r = results[w.system]
                 r.losses.append(msg["loss"])
                 if i >= shape.warmup:
                     r.step_s.append(msg["step_s"])
                     r.cpu_s.append(msg["cpu_s"])
             loads.append(load_average())
-        for w in workers:
+        for w in alive:
             results[w.system].final = w.send("done")
             w.close()
     finally:
         for w in workers:
             if w.proc.poll() is None:
                 w.proc.kill()
-    return results
+    return {k: v for k, v in results.items() if v.step_s and "peak_rss_mb" in v.final}
 
 
 def _param_count(path: Path, auto_config: Any) -> int:
@@ -205,7 +212,7 @@ def flops(params: int, final: dict) -> float:
 def summary(res: dict) -> dict:
     """The JSON of ``--json``: exactly the keys the checks read."""
     s = res["systems"]
-    exo, default, fastest = s["exoalign"], s.get("trl_default"), s["trl_fastest"]
+    exo, default, fastest = s["exoalign"], s.get("trl_default"), s.get("trl_fastest")
     # The pair jobs in fp32 must agree on the step-0 loss (bf16 rounds it; the listwise job is another loss).
     loss0 = [v["losses"][0] for k, v in s.items() if k in ("exoalign", "exoalign_unshared", "trl_default",
                                                             "trl_fastest")]
@@ -213,14 +220,14 @@ def summary(res: dict) -> dict:
     def mem(v: dict) -> float:
         return v["final"].get("peak_cuda_mb") or v["final"]["peak_rss_mb"]
 
-    trl_mem = mem(fastest)
+    trl_mem = mem(fastest) if fastest else None
     mfu = flops(res["params"], exo["final"]) / exo["median_s"] / (res["peak_gflops"] * 1e9)
     return {
         "speedup_vs_trl_default": default["median_s"] / exo["median_s"] if default else None,  # None: not run
-        "speedup_vs_trl_fastest": fastest["median_s"] / exo["median_s"],
-        "memory_ratio_vs_trl": mem(exo) / trl_mem,
+        "speedup_vs_trl_fastest": fastest["median_s"] / exo["median_s"] if fastest else None,
+        "memory_ratio_vs_trl": mem(exo) / trl_mem if fastest else None,
         "mfu": mfu,
-        "loss_match": bool(max(loss0) - min(loss0) <= LOSS_TOL),
+        "loss_match": bool(max(loss0) - min(loss0) <= LOSS_TOL) if len(loss0) > 1 else None,
         "prefix_sharing": {k: v["speedup"] for k, v in res["prefix"].items()},
         "model": res["shape"].get("model", "gpt2-14m"),
         "params": res["params"],
@@ -242,8 +249,9 @@ def markdown(res: dict, command: str) -> str:
         f"(measured before and after: {', '.join(f'{p:.1f}' for p in res['peaks'])}).  ",
         f"Job: {_model_line(sh, res['params'])}; {sh['pairs']} pairs per step, prompts {sh['prompt_len']} and "
         f"completions {sh['completion_len']} tokens; fp32 unless the row says bf16 (autocast); {sh['steps']} timed "
-        f"steps after {sh['warmup']} warm-up per system, interleaved within each phase (phase 0: the headline "
-        "comparison; phase 1: bf16 and the listwise K = 4 job, whose policy sees 4 completions per prompt).",
+        f"steps after {sh['warmup']} warm-up per system, interleaved within each phase (phase 0: "
+        f"{', '.join(sh['systems'])}; phase 1: {', '.join(sh.get('extra') or ['none'])}; phases run one after "
+        "the other, so only rows of one phase are interleaved; exoalign_k4's policy sees 4 completions per prompt).",
         "",
         "| system | phase | median s/step | min s/step | CPU s/step | completion tokens/s | exoalign speedup | peak RSS MiB "
         "| RSS above start MiB | policy + ref tokens/step | MFU | step-0 loss | last-step loss |",
