@@ -245,13 +245,13 @@ def test_a_deleted_output_is_remade_and_nothing_else(quick_run):
 
 @pytest.mark.real
 def test_micro_demo_on_smollm2(tmp_path):
-    """The default model end to end at toy sizes (4 training prompts × K=2, 4 new tokens, one step per run,
+    """The default model end to end at toy sizes (4 training prompts × K=2, 8 new tokens, one step per run,
     one β_π, two methods, every job in this process): π_sft is SmolLM2 itself, the prompts go through its chat
     template, results.json records the model and its size, and the verdict comes from a paired interval."""
     from exoalign.cli import main
 
     out = tmp_path / "d"
-    tiny = ["n_train_prompts=4", "n_eval_prompts=3", "k=2", "max_new_tokens=4", "align_steps=1", "save_every=1",
+    tiny = ["n_train_prompts=4", "n_eval_prompts=3", "k=2", "max_new_tokens=8", "align_steps=1", "save_every=1",
             "align_batch_size=2", "methods=[exo-rw,dpo-rw]", "beta_pi=[1.0]", "workers=1", "n_bootstrap=100"]
     assert main(["demo", "--device", "cpu", "--out", str(out), *tiny]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -260,9 +260,10 @@ def test_micro_demo_on_smollm2(tmp_path):
     assert set(results["runs"]) == {"exo-rw", "dpo-rw"}
     for points in results["runs"].values():
         assert [(p["step"], p["beta_pi"], p["beta_r"]) for p in points] == [(0, 1.0, 0.1), (1, 1.0, 0.1)]
-        assert points[0]["kl"] == 0.0 and points[1]["length"] <= 4
+        assert points[0]["kl"] == 0.0 and points[1]["length"] <= 8
     group = json.loads((out / "data" / "groups.jsonl").read_text().splitlines()[0])
     assert group["prompt"].startswith("<|im_start|>") and "Continue this movie review: " in group["prompt"]
     c = results["comparison"]["exo-rw_vs_dpo-rw"]
     assert c["side"] == ("above" if c["ci"][0] > 0 else "below" if c["ci"][1] < 0 else "no difference detected")
     assert not list((out / "runs").glob("*/checkpoint-*/state"))  # the training state was pruned
+    assert not (out / "data" / "pairs.jsonl").exists()  # no pref method: no pairs

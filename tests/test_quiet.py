@@ -15,17 +15,39 @@ NOISE = ("Loading weights", "Writing model shards", "Removed shared tensor",
          "We strongly recommend passing in an `attention_mask`")
 
 
-def test_filters_drop_only_the_silenced_messages(caplog):
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_filters_drop_only_the_silenced_messages():
     quiet.install()
     quiet.install()  # idempotent: one filter per logger
     assert sum(isinstance(f, quiet._Drop) for f in logging.getLogger("accelerate.utils.other").filters) == 1
-    with caplog.at_level(logging.WARNING):
-        logging.getLogger("transformers.modeling_utils").warning("We strongly recommend passing in an `attention_mask` ...")
-        logging.getLogger("accelerate.utils.other").warning("[RANK 0] Removed shared tensor {'lm_head.weight'} while saving.")
-        logging.getLogger("transformers.modeling_utils").warning("Some weights of the model were not initialized")
-        logging.getLogger("accelerate.utils.other").warning("another accelerate warning")
-    assert [r.getMessage() for r in caplog.records] == ["Some weights of the model were not initialized",
-                                                        "another accelerate warning"]
+    # a handler on each logger itself: other tests may have changed transformers' verbosity or propagation
+    names = ("transformers.modeling_utils", "accelerate.utils.other")
+    logs = [logging.getLogger(n) for n in names]
+    saved = [(log.level, log.disabled) for log in logs]
+    sink = _Collect()
+    try:
+        for log in logs:
+            log.setLevel(logging.WARNING)
+            log.disabled = False
+            log.addHandler(sink)
+        logs[0].warning("We strongly recommend passing in an `attention_mask` ...")
+        logs[1].warning("[RANK 0] Removed shared tensor {'lm_head.weight'} while saving.")
+        logs[0].warning("Some weights of the model were not initialized")
+        logs[1].warning("another accelerate warning")
+    finally:
+        for log, (level, disabled) in zip(logs, saved):
+            log.removeHandler(sink)
+            log.setLevel(level)
+            log.disabled = disabled
+    assert sink.messages == ["Some weights of the model were not initialized", "another accelerate warning"]
 
 
 def _train(tmp_path: Path, entry: str, name: str) -> str:

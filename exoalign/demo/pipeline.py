@@ -344,7 +344,8 @@ class Demo:
                    self.sample)
         self.stage(5, "score", fp["score"], [self.data / "scored.jsonl", self.data / "scored.jsonl.meta.json"],
                    self.score)
-        self.stage(6, "label", fp["label"], [self.data / "pairs.jsonl"], self.label)
+        if any(m.endswith("-pref") for m in self.s.methods):  # pairs only for the methods that train on them
+            self.stage(6, "label", fp["label"], [self.data / "pairs.jsonl"], self.label)
         runs = self.run_list()
         train_fp = {name: self.train_fp(fp["train"], m, b) for name, m, b in runs}
         self.parallel(7, "train", [

@@ -59,7 +59,7 @@ class SamplingSettings:
     gpu_memory_utilization: float = 0.85
     """vLLM only: fraction of the GPU's memory the vLLM engine may take."""
     kv_cache: Literal["dynamic", "static"] = "dynamic"
-    """HF only: the KV cache of generate (static = preallocated; measured in docs/speed.md). Samples are the same."""
+    """HF only: the KV cache of generate (static = preallocated; not faster on CPU, docs/speed.md). Same distribution."""
 
     def check_sampling(self) -> None:
         """Validate the sampling fields (called from the owning config's ``__post_init__``)."""
