@@ -144,7 +144,7 @@ QUICK_SCRATCH = dict(
 )
 """``--quick --model scratch``: the same chain, tiny (the default test suite runs it)."""
 QUICK_REAL = dict(
-    n_train_prompts=16, n_eval_prompts=12, max_new_tokens=16, align_steps=4, align_batch_size=2, save_every=2,
+    n_train_prompts=16, n_eval_prompts=12, max_new_tokens=16, align_steps=4, align_batch_size=2, save_every=4,
     n_bootstrap=1000, online_rounds=4,
 )
 """``--quick`` on a real model: every stage and method, a few steps (a few minutes on 2 cores)."""
