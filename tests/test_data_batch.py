@@ -85,7 +85,8 @@ def test_collated_logps_equal_unpadded_logps(tiny_model, tiny_tokenizer):
                 logits = tiny_model(ids).logits[0].float().log_softmax(-1)  # (n, V)
                 # Token j of the completion sits at column len(prompt) + j, predicted by the column before.
                 ref = sum(logits[len(prompt) + j - 1, t] for j, t in enumerate(comp))
-                assert logps[b, k].item() == pytest.approx(ref.item(), abs=1e-5)
+                # fp32 sums of ~100 nats: the no-grad path's chunked head rounds differently (~1e-7 relative)
+                assert logps[b, k].item() == pytest.approx(ref.item(), rel=1e-6, abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------ tokenisation
