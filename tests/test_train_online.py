@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -151,6 +156,42 @@ def test_resume_after_a_kill_is_exact(tmp_path, monkeypatch, uninterrupted, wher
     for r in (0, 1):
         name = f"online/round-{r:05d}.json"
         assert (resumed.parent / name).read_text() == (full_final.parent / name).read_text()
+
+
+def test_sigkilled_cli_run_resumes_exactly(tmp_path, uninterrupted):
+    """The real thing through the CLI: ``exoalign train`` online, SIGKILLed right after its step-2 checkpoint
+    (in round 0 of 2 rounds × 4 steps), then ``--resume``: the same loss log and weights as the uninterrupted
+    in-process run of the module fixture."""
+    full_final, _ = uninterrupted
+    out = tmp_path / "killed"
+    args = [f"train.output_dir={out}", f"train.ref_cache_dir={tmp_path / 'cache'}", "train.log_every=1",
+            "train.save_every=2", "train.warmup_steps=0", "train.lr=3e-4", "train.scheduler=linear",
+            "data.eval_fraction=0", "loss.beta_pi=1.0", "online.rounds=2", "online.k=4",
+            "online.prompts_per_round=8", "online.steps_per_round=4", "online.max_new_tokens=12",
+            f"online.oracle={oracle_file(tmp_path)}:f"]
+    cmd = [sys.executable, "-m", "exoalign.cli", "train", "--config", str(SMOKE), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint-2" / "COMPLETE").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    err = proc.communicate()[1]
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    assert not (out / "final").exists()  # really cut short
+    resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def log(run: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in read_metrics(run)]
+
+    got, want = log(out), log(full_final.parent)
+    assert [r.get("step") for r in got] == [r.get("step") for r in want]
+    for g, w in zip(got, want):
+        for key in ("loss", "online/reward", "online/kl", "online/loss"):
+            assert g.get(key) == pytest.approx(w.get(key), abs=1e-5), key
+    a, b = load_file(str(full_final / "model.safetensors")), load_file(str(out / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 def test_sampler_logps_are_those_of_the_distribution_sampled(tmp_path, monkeypatch):
