@@ -15,7 +15,7 @@ loss with and without it.
 
     .venv/bin/python benchmarks/throughput.py                          # 14M job, full run (~15 min on 2 idle cores)
     .venv/bin/python benchmarks/throughput.py --quick --json out.json  # < 3 min
-    .venv/bin/python benchmarks/throughput.py --model smollm2 --quick  # SmolLM2-135M (< 8 min on 2 idle cores)
+    .venv/bin/python benchmarks/throughput.py --model smollm2 --quick  # SmolLM2-135M (~8 min on 2 idle cores)
 
 ``--json`` writes exactly ``speedup_vs_trl_default``, ``speedup_vs_trl_fastest``, ``memory_ratio_vs_trl``,
 ``mfu``, ``loss_match``, ``prefix_sharing``, ``model``, ``params``, ``dtype`` and ``versions``; ``--md`` writes
@@ -157,6 +157,7 @@ def run(shape: Shape, *, keep: Path | None = None) -> dict:
         pre = run_prefix(shape, assets)
         prefix, peaks = pre["prefix"], pre["peaks"]
         return {"shape": asdict(shape), "params": params, "peak_gflops": max(peaks), "peaks": peaks,
+                "peak_gflops_bf16": pre.get("peak_bf16"),
                 "systems": {k: asdict(v) | {"median_s": v.median_s} for k, v in results.items()},
                 "prefix": prefix, "versions": versions(), "load_start": load_start, "load_end": load_average(),
                 "load_during_steps": loads,
@@ -246,7 +247,9 @@ def markdown(res: dict, command: str) -> str:
         f"Machine: {res['versions']['cpu']}, {sh['threads']} threads; load average {res['load_start']:.2f} at the "
         f"start, {max(res['load_during_steps']):.2f} at most during the timed steps, {res['load_end']:.2f} at the "
         f"end; dense fp32 matmul peak {peak:.1f} GFLOP/s "
-        f"(measured before and after: {', '.join(f'{p:.1f}' for p in res['peaks'])}).  ",
+        f"(measured before and after: {', '.join(f'{p:.1f}' for p in res['peaks'])})"
+        + (f", bf16 {res['peak_gflops_bf16']:.1f} GFLOP/s (the MFU limit of the bf16 rows)" if res.get("peak_gflops_bf16")
+           else "") + ".  ",
         f"Job: {_model_line(sh, res['params'])}; {sh['pairs']} pairs per step, prompts {sh['prompt_len']} and "
         f"completions {sh['completion_len']} tokens; fp32 unless the row says bf16 (autocast); {sh['steps']} timed "
         f"steps after {sh['warmup']} warm-up per system, interleaved within each phase (phase 0: "
@@ -260,7 +263,8 @@ def markdown(res: dict, command: str) -> str:
     exo_s = s["exoalign"]["median_s"]
     for name, v in s.items():
         f = v["final"]
-        mfu = flops(res["params"], f) / v["median_s"] / (peak * 1e9)
+        row_peak = res.get("peak_gflops_bf16") if name.endswith("_bf16") and res.get("peak_gflops_bf16") else peak
+        mfu = flops(res["params"], f) / v["median_s"] / (row_peak * 1e9)
         lines.append(
             f"| {name} | {v.get('phase', 0)} | {v['median_s']:.3f} | {min(v['step_s']):.3f} | {statistics.median(v['cpu_s']):.2f} "
             f"| {tok_per_step / v['median_s']:.0f} "

@@ -83,10 +83,12 @@ TINY = dict(layers=2, width=64, heads=2, vocab=512, positions=128, prompt_len=8,
             prefix_steps=1, systems=("exoalign", "trl_default", "trl_fastest"), extra=("exoalign_k4",))
 #: SmolLM2-135M: 8 pairs, prompt 64 / completion 64. Three processes per phase (each holds two models and
 #: AdamW state, ~3 GB idle, up to ~8 GB in a step).
-SMOLLM2 = dict(model="smollm2", vocab=49152, positions=2048, warmup=1, steps=4,
+#: Two warm-up steps: the first step after the optimiser state exists still pays for first-touch page faults
+#: (up to 2× its steady time on this CPU), for every system alike.
+SMOLLM2 = dict(model="smollm2", vocab=49152, positions=2048, warmup=2, steps=4,
                systems=("exoalign", "trl_default", "trl_fastest"),
                extra=("exoalign_bf16", "exoalign_k4", "trl_fastest_bf16"))
-SMOLLM2_QUICK = dict(SMOLLM2, warmup=1, steps=2, prefix_groups=1, prefix_steps=1, prefix_warmup=0,
+SMOLLM2_QUICK = dict(SMOLLM2, warmup=2, steps=2, prefix_groups=1, prefix_steps=1, prefix_warmup=0,
                      extra=("exoalign_bf16", "exoalign_k4"))
 MODELS = ("gpt2-14m", "smollm2")
 
@@ -366,13 +368,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: str = "cpu") -> float:
-    """Dense fp32 matmul GFLOP/s: the best of a few square sizes, a few repetitions each."""
+def matmul_peak(device: str = "cpu", dtype: str = "float32") -> float:
+    """Dense matmul GFLOP/s in ``dtype``: the best of a few square sizes, a few repetitions each."""
     import torch
 
     best = 0.0
+    dt = getattr(torch, dtype)
     for n in (512, 1024, 2048) if device == "cpu" else (4096, 8192):
-        a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+        a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
         for _ in range(2):
             a @ b
         reps = max(2, int((4e9 if device == "cpu" else 4e12) / (2 * n**3)))
@@ -431,7 +434,8 @@ def run_prefix(shape: Shape, assets: Path) -> dict:
         result[str(K)] = {"unshared_s": unshared, "shared_s": shared, "speedup": unshared / shared,
                           "loss_diff": abs(losses[True] - losses[False])}
     peaks.append(matmul_peak(shape.device))
-    return {"prefix": result, "peaks": peaks}
+    # The limit of the bf16-autocast rows: their matmuls run in bf16 (AMX on recent Xeons, tensor cores on GPUs).
+    return {"prefix": result, "peaks": peaks, "peak_bf16": matmul_peak(shape.device, "bfloat16")}
 
 
 FAMILIES = {

@@ -70,6 +70,7 @@ class _TokenLogps(torch.autograd.Function):
         picked = logits[rows, targets].float() / temperature  # (n,)
         ctx.save_for_backward(logits, targets, rows, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.reuse = _reusable(logits)
         return picked - lse[rows]
 
     @staticmethod
@@ -79,7 +80,8 @@ class _TokenLogps(torch.autograd.Function):
         g = grad_out.float()  # (n,)
         # Total upstream gradient per logits row (a row read by several tokens sums theirs).
         g_row = torch.zeros_like(lse).index_add_(0, rows, g)  # (m,)
-        grad = torch.empty_like(logits)  # (m, V): the only full-size allocation of the backward
+        # (m, V): the only full-size buffer of the backward; the logits' own storage when nothing else needs it.
+        grad = logits if ctx.reuse else torch.empty_like(logits)
         for s, e in _chunks(logits.shape[0], logits.shape[1], ctx.chunk):
             block = logits[s:e].float()
             if tau != 1.0:
@@ -90,6 +92,35 @@ class _TokenLogps(torch.autograd.Function):
         if tau != 1.0:
             grad.div_(tau)  # chain rule through x = logits / τ
         return grad, None, None, None, None
+
+
+#: Autograd nodes whose backward does not read their output (a tensor they made may be overwritten), and the
+#: reshapes that may stand between such a node and the logits.
+_OUTPUT_FREE = ("MmBackward0", "AddmmBackward0", "BmmBackward0", "ToCopyBackward0", "IndexBackward0")
+_RESHAPES = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
+
+
+def _reusable(logits: torch.Tensor) -> bool:
+    """Whether backward may write the gradient into ``logits``' own storage (saving one ``[m, V]`` buffer).
+
+    True for logits that come straight out of a linear layer, a boolean index or a dtype cast (through at most
+    a few reshapes): none of those reads its output in backward. Any other producer (soft-capping, scaling, a
+    user hook) might keep the tensor for its own backward, so the gradient gets a buffer of its own there. (A
+    producer that did keep it would make autograd raise, never compute a wrong gradient: the in-place write
+    bumps the tensor's version counter.)
+    """
+    fn = logits.grad_fn
+    for _ in range(4):
+        if fn is None:
+            return False
+        name = type(fn).__name__
+        if name in _OUTPUT_FREE:
+            return True
+        if name not in _RESHAPES:
+            return False
+        nxt = [f for f, _ in fn.next_functions if f is not None]
+        fn = nxt[0] if len(nxt) == 1 else None
+    return False
 
 
 class _HeadLogps(torch.autograd.Function):

@@ -237,6 +237,10 @@ class TrainArgs:
     compile: bool = False
     """torch.compile the model (inductor; needs a C++ compiler on CPU); falls back to eager with one warning.
     Off by default: on CPU its minutes of compile time were not won back in the runs measured (docs/speed.md)."""
+    lean_activations: bool = True
+    """Gated-SiLU MLPs and RMSNorms keep fewer tensors for backward and recompute the elementwise rest (same
+    numbers; SmolLM2: ~0.75 GB less live memory per 1.5k tokens); only where a probe matches the module's own
+    forward, and not under DeepSpeed ZeRO-3 (exoalign/lean.py)."""
     chunked_head: Literal["auto", "on", "off"] = "auto"
     """LM head + log-softmax in chunks of tokens, never holding [tokens, vocab] logits: auto = without gradients
     and for large logits (it costs one more head matmul in backward), on = always, off = never."""

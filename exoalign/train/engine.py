@@ -292,6 +292,12 @@ def _check_continuable(out: Path, ended: dict, total: int) -> None:
         )
 
 
+def _zero3(accelerator: Any) -> bool:
+    """DeepSpeed ZeRO-3 gathers a weight only when its own module runs: lean MLPs read ``down_proj.weight``."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+
+
 class _Run:
     """The state of one training run and its parts: set-up and resume, one micro-batch, one update, logging,
     checkpoints and the final save. :func:`fit` drives it."""
@@ -307,6 +313,10 @@ class _Run:
         loader = DataLoader(job.train_data, batch_size=args.batch_size, sampler=self.sampler, collate_fn=job.collate)
         self.params = [p for p in job.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(job.model, args)  # AdamW; biases and norm weights without weight decay
+        if getattr(args, "lean_activations", False) and not _zero3(accelerator):
+            from ..lean import apply_lean_activations
+
+            logger.debug("lean activations: %s", apply_lean_activations(job.model))
         if getattr(args, "compile", False):
             compile_model(job.model)
         self.model, self.optimizer, self.loader = accelerator.prepare(job.model, optimizer, loader)

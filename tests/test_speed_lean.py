@@ -1,0 +1,164 @@
+"""Lean activations (exoalign/lean.py) and the in-place logits gradient: same numbers, fewer saved tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from exoalign.lean import _RMSNorm, _SwiGLUDown, apply_lean_activations, remove_lean_activations
+from exoalign.logprobs import _reusable, sequence_logps, token_logps
+
+
+def _llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    with torch.no_grad():  # norm weights away from 1, so that a wrong weight gradient shows
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids).logits
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+    (out * w).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_swiglu_and_rmsnorm_gradcheck() -> None:
+    """The hand-written backwards against numerical differences (float64)."""
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: _SwiGLUDown.apply(*a), (gate, up, w, b))
+    assert torch.autograd.gradcheck(lambda *a: _SwiGLUDown.apply(*a, None), (gate, up, w))
+    # RMSNorm computes in fp32 by definition (as Llama's does): check it against its own fp32 formula instead.
+    x = torch.randn(2, 3, 6, generator=g, requires_grad=True)
+    wn = (1 + 0.3 * torch.randn(6, generator=g)).requires_grad_()
+    y = _RMSNorm.apply(x, wn, 1e-6)
+    ref = wn * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    gy = torch.randn(y.shape, generator=g)
+    ga = torch.autograd.grad((y * gy).sum(), [x, wn])
+    gr = torch.autograd.grad((ref * gy).sum(), [x, wn])
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    for a, r in zip(ga, gr, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+def test_lean_llama_equals_plain_and_saves_memory() -> None:
+    """Patched Llama: identical logits, gradients to 1e-5 relative, fewer bytes saved for backward; removable."""
+    model = _llama()
+    ids = torch.randint(0, 120, (3, 24), generator=torch.Generator().manual_seed(1))
+
+    def saved_bytes() -> int:
+        total = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids).logits.sum()
+        return total[0]
+
+    plain_out, plain_g = _grads(model, ids)
+    plain_bytes = saved_bytes()
+    assert apply_lean_activations(model) == {"mlp": 2, "norm": 5}
+    assert apply_lean_activations(model) == {"mlp": 2, "norm": 5}  # idempotent
+    lean_out, lean_g = _grads(model, ids)
+    lean_bytes = saved_bytes()
+    torch.testing.assert_close(lean_out, plain_out, rtol=0, atol=0)
+    for name, g in plain_g.items():
+        scale = float(g.abs().max()) + 1e-12
+        assert float((lean_g[name] - g).abs().max()) / scale < 1e-5, name
+    # Per MLP the lean form drops silu(gate) and the product (2 × intermediate), per norm its normalised copy.
+    assert lean_bytes < 0.8 * plain_bytes, (lean_bytes, plain_bytes)
+    remove_lean_activations(model)
+    assert not any("_lean_forward" in m.__dict__ for m in model.modules())
+    again_out, _ = _grads(model, ids)
+    torch.testing.assert_close(again_out, plain_out, rtol=0, atol=0)
+
+
+def test_lean_bf16_autocast_close_to_plain() -> None:
+    """Under bf16 autocast the lean MLP computes in bf16 like autocast's linear; parameter grads stay fp32."""
+    model = _llama()
+    ids = torch.randint(0, 120, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_out, plain_g = _grads(model, ids)
+        apply_lean_activations(model)
+        lean_out, lean_g = _grads(model, ids)
+    assert all(g.dtype == torch.float32 for g in lean_g.values())
+    torch.testing.assert_close(lean_out.float(), plain_out.float(), rtol=0, atol=0.05)
+    for name, g in plain_g.items():
+        assert float((lean_g[name] - g).abs().max()) <= 0.05 * (float(g.abs().max()) + 1e-6), name
+
+
+def test_modules_that_differ_keep_their_forward() -> None:
+    """GPT-2 (GELU MLP, LayerNorm) is not touched; a Gemma-style (1 + w) norm fails the probe."""
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    assert apply_lean_activations(gpt2) == {"mlp": 0, "norm": 0}
+
+    class OnePlusRMSNorm(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(8))
+            self.eps = 1e-6
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    holder = torch.nn.Sequential(OnePlusRMSNorm())
+    assert apply_lean_activations(holder) == {"mlp": 0, "norm": 0}
+
+
+def test_training_step_with_and_without_lean_matches() -> None:
+    """One loss + backward through sequence_logps on a patched and an unpatched copy: equal to 1e-5."""
+    ids = torch.randint(2, 120, (4, 12), generator=torch.Generator().manual_seed(3))
+    am = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    results = []
+    for lean in (False, True):
+        model = _llama(seed=7)
+        if lean:
+            apply_lean_activations(model)
+        lp, _ = sequence_logps(model, ids, am, labels)
+        lp.sum().backward()
+        results.append((lp.detach(), model.model.layers[0].mlp.down_proj.weight.grad.clone(),
+                        model.model.norm.weight.grad.clone()))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_gradient_written_in_place_only_when_safe() -> None:
+    """Logits straight from a matmul are reused for their gradient; logits another op keeps get a buffer."""
+    torch.manual_seed(0)
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    tgt = torch.randint(0, 30, (6,))
+    plain = h @ w.t()
+    assert _reusable(plain) and _reusable((h @ w.t()).view(3, 2, 30))
+    soft = torch.tanh(plain)  # tanh keeps its output for backward
+    assert not _reusable(soft)
+    ref_h, ref_w = torch.autograd.grad(((h @ w.t()).log_softmax(-1)[torch.arange(6), tgt]).sum(), [h, w])
+    got_h, got_w = torch.autograd.grad(token_logps(h @ w.t(), tgt).sum(), [h, w])
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-6)
+    # Tanh-capped logits: correct gradient through tanh (the logits were not overwritten).
+    ref = torch.autograd.grad((torch.tanh(h @ w.t()).log_softmax(-1)[torch.arange(6), tgt]).sum(), [h])[0]
+    got = torch.autograd.grad(token_logps(torch.tanh(h @ w.t()), tgt).sum(), [h])[0]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_train_config_switch(lean: bool, tmp_path) -> None:
+    """``train.lean_activations`` exists, defaults to on, and is a plain bool in the config."""
+    from exoalign.train.config import TrainArgs
+
+    assert TrainArgs(output_dir=str(tmp_path)).lean_activations is True
+    assert TrainArgs(output_dir=str(tmp_path), lean_activations=lean).lean_activations is lean
