@@ -173,6 +173,7 @@ def run_phase(shape: Shape, systems: tuple[str, ...], assets: Path, work: Path, 
             assert w.read().get("ready"), w.system
         results = {w.system: SystemResult(w.system, phase=phase) for w in workers}
         alive = list(workers)
+        last: dict[str, float] = {}  # each system's latest step, for the progress line
         for i in range(shape.warmup + shape.steps):
             for w in list(alive):  # A B C A B C …
                 try:
@@ -183,11 +184,15 @@ def run_phase(shape: Shape, systems: tuple[str, ...], assets: Path, work: Path, 
                     alive.remove(w)
                     continue
                 r = results[w.system]
+                last[w.system] = msg["step_s"]
                 r.losses.append(msg["loss"])
                 if i >= shape.warmup:
                     r.step_s.append(msg["step_s"])
                     r.cpu_s.append(msg["cpu_s"])
             loads.append(load_average())
+            done = ", ".join(f"{k} {t:.2f} s" for k, t in last.items())
+            print(f"phase {phase}, {'warm-up' if i < shape.warmup else 'timed'} step {i + 1}/{shape.warmup + shape.steps}:"
+                  f" {done} (load {loads[-1]:.2f})", file=sys.stderr, flush=True)
         for w in alive:
             results[w.system].final = w.send("done")
             w.close()
