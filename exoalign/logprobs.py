@@ -70,7 +70,7 @@ class _TokenLogps(torch.autograd.Function):
         picked = logits[rows, targets].float() / temperature  # (n,)
         ctx.save_for_backward(logits, targets, rows, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
-        ctx.reuse = _reusable(logits)
+        ctx.reuse = _GRAD_IN_PLACE and _reusable(logits)
         return picked - lse[rows]
 
     @staticmethod
@@ -92,6 +92,26 @@ class _TokenLogps(torch.autograd.Function):
         if tau != 1.0:
             grad.div_(tau)  # chain rule through x = logits / τ
         return grad, None, None, None, None
+
+
+#: Whether :class:`_TokenLogps` may write its gradient into the logits (see :func:`logits_grad_in_place`).
+_GRAD_IN_PLACE = False
+
+
+@contextlib.contextmanager
+def logits_grad_in_place(enabled: bool = True) -> Iterator[None]:
+    """Log-probs computed inside the block write their backward's gradient into the logits' own storage.
+
+    Saves one ``[tokens, vocab]`` buffer per step, but the graph can then be differentiated only once: a second
+    ``backward`` through the same logits (``retain_graph=True``) raises autograd's in-place error. The training
+    loop (one backward per forward) turns it on; everything else keeps the default, off.
+    """
+    global _GRAD_IN_PLACE
+    was, _GRAD_IN_PLACE = _GRAD_IN_PLACE, enabled
+    try:
+        yield
+    finally:
+        _GRAD_IN_PLACE = was
 
 
 #: Autograd nodes whose backward does not read their output (a tensor they made may be overwritten), and the

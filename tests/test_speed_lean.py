@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from exoalign.lean import _RMSNorm, _SwiGLUDown, apply_lean_activations, remove_lean_activations
-from exoalign.logprobs import _reusable, sequence_logps, token_logps
+from exoalign.logprobs import _reusable, logits_grad_in_place, sequence_logps, token_logps
 
 
 def _llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
@@ -146,13 +146,34 @@ def test_logits_gradient_written_in_place_only_when_safe() -> None:
     soft = torch.tanh(plain)  # tanh keeps its output for backward
     assert not _reusable(soft)
     ref_h, ref_w = torch.autograd.grad(((h @ w.t()).log_softmax(-1)[torch.arange(6), tgt]).sum(), [h, w])
-    got_h, got_w = torch.autograd.grad(token_logps(h @ w.t(), tgt).sum(), [h, w])
+    with logits_grad_in_place():
+        logits = h @ w.t()
+        out = token_logps(logits, tgt)
+    got_h, got_w = torch.autograd.grad(out.sum(), [h, w])
     torch.testing.assert_close(got_h, ref_h, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-6)
+    assert logits._version > 0  # the gradient really went into the logits' storage
     # Tanh-capped logits: correct gradient through tanh (the logits were not overwritten).
     ref = torch.autograd.grad((torch.tanh(h @ w.t()).log_softmax(-1)[torch.arange(6), tgt]).sum(), [h])[0]
-    got = torch.autograd.grad(token_logps(torch.tanh(h @ w.t()), tgt).sum(), [h])[0]
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    with logits_grad_in_place():
+        out = token_logps(torch.tanh(h @ w.t()), tgt)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), [h])[0], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_kept_by_default_so_the_graph_can_be_reused() -> None:
+    """Outside the training loop's block, two backwards through the same log-probs (retain_graph) both work."""
+    torch.manual_seed(1)
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    lp = token_logps(h @ w.t(), torch.randint(0, 20, (5,)))
+    g1 = torch.autograd.grad(lp.sum(), [h], retain_graph=True)[0]
+    g2 = torch.autograd.grad((2 * lp).sum(), [h])[0]
+    torch.testing.assert_close(g2, 2 * g1)
+    with logits_grad_in_place():
+        lp = token_logps(h @ w.t(), torch.randint(0, 20, (5,)))
+    torch.autograd.grad(lp.sum(), [h], retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):  # loud, never a silently wrong gradient
+        torch.autograd.grad(lp.sum(), [h])
 
 
 @pytest.mark.parametrize("lean", [False, True])

@@ -29,7 +29,7 @@ from transformers import get_scheduler
 
 from ..config import save_config, to_dict
 from ..errors import ConfigError
-from ..logprobs import head_mode
+from ..logprobs import head_mode, logits_grad_in_place
 from .checkpoint import (
     COMPLETE,
     STATE_FILE,
@@ -373,7 +373,8 @@ class _Run:
     # ------------------------------------------------------------------------------------------ steps
     def micro_step(self, batch: dict) -> None:
         """Forward and backward of one micro-batch (gradients accumulate until the update)."""
-        with self.acc.autocast(), head_mode(getattr(self.args, "chunked_head", "auto")):
+        # One backward per forward here, so the logits' storage may take their gradient (logits_grad_in_place).
+        with self.acc.autocast(), head_mode(getattr(self.args, "chunked_head", "auto")), logits_grad_in_place():
             loss, metrics = eager_fallback(self.model, lambda: self.job.loss_fn(self.model, batch))
         if not _finite_everywhere(self.acc, loss):
             if self.args.nan_policy == "stop":
