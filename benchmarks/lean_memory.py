@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput_systems import MODELS, compute_loss_fn, make_assets, preset  # noqa: E402
+from throughput_systems import MODELS, compute_loss_fn, make_assets, pair_batch, preset  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,10 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from exoalign.data import GroupCollator
     from exoalign.lean import apply_lean_activations
     from exoalign.models import load_causal_lm
-    from exoalign.train.config import LossConfig
 
     torch.set_num_threads(args.threads)
     shape = preset(args.model)
@@ -48,14 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         model = load_causal_lm(str(Path(tmp) / "policy"))
     model.train()
     patched = apply_lean_activations(model) if args.lean == "on" else {"mlp": 0, "norm": 0}
-    g = torch.Generator().manual_seed(0)
-    c = shape.completion_len
-    feats = [{"index": b, "prompt_ids": torch.randint(2, shape.vocab, (shape.prompt_len,), generator=g).tolist(),
-              "completion_ids": [torch.randint(2, shape.vocab, (c - 1,), generator=g).tolist() + [0] for _ in range(2)],
-              "ref_logps": [-600.0, -600.0]} for b in range(shape.pairs)]
-    batch = GroupCollator(1)(feats)
+    batch, loss_cfg = pair_batch(shape)
     fn = compute_loss_fn(True)
-    loss_cfg = LossConfig(name="exo", target="pref", beta_pi=0.1, eps=1e-3)
     opt = torch.optim.AdamW(model.parameters(), lr=0.0, fused=True)  # lr 0: every step sees the same weights
     print(f"model {args.model}, lean {args.lean} (patched {patched}), load {os.getloadavg()[0]:.2f}")
     times = []

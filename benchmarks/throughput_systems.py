@@ -451,6 +451,21 @@ FAMILIES = {
 }
 
 
+def pair_batch(shape: Shape) -> tuple[dict, Any]:
+    """One collated batch of the pair job (random ids, EOS last, fixed reference log-probs) and its EXO-pref loss."""
+    import torch
+
+    from exoalign.data import GroupCollator
+    from exoalign.train.config import LossConfig
+
+    g = torch.Generator().manual_seed(shape.seed)
+    c = shape.completion_len
+    feats = [{"index": b, "prompt_ids": torch.randint(2, shape.vocab, (shape.prompt_len,), generator=g).tolist(),
+              "completion_ids": [torch.randint(2, shape.vocab, (c - 1,), generator=g).tolist() + [0] for _ in range(2)],
+              "ref_logps": [-600.0, -600.0]} for b in range(shape.pairs)]
+    return GroupCollator(1)(feats), LossConfig(name="exo", target="pref", beta_pi=0.1, eps=1e-3)
+
+
 def profile_step(shape: Shape, assets: Path, prefix_sharing: bool = True, steps: int = 3) -> dict[str, list]:
     """Where a training step like the loop's goes: wall seconds per phase (median of ``steps``), and the
     forward + backward's self time by operator family (torch.profiler, one step).
@@ -461,20 +476,12 @@ def profile_step(shape: Shape, assets: Path, prefix_sharing: bool = True, steps:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from exoalign.data import GroupCollator
     from exoalign.models import load_causal_lm
-    from exoalign.train.config import LossConfig
 
     model = load_causal_lm(str(assets / "policy"))
     model.train()
-    g = torch.Generator().manual_seed(shape.seed)
-    c = shape.completion_len
-    feats = [{"index": b, "prompt_ids": torch.randint(2, shape.vocab, (shape.prompt_len,), generator=g).tolist(),
-              "completion_ids": [torch.randint(2, shape.vocab, (c - 1,), generator=g).tolist() + [0] for _ in range(2)],
-              "ref_logps": [-600.0, -600.0]} for b in range(shape.pairs)]
-    batch = GroupCollator(1)(feats)
+    batch, loss_cfg = pair_batch(shape)
     fn = compute_loss_fn(prefix_sharing)
-    loss_cfg = LossConfig(name="exo", target="pref", beta_pi=0.1, eps=1e-3)
     opts = {"AdamW (default)": torch.optim.AdamW(model.parameters(), lr=1e-6),
             "AdamW (fused=True)": torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)}
     phases: dict[str, list[float]] = {}
