@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import assert_close_scaled, rel_tol
 
 from exoalign.logprobs import chunked_head_supported, head_mode, head_token_logps, sequence_logps
 from exoalign.models import build_model, tiny_config
@@ -82,8 +83,9 @@ def test_model_path_equal_with_and_without_chunked_head(model_type: str, sharing
     torch.testing.assert_close(lp_on, lp_off, rtol=0, atol=1e-5)
     assert torch.equal(len_on, len_off)
     assert g_on.keys() == g_off.keys() and len(g_on) > 4
-    for name in g_off:
-        torch.testing.assert_close(g_on[name], g_off[name], rtol=1e-4, atol=1e-6, msg=name)
+    # fp32 backward through 2 layers, reductions of length <= 97 (vocab) and 22 (tokens) taken in another order
+    # by the chunked head: each gradient within rel_tol(fp32, 97) ~ 2e-5 of its own largest element.
+    assert_close_scaled(g_on, g_off, rel_tol(torch.float32, VOCAB), what="grad")
 
 
 def test_auto_projects_in_chunks_without_gradients_and_skips_the_head_module() -> None:
