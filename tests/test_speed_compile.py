@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from numerics import assert_close_scaled, rel_tol
 
 from exoalign.logprobs import sequence_logps
 from exoalign.models import build_model, tiny_config
@@ -45,10 +46,10 @@ def test_compiled_equals_eager_to_1e5() -> None:
     assert compile_model(model)
     lp_comp, g_comp = _logps_and_grads(model, batch)
     assert model._compiled_call_impl is not None  # still compiled: no silent fallback
-    torch.testing.assert_close(lp_comp, lp_eager, rtol=0, atol=1e-5)
-    assert g_comp.keys() == g_eager.keys()
-    for name in g_eager:
-        torch.testing.assert_close(g_comp[name], g_eager[name], rtol=0, atol=1e-5, msg=name)
+    # inductor fuses and reorders fp32 reductions (the vocabulary's among them): rounding relative to each scale
+    tol = rel_tol(torch.float32, model.config.vocab_size)
+    assert_close_scaled(lp_comp, lp_eager, tol, what="log-probs")
+    assert_close_scaled(g_comp, g_eager, tol, what="grad")
 
 
 def test_failing_compiler_falls_back_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
@@ -64,10 +65,10 @@ def test_failing_compiler_falls_back_with_one_warning(caplog: pytest.LogCaptureF
     warnings = [r for r in caplog.records if "train.compile" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
     assert model._compiled_call_impl is None
-    torch.testing.assert_close(lp, lp_eager, rtol=0, atol=1e-6)
-    torch.testing.assert_close(lp2, lp_eager, rtol=0, atol=1e-6)
-    for name in g_eager:
-        torch.testing.assert_close(grads[name], g_eager[name], rtol=0, atol=1e-6)
+    # the fallback is the eager model itself: the very same computation, bit for bit
+    torch.testing.assert_close(lp, lp_eager, rtol=0, atol=0)
+    torch.testing.assert_close(lp2, lp_eager, rtol=0, atol=0)
+    assert_close_scaled(grads, g_eager, 0.0, what="grad")
 
 
 def test_non_compile_errors_are_not_swallowed() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import assert_close_scaled, rel_tol
 
 from exoalign.data import GroupCollator, load_rows, select_k, tokenize_rows
 from exoalign.losses import get_loss, pref_targets
@@ -109,7 +110,8 @@ def test_lora_reference_is_the_base_model(toy):
         adapted = grouped_logps(lora, batch)[0]
         ref = reference_logps(lora, batch)
     assert not torch.allclose(adapted, want, atol=1e-3)  # the adapters change the policy …
-    assert torch.allclose(ref, want, atol=1e-5)  # … and disabling them gives π_sft back
+    # … and disabling them gives π_sft back (fp32 rounding of the vocabulary's reduction at most)
+    assert_close_scaled(ref, want, rel_tol(torch.float32, model.config.vocab_size), what="adapters disabled")
 
 
 def test_reference_table_equals_online_logps(toy, tmp_path):
@@ -126,7 +128,14 @@ def test_reference_table_equals_online_logps(toy, tmp_path):
         batch = _batch(tok, with_ref, idx)
         with torch.no_grad():
             online = grouped_logps(model, batch, temperature=0.8)[0].masked_fill(~batch["group_mask"], 0.0)
-        assert torch.allclose(batch["ref_logps"], online, atol=1e-4)
+        # the same fp32 model on other batches (other padding): rounding over the vocabulary per token
+        assert_close_scaled(batch["ref_logps"], online, rel_tol(torch.float32, model.config.vocab_size), what="table")
+
+
+def batch_logps_scale(model, batch) -> torch.Tensor:
+    """The largest |sequence log-prob| of the batch: the scale the loss's rounding follows."""
+    with torch.no_grad():
+        return grouped_logps(model, batch)[0].abs().max()
 
 
 def test_prefix_sharing_gives_the_same_loss(toy):
@@ -146,6 +155,10 @@ def test_prefix_sharing_gives_the_same_loss(toy):
         grads.append(model.transformer.h[0].attn.c_attn.weight.grad.clone())
         results.append((float(loss.detach()), {k: float(v) for k, v in m.items()}))
     model.zero_grad()
-    assert results[1][0] == pytest.approx(results[0][0], abs=1e-4)
-    assert results[1][1] == pytest.approx(results[0][1], abs=1e-3)
-    assert torch.allclose(grads[0], grads[1], atol=1e-4)
+    # two layouts of the same fp32 model: log-probs agree to rel_tol of their size (≈ 30 nats here); the loss and
+    # metrics are smooth functions of them with O(1) slopes (β_π = 1 / β_r = 0.5 -> 2): 2 × that, absolutely
+    tol = rel_tol(torch.float32, model.config.vocab_size)
+    scale = 2 * float(batch_logps_scale(model, batch))
+    assert results[1][0] == pytest.approx(results[0][0], abs=tol * scale)
+    assert results[1][1] == pytest.approx(results[0][1], abs=tol * scale)
+    assert_close_scaled(grads[1], grads[0], tol, what="c_attn grad")

@@ -1,0 +1,49 @@
+"""tools/check_pins.py: the check `make test` runs so that a passing suite is known to have used the pins."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("check_pins", ROOT / "tools" / "check_pins.py")
+check_pins = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_pins)
+
+
+def test_mismatch_is_reported(tmp_path: Path) -> None:
+    f = tmp_path / "c.txt"
+    f.write_text("# comment\nFoo_Bar==1.0\n\nbaz==2.0  # trailing\n-c other.txt\n")
+    pins = check_pins.read_pins(f)
+    assert pins == {"foo-bar": "1.0", "baz": "2.0"}
+    assert check_pins.mismatches(pins, {"foo-bar": "1.0", "baz": "2.0"}) == []
+    assert check_pins.mismatches(pins, {"foo-bar": "1.1"}) == [
+        "baz: pinned 2.0, installed nothing", "foo-bar: pinned 1.0, installed 1.1"]
+    assert check_pins.main([str(f)]) == 1  # foo-bar is not installed here
+
+
+def test_bad_line_names_file_and_line(tmp_path: Path) -> None:
+    f = tmp_path / "c.txt"
+    f.write_text("ok==1\nfoo>=2\n")
+    with pytest.raises(ValueError, match=r"c.txt:2: expected 'name==version'"):
+        check_pins.read_pins(f)
+    assert check_pins.main([str(f)]) == 2
+
+
+def test_constraints_pin_the_libraries_we_depend_on_and_not_torch() -> None:
+    pins = check_pins.read_pins(ROOT / "constraints.txt")
+    for name in ("transformers", "accelerate", "datasets", "safetensors", "tokenizers", "trl", "peft"):
+        assert name in pins, name
+    assert "torch" not in pins  # torch comes from TORCH_SPEC, overridable
+
+
+@pytest.mark.skipif(not os.environ.get("EXOALIGN_CONSTRAINTS"), reason="make test sets EXOALIGN_CONSTRAINTS")
+def test_installed_versions_equal_the_pins() -> None:
+    """Under `make test` the environment is exactly the pinned one (the Makefile also checks before pytest)."""
+    pins = check_pins.read_pins(ROOT / os.environ["EXOALIGN_CONSTRAINTS"])
+    assert check_pins.mismatches(pins) == []
+    assert metadata.version("transformers") == pins["transformers"]
