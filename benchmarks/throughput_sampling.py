@@ -1,6 +1,6 @@
 """Sampling speed of ``exoalign sample``'s samplers on SmolLM2-135M-Instruct: completion tokens/s vs batch size.
 
-Times :class:`exoalign.stages.generation.HFSampler` (the code ``exoalign sample`` runs) on chat prompts, K = 4
+Times :class:`exoalign.sampling.HFSampler` (the code ``exoalign sample`` runs) on chat prompts, K = 4
 completions per prompt, ``max_new_tokens`` 48 (``min_new_tokens`` 48 by default, so every row generates the
 same number of tokens and the figure is not flattered by early EOS), for each setting of
 ``--batch-sizes`` (rows = prompts × K), ``--dtypes`` and ``--caches``; with ``--backends hf,vllm`` (GPU) also
@@ -38,7 +38,7 @@ def _prompt_ids(tok, n: int) -> list[list[int]]:
 def time_hf(model, tok, rows: int, k: int, args, cache: str) -> dict:
     import torch
 
-    from exoalign.stages.generation import HFSampler, SamplingSettings
+    from exoalign.sampling import HFSampler, SamplingSettings
 
     s = SamplingSettings(temperature=0.8, max_new_tokens=args.new_tokens, min_new_tokens=args.min_new_tokens,
                          seed=0, batch_size=rows // k, kv_cache=cache)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(r), flush=True)
         del model
     if "vllm" in args.backends.split(","):
-        from exoalign.stages.generation import SamplingSettings, VLLMSampler
+        from exoalign.sampling import SamplingSettings, VLLMSampler
 
         rows = max(int(b) for b in args.batch_sizes.split(","))
         s = SamplingSettings(temperature=0.8, max_new_tokens=args.new_tokens, min_new_tokens=args.min_new_tokens,

@@ -15,7 +15,6 @@ import dataclasses
 import difflib
 import inspect
 import math
-import os
 import re
 import sys
 import textwrap
@@ -27,6 +26,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import ConfigError, InputError
+from .fileio import atomic_write
 
 T = TypeVar("T")
 
@@ -352,10 +352,7 @@ def to_dict(cfg: Any) -> dict:
 
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write ``cfg`` as YAML, atomically (a temp file renamed over ``path``)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -425,3 +422,11 @@ def require(cond: bool, field: str, message: str, fix: str) -> None:
     """Validation helper for ``__post_init__``: raise ConfigError on ``field`` unless ``cond``."""
     if not cond:
         raise ConfigError(message, field=field, fix=fix)
+
+
+def stage_args(prog: str, cls: type[T], argv: list[str] | None, description: str = "") -> T:
+    """Parse ``[--config FILE] [key=value …]`` for a stage config, also accepting ``--key value`` and
+    ``--key=value`` (dashes read as underscores), so ``exoalign score --oracle m:f`` works like
+    ``exoalign score oracle=m:f``. Returns the loaded, validated config (see :func:`parse_config_args`, which
+    every config-driven command shares)."""
+    return parse_config_args(prog, cls, argv, description)

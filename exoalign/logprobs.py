@@ -264,7 +264,7 @@ def gathered_token_logps(
     return _TokenLogps.apply(logits, targets.clamp(min=0), index, float(temperature), None)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model under DDP / accelerate (``.module``), ``torch.compile`` (``._orig_mod``) and PEFT wrappers."""
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
@@ -276,7 +276,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def _accepts(model: torch.nn.Module, name: str) -> bool:
     try:
-        return name in inspect.signature(_unwrap(model).forward).parameters
+        return name in inspect.signature(unwrap_model(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -287,7 +287,7 @@ def compact_logits_supported(model: torch.nn.Module) -> bool:
     Models of transformers ≥ 5 slice their hidden states with ``slice_logits_to_keep``, which understands a
     boolean mask; older or custom models only know an int (keep the last n positions).
     """
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     if not _accepts(inner, "logits_to_keep"):
         return False
     module = inspect.getmodule(type(inner).forward)
@@ -356,14 +356,14 @@ def _hidden_out(inner: torch.nn.Module, name: str) -> Iterator[torch.nn.Linear]:
 
 def _sharded(model: torch.nn.Module, weight: torch.Tensor) -> bool:
     """FSDP (1 or 2) or DeepSpeed ZeRO-3 hold the head's weight in pieces: it cannot be used outside forward."""
-    if any("FullyShardedDataParallel" in type(m).__name__ for m in (model, _unwrap(model))):
+    if any("FullyShardedDataParallel" in type(m).__name__ for m in (model, unwrap_model(model))):
         return True
     return type(weight.data) is not torch.Tensor or weight.numel() == 0 or hasattr(weight, "ds_id")
 
 
 def chunked_head_supported(model: torch.nn.Module) -> bool:
     """Whether ``model``'s logits are ``lm_head(hidden)`` of a plain ``nn.Linear`` (config checks + one probe)."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     cached = _HEAD_CACHE.get(inner)
     if cached is not None:
         return cached
@@ -395,7 +395,7 @@ def chunked_head_supported(model: torch.nn.Module) -> bool:
 def _use_chunked(model: torch.nn.Module, n_rows: int) -> bool:
     if HEAD_MODE == "off" or not chunked_head_supported(model):
         return False
-    head = _unwrap(model).get_output_embeddings()
+    head = unwrap_model(model).get_output_embeddings()
     if _sharded(model, head.weight):
         return False
     # auto: without gradients chunking only saves work; with them it costs one more head matmul, which pays
@@ -419,7 +419,7 @@ def completion_token_logps(
     """
     n_rows = int(predict.sum())
     if _use_chunked(model, n_rows):
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         with _hidden_out(inner, _head_name(inner)) as head:
             hidden = completion_logits(model, predict, **inputs)  # (n_rows, H)
         return head_token_logps(hidden, head.weight, targets, bias=head.bias, index=index, temperature=temperature)

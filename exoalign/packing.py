@@ -34,10 +34,10 @@ import torch
 from .logprobs import (
     IGNORE,
     _accepts,
-    _unwrap,
     completion_token_logps,
     position_ids_from_mask,
     sequence_logps,
+    unwrap_model,
 )
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def _mask_for(model: torch.nn.Module, segments: torch.Tensor) -> torch.Tensor:
     float mask of the query's dtype saves the bool → float conversion it would otherwise do per layer and per
     backward, but under autocast the query's dtype is the autocast one, so the boolean form is used there.
     """
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     dtype = next(inner.parameters()).dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
     impl = getattr(inner.config, "_attn_implementation", "eager")
@@ -192,7 +192,7 @@ def _mask_for(model: torch.nn.Module, segments: torch.Tensor) -> torch.Tensor:
 
 def _static_support(model: torch.nn.Module) -> str | None:
     """Why ``model`` cannot take the shared layout, from its config alone; ``None`` if nothing rules it out."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     config = getattr(inner, "config", None)
     if config is None:
         return "no transformers config"
@@ -214,7 +214,7 @@ def sliding_window(model: torch.nn.Module) -> int | None:
     A ready 4-D mask replaces the window in transformers' mask builders, so the shared layout is exact only for
     batches whose unshared sequences fit in the window (query ``i`` sees key ``j`` iff ``i − j < window``).
     """
-    config = getattr(_unwrap(model), "config", None)
+    config = getattr(unwrap_model(model), "config", None)
     if config is None or getattr(config, "use_sliding_window", True) is False:
         return None
     window = getattr(config, "sliding_window", None)
@@ -223,7 +223,7 @@ def sliding_window(model: torch.nn.Module) -> int | None:
 
 def _probe(model: torch.nn.Module) -> bool:
     """Compare the shared and unshared layouts on a tiny group batch: does this model honour the mask?"""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     param = next(inner.parameters())
     vocab = inner.get_input_embeddings().num_embeddings
     t = [1 + i % max(vocab - 1, 1) for i in range(9)]
@@ -253,7 +253,7 @@ def supports_shared_prefix(model: torch.nn.Module) -> bool:
     The answer is cached per model (and attention implementation), and a model that cannot take the shared
     layout is named in one warning, not one per step.
     """
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     impl = getattr(getattr(inner, "config", None), "_attn_implementation", None)
     cached = _PROBE_CACHE.get(inner)
     if cached is not None and cached[0] == impl:
@@ -273,7 +273,7 @@ def _shared_logps(
     """The shared-layout forward pass: ``([B, K] log-probs, [B, K] lengths)``, or None if nothing to share."""
     reason = _static_support(model)
     if reason is not None:  # the same rule supports_shared_prefix applies, never a crash deep in the model
-        raise ValueError(f"prefix sharing cannot serve {type(_unwrap(model)).__name__}: {reason}")
+        raise ValueError(f"prefix sharing cannot serve {type(unwrap_model(model)).__name__}: {reason}")
     gm = batch["group_mask"]
     packed = pack_shared_prefix(batch["input_ids"], batch["attention_mask"], batch["labels"], gm)
     if packed is None:
@@ -322,7 +322,7 @@ def shared_prefix_logps(
 
 
 def _warn_once(model: torch.nn.Module, why: str) -> None:
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     if inner not in _WARNED:
         _WARNED.add(inner)
         log.warning("prefix sharing for %s: %s", type(inner).__name__, why)

@@ -1,10 +1,7 @@
-"""``exoalign score``: fill ``rewards`` in group rows from a reward model or an oracle.
+"""Rewards: judges that map (prompts, completions) to one finite reward each, for ``exoalign score``, ``eval``,
+the demo and the online rounds.
 
-    exoalign score input=groups.jsonl output=scored.jsonl reward_model=runs/rm/final
-    exoalign score input=groups.jsonl output=scored.jsonl --oracle exoalign.eval.oracles:vader_sentiment
-
-A *judge* maps (prompts, completions) to one finite reward each. Two kinds:
-
+A *judge* is ``fn(prompts, completions) -> list[float]``. Two kinds:
 * **Reward model** (``reward_model=DIR|hub``): an ``AutoModelForSequenceClassification`` read from safetensors.
   One output → that scalar is the reward. Two outputs (a sentiment classifier, the paper's IMDB oracle) →
   the log-odds ``r = logit[pos] − logit[neg] = log p(pos) − log p(neg)``, where ``pos`` is the label named
@@ -13,7 +10,7 @@ A *judge* maps (prompts, completions) to one finite reward each. Two kinds:
 
   - ``exoalign``: exactly what ``exoalign rm train`` trains on — prompt ids (the tokeniser's special tokens,
     left-truncated to ``judge_max_prompt_length``) + completion ids + EOS, laid out by ``GroupCollator`` and
-    read by ``exoalign.stages.reward_model.scores``;
+    read by :func:`scores`;
   - ``text``: the single string ``prompt + completion`` (right-padded, cut from the left to
     ``judge_max_length`` tokens), as off-the-shelf classifiers such as a BERT sentiment model expect.
 
@@ -23,9 +20,6 @@ A *judge* maps (prompts, completions) to one finite reward each. Two kinds:
   ``fn(prompts, completions) -> list[float]``. It is imported only from the spec the user wrote (the current
   directory is searched for the module too). A bad spec, or an oracle that returns the wrong number of values
   or non-finite ones, is an input error (exit 2).
-
-Rows that already carry rewards are re-scored (their rewards are replaced). Resumable like ``sample``: the
-output grows by whole rows; a rerun with the same settings continues after the last complete row.
 """
 
 from __future__ import annotations
@@ -42,13 +36,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from ..config import require
-from ..data import append_rows, load_rows, read_done_count
-from ..errors import ConfigError, InputError
-from ..models import DTYPES, check_model_dir
-from .generation import check_meta, fingerprint, pick_device, stage_args, write_meta
+from .config import require
+from .errors import ConfigError, InputError
+from .logprobs import position_ids_from_mask
+from .models import DTYPES, check_model_dir
+from .sampling import pick_device
+
+
+def scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar rewards ``[N]`` of a one-output reward model for rows ``[N, T]`` (left-padded prompt,
+    right-padded completion: the layout ``exoalign rm train`` trains on)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.logits[:, 0].float()  # (N, 1) → (N,)
+
 
 Judge = Callable[[list[str], list[str]], list[float]]
 ORACLE_FIX = "write module:function or path/to/file.py:function, e.g. exoalign.eval.oracles:vader_sentiment"
@@ -159,8 +161,7 @@ class RewardModelJudge:
         device = next(self.model.parameters()).device
         out: list[float] = []
         if self.layout == "exoalign":
-            from ..data import GroupCollator, tokenize_rows
-            from .reward_model import scores
+            from .data import GroupCollator, tokenize_rows
 
             rows = [{"prompt": p, "completions": [c]} for p, c in zip(prompts, completions)]
             data = tokenize_rows(rows, self.tokenizer, max_length=self.max_length,
@@ -258,75 +259,3 @@ def judge_texts(judge: Judge, prompts: Sequence[str], completions: Sequence[str]
                              fix="return finite numbers")
         out.extend(values)
     return out
-
-
-# ------------------------------------------------------------------------------------------- stage
-@dataclass
-class ScoreConfig(JudgeSettings):
-    """``exoalign score``: fill rewards in group rows from a reward model or an oracle."""
-
-    input: str = ""
-    """Group rows to score (e.g. the output of exoalign sample); pair rows are scored as groups of 2."""
-    split: str = "train"
-    """Split to read from a hub dataset or a DatasetDict directory."""
-    output: str = ""
-    """Output JSONL: the input rows with 'rewards' filled; appended to when resuming."""
-    rows_per_write: int = 64
-    """Rows scored between two appends to the output (the unit of progress kept after a kill)."""
-    dtype: str = "float32"
-    """Reward model weights dtype: float32, bfloat16, float16 or auto."""
-    device: str = "auto"
-    """auto (CUDA when available), cpu, cuda or cuda:N."""
-    trust_remote_code: bool = False
-    """Allow reward model code from the hub (only for models you trust)."""
-    overwrite: bool = False
-    """Delete an existing output and start afresh instead of resuming."""
-
-    def __post_init__(self) -> None:
-        self.check_judge()
-        require(self.rows_per_write >= 1, "rows_per_write", "must be >= 1", "use e.g. 64")
-        require(self.dtype in DTYPES, "dtype", f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
-
-
-def run(cfg: ScoreConfig) -> Path:
-    """Score every row of ``cfg.input`` into ``cfg.output`` (resuming a partial output)."""
-    for name in ("input", "output"):
-        require(bool(getattr(cfg, name)), name, "not set", f"set {name}=… to a .jsonl path")
-    require(Path(cfg.output).suffix == ".jsonl", "output", "must be a .jsonl file", "name it e.g. scored.jsonl")
-    check_judge_given(cfg)
-    if cfg.reward_model:
-        check_model_dir(cfg.reward_model, "reward_model")
-    rows = load_rows(cfg.input, "preference", split=cfg.split)
-    out = Path(cfg.output)
-    meta = {"stage": "score", "input": fingerprint([[r["prompt"], r["completions"]] for r in rows]),
-            "n_rows": len(rows), **cfg.judge_spec()}
-    resumed = check_meta(out, meta, overwrite=cfg.overwrite)
-    done = read_done_count(out, repair=True) if resumed else 0
-    if done >= len(rows):
-        print(f"{out}: all {len(rows)} rows already scored", file=sys.stderr)
-        return out
-    judge = make_judge(cfg, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    name = f"oracle {cfg.oracle}" if cfg.oracle else f"reward model {cfg.reward_model}"
-    with tqdm(total=len(rows), initial=done, desc="score", unit="row") as bar:
-        for start in range(done, len(rows), cfg.rows_per_write):
-            chunk = rows[start : start + cfg.rows_per_write]
-            prompts = [r["prompt"] for r in chunk for _ in r["completions"]]
-            completions = [c for r in chunk for c in r["completions"]]
-            rewards = judge_texts(judge, prompts, completions, cfg.judge_batch_size, name)
-            scored, at = [], 0
-            for r in chunk:
-                k = len(r["completions"])
-                scored.append({**r, "rewards": rewards[at : at + k]})
-                at += k
-            if not resumed and start == done:
-                write_meta(out, meta)  # only now: a judge failing on the first rows leaves no files behind
-            append_rows(out, scored)
-            bar.update(len(chunk))
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = stage_args("exoalign score", ScoreConfig, argv, description=__doc__.split("\n\n")[0])
-    path = run(cfg)
-    print(f"wrote {path}")
-    return 0

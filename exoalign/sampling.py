@@ -1,6 +1,7 @@
 """Sampling completions from a causal LM, reproducibly, with Hugging Face ``generate`` or vLLM.
 
-Shared by ``exoalign sample`` and ``exoalign eval``. Two properties matter to the rest of the pipeline:
+The one sampler of the package: ``exoalign sample``, ``exoalign eval``, the demo and the online rounds all draw
+through it. Two properties matter to the rest of the pipeline:
 
 * **Per-completion seeds.** Completion ``j`` of prompt number ``i`` is drawn with its own random stream,
   seeded by ``completion_seed(seed, i, j)``. A completion therefore does not depend on which other prompts
@@ -14,23 +15,22 @@ Shared by ``exoalign sample`` and ``exoalign eval``. Two properties matter to th
   stopped), so log-probs for the KL estimators are computed on exactly the sampled sequence rather than on a
   re-tokenisation of the decoded text.
 
-The file also holds the helpers that make the stages resumable: the settings of a run are recorded beside its\noutput (:func:`check_meta`), and a rerun with the same settings appends after the rows already written\n(``exoalign.data.read_done_count`` / ``append_rows``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
 
-from ..config import require
-from ..errors import ConfigError
+from .config import require
+from .data import load_rows
+from .errors import ConfigError
+from .models import load_causal_lm
+from .zoo import resolve_model_path
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -318,71 +318,30 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+def load_prompts(source: str, *, split: str, tokenizer: Any, dedupe: bool, limit: int | None) -> list[str]:
+    """Validated prompt texts of ``source`` (conversations rendered with the chat template), maybe deduplicated."""
+    rows = load_rows(source, "prompt", split=split, tokenizer=tokenizer)
+    prompts = [r["prompt"] for r in rows]
+    if dedupe:
+        prompts = list(dict.fromkeys(prompts))  # dicts keep insertion order: first appearance wins
+    return prompts[:limit] if limit is not None else prompts
+
+
+def build_sampler(
+    cfg: SamplingSettings, name_or_path: str, tokenizer: Any, *, dtype: str, device: str,
+    trust_remote_code: bool, stream: str = "", model: Any = None,
+) -> Sampler:
+    """The sampler of ``cfg.backend``; the HF one reuses ``model`` when given (eval shares it for log-probs)."""
+    if resolve_backend(cfg.backend) == "vllm":
+        return VLLMSampler(resolve_model_path(name_or_path), tokenizer, cfg, dtype=dtype,
+                           trust_remote_code=trust_remote_code, stream=stream)
+    if model is None:
+        model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, field="model")
+        model.to(pick_device(device)).eval()
+    return HFSampler(model, tokenizer, cfg, stream=stream)
+
+
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_prompt_length: int) -> list[list[int]]:
     """Token ids of each prompt, truncated from the left to ``max_prompt_length`` (the end is what matters)."""
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     return [ids[-max_prompt_length:] for ids in encoded]
-
-
-# ------------------------------------------------------------------------------------ resumability
-def fingerprint(value: Any) -> str:
-    """A short stable hash of a JSON-able value (prompt lists, input rows) for the resume records."""
-    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def meta_path(output: str | Path) -> Path:
-    return Path(str(output) + ".meta.json")
-
-
-def check_meta(output: str | Path, meta: dict, *, overwrite: bool) -> bool:
-    """Compare the settings of this run with those recorded beside ``output`` by an earlier run.
-
-    Returns True when the run should resume (output present, same settings). With ``overwrite`` the old output
-    is removed first. Different settings without ``overwrite`` → ConfigError, because mixing rows from two
-    settings in one file would silently corrupt it. Nothing is written here: :func:`write_meta` records the
-    settings just before the first rows are appended, so a run that fails before that leaves no file behind.
-    """
-    out, mp = Path(output), meta_path(output)
-    if overwrite:
-        for p in (out, mp):
-            if p.exists():
-                p.unlink()
-    if not out.exists():
-        return False
-    try:
-        old = json.loads(mp.read_text(encoding="utf-8")) if mp.exists() else None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        old = None
-    if mp.exists() and not isinstance(old, dict):
-        # A damaged record: nothing says the rows in `output` were made with these settings.
-        raise ConfigError(f"the settings record of {out} is unreadable", file=str(mp), field="output",
-                          fix="pass overwrite=true to start afresh, or choose a new output")
-    if old != meta:
-        changed = sorted(k for k in set(meta) | set(old or {}) if (old or {}).get(k) != meta.get(k))
-        raise ConfigError(
-            f"exists and was written with other settings ({', '.join(changed) or 'unknown'})",
-            file=str(out), field="output",
-            fix="rerun with the same settings to resume, pass overwrite=true, or choose a new output",
-        )
-    return True
-
-
-def write_meta(output: str | Path, meta: dict) -> None:
-    """Record ``meta`` beside ``output`` (atomically) before the first rows of a fresh run are appended."""
-    mp = meta_path(output)
-    mp.parent.mkdir(parents=True, exist_ok=True)
-    tmp = mp.with_name(mp.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, mp)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def stage_args(prog: str, cls: type, argv: list[str] | None, description: str = "") -> Any:
-    """Parse ``[--config FILE] [key=value …]`` for a stage config, also accepting ``--key value`` and
-    ``--key=value`` (dashes read as underscores), so ``exoalign score --oracle m:f`` works like
-    ``exoalign score oracle=m:f``. Returns the loaded, validated config (see
-    :func:`exoalign.config.parse_config_args`, which every config-driven command shares)."""
-    from ..config import parse_config_args
-
-    return parse_config_args(prog, cls, argv, description)

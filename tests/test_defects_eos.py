@@ -19,7 +19,7 @@ from exoalign.data import GroupCollator, load_rows, select_k, tokenize_rows
 from exoalign.errors import InputError
 from exoalign.logprobs import sequence_logps
 from exoalign.models import build_model, tiny_config
-from exoalign.stages.generation import encode_prompts
+from exoalign.sampling import encode_prompts
 from exoalign.stages.label import best_worst
 
 

@@ -17,7 +17,7 @@ from exoalign.eval import evaluate as eval_mod
 from exoalign.eval.evaluate import completion_logps, expand_checkpoints, sample_all
 from exoalign.eval.kl import k3_terms, kl_k1, kl_k3
 from exoalign.eval.winrate import mean_ci, outcomes, win_rate
-from exoalign.stages.generation import HFSampler, SamplingSettings
+from exoalign.sampling import HFSampler, SamplingSettings
 
 EOS = 4  # the tiny enumerable models: vocabulary {0, 1, 2, 3, EOS}
 

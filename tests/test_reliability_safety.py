@@ -119,7 +119,7 @@ def test_trust_remote_code_is_what_the_user_set(tiny_model_dir, tiny_tokenizer, 
 
     from exoalign.train import setup
     from exoalign.train.config import ModelConfig, TrainConfig
-    from exoalign.train.loop import _load_reference
+    from exoalign.train.loop import load_reference
 
     want = flag == "true"
     extra = [] if flag is None else [f"trust_remote_code={flag}"]
@@ -140,7 +140,7 @@ def test_trust_remote_code_is_what_the_user_set(tiny_model_dir, tiny_tokenizer, 
     setup.load_tok(model_cfg, str(tiny_model_dir))
     setup.load_model(model_cfg, str(tiny_model_dir))
     setup.load_model(model_cfg, str(tiny_model_dir), head="reward")
-    _load_reference(TrainConfig(model=model_cfg), str(tiny_model_dir))
+    load_reference(TrainConfig(model=model_cfg), str(tiny_model_dir))
     loaded = {name for name, _ in from_pretrained_calls}
     assert loaded == {"AutoTokenizer", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
     assert len(from_pretrained_calls) >= 9

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from exoalign.cli import main as cli
+from exoalign.config import stage_args
 from exoalign.data import load_rows
 from exoalign.errors import ConfigError
+from exoalign.sampling import SeededSampler, completion_seed
 from exoalign.stages import sample as sample_mod
-from exoalign.stages.generation import SeededSampler, completion_seed, stage_args
 from exoalign.stages.sample import SampleConfig
 
 
@@ -182,7 +183,7 @@ def test_vllm_backend_requests_and_outputs(monkeypatch, tiny_tokenizer):
     shaped like vLLM's, to check per-prompt seeds and the EOS bookkeeping of the output conversion."""
     from types import ModuleType, SimpleNamespace
 
-    from exoalign.stages.generation import SamplingSettings, VLLMSampler, resolve_backend
+    from exoalign.sampling import SamplingSettings, VLLMSampler, resolve_backend
 
     assert resolve_backend("auto") == "hf"
     with pytest.raises(ConfigError, match="vllm"):

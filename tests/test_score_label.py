@@ -11,9 +11,9 @@ import torch
 from exoalign.cli import main as cli
 from exoalign.data import load_rows
 from exoalign.eval.oracles import vader_logodds, vader_sentiment
+from exoalign.rewards import RewardModelJudge, load_oracle
 from exoalign.stages import score as score_mod
 from exoalign.stages.label import LabelConfig, bradley_terry, make_pairs
-from exoalign.stages.score import RewardModelJudge, load_oracle
 
 ORACLE = '''
 def length(prompts, completions):

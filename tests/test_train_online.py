@@ -21,14 +21,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from exoalign import cli
+from exoalign import sampling as generation
 from exoalign.config import load_config
 from exoalign.errors import ConfigError, InputError
-from exoalign.stages import generation
-from exoalign.train import online
+from exoalign.online import OnlineCollator, round_features, round_prompts, train_online
+from exoalign.online import rounds as online
 from exoalign.train.config import TrainConfig
 from exoalign.train.engine import read_metrics
 from exoalign.train.loop import train
-from exoalign.train.online import OnlineCollator, round_features, round_prompts, train_online
 from exoalign.train.step import compute_loss, grouped_logps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,7 +334,7 @@ def test_a_reward_model_scores_the_rounds(tmp_path, tiny_tokenizer):
     completion) texts, as ``exoalign score`` computes them."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    from exoalign.stages.score import RewardModelJudge
+    from exoalign.rewards import RewardModelJudge
 
     rm_cfg = GPT2Config(vocab_size=len(tiny_tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=128, num_labels=1,
                         pad_token_id=tiny_tokenizer.pad_token_id)

@@ -29,7 +29,7 @@ from typing import Any
 
 from ..errors import InputError
 from .chat import check_messages, render_prompt, split_final_assistant
-from .io import _json_type, is_finite_number, iter_source
+from .io import is_finite_number, iter_source, json_type
 
 KINDS = ("pair", "group", "sft", "prompt", "preference")
 # Fields each kind reads (and so does not copy through as extras).
@@ -139,7 +139,7 @@ def normalise_row(ctx: _Ctx, *, require_rewards: bool = False) -> dict[str, Any]
         if values is None:
             raise ctx.missing("completions")
         if not isinstance(values, list):
-            raise ctx.error("completions", f"must be a list of completions, got {_json_type(values)}",
+            raise ctx.error("completions", f"must be a list of completions, got {json_type(values)}",
                             'write "completions": ["...", "..."]')
         if len(values) < 2:
             raise ctx.error("completions", f"has {len(values)} completion(s); a group needs at least 2",
@@ -168,7 +168,7 @@ def normalise_row(ctx: _Ctx, *, require_rewards: bool = False) -> dict[str, Any]
 def _text(ctx: _Ctx, value: Any, field: str) -> str:
     """A non-blank string that can be written as UTF-8 (no unpaired surrogates from ``\\ud800`` escapes)."""
     if not isinstance(value, str):
-        raise ctx.error(field, f"must be a string, got {_json_type(value)}", "give text")
+        raise ctx.error(field, f"must be a string, got {json_type(value)}", "give text")
     if not value.strip():
         raise ctx.error(field, "is empty", "give non-empty text (or drop the row)")
     try:
@@ -195,7 +195,7 @@ def _prompt(ctx: _Ctx, before: list[dict[str, str]] | None) -> str:
         raise ctx.error("messages", "given together with 'prompt'", "give the prompt once: 'prompt' or 'messages'")
     if prompt is None and messages is not None:
         if not isinstance(messages, list):  # text belongs in 'prompt'; 'messages' is always a conversation
-            raise ctx.error("messages", f"must be a list of messages, got {_json_type(messages)}",
+            raise ctx.error("messages", f"must be a list of messages, got {json_type(messages)}",
                             'give [{"role": "user", "content": "..."}, ...], or the text as "prompt"')
         prompt, field = messages, "messages"
     else:
@@ -210,7 +210,7 @@ def _prompt(ctx: _Ctx, before: list[dict[str, str]] | None) -> str:
     turns: list[dict[str, str]] = []
     if prompt is not None:
         if not isinstance(prompt, list):
-            raise ctx.error(field, f"must be a string or a list of messages, got {_json_type(prompt)}", "give text")
+            raise ctx.error(field, f"must be a string or a list of messages, got {json_type(prompt)}", "give text")
         turns = check_messages(prompt, file=ctx.file, line=ctx.line, field=field)
     return render_prompt(ctx.tokenizer, turns + list(before or []), file=ctx.file, line=ctx.line, field=field)
 
@@ -220,14 +220,14 @@ def _rewards(ctx: _Ctx, n: int, against: str) -> list[float] | None:
     if value is None:
         return None
     if not isinstance(value, list):
-        raise ctx.error("rewards", f"must be a list of numbers, got {_json_type(value)}", "write \"rewards\": [0.5, -1.2, ...]")
+        raise ctx.error("rewards", f"must be a list of numbers, got {json_type(value)}", "write \"rewards\": [0.5, -1.2, ...]")
     if len(value) != n:
         raise ctx.error("rewards", f"has {len(value)} values but '{against}' has {n}",
                         "give one reward per completion")
     out = []
     for i, r in enumerate(value):
         if not is_finite_number(r):
-            what = "is not finite" if isinstance(r, (int, float)) and not isinstance(r, bool) else f"must be a number, got {_json_type(r)}"
+            what = "is not finite" if isinstance(r, (int, float)) and not isinstance(r, bool) else f"must be a number, got {json_type(r)}"
             raise ctx.error(f"rewards[{i}]", f"{what} ({r!r})"[:120], "give finite numbers (re-score NaN/inf rewards)")
         out.append(float(r))
     return out
@@ -239,7 +239,7 @@ def _sampled(ctx: _Ctx, n: int, against: str) -> dict[str, Any]:
     finished = ctx.get("finished")
     if finished is not None:
         if not isinstance(finished, list) or not all(isinstance(f, bool) for f in finished):
-            raise ctx.error("finished", f"must be a list of true/false, got {_json_type(finished)}"[:120],
+            raise ctx.error("finished", f"must be a list of true/false, got {json_type(finished)}"[:120],
                             'write "finished": [true, false, ...] (did each completion end with EOS)')
         if len(finished) != n:
             raise ctx.error("finished", f"has {len(finished)} values but '{against}' has {n}",

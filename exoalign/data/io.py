@@ -116,7 +116,7 @@ def _iter_json_lines(data: bytes, file: str) -> Iterator[tuple[dict[str, Any], i
             continue
         value = _parse_json(text, file, i)
         if not isinstance(value, dict):
-            raise InputError(f"a row must be a JSON object, got {_json_type(value)}", file=file, line=i,
+            raise InputError(f"a row must be a JSON object, got {json_type(value)}", file=file, line=i,
                              fix='write each row as {"prompt": ..., ...}')
         count += 1
         yield value, i
@@ -152,18 +152,18 @@ def _iter_json_file(data: bytes, file: str, split: str) -> Iterator[tuple[dict[s
 def _rows_from_array(value: Any, file: str) -> Iterator[tuple[dict[str, Any], int]]:
     """The rows of a parsed JSON array, numbered from 1 (errors name the row number)."""
     if not isinstance(value, list):
-        raise InputError(f"expected a JSON array of rows, got {_json_type(value)}", file=file, line=1,
+        raise InputError(f"expected a JSON array of rows, got {json_type(value)}", file=file, line=1,
                          fix="give a list of row objects or one object per line")
     if not value:
         raise InputError("the file holds no rows", file=file, fix="give at least one row")
     for i, row in enumerate(value, start=1):
         if not isinstance(row, dict):
-            raise InputError(f"row {i} of the array must be a JSON object, got {_json_type(row)}", file=file,
+            raise InputError(f"row {i} of the array must be a JSON object, got {json_type(row)}", file=file,
                              line=i, fix='write each row as {"prompt": ..., ...}')
         yield row, i
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
 

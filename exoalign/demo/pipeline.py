@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..fileio import atomic_json
 from . import reviews
 from .jobs import Job, one_thread, run_jobs, usable_cores
 from .settings import (  # noqa: F401 (re-exported)
@@ -138,11 +139,8 @@ class Demo:
 
     def _done(self, name: str, fp: str, seconds: float, cpu: float) -> None:
         """Mark stage ``name`` done; its wall and CPU seconds go into the marker and the timings."""
-        self.marks.mkdir(parents=True, exist_ok=True)
-        tmp = self._mark(name).with_suffix(".tmp")
         record = {"fingerprint": fp, "seconds": seconds, "cpu_seconds": cpu, "device": self.device}
-        tmp.write_text(json.dumps(record), encoding="utf-8")
-        os.replace(tmp, self._mark(name))
+        atomic_json(self._mark(name), record)
         self.timings[name] = {"seconds": seconds, "cpu_seconds": cpu, "cached": False}
 
     def _cached(self, header: str, name: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_savefig
 from .frontier import envelope
 from .settings import fmt_beta
 
@@ -43,8 +44,5 @@ def plot(points: dict[str, list[dict[str, Any]]], output: Path, *, title: str) -
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.stem + ".tmp.png")
-    fig.savefig(tmp)
+    atomic_savefig(fig, output)
     plt.close(fig)
-    tmp.replace(output)

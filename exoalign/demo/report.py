@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..fileio import atomic_write
 from .frontier import envelope, paired_bootstrap, verdict
 from .jobs import usable_cores
 from .settings import ONLINE_METHODS, fmt_beta
@@ -86,12 +87,6 @@ def _versions() -> dict[str, str]:
             "transformers": transformers.__version__, "platform": platform.platform()}
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 PER_PROMPT = ("prompt_reward", "prompt_kl", "examples")
 
 
@@ -130,9 +125,9 @@ def write_report(demo: Demo, runs: list[tuple[str, str, float]]) -> dict[str, An
     from .plot import plot
 
     plot(points, out / "frontier.png", title=f"exoalign demo on {model['name']}: reward–KL frontier (seed {s.seed})")
-    _write(out / "frontier.md", checkpoint_table(public) + "\n")
-    _write(out / "results.json", json.dumps(results, indent=1) + "\n")
-    _write(out / "report.md", markdown(results))
+    atomic_write(out / "frontier.md", checkpoint_table(public) + "\n")
+    atomic_write(out / "results.json", json.dumps(results, indent=1) + "\n")
+    atomic_write(out / "report.md", markdown(results))
     return results
 
 

@@ -48,23 +48,23 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import require, to_dict
+from ..config import require, stage_args, to_dict
 from ..data import write_rows
 from ..errors import ConfigError, InputError
+from ..fileio import atomic_json, fingerprint
 from ..logprobs import IGNORE, sequence_logps
 from ..models import DTYPES, check_model_dir, load_causal_lm, load_tokenizer
-from ..stages.generation import (
+from ..rewards import JudgeSettings, check_judge_given, judge_texts, make_judge
+from ..sampling import (
     Completion,
     Sampler,
     SamplingSettings,
+    build_sampler,
     encode_prompts,
-    fingerprint,
+    load_prompts,
     pick_device,
     resolve_backend,
-    stage_args,
 )
-from ..stages.sample import build_sampler, load_prompts
-from ..stages.score import JudgeSettings, check_judge_given, judge_texts, make_judge
 from .kl import kl_k1, kl_k3
 from .winrate import mean_ci, win_rate
 
@@ -256,10 +256,7 @@ def _free() -> None:
 # ------------------------------------------------------------------------------------------ state
 def _save(path: Path, state: dict) -> None:
     """Rewrite the eval JSON atomically (temp file + rename): a kill never leaves half a JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1, ensure_ascii=False, allow_nan=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_json(path, state)
 
 
 def _load_state(path: Path, settings: dict, overwrite: bool) -> dict | None:

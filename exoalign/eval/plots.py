@@ -30,6 +30,7 @@ from typing import Any
 
 from ..config import ArgumentParser
 from ..errors import InputError
+from ..fileio import atomic_savefig, atomic_write
 
 SCHEMA = "exoalign.eval/1"
 SFT_LABEL = "π_sft"
@@ -255,11 +256,8 @@ def plot_frontier(runs: list[Run], output: Path, *, kl_key: str = "kl", title: s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.stem + ".tmp" + output.suffix)  # savefig picks the format from the suffix
-    fig.savefig(tmp, dpi=150)
+    atomic_savefig(fig, output, dpi=150)
     plt.close(fig)
-    os.replace(tmp, output)
 
 
 def collect(paths: list[str], labels: list[str] | None = None) -> tuple[list[Run], list[dict[str, Any]]]:
@@ -295,9 +293,7 @@ def frontier(paths: list[str], output: str, *, table_path: str | None = None, kl
     confidence = files[0].get("confidence") if all(d.get("confidence") == files[0].get("confidence") for d in files) else None
     plot_frontier(runs, png, kl_key=kl_key, title=title, judges=judges,
                   confidence=confidence if _number(confidence, finite=True) else None)
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, md)
+    atomic_write(md, text)
     return png, md
 
 

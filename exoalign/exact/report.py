@@ -6,22 +6,10 @@ Every file is written to ``name.tmp`` and renamed, so an interrupted run never l
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ..fileio import atomic_savefig, atomic_write
 from .metrics import METRICS
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_fig(fig, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, path)
 
 
 def _online_key(n: str) -> tuple | None:
@@ -164,7 +152,7 @@ def plot_gaps(results: dict, path: Path) -> None:
     ax.set_xlabel("optimality gap (0 = π*, 1 = π_sft)")
     ax.set_title(f"Exact optimality gap, β={results['config']['beta']:g}")
     fig.tight_layout()
-    _atomic_fig(fig, path)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -199,7 +187,7 @@ def plot_curves(results: dict, path: Path) -> None:
     ax.set_title("Exact gap during training (mean over seeds)")
     ax.legend(fontsize=7, ncol=2, frameon=False)
     fig.tight_layout()
-    _atomic_fig(fig, path)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -232,7 +220,7 @@ def plot_online(results: dict, path: Path) -> None:
     ax.set_title(f"Offline vs online at K={k} (mean over seeds)")
     ax.legend(fontsize=7, ncol=2, frameon=False)
     fig.tight_layout()
-    _atomic_fig(fig, path)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -243,12 +231,10 @@ def write_all(results: dict, toy: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / n for n in ("results.json", "results.md", "illustration.json", "illustration.png",
                                    "gap.png", "curves.png")]
-    _atomic_text(paths[0], json.dumps(results, indent=1) + "\n")
-    _atomic_text(paths[1], markdown(results, toy))
-    _atomic_text(paths[2], json.dumps(toy, indent=1) + "\n")
-    tmp = paths[3].with_name(paths[3].name + ".tmp")
-    plot_toy(toy, str(tmp), toy.get("beta", 0.5))
-    os.replace(tmp, paths[3])
+    atomic_write(paths[0], json.dumps(results, indent=1) + "\n")
+    atomic_write(paths[1], markdown(results, toy))
+    atomic_write(paths[2], json.dumps(toy, indent=1) + "\n")
+    atomic_write(paths[3], lambda tmp: plot_toy(toy, str(tmp), toy.get("beta", 0.5)), suffix=".png")
     plot_gaps(results, paths[4])
     plot_curves(results, paths[5])
     if any(_online_key(n) is not None for n in results["methods"]):

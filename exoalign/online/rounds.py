@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -38,17 +37,17 @@ import torch
 
 from ..data import GroupCollator, TokenizedData, tokenize_rows
 from ..errors import ConfigError, InputError
+from ..fileio import atomic_json
 from ..losses import ess, masked_log_softmax, online_targets
-from ..stages.generation import HFSampler, SamplingSettings
-from ..stages.sample import load_prompts
-from ..stages.score import JudgeSettings, judge_texts, make_judge
-from .checkpoint import STATE_FILE
-from .config import TrainConfig, check_runnable
-from .engine import Job, evaluate, finished_state, fit, preflight
-from .loop import _load_reference
-from .refcache import compute_table
-from .setup import load_model, load_tok, make_accelerator, prepare_source
-from .step import compute_loss, grouped_logps, is_peft
+from ..rewards import JudgeSettings, judge_texts, make_judge
+from ..sampling import HFSampler, SamplingSettings, load_prompts
+from ..train.checkpoint import STATE_FILE
+from ..train.config import TrainConfig, check_runnable
+from ..train.engine import Job, evaluate, finished_state, fit, preflight
+from ..train.loop import load_reference
+from ..train.refcache import compute_table
+from ..train.setup import load_model, load_tok, make_accelerator, prepare_source
+from ..train.step import compute_loss, grouped_logps, is_peft
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +102,6 @@ def policy_table(model: torch.nn.Module, features: list[dict], pad_id: int, *, b
         out.append(grouped_logps(model, batch, temperature, prefix_sharing)[0].float().cpu())  # (b, K)
     model.train(was)
     return torch.cat(out)
-
-
-def _write_compact_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def round_features(record: dict, beta_pi: float, beta_r: float) -> tuple[list[dict], dict[str, float]]:
@@ -199,7 +188,7 @@ class Rounds:
             "rewards": [flat[n * k : (n + 1) * k] for n in range(len(idx))],
             "sampler_logps": mu.tolist(), "sft_logps": sft.tolist(),
         }
-        _write_compact_atomic(self.path(r), record)
+        atomic_json(self.path(r), record)
         return record
 
     def load(self, r: int) -> dict:
@@ -300,7 +289,7 @@ def train_online(cfg: TrainConfig) -> Path:
     if cfg.model.ref_name_or_path is None and is_peft(model):
         ref = model
     else:
-        ref = _load_reference(cfg, cfg.model.ref_name_or_path or source).to(acc.device)
+        ref = load_reference(cfg, cfg.model.ref_name_or_path or source).to(acc.device)
 
     rounds = Rounds(cfg, acc, model, ref, tokenizer, judge, prompts, prompt_ids, out)
     step = _resume_step(resume_from, out, args.resume)

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import require
+from ..config import require, stage_args
 from ..data import PER_COMPLETION, load_rows, reorder, write_rows
 from ..errors import InputError
-from .generation import stage_args
 
 
 @dataclass

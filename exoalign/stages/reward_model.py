@@ -13,7 +13,6 @@ as ``eval/rewards/accuracies``, printed, and written to ``output_dir/eval.json``
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,8 @@ import torch.nn.functional as F
 
 from ..data import GroupCollator, load_rows, reorder, select_k, tokenize_rows
 from ..errors import ConfigError, InputError
-from ..logprobs import position_ids_from_mask
+from ..fileio import atomic_json
+from ..rewards import scores
 from ..train.config import DataBaseConfig, ModelConfig, TrainArgs, check_runnable
 from ..train.engine import Job, fit, preflight, read_metrics
 from ..train.loop import split_heldout
@@ -68,13 +68,6 @@ def as_pairs(rows: list[dict], file: str) -> list[dict]:
         # is trained on the same form (not on the sampled ids, nor without EOS for a cut-off completion).
         out.append({k: v for k, v in row.items() if k not in ("finished", "completion_ids")})
     return out
-
-
-def scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar rewards ``[N]`` for rows ``[N, T]`` (left-padded prompt, right-padded completion)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    return out.logits[:, 0].float()  # (N, 1) → (N,)
 
 
 def bt_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -123,7 +116,7 @@ def train_reward_model(cfg: RMConfig) -> Path:
     if eval_data is not None and acc.is_main_process:
         last = [r for r in read_metrics(out) if "eval/rewards/accuracies" in r][-1]
         result = {"accuracy": last["eval/rewards/accuracies"], "loss": last["eval/loss"], "pairs": len(eval_data)}
-        (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        atomic_json(out / "eval.json", result, indent=2)
         print(f"held-out accuracy: {result['accuracy']:.3f} on {len(eval_data)} pairs")
     return final
 

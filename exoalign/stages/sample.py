@@ -4,7 +4,7 @@
 
 The prompts come from any file with a ``prompt`` (or ``messages``) field: prompt, sft, pair or group rows.
 Completion ``j`` of prompt ``i`` is drawn from its own random stream seeded by ``(seed, i, j)`` (see
-``generation.py``), so the output does not depend on the batch size and a resumed run writes exactly the rows
+``exoalign/sampling.py``), so the output does not depend on the batch size and a resumed run writes exactly the rows
 an uninterrupted one would have written.
 
 Resuming: the settings are recorded in ``<output>.meta.json``. Rerunning the same command after a kill counts
@@ -34,24 +34,19 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..config import require
-from ..data import append_rows, load_rows, read_done_count
+from ..config import require, stage_args
+from ..data import append_rows, read_done_count
 from ..errors import ConfigError
-from ..models import DTYPES, check_model_dir, load_causal_lm, load_tokenizer
-from ..zoo import resolve_model_path
-from .generation import (
+from ..fileio import check_meta, fingerprint, write_meta
+from ..models import DTYPES, check_model_dir, load_tokenizer
+from ..sampling import (
     Completion,
-    HFSampler,
     Sampler,
     SamplingSettings,
-    VLLMSampler,
-    check_meta,
+    build_sampler,
     encode_prompts,
-    fingerprint,
-    pick_device,
+    load_prompts,
     resolve_backend,
-    stage_args,
-    write_meta,
 )
 
 
@@ -103,29 +98,6 @@ def check_runnable(cfg: SampleConfig) -> None:
         require(bool(getattr(cfg, name)), name, "not set", f"set {name}=… to {what}")
     require(Path(cfg.output).suffix == ".jsonl", "output", "must be a .jsonl file", "name the output e.g. groups.jsonl")
     check_model_dir(cfg.model, "model")
-
-
-def load_prompts(source: str, *, split: str, tokenizer: Any, dedupe: bool, limit: int | None) -> list[str]:
-    """Validated prompt texts of ``source`` (conversations rendered with the chat template), maybe deduplicated."""
-    rows = load_rows(source, "prompt", split=split, tokenizer=tokenizer)
-    prompts = [r["prompt"] for r in rows]
-    if dedupe:
-        prompts = list(dict.fromkeys(prompts))  # dicts keep insertion order: first appearance wins
-    return prompts[:limit] if limit is not None else prompts
-
-
-def build_sampler(
-    cfg: SamplingSettings, name_or_path: str, tokenizer: Any, *, dtype: str, device: str,
-    trust_remote_code: bool, stream: str = "", model: Any = None,
-) -> Sampler:
-    """The sampler of ``cfg.backend``; the HF one reuses ``model`` when given (eval shares it for log-probs)."""
-    if resolve_backend(cfg.backend) == "vllm":
-        return VLLMSampler(resolve_model_path(name_or_path), tokenizer, cfg, dtype=dtype,
-                           trust_remote_code=trust_remote_code, stream=stream)
-    if model is None:
-        model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, field="model")
-        model.to(pick_device(device)).eval()
-    return HFSampler(model, tokenizer, cfg, stream=stream)
 
 
 def redraw_blanks(

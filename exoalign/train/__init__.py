@@ -17,7 +17,6 @@ _WHERE = {
     "LossConfig": "config",
     "TrainArgs": "config",
     "OnlineConfig": "config",
-    "train_online": "online",
     "train": "loop",
     "compute_loss": "step",
     "fit": "engine",

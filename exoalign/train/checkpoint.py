@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..fileio import atomic_json
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +42,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -81,8 +73,8 @@ def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, final: Path, 
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     for name, obj in (extra or {}).items():
-        write_json_atomic(tmp / name, obj)
-    write_json_atomic(tmp / COMPLETE, {})
+        atomic_json(tmp / name, obj)
+    atomic_json(tmp / COMPLETE, {})
     _replace_dir(tmp, final)
     return final
 
@@ -103,9 +95,9 @@ def save_checkpoint(
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / STATE_FILE, state)
+        atomic_json(tmp / STATE_FILE, state)
         # The marker is the last file written: its presence means everything above is on disk.
-        write_json_atomic(tmp / COMPLETE, {"step": step})
+        atomic_json(tmp / COMPLETE, {"step": step})
         _replace_dir(tmp, final)
         prune(output_dir, total_limit)
     accelerator.wait_for_everyone()

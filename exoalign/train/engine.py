@@ -29,6 +29,7 @@ from transformers import get_scheduler
 
 from ..config import save_config, to_dict
 from ..errors import ConfigError
+from ..fileio import atomic_write
 from ..logprobs import head_mode, logits_grad_in_place
 from .checkpoint import (
     COMPLETE,
@@ -205,9 +206,7 @@ class MetricsLog:
                 continue  # a line torn by a kill
             if rec.get("step", 0) <= keep_until:
                 kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-        tmp.replace(self.path)
+        atomic_write(self.path, "".join(k + "\n" for k in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +125,21 @@ def _cached_reference(acc: Any, cfg: TrainConfig, data: TokenizedData, tokenizer
     return attach(data, table), hit  # refcache logs the hit or miss, with the file
 
 
+# exoalign.online sits above train (it samples, scores and then calls this package's loop), so train names the
+# rounds' entry point instead of importing it, as cli.COMMANDS names the commands.
+ROUNDS_ENTRY = "exoalign.online:train_online"
+
+
+def run_rounds(cfg: TrainConfig) -> Path:
+    """Online training (``online.rounds >= 1``): the rounds of :mod:`exoalign.online`."""
+    module, name = ROUNDS_ENTRY.split(":")
+    return getattr(import_module(module), name)(cfg)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run ``exoalign train``; returns ``output_dir/final`` (loadable with ``AutoModelForCausalLM.from_pretrained``)."""
-    if cfg.online.rounds > 0:  # rounds of sampling from the current policy around the same loop (online.py)
-        from .online import train_online
-
-        return train_online(cfg)
+    if cfg.online.rounds > 0:  # rounds of sampling from the current policy around the same loop
+        return run_rounds(cfg)
     check_runnable(cfg)
     args = cfg.train
     preflight(args, warn=False)  # refuse a used output_dir before building anything
@@ -168,7 +178,7 @@ def train(cfg: TrainConfig) -> Path:
                 if cfg.model.ref_name_or_path is None:
                     return model
                 if not loaded:
-                    loaded.append(_load_reference(cfg, ref_source).to(acc.device))
+                    loaded.append(load_reference(cfg, ref_source).to(acc.device))
                 return loaded[0]
 
             ref_id = model_identity(ref_source)
@@ -179,7 +189,7 @@ def train(cfg: TrainConfig) -> Path:
                     acc, cfg, eval_data, tokenizer, get_ref, ref_id, "eval")
             loaded.clear()
         elif cfg.model.ref_name_or_path is not None or not is_peft(model):
-            ref_model = _load_reference(cfg, ref_source).to(acc.device)
+            ref_model = load_reference(cfg, ref_source).to(acc.device)
 
     def loss_fn(m: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return compute_loss(m, batch, cfg.loss, ref_model, prefix_sharing=args.prefix_sharing)
@@ -192,7 +202,7 @@ def train(cfg: TrainConfig) -> Path:
     return final
 
 
-def _load_reference(cfg: TrainConfig, source: str) -> torch.nn.Module:
+def load_reference(cfg: TrainConfig, source: str) -> torch.nn.Module:
     """A frozen copy of the reference model, in eval mode with dropout off."""
     ref = load_causal_lm(source, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     disable_dropout(ref)

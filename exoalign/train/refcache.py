@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..data import GroupCollator, TokenizedData, tokenizer_hash
+from ..fileio import atomic_write
 from ..zoo import resolve_model_path
 from .step import grouped_logps, is_peft, unwrap
 
@@ -145,10 +146,8 @@ def load_cached(path: Path, desc: dict) -> torch.Tensor | None:
 
 def save_cached(path: Path, table: torch.Tensor, desc: dict) -> None:
     """Write the table atomically (temp file + rename), with its description as safetensors metadata."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"logps": table.contiguous()}, str(tmp), metadata={"key": json.dumps(desc, sort_keys=True)})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file({"logps": table.contiguous()}, str(tmp),
+                                             metadata={"key": json.dumps(desc, sort_keys=True)}))
 
 
 def ref_logps_table(
