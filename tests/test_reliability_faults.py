@@ -77,17 +77,17 @@ def test_kill_during_checkpoint_write_then_resume_and_determinism(tmp_path, capl
     loss log as an uninterrupted one. Two uninterrupted runs with one seed are bit-identical (CPU determinism),
     and every model weights file written is safetensors."""
     cache, cut = tmp_path / "cache", tmp_path / "cut"
-    real_write = checkpoint.write_json_atomic
+    real_write = checkpoint.atomic_json
 
     def write_or_die(path: Path, obj: object) -> None:
         if path.name == "COMPLETE" and path.parent.name == ".tmp-checkpoint-4":
             raise _Killed
         real_write(path, obj)
 
-    monkeypatch.setattr(checkpoint, "write_json_atomic", write_or_die)
+    monkeypatch.setattr(checkpoint, "atomic_json", write_or_die)
     with pytest.raises(_Killed):
         train(load_config(TrainConfig, SMOKE, _overrides(cut, cache)))
-    monkeypatch.setattr(checkpoint, "write_json_atomic", real_write)
+    monkeypatch.setattr(checkpoint, "atomic_json", real_write)
     tmp = cut / ".tmp-checkpoint-4"
     assert (tmp / "model.safetensors").is_file() and (tmp / "trainer_state.json").is_file()  # stopped mid-write
     assert (tmp / "state" / "optimizer.bin").is_file()

@@ -29,7 +29,7 @@ from transformers import get_scheduler
 
 from ..config import save_config, to_dict
 from ..errors import ConfigError
-from ..fileio import atomic_write
+from ..fileio import atomic_json, atomic_write
 from ..logprobs import head_mode, logits_grad_in_place
 from .checkpoint import (
     COMPLETE,
@@ -39,7 +39,6 @@ from .checkpoint import (
     load_checkpoint,
     save_checkpoint,
     save_pretrained_atomic,
-    write_json_atomic,
 )
 from .config import TrainArgs
 from .setup import make_optimizer
@@ -367,7 +366,7 @@ class _Run:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.job.config is not None:
                 save_config(self.job.config, self.out / "config.yaml")
-            write_json_atomic(self.out / "run_info.json", json.loads(json.dumps(self.job.info, default=str)))
+            atomic_json(self.out / "run_info.json", json.loads(json.dumps(self.job.info, default=str)))
 
     # ------------------------------------------------------------------------------------------ steps
     def micro_step(self, batch: dict) -> None:
