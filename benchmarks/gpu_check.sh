@@ -51,7 +51,7 @@ json.dump(out, open(rec, "w"), indent=1)
 PYEOF
 }
 
-part cuda_tests 60 "$PY" -m pytest tests/test_speed_cuda.py -m cuda -q -rs
+part cuda_tests 60 "$PY" -m pytest tests/test_cuda.py -m cuda -q -rs
 part throughput 180 "$PY" benchmarks/throughput.py --model smollm2 --quick --device cuda \
   --json "$WORK/throughput.result.json" --md "$WORK/throughput.md"
 part sampling 120 "$PY" benchmarks/throughput_sampling.py --device cuda --backends hf,vllm \

@@ -166,6 +166,7 @@ def test_exo_rw_gradient_tends_to_the_rl_gradient_with_beta_pi_one():
     assert torch.dot(a, b) / (a.norm() * b.norm()) > 0.99
 
 
+@pytest.mark.slow
 def test_quick_mode_runs_through_the_cli_and_writes_the_schema(tmp_path):
     out = tmp_path / "exact"
     assert cli_main(["bench", "exact", "--quick", "--no-progress", "--seed", "0", "--out", str(out)]) == 0

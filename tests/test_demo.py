@@ -39,6 +39,7 @@ def quick_run(tmp_path_factory):
             "results_first": results_first}
 
 
+@pytest.mark.slow
 def test_results_schema_methods_and_betas(quick_run):
     results = json.loads((quick_run["out"] / "results.json").read_text())
     assert set(results["runs"]) == METHODS
@@ -75,6 +76,7 @@ def test_results_schema_methods_and_betas(quick_run):
     assert {k: settings[k] for k in dataclasses.asdict(s)} == dataclasses.asdict(s)
 
 
+@pytest.mark.slow
 def test_picture_report_examples_and_definitions(quick_run):
     out = quick_run["out"]
     png = (out / "frontier.png").read_bytes()
@@ -98,6 +100,7 @@ def test_picture_report_examples_and_definitions(quick_run):
     assert table.count("\n") == 1 + 1 + sum(len(p) for p in results["runs"].values())
 
 
+@pytest.mark.slow
 def test_second_run_skips_every_stage(quick_run):
     results = json.loads((quick_run["out"] / "results.json").read_text())
     stages = results["timings"]
@@ -218,6 +221,7 @@ def test_overrides_are_key_value_and_checked(tmp_path, capsys):
     assert not (tmp_path / "d").exists()  # rejected before anything was written
 
 
+@pytest.mark.slow
 def test_first_updates_of_exo_and_dpo_pref_are_parallel(quick_run):
     """At π_sft every log-ratio is 0, so per pair ∂L/∂(h_w − h_l) is −(½ − ε) for DPO and −¼·log((1−ε)/ε)
     for EXO (β_π factored out): the same constant for every pair. The parameter gradients are parallel and
@@ -231,6 +235,7 @@ def test_first_updates_of_exo_and_dpo_pref_are_parallel(quick_run):
     assert c["rw_grad_cosine"] < 0.99
 
 
+@pytest.mark.slow
 def test_a_deleted_output_is_remade_and_nothing_else(quick_run):
     from exoalign.cli import main
 
@@ -243,6 +248,7 @@ def test_a_deleted_output_is_remade_and_nothing_else(quick_run):
     assert (out / "eval" / f"{name}.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.real
 def test_micro_demo_on_smollm2(tmp_path):
     """The default model end to end at toy sizes (4 training prompts × K=2, 8 new tokens, one step per run,

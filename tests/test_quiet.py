@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from exoalign import quiet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +64,7 @@ def _train(tmp_path: Path, entry: str, name: str) -> str:
     return out.stderr
 
 
+@pytest.mark.slow
 def test_a_command_stderr_lacks_their_noise_and_keeps_ours(tmp_path):
     err = _train(tmp_path, "import sys; from exoalign.cli import main; sys.exit(main(['train', *sys.argv[1:]]))", "q")
     for noise in NOISE:

@@ -17,7 +17,7 @@ import pytest
 
 from exoalign import zoo
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

@@ -87,6 +87,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_exo_rw_with_prefix_sharing_lowers_the_loss_and_final_reloads(smollm2_dir, tmp_path):
     """5 steps on 4 groups × K=4; the end-of-run held-out pass (same rows) is taken with the in-memory policy, so
     reloading final/ with plain from_pretrained must give the same chosen/rejected log-probs."""
@@ -125,6 +126,7 @@ def test_exo_rw_with_prefix_sharing_lowers_the_loss_and_final_reloads(smollm2_di
     assert rejected == pytest.approx(final_eval["eval/logps/rejected"], abs=2e-3)
 
 
+@pytest.mark.slow
 def test_sample_score_and_eval_on_four_prompts(smollm2_dir, tmp_path):
     from exoalign.eval.oracles import vader_sentiment
 

@@ -262,6 +262,7 @@ def test_sigkilled_score_resumes_without_lost_or_duplicated_rows(judge_dir):
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == list(range(9))
 
 
+@pytest.mark.slow
 def test_sigkilled_eval_resumes_at_the_next_checkpoint(judge_dir, tiny_model_dir, tiny_tokenizer):
     from exoalign.models import build_model, tiny_config
 

@@ -95,6 +95,7 @@ def test_interrupted_sample_resumes_without_duplicates(tmp_path, tiny_model_dir,
     assert out.read_bytes() == ref.read_bytes()
 
 
+@pytest.mark.slow
 def test_sigkilled_sample_resumes(tmp_path, tiny_model_dir, corpus):
     """A real SIGKILL of the CLI process mid-run, then a resume: same rows as an uninterrupted run."""
     n = 30

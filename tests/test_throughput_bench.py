@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"speedup_vs_trl_default", "speedup_vs_trl_fastest", "memory_ratio_vs_trl", "mfu", "loss_match",
         "prefix_sharing", "model", "params", "dtype", "versions"}
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_the_summary(tmp_path: Path) -> None:
     out, md = tmp_path / "throughput.json", tmp_path / "throughput.md"
     proc = subprocess.run(

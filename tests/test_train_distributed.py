@@ -33,6 +33,7 @@ def _env() -> dict[str, str]:
 
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
 def test_ddp_two_processes_equal_one(tmp_path):
     common = [f"train.ref_cache_dir={tmp_path / 'cache'}", "train.max_steps=3", "train.log_every=1",
@@ -57,6 +58,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert '"num_processes": 2' in (ddp_dir / "run_info.json").read_text()
 
 
+@pytest.mark.slow
 def test_smoke_config_killed_and_resumed_through_the_cli(tmp_path):
     """``configs/smoke.yaml`` through the CLI, SIGKILLed after its step-20 checkpoint, resumed with --resume: the
     same loss log and weights as an uninterrupted run; the resumed run loads the reference cache."""

@@ -58,6 +58,7 @@ def test_fsdp_two_gpus_equal_one(tmp_path):
 WORKER = ROOT / "tests" / "fsdp2_worker.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TORCHRUN, reason="torchrun not installed")
 def test_fsdp2_fully_shard_on_two_cpu_processes_equals_one(tmp_path):
     """exoalign's compute_loss on a model sharded by torch FSDP2 over 2 gloo processes (1 group each) gives the

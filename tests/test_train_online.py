@@ -159,6 +159,7 @@ def test_resume_after_a_kill_is_exact(tmp_path, monkeypatch, uninterrupted, wher
         assert (resumed.parent / name).read_text() == (full_final.parent / name).read_text()
 
 
+@pytest.mark.slow
 def test_sigkilled_cli_run_resumes_exactly(tmp_path, uninterrupted):
     """The real thing through the CLI: ``exoalign train`` online, SIGKILLed right after its step-2 checkpoint
     (in round 0 of 2 rounds × 4 steps), then ``--resume``: the same loss log and weights as the uninterrupted

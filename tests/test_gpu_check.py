@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTS = {"cuda_tests", "throughput", "sampling", "demo"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: run the script itself")
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_gpu_check_skips_every_part_without_a_gpu(tmp_path: Path) -> None:
