@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data import GroupCollator, load_rows, reorder, select_k, tokenize_rows
+from ..data import GroupCollator, load_rows, reorder, select_k
 from ..errors import ConfigError, InputError
 from ..fileio import atomic_json
 from ..rewards import scores
 from ..train.config import DataBaseConfig, ModelConfig, TrainArgs, check_runnable
-from ..train.engine import Job, fit, preflight, read_metrics
+from ..train.engine import Job, fit, read_metrics
 from ..train.loop import split_heldout
-from ..train.setup import load_model, load_tok, make_accelerator, prepare_source
+from ..train.setup import start_run
 
 logger = logging.getLogger(__name__)
 
@@ -90,26 +90,19 @@ def train_reward_model(cfg: RMConfig) -> Path:
     """Run ``exoalign rm train``; returns ``output_dir/final`` (``AutoModelForSequenceClassification``)."""
     check_runnable(cfg)
     args = cfg.train
-    preflight(args, warn=False)  # refuse a used output_dir before building anything
-    acc = make_accelerator(args)
     out = Path(args.output_dir)
-    tokenizer = None if cfg.model.init == "scratch" else load_tok(cfg.model, cfg.model.name_or_path)
-    rows = load_rows(cfg.data.train_file, "preference", split=cfg.data.split, tokenizer=tokenizer)
-    train_rows, eval_rows = split_heldout(rows, cfg.data, args.seed, "preference", tokenizer)
-    train_rows = as_pairs(train_rows, cfg.data.train_file)
-    eval_rows = as_pairs(eval_rows, cfg.data.eval_file or cfg.data.train_file)
-    texts = [t for r in train_rows for t in (r["prompt"], *r["completions"])]
-    source = prepare_source(acc, cfg.model, output_dir=out, texts=texts, max_length=cfg.data.max_length,
-                            seed=args.seed, resume=args.resume, head="reward")
-    if tokenizer is None:
-        tokenizer = load_tok(cfg.model, source)
-    tok_kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
-    train_data = tokenize_rows(train_rows, tokenizer, **tok_kw)
-    eval_data = tokenize_rows(eval_rows, tokenizer, **tok_kw) if eval_rows else None
-    model = load_model(cfg.model, source, head="reward")
+
+    def rows(tokenizer):
+        all_rows = load_rows(cfg.data.train_file, "preference", split=cfg.data.split, tokenizer=tokenizer)
+        train_rows, eval_rows = split_heldout(all_rows, cfg.data, args.seed, "preference", tokenizer)
+        return as_pairs(train_rows, cfg.data.train_file), as_pairs(eval_rows, cfg.data.eval_file or cfg.data.train_file)
+
+    run = start_run(cfg, rows, lambda train_rows: [t for r in train_rows for t in (r["prompt"], *r["completions"])],
+                    head="reward")
+    acc, tokenizer, model, train_data, eval_data, info = (run.acc, run.tokenizer, run.model, run.train_data,
+                                                          run.eval_data, run.info)
     # The score is read at the last non-padding token, found through the pad id.
     model.config.pad_token_id = tokenizer.pad_token_id
-    info = {"train_stats": train_data.stats, "eval_stats": eval_data.stats if eval_data else None, "model_source": source}
     job = Job(model=model, tokenizer=tokenizer, train_data=train_data, collate=GroupCollator(tokenizer.pad_token_id),
               loss_fn=bt_loss, eval_data=eval_data, config=cfg, info=info)
     final = fit(acc, args, job)

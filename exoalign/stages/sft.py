@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from ..data import GroupCollator, load_rows, tokenize_rows
+from ..data import GroupCollator, load_rows
 from ..logprobs import sequence_logps
 from ..train.config import DataBaseConfig, ModelConfig, TrainArgs, check_runnable
-from ..train.engine import Job, fit, preflight
+from ..train.engine import Job, fit
 from ..train.loop import split_heldout
-from ..train.setup import load_model, load_tok, make_accelerator, prepare_source
+from ..train.setup import start_run
 from ..train.summary import report
 
 
@@ -51,22 +51,14 @@ def sft(cfg: SFTConfig) -> Path:
     """Run ``exoalign sft``; returns ``output_dir/final`` (loadable with ``AutoModelForCausalLM.from_pretrained``)."""
     check_runnable(cfg)
     args = cfg.train
-    preflight(args, warn=False)  # refuse a used output_dir before building anything
-    acc = make_accelerator(args)
-    scratch = cfg.model.init == "scratch"
-    tokenizer = None if scratch else load_tok(cfg.model, cfg.model.name_or_path)
-    rows = load_rows(cfg.data.train_file, "sft", split=cfg.data.split, tokenizer=tokenizer)
-    train_rows, eval_rows = split_heldout(rows, cfg.data, args.seed, "sft", tokenizer)
-    texts = [t for r in train_rows for t in (r["prompt"], r["completion"])]
-    source = prepare_source(acc, cfg.model, output_dir=Path(args.output_dir), texts=texts,
-                            max_length=cfg.data.max_length, seed=args.seed, resume=args.resume)
-    if tokenizer is None:
-        tokenizer = load_tok(cfg.model, source)
-    tok_kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
-    train_data = tokenize_rows(train_rows, tokenizer, **tok_kw)
-    eval_data = tokenize_rows(eval_rows, tokenizer, **tok_kw) if eval_rows else None
-    model = load_model(cfg.model, source)
-    info = {"train_stats": train_data.stats, "eval_stats": eval_data.stats if eval_data else None, "model_source": source}
+
+    def rows(tokenizer):
+        all_rows = load_rows(cfg.data.train_file, "sft", split=cfg.data.split, tokenizer=tokenizer)
+        return split_heldout(all_rows, cfg.data, args.seed, "sft", tokenizer)
+
+    run = start_run(cfg, rows, lambda train_rows: [t for r in train_rows for t in (r["prompt"], r["completion"])])
+    acc, tokenizer, model, train_data, eval_data, info = (run.acc, run.tokenizer, run.model, run.train_data,
+                                                          run.eval_data, run.info)
     job = Job(model=model, tokenizer=tokenizer, train_data=train_data, collate=GroupCollator(tokenizer.pad_token_id),
               loss_fn=sft_loss, eval_data=eval_data, config=cfg, info=info)
     final = fit(acc, args, job)
