@@ -15,7 +15,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -24,8 +24,18 @@ from .frontier import envelope, paired_bootstrap, verdict
 from .jobs import usable_cores
 from .settings import ONLINE_METHODS, fmt_beta
 
-if TYPE_CHECKING:
-    from .pipeline import Demo
+
+class Demo(Protocol):
+    """What the report reads of a demo run (``pipeline.Demo`` has it); a protocol, so report does not import
+    pipeline, which imports report."""
+
+    out: Path
+    data: Path
+    evals: Path
+    s: Any
+    device: str
+    timings: dict[str, Any]
+    started: float
 
 COMPARISONS = (("exo-pref", "dpo-pref"), ("exo-rw", "dpo-rw"), ("online-exo", "rloo"))
 """EXO against DPO with the same targets on the same samples (and online EXO against RLOO when they ran)."""
