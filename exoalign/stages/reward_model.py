@@ -27,7 +27,7 @@ from ..rewards import scores
 from ..train.config import DataBaseConfig, ModelConfig, TrainArgs, check_runnable
 from ..train.engine import Job, fit, read_metrics
 from ..train.loop import split_heldout
-from ..train.setup import start_run
+from ..train.run import start_run
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from ..logprobs import sequence_logps
 from ..train.config import DataBaseConfig, ModelConfig, TrainArgs, check_runnable
 from ..train.engine import Job, fit
 from ..train.loop import split_heldout
-from ..train.setup import start_run
+from ..train.run import start_run
 from ..train.summary import report
 
 
