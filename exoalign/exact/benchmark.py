@@ -121,7 +121,7 @@ class ExactConfig:
 
 
 #: ``--quick``: a 4096-completion space, 2 prompts, 1 seed, short training (< 60 s on 2 cores).
-QUICK = dict(length=4, prompts=2, sft_steps=150, pool=256, batch=64, steps=150, seeds=1, ks=[2, 4, 8], reuse=[1],
+QUICK = dict(length=4, prompts=2, sft_steps=150, pool=256, batch=64, steps=150, seeds=1, ks=[2, 4, 8], reuse=[1, 4],
              eval_every=25,
              toy_steps=200)
 
@@ -150,6 +150,67 @@ def _mean_record(runs: list[dict[str, float]], curves: list[list[tuple[int, floa
     return rec
 
 
+def _setup(cfg: ExactConfig, progress: bool) -> tuple[SeqTaskSpec, SeqPolicy, float, torch.Tensor, torch.Tensor]:
+    """The task of ``cfg.seed`` and its π_sft: ``(spec, sft_policy, sft_fit_kl, sft_logps [P, N] float64,
+    rewards [P, N])``; deterministic, so a later call rebuilds the same π_sft."""
+    spec = SeqTaskSpec(vocab=cfg.vocab, length=cfg.length, prompts=cfg.prompts, seed=cfg.seed)
+    task = build_task(spec)
+    torch.manual_seed(cfg.seed)
+    sft_policy = SeqPolicy(cfg.vocab, cfg.length, cfg.prompts, hidden=cfg.hidden, embed=cfg.embed)
+    sft_fit_kl = fit_sft(sft_policy, task.sft_probs, cfg.sft_steps, lr=cfg.sft_lr, progress=progress)
+    return spec, sft_policy, sft_fit_kl, policy_table(sft_policy, cfg.prompts), task.rewards
+
+
+def _train_online_rows(cfg: ExactConfig, methods: list, sft_policy: SeqPolicy, sft_logps: torch.Tensor,
+                       rewards: torch.Tensor, train_kw: dict, bar) -> dict[str, dict]:
+    """Every online method in ``methods`` on the online seeds; ``{name: mean record}``."""
+    online_seeds = min(cfg.online_seeds or cfg.seeds, cfg.seeds)
+    out = {}
+    for m in methods:
+        runs, curves = [], []
+        for i in range(online_seeds):
+            bar.set_postfix_str(f"{m.name} seed {cfg.seed + i}")
+            # online methods draw their rounds from the seed alone (they never see the offline data)
+            policy, curve, stats = train_method(m, sft_policy, sft_logps, rewards, None, seed=cfg.seed + i, **train_kw)
+            runs.append(exact_metrics(policy_table(policy, cfg.prompts), sft_logps, rewards, cfg.beta) | stats)
+            curves.append(curve)
+        out[m.name] = _mean_record(runs, curves)
+    return out
+
+
+def add_online_rows(results: dict, losses: list[str], *, progress: bool = True) -> dict:
+    """Train the online methods of registry ``losses`` (e.g. ``["ppo"]``) with the settings of an existing
+    ``results.json`` document and add their rows to it (in place; returned).
+
+    π_sft is rebuilt from the recorded settings and must reproduce the recorded ``sft_fit_kl`` exactly (else
+    :class:`ConfigError`: the rows would not be comparable). Each online run depends only on its method and
+    seed, so the added rows are the rows a full run of the same code would have written. The run's wall time,
+    versions and the methods added go to ``config["added"]``.
+    """
+    from ..errors import ConfigError
+
+    t0 = time.perf_counter()
+    names = {f.name for f in dataclasses.fields(ExactConfig)}
+    cfg = ExactConfig(**{k: v for k, v in results["config"].items() if k in names})
+    _, sft_policy, sft_fit_kl, sft_logps, rewards = _setup(cfg, progress)
+    if sft_fit_kl != results["config"]["sft_fit_kl"]:
+        raise ConfigError(f"π_sft rebuilt with sft_fit_kl {sft_fit_kl!r}, the results have "
+                          f"{results['config']['sft_fit_kl']!r}", field="sft_fit_kl",
+                          fix="add rows with the torch version and code that wrote the results, or run the whole "
+                              "benchmark again")
+    methods = [m for m in trained_methods(tuple(cfg.ks), tuple(cfg.reuse)) if m.targets == "online" and m.loss in losses]
+    online_seeds = min(cfg.online_seeds or cfg.seeds, cfg.seeds)
+    bar = tqdm(total=cfg.steps * len(methods) * online_seeds, desc="bench exact (rows)", disable=not progress,
+               unit="step")
+    train_kw = dict(beta=cfg.beta, beta_r=cfg.beta_r, eps=cfg.eps, steps=cfg.steps, batch=cfg.batch, lr=cfg.lr,
+                    eval_every=cfg.eval_every, tick=lambda: bar.update(1))
+    results["methods"].update(_train_online_rows(cfg, methods, sft_policy, sft_logps, rewards, train_kw, bar))
+    bar.close()
+    results["config"].setdefault("added", []).append(
+        {"methods": [m.name for m in methods], "versions": _versions(), "wall_s": round(time.perf_counter() - t0, 1)})
+    return results
+
+
 def run_benchmark(cfg: ExactConfig, *, progress: bool = True) -> tuple[dict, dict]:
     """Run the whole benchmark; return ``(results, illustration)``.
 
@@ -157,15 +218,9 @@ def run_benchmark(cfg: ExactConfig, *, progress: bool = True) -> tuple[dict, dic
     kl_from_opt, reward, kl_to_sft, seeds, …}}}``; ``illustration`` holds the 1-D distributions and metrics.
     """
     t0 = time.perf_counter()
-    spec = SeqTaskSpec(vocab=cfg.vocab, length=cfg.length, prompts=cfg.prompts, seed=cfg.seed)
-    task = build_task(spec)
-    torch.manual_seed(cfg.seed)
-    sft_policy = SeqPolicy(cfg.vocab, cfg.length, cfg.prompts, hidden=cfg.hidden, embed=cfg.embed)
-    sft_fit_kl = fit_sft(sft_policy, task.sft_probs, cfg.sft_steps, lr=cfg.sft_lr, progress=progress)
-    sft_logps = policy_table(sft_policy, cfg.prompts)  # (P, N) float64
-    rewards = task.rewards  # (P, N)
+    spec, sft_policy, sft_fit_kl, sft_logps, rewards = _setup(cfg, progress)
     opt_logps = optimum_logps(sft_logps, rewards, cfg.beta)
-    seqs = all_sequences(cfg.vocab, cfg.length)
+    seqs = all_sequences(cfg.vocab, cfg.length)  # (N, L)
 
     methods = trained_methods(tuple(cfg.ks), tuple(cfg.reuse))
     data_methods = [m for m in methods if m.targets not in ("exact", "online")]
@@ -190,21 +245,21 @@ def run_benchmark(cfg: ExactConfig, *, progress: bool = True) -> tuple[dict, dic
     for n in cfg.best_of_n:
         out[f"best-of-n-{n}"] = _mean_record([exact_metrics(best_of_n_logps(sft_logps, rewards, n), sft_logps,
                                                             rewards, cfg.beta)], [])
-    runs: dict[str, list] = {m.name: [] for m in data_methods + online}
-    curves: dict[str, list] = {m.name: [] for m in data_methods + online}
+    runs: dict[str, list] = {m.name: [] for m in data_methods}
+    curves: dict[str, list] = {m.name: [] for m in data_methods}
     for i in range(cfg.seeds):
         seed = cfg.seed + i
         data = sample_offline(sft_logps, rewards, seqs, cfg.pool, cfg.beta_r, torch.Generator().manual_seed(seed))
-        # online methods draw their rounds from the same seed (they never see the offline data)
-        for m in data_methods + (online if i < online_seeds else []):
+        for m in data_methods:
             bar.set_postfix_str(f"{m.name} seed {seed}")
             policy, curve, stats = train_method(m, sft_policy, sft_logps, rewards, data, seed=seed, **train_kw)
             runs[m.name].append(exact_metrics(policy_table(policy, cfg.prompts), sft_logps, rewards, cfg.beta)
                                 | stats)
             curves[m.name].append(curve)
-    bar.close()
-    for m in data_methods + online:
+    for m in data_methods:
         out[m.name] = _mean_record(runs[m.name], curves[m.name])
+    out.update(_train_online_rows(cfg, online, sft_policy, sft_logps, rewards, train_kw, bar))
+    bar.close()
 
     toy = run_toy(ToySpec(steps=cfg.toy_steps, seed=cfg.seed, beta_pi=cfg.beta_pi))
     config = dataclasses.asdict(cfg) | {

@@ -10,9 +10,12 @@ log-probs the loss sees at the round's first step) and the cached ``log π_sft``
 * ``online-exo-k{K}``, ``online-dpo-k{K}``: ``get_loss("exo" | "dpo")`` with the corrected reference
   ``log π_sft + (log π_t − log π_sft)/β_π`` and ``q = softmax(r/β_r − (log π_t − log π_sft))``
 * ``rloo-k{K}``: ``get_loss("rloo")`` on the KL-shaped reward ``r − β (log π_t − log π_sft)``
+* ``ppo-k{K}``: ``get_loss("ppo")`` on the same reward and advantage, with the sequence ratio ``π_θ/π_t``
+  (``log π_t``: the round's sampler log-probs) clipped to ``[1 − c, 1 + c]``, ``c = 0.2``
 
 Suffix ``-r{R}``: reuse R > 1. RLOO with reuse is the naive one (the same ``−A log π_θ`` for R steps, no
-importance ratio or clipping), included to show what reuse does to a loss that is not an objective.
+importance ratio or clipping), included to show what reuse does to a loss that is not an objective; PPO is the
+RL baseline built for reuse (at R = 1 its gradient is RLOO's).
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ def train_online(
         logps = sequence_logps(policy, x.repeat_interleave(k), seqs.view(g * k, -1)).view(g, k)  # (G, K)
         if fresh:  # the sampler is the policy as it was when the round was drawn
             tg = online_targets(r, logps.detach(), sft, beta_pi, beta_r)
-            kwargs = {"shaped_rewards": tg.shaped_rewards} if "shaped_rewards" in info.params else {}
+            given = {"shaped_rewards": tg.shaped_rewards, "sampler_logps": logps.detach()}
+            kwargs = {name: given[name] for name in info.params if name in given}
         out = fn(logps, tg.ref_logps, tg.target_logprobs, beta_pi, **kwargs)
         ess_p += ess(masked_log_softmax(beta_pi * (logps.detach() - tg.ref_logps), None)).mean().item()
         ess_q += ess(tg.target_logprobs).mean().item()

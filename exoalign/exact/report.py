@@ -13,8 +13,8 @@ from .metrics import METRICS
 
 
 def _online_key(n: str) -> tuple | None:
-    """``(reuse, K, 0 exo | 1 dpo | 2 rloo)`` for an online method name, None otherwise."""
-    for i, prefix in enumerate(("online-exo-k", "online-dpo-k", "rloo-k")):
+    """``(reuse, K, 0 exo | 1 dpo | 2 rloo | 3 ppo)`` for an online method name, None otherwise."""
+    for i, prefix in enumerate(("online-exo-k", "online-dpo-k", "rloo-k", "ppo-k")):
         if n.startswith(prefix):
             k, _, r = n[len(prefix):].partition("-r")
             return (int(r or 1), int(k), i)
@@ -23,7 +23,7 @@ def _online_key(n: str) -> tuple | None:
 
 def method_order(names: list[str]) -> list[str]:
     """Anchors and references first, then each EXO method next to its DPO counterpart, then IPO, then the online
-    methods (by reuse, then K: EXO, DPO, RLOO)."""
+    methods (by reuse, then K: EXO, DPO, RLOO, PPO)."""
     def key(n: str) -> tuple:
         if _online_key(n) is not None:
             return (6, *_online_key(n))
@@ -57,12 +57,13 @@ def online_table(methods: dict) -> list[str]:
         return []
     reuses, ks = sorted({r for r, _, _ in keys}), sorted({k for _, k, _ in keys})
     cols = ["exo-rw-k{k}", "dpo-rw-k{k}"] + [f"{m}-k{{k}}{'' if r == 1 else f'-r{r}'}" for r in reuses
-                                               for m in ("online-exo", "online-dpo", "rloo")]
-    head = ["offline EXO-rw", "offline DPO-rw"] + [f"{m} r{r}" for r in reuses for m in ("online EXO", "online DPO", "RLOO")]
+                                               for m in ("online-exo", "online-dpo", "rloo", "ppo")]
+    head = ["offline EXO-rw", "offline DPO-rw"] + [f"{m} r{r}" for r in reuses
+                                                   for m in ("online EXO", "online DPO", "RLOO", "PPO")]
     lines = ["", "## Offline vs online (gap, and ESS of p / of q as fractions of K)", "",
              "ESS = (1/Σp²)/K of the loss's group distribution p (policy side) and q (target), averaged over training "
              "steps and groups. r{R}: each sampled round is used for R steps (R = 1: fresh samples every step). "
-             "RLOO with R > 1 is naive reuse (no importance ratio). rl-exact: "
+             "RLOO with R > 1 is naive reuse (no importance ratio); PPO reuses with the clipped ratio. rl-exact: "
              f"{methods['rl-exact']['gap']:.3f}." if "rl-exact" in methods else "", "",
              "| K | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for k in ks:
@@ -139,7 +140,8 @@ def plot_gaps(results: dict, path: Path) -> None:
     names = [n for n in method_order(list(methods)) if n != "optimum"]
     color = lambda n: ("tab:red" if n.startswith("exo") else "tab:blue" if n.startswith("dpo")
                        else "tab:purple" if n == "ipo" else "darkred" if n.startswith("online-exo")
-                       else "navy" if n.startswith("online-dpo") else "tab:green" if n.startswith("rloo") else "0.4")
+                       else "navy" if n.startswith("online-dpo") else "tab:green" if n.startswith("rloo")
+                       else "tab:orange" if n.startswith("ppo") else "0.4")
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(names) + 1.2))
     ys = range(len(names))
     ax.barh(list(ys), [methods[n]["gap"] for n in names], color=[color(n) for n in names], alpha=0.75)
@@ -192,7 +194,7 @@ def plot_curves(results: dict, path: Path) -> None:
 
 
 def plot_online(results: dict, path: Path) -> None:
-    """Gap curves at the largest K: offline EXO/DPO-rw, online EXO/DPO/RLOO at every reuse, and rl-exact."""
+    """Gap curves at the largest K: offline EXO/DPO-rw, online EXO/DPO/RLOO/PPO at every reuse, and rl-exact."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,7 +210,7 @@ def plot_online(results: dict, path: Path) -> None:
     styles = ["-", ":", "-.", (0, (5, 1))]
     for j, r in enumerate(reuses):
         suffix = "" if r == 1 else f"-r{r}"
-        for m, c in (("online-exo", "darkred"), ("online-dpo", "navy"), ("rloo", "tab:green")):
+        for m, c in (("online-exo", "darkred"), ("online-dpo", "navy"), ("rloo", "tab:green"), ("ppo", "tab:orange")):
             lines.append((f"{m}-k{k}{suffix}", dict(color=c, ls=styles[j % len(styles)])))
     for n, style in lines:
         if n in methods and "curve" in methods[n]:

@@ -11,7 +11,7 @@ learning rate, number of steps and number of completions per step (``batch`` seq
 * ``exo-pref``, ``dpo-pref``, ``ipo``: labelled pairs, targets ``pref_targets(B, ε)`` (chosen first)
 * ``rl-exact``: the reference — gradient ascent on the exact ``J_β`` by enumeration (what RL with infinitely
   many samples would do); it needs no data.
-* ``online-exo-k{K}``, ``online-dpo-k{K}``, ``rloo-k{K}`` (suffix ``-r{R}`` for reuse R): sampled from the
+* ``online-exo-k{K}``, ``online-dpo-k{K}``, ``rloo-k{K}``, ``ppo-k{K}`` (suffix ``-r{R}`` for reuse R): sampled from the
   current policy each round, see ``online.py``; no offline data.
 
 The losses get ``β_π = β / β_r``, so that every method's optimum is π*_β with the same β (DESIGN.md).
@@ -44,15 +44,16 @@ class Method:
 
 
 def online_methods(ks: tuple[int, ...], reuse: tuple[int, ...]) -> list[Method]:
-    """``online-exo-k{K}``, ``online-dpo-k{K}``, ``rloo-k{K}`` for every K, and with suffix ``-r{R}`` for every
-    reuse R > 1 in ``reuse``."""
+    """``online-exo-k{K}``, ``online-dpo-k{K}``, ``rloo-k{K}``, ``ppo-k{K}`` for every K, and with suffix ``-r{R}``
+    for every reuse R > 1 in ``reuse``."""
     out = []
     for r in reuse:
         suffix = "" if r == 1 else f"-r{r}"
         for k in ks:
             out += [Method(f"online-exo-k{k}{suffix}", "exo", "online", k, r),
                     Method(f"online-dpo-k{k}{suffix}", "dpo", "online", k, r),
-                    Method(f"rloo-k{k}{suffix}", "rloo", "online", k, r)]
+                    Method(f"rloo-k{k}{suffix}", "rloo", "online", k, r),
+                    Method(f"ppo-k{k}{suffix}", "ppo", "online", k, r)]
     return out
 
 

@@ -6,7 +6,8 @@
 >>> out.losses.mean().backward()
 
 Online (completions sampled from the current policy π_t): ``online_targets(rewards, log π_t, log π_sft, β_π, β_r,
-mask)`` gives the corrected reference and targets for exo/dpo and the KL-shaped reward for ``rloo``.
+mask)`` gives the corrected reference and targets for exo/dpo and the KL-shaped reward for ``rloo`` and ``ppo``
+(which also takes the sampler's log-probs ``log π_t`` for its ratio).
 
 See ``core.py`` for the equations and papers, and ``docs/losses.md`` for when to use which. The trainer knows no loss formula: it asks :func:`get_loss`
 and reads the attributes :func:`loss_info` returns (whether the loss needs the reference model, completion
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .core import LossOutput, cdpo, dpo, exo, hinge, ipo, rloo, rpo, simpo
+from .core import LossOutput, cdpo, dpo, exo, hinge, ipo, ppo, rloo, rpo, simpo
 from .targets import (
     NEG,
     OnlineTargets,
@@ -42,12 +43,13 @@ class LossInfo:
     listwise: bool
     """True when the loss uses all K completions; False when it uses the best/worst pair of each group."""
     online_only: bool = False
-    """True when the loss needs samples of the current policy (``shaped_rewards`` from ``online_targets``)."""
+    """True when the loss needs samples of the current policy (``shaped_rewards`` from ``online_targets``; ppo
+    also the sampler's log-probs ``sampler_logps``)."""
 
     @property
     def params(self) -> list[str]:
         """Names of the keyword-only parameters (``label_smoothing``, ``gamma``, ``alpha``, ``lengths``,
-        ``shaped_rewards``)."""
+        ``shaped_rewards``, ``sampler_logps``, ``clip``)."""
         sig = inspect.signature(self.fn)
         return [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
@@ -61,6 +63,7 @@ LOSSES: dict[str, LossInfo] = {
     "rpo": LossInfo("rpo", rpo, needs_ref=True, needs_lengths=True, listwise=False),
     "hinge": LossInfo("hinge", hinge, needs_ref=True, needs_lengths=False, listwise=False),
     "rloo": LossInfo("rloo", rloo, needs_ref=False, needs_lengths=False, listwise=True, online_only=True),
+    "ppo": LossInfo("ppo", ppo, needs_ref=False, needs_lengths=False, listwise=True, online_only=True),
 }
 
 
@@ -73,7 +76,7 @@ def loss_info(name: str) -> LossInfo:
 
 def get_loss(name: str) -> Callable[..., LossOutput]:
     """The loss function registered as ``name`` (``exo``, ``dpo``, ``ipo``, ``cdpo``, ``simpo``, ``rpo``, ``hinge``,
-    ``rloo``)."""
+    ``rloo``, ``ppo``)."""
     return loss_info(name).fn
 
 
@@ -94,6 +97,7 @@ __all__ = [
     "loss_info",
     "masked_log_softmax",
     "online_targets",
+    "ppo",
     "pref_targets",
     "reward_targets",
     "rloo",

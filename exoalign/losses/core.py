@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .targets import NEG, check_eps, masked_log_softmax
 
 
@@ -334,4 +335,58 @@ def rloo(
     losses = -(adv * logp).sum(-1) / n.squeeze(-1).clamp(min=1)
     out = _metrics(adv, target_logprobs, mask)
     out["rloo/shaped_reward"] = (r.sum() / mask.sum().clamp(min=1)).detach()
+    return LossOutput(losses, adv, out)
+
+
+def ppo(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    target_logprobs: torch.Tensor,
+    beta_pi: float,
+    mask: torch.Tensor | None = None,
+    *,
+    shaped_rewards: torch.Tensor,
+    sampler_logps: torch.Tensor,
+    clip: float = 0.2,
+) -> LossOutput:
+    """PPO: the clipped surrogate on the KL-shaped reward, with RLOO's leave-one-out baseline as the advantage.
+
+    Schulman et al., "Proximal Policy Optimization Algorithms", 2017, https://arxiv.org/abs/1707.06347 (eq. 7),
+    with one action per completion: the ratio is of whole sequences. With ``n`` valid completions ``y_i ~ π_t``,
+    ``R_i = r_i − β (log π_t − log π_sft)(y_i)`` (``shaped_rewards``), ``log π_t(y_i)`` (``sampler_logps``, the
+    sampler's log-probs at the loss temperature) and ``c = clip``::
+
+        A_i = R_i − (1/(n−1)) Σ_{j≠i} R_j,      ρ_i = π_θ(y_i|x) / π_t(y_i|x)
+        L = −(1/n) Σ_i min(ρ_i A_i, clip(ρ_i, 1 − c, 1 + c) A_i)
+
+    At a sample's first use (θ = θ_t, ρ = 1) ``∇ρ_i = ∇log π_θ(y_i)`` and nothing is clipped, so the gradient is
+    :func:`rloo`'s exactly; on later uses of the same samples the ratio keeps the surrogate a sound estimate and
+    the clip stops a completion's push once its ratio has left ``[1 − c, 1 + c]`` in the direction of its
+    advantage (``A > 0, ρ > 1 + c`` or ``A < 0, ρ < 1 − c``: zero gradient). The ratio is not clipped in the
+    other direction (standard PPO): a large ``ρ`` with ``A < 0`` keeps a gradient proportional to ``ρ``.
+    ``ref_logps`` and ``beta_pi`` do not enter the loss (the shaping carries β); ``target_logprobs`` picks the
+    best/worst completion for the ``rewards/*`` metrics. The returned ``rewards`` are the advantages ``A``
+    (detached). Metrics: ``ppo/clip_frac`` (share of valid completions whose gradient the clip zeroes),
+    ``ppo/ratio`` (mean ρ) and ``ppo/shaped_reward``.
+    """
+    if not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and 0.0 < clip < 1.0):
+        raise ConfigError(f"clip must be in (0, 1), got {clip!r}", field="clip", fix="use 0.2 (PPO's default)")
+    mask = _full_mask(policy_logps, mask)
+    logp = _log_ratio(policy_logps, None, mask)  # (B, K), 0 in padding
+    old = _f32(sampler_logps.to(logp.device)).detach().masked_fill(~mask, 0.0)  # (B, K)
+    r = _f32(shaped_rewards.to(logp.device)).detach().masked_fill(~mask, 0.0)  # (B, K)
+    n = mask.sum(-1, keepdim=True).to(r.dtype)  # (B, 1)
+    others = (r.sum(-1, keepdim=True) - r) / (n - 1).clamp(min=1)
+    adv = torch.where(mask & (n >= 2), r - others, torch.zeros_like(r))  # (B, K)
+    ratio = (logp - old).exp()  # (B, K), 1 in padding
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - clip, 1.0 + clip) * adv)  # (B, K)
+    terms = torch.where(mask, surrogate, torch.zeros_like(surrogate))
+    losses = -terms.sum(-1) / n.squeeze(-1).clamp(min=1)
+    ratio_d = ratio.detach()
+    clipped = mask & (((ratio_d > 1.0 + clip) & (adv > 0)) | ((ratio_d < 1.0 - clip) & (adv < 0)))  # (B, K)
+    valid = mask.sum().clamp(min=1)
+    out = _metrics(adv, target_logprobs, mask)
+    out["ppo/clip_frac"] = clipped.sum() / valid
+    out["ppo/ratio"] = ratio_d.masked_fill(~mask, 0.0).sum() / valid
+    out["ppo/shaped_reward"] = (r.sum() / valid).detach()
     return LossOutput(losses, adv, out)
