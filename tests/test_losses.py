@@ -25,6 +25,7 @@ from exoalign.losses import (
     hinge,
     ipo,
     loss_info,
+    ppo,
     pref_targets,
     reward_targets,
     rloo,
@@ -51,7 +52,10 @@ def _call(name: str, pol, ref, tgt, beta, mask=None, lengths=None, **kw):
     if LOSSES[name].needs_lengths:
         kw["lengths"] = torch.ones_like(pol, dtype=torch.long) if lengths is None else lengths
     if LOSSES[name].online_only:
-        kw.setdefault("shaped_rewards", tgt)  # rloo: the log-targets serve as (shaped) rewards
+        kw.setdefault("shaped_rewards", tgt)  # rloo, ppo: the log-targets serve as (shaped) rewards
+    if "sampler_logps" in LOSSES[name].params:  # ppo: the sampler a little off π_θ, ratios e^{±0.3}, some clipped
+        x = pol.detach().double()  # offsets a function of the value, so permuting a group permutes them too
+        kw.setdefault("sampler_logps", x + 0.3 * torch.cos(x))
     return get_loss(name)(pol, ref, tgt, beta, mask, **kw)
 
 
@@ -491,9 +495,9 @@ def test_bf16_inputs_are_computed_in_fp32(name):
 
 # ----------------------------------------------------------------------- registry and targets
 def test_registry_names_and_info():
-    assert set(LOSSES) == {"exo", "dpo", "ipo", "cdpo", "simpo", "rpo", "hinge", "rloo"}
+    assert set(LOSSES) == {"exo", "dpo", "ipo", "cdpo", "simpo", "rpo", "hinge", "rloo", "ppo"}
     expected = {"exo": exo, "dpo": dpo, "ipo": ipo, "cdpo": cdpo, "simpo": simpo, "rpo": rpo, "hinge": hinge,
-                "rloo": rloo}
+                "rloo": rloo, "ppo": ppo}
     for name, fn in expected.items():
         assert get_loss(name) is fn
         assert "https://" in fn.__doc__  # the paper is cited in every loss's docstring

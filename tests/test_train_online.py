@@ -243,15 +243,15 @@ def test_sampler_logps_are_those_of_the_distribution_sampled(tmp_path, monkeypat
     assert (at_1 - at_07).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("loss", ["dpo", "rloo"])
-def test_dpo_and_rloo_train_online(tmp_path, loss):
+@pytest.mark.parametrize("loss", ["dpo", "rloo", "ppo"])
+def test_dpo_rloo_and_ppo_train_online(tmp_path, loss):
     """The other online losses run through the same rounds: finite losses every step, two round records, weights
-    moved; rloo's first step sees advantages of the KL-shaped reward (not all zero)."""
+    moved; rloo's and ppo's first step sees advantages of the KL-shaped reward (not all zero)."""
     final = train_online(make_cfg(tmp_path, f"loss.name={loss}", "online.steps_per_round=1"))
     steps = train_records(final.parent)
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     assert len(online_records(final.parent)) == 2
-    if loss == "rloo":
+    if loss in ("rloo", "ppo"):
         assert abs(steps[0]["rewards/margins"]) > 1e-4
     init = load_file(str(final.parent / "init" / "model.safetensors"))
     trained = load_file(str(final / "model.safetensors"))
@@ -273,6 +273,9 @@ def test_dpo_and_rloo_train_online(tmp_path, loss):
         (["data.eval_fraction=0.1"], "data.eval_fraction", "not supported online"),
         (["online.prompts_per_round=20", "train.batch_size=4"], "online.prompts_per_round", "never be trained on"),
         (["online.rounds=0", "loss.name=rloo"], "loss.name", "current policy only"),
+        (["online.rounds=0", "loss.name=ppo"], "loss.name", "current policy only"),
+        (["loss.name=ppo", "loss.temperature=0.7"], "loss.temperature", "sampling temperature"),
+        (["loss.clip=1.5"], "loss.clip", "must be in (0, 1)"),
     ],
 )
 def test_bad_settings_are_one_line_config_errors(tmp_path, overrides, field, words):
@@ -328,6 +331,46 @@ def test_online_exo_at_round_start_is_rloo_up_to_scale(tmp_path):
     K, beta_r = cfg.online.k, cfg.loss.beta_r
     assert torch.nn.functional.cosine_similarity(g_exo, g_rloo, dim=0) > 0.9999
     assert float(g_exo.norm() / g_rloo.norm()) == pytest.approx((K - 1) / (K * beta_r), rel=1e-3)
+
+
+def test_ppo_reuses_a_round_with_its_ratio_and_clip(tmp_path):
+    """loss.name=ppo with each round used for 2 steps (loss.clip=0.1): every step logs ppo/ratio and
+    ppo/clip_frac; a round's first step is at π_θ = π_t (ratio 1 up to the rounding of recomputed float32
+    sequence log-probs, nothing clipped), its second after one update (ratio moved)."""
+    final = train_online(make_cfg(tmp_path, "loss.name=ppo", "loss.clip=0.1"))
+    steps = train_records(final.parent)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in steps)
+    for first in (steps[0], steps[2]):
+        # mean of e^{Δ} with |Δ| the float32 rounding of a ~12-token log-prob sum of size ≲ 100: ≲ 1e-4
+        assert first["ppo/ratio"] == pytest.approx(1.0, abs=1e-4) and first["ppo/clip_frac"] == 0.0
+    assert abs(steps[1]["ppo/ratio"] - 1.0) > 1e-4
+
+
+def test_ppo_at_round_start_is_rloo(tmp_path):
+    """At the start of a round (π_θ = π_t, one temperature) ppo's ratio is 1 and its gradient on the round's groups
+    is rloo's, through the trainer's own compute_loss. The ratio is 1 only up to the rounding of the sequence
+    log-probs, recomputed in float32 in another batch layout than the sampler's: ``|Δ| ≤ 16 u √T max|log π|``
+    (u = 2⁻²³, T tokens per completion), and the gradient differs by that relative amount."""
+    cfg = make_cfg(tmp_path, "online.rounds=1", "online.steps_per_round=1", "loss.name=ppo")
+    final = train_online(cfg)
+    record = json.loads((final.parent / "online" / "round-00000.json").read_text())
+    feats, _ = round_features(record, cfg.loss.beta_pi, cfg.loss.beta_r)
+    model = AutoModelForCausalLM.from_pretrained(final.parent / "init")  # π_0: the policy that sampled round 0
+    model.eval()
+    batch = OnlineCollator(model.config.pad_token_id or 0)(feats)
+
+    def grad(name: str) -> torch.Tensor:
+        model.zero_grad()
+        loss, _ = compute_loss(model, batch, replace(cfg.loss, name=name))
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    T = max(len(c) + 1 for g in record["completion_ids"] for c in g)  # + EOS
+    bound = rel_tol(torch.float32, T) * max(abs(x) for g in record["sampler_logps"] for x in g)
+    g_ppo, g_rloo = grad("ppo"), grad("rloo")
+    print("DEBUG bound", bound, "maxdiff/scale", float((g_ppo - g_rloo).abs().max() / g_rloo.abs().max()),
+          "cos", float(torch.nn.functional.cosine_similarity(g_ppo, g_rloo, dim=0)))
+    assert_close_scaled(g_ppo, g_rloo, 4 * bound)
 
 
 def test_a_reward_model_scores_the_rounds(tmp_path, tiny_tokenizer):

@@ -363,7 +363,9 @@ def ppo(
     :func:`rloo`'s exactly; on later uses of the same samples the ratio keeps the surrogate a sound estimate and
     the clip stops a completion's push once its ratio has left ``[1 − c, 1 + c]`` in the direction of its
     advantage (``A > 0, ρ > 1 + c`` or ``A < 0, ρ < 1 − c``: zero gradient). The ratio is not clipped in the
-    other direction (standard PPO): a large ``ρ`` with ``A < 0`` keeps a gradient proportional to ``ρ``.
+    other direction (standard PPO): a large ``ρ`` with ``A < 0`` keeps a gradient proportional to ``ρ``, and
+    ``ρ = exp(log π_θ − log π_t)`` overflows once the policy is ~88 nats (float32) from the sampler on a
+    sequence, far outside the range where PPO means anything.
     ``ref_logps`` and ``beta_pi`` do not enter the loss (the shaping carries β); ``target_logprobs`` picks the
     best/worst completion for the ``rewards/*`` metrics. The returned ``rewards`` are the advantages ``A``
     (detached). Metrics: ``ppo/clip_frac`` (share of valid completions whose gradient the clip zeroes),
@@ -373,7 +375,7 @@ def ppo(
         raise ConfigError(f"clip must be in (0, 1), got {clip!r}", field="clip", fix="use 0.2 (PPO's default)")
     mask = _full_mask(policy_logps, mask)
     logp = _log_ratio(policy_logps, None, mask)  # (B, K), 0 in padding
-    old = _f32(sampler_logps.to(logp.device)).detach().masked_fill(~mask, 0.0)  # (B, K)
+    old = sampler_logps.detach().to(device=logp.device, dtype=logp.dtype).masked_fill(~mask, 0.0)  # (B, K)
     r = _f32(shaped_rewards.to(logp.device)).detach().masked_fill(~mask, 0.0)  # (B, K)
     n = mask.sum(-1, keepdim=True).to(r.dtype)  # (B, 1)
     others = (r.sum(-1, keepdim=True) - r) / (n - 1).clamp(min=1)

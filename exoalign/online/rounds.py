@@ -10,7 +10,8 @@ Round ``r`` covers optimizer steps ``r·S + 1 … (r + 1)·S`` (``S = online.ste
    sampled), and ``log π_sft(y)`` at the loss temperature;
 5. :func:`~exoalign.losses.online_targets` turns them into the corrected reference
    ``log π_sft + (log μ − log π_sft)/β_π``, targets ``log q = log_softmax(r/β_r − (log μ − log π_sft))`` and,
-   for rloo, the KL-shaped reward; the groups carry them into ``compute_loss`` (no loss formula here);
+   for rloo and ppo, the KL-shaped reward (ppo also gets ``log μ`` for its ratio π_θ/π_t); the groups carry them
+   into ``compute_loss`` (no loss formula here);
 6. ``S`` steps of :func:`~exoalign.train.engine.fit` on the round's groups.
 
 The loop sees one dataset, :class:`RoundData`, of ``S × grad_accum × batch_size`` items cycling over the round's
@@ -67,12 +68,13 @@ class RoundData:
 
 
 class OnlineCollator(GroupCollator):
-    """:class:`GroupCollator` plus the online groups' ``target_logprobs`` and ``shaped_rewards`` ``[B, K]``."""
+    """:class:`GroupCollator` plus the online groups' ``target_logprobs``, ``shaped_rewards`` and ``sampler_logps``
+    ``[B, K]``."""
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = super().__call__(features)
         K = batch["group_mask"].shape[1]
-        for key in ("target_logprobs", "shaped_rewards"):
+        for key in ("target_logprobs", "shaped_rewards", "sampler_logps"):
             batch[key] = self._per_slot([f[key] for f in features], K)
         return batch
 
@@ -105,7 +107,8 @@ def policy_table(model: torch.nn.Module, features: list[dict], pad_id: int, *, b
 
 
 def round_features(record: dict, beta_pi: float, beta_r: float) -> tuple[list[dict], dict[str, float]]:
-    """The round's groups as loop features (corrected reference, targets, shaped rewards) and its sample metrics."""
+    """The round's groups as loop features (corrected reference, targets, shaped rewards, the sampler's log-probs)
+    and its sample metrics."""
     rewards = torch.tensor(record["rewards"], dtype=torch.float64)  # (N, K)
     mu = torch.tensor(record["sampler_logps"], dtype=torch.float64)  # (N, K) log μ at the sampling temperature
     sft = torch.tensor(record["sft_logps"], dtype=torch.float64)  # (N, K) log π_sft at the loss temperature
@@ -113,7 +116,8 @@ def round_features(record: dict, beta_pi: float, beta_r: float) -> tuple[list[di
     features = [
         {"index": n, "prompt_ids": record["prompt_ids"][n], "completion_ids": record["completion_ids"][n],
          "rewards": record["rewards"][n], "ref_logps": ot.ref_logps[n].tolist(),
-         "target_logprobs": ot.target_logprobs[n].tolist(), "shaped_rewards": ot.shaped_rewards[n].tolist()}
+         "target_logprobs": ot.target_logprobs[n].tolist(), "shaped_rewards": ot.shaped_rewards[n].tolist(),
+         "sampler_logps": record["sampler_logps"][n]}
         for n in range(len(record["prompt_ids"]))
     ]
     lengths = [len(c) for g in record["completion_ids"] for c in g]
@@ -265,7 +269,8 @@ def train_online(cfg: TrainConfig) -> Path:
                           fix="run it without accelerate launch / torchrun (one GPU or the CPU)")
     if cfg.loss.name == "rloo" and args.batch_size * args.grad_accum * S > on.prompts_per_round:
         logger.warning("rloo uses each sample more than once per round (batch_size × grad_accum × steps_per_round "
-                       "> prompts_per_round): its gradient is only unbiased on a sample's first use")
+                       "> prompts_per_round): its gradient is only unbiased on a sample's first use (ppo's clipped "
+                       "ratio is made for reuse)")
     out = Path(args.output_dir)
     scratch = cfg.model.init == "scratch"
     tokenizer = None if scratch else load_tok(cfg.model, cfg.model.name_or_path)

@@ -132,7 +132,7 @@ class LossConfig:
     """Which loss from the registry and its hyper-parameters."""
 
     name: str = "exo"
-    """Loss: exo, dpo, ipo, cdpo, simpo, rpo or hinge."""
+    """Loss: exo, dpo, ipo, cdpo, simpo, rpo or hinge; online (online.rounds >= 1) also rloo or ppo."""
     target: Literal["pref", "rw"] = "pref"
     """Target distribution over the K completions: pref = [1-eps, eps] on (chosen, rejected) pairs; rw =
     softmax(rewards / beta_r) (needs rewards in the data)."""
@@ -150,6 +150,8 @@ class LossConfig:
     """simpo only: target reward margin γ."""
     alpha: float = 1.0
     """rpo only: weight of the NLL term on the chosen completion."""
+    clip: float = 0.2
+    """ppo only: the ratio π_θ/π_t of each completion is clipped to [1 - clip, 1 + clip], clip in (0, 1)."""
 
     def __post_init__(self) -> None:
         require(self.name in LOSSES, "name", f"unknown loss {self.name!r}", f"use one of {', '.join(LOSSES)}")
@@ -163,6 +165,7 @@ class LossConfig:
                 raise ConfigError(e.message, field=name, fix=e.fix) from None
         require(math.isfinite(self.gamma), "gamma", "must be finite", "use e.g. 0.5")
         require(math.isfinite(self.alpha) and self.alpha >= 0, "alpha", "must be >= 0", "use e.g. 1.0")
+        require(0.0 < self.clip < 1.0, "clip", f"must be in (0, 1) (got {self.clip})", "use 0.2 (PPO's default)")
 
 
 def default_cache_dir() -> str:
@@ -336,7 +339,7 @@ class OnlineConfig:
 
 
 #: Losses that train on the corrected online groups.
-ONLINE_LOSSES = ("exo", "dpo", "rloo")
+ONLINE_LOSSES = ("exo", "dpo", "rloo", "ppo")
 
 
 @dataclass
@@ -392,6 +395,10 @@ def check_online(cfg: TrainConfig) -> None:
     on, d = cfg.online, cfg.data
     require(cfg.loss.name in ONLINE_LOSSES, "loss.name", f"loss {cfg.loss.name!r} has no online form",
             f"use one of {', '.join(ONLINE_LOSSES)} with online.rounds >= 1")
+    # ppo's ratio π_θ/π_t compares the loss's log-probs with the sampler's: one distribution, one temperature
+    require(cfg.loss.name != "ppo" or cfg.loss.temperature == on.temperature, "loss.temperature",
+            f"ppo's ratio needs the loss temperature ({cfg.loss.temperature}) to equal the sampling temperature "
+            f"({on.temperature})", f"set loss.temperature={on.temperature}")
     need = d.max_prompt_length + on.max_new_tokens
     require(need <= d.max_length, "online.max_new_tokens",
             f"data.max_prompt_length ({d.max_prompt_length}) + online.max_new_tokens ({on.max_new_tokens}) = {need} "

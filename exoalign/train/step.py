@@ -185,7 +185,9 @@ def compute_loss(
         ref = ref.to(policy.dtype)
     targets = targets_for(batch, loss_cfg, B, K, policy.device)  # (B, K)
     params = {"lengths": lengths, "label_smoothing": loss_cfg.label_smoothing, "gamma": loss_cfg.gamma, "alpha": loss_cfg.alpha,
-              "shaped_rewards": batch.get("shaped_rewards")}  # rloo: online groups carry the KL-shaped reward
+              # rloo, ppo: online groups carry the KL-shaped reward and the sampler's log-probs
+              "shaped_rewards": batch.get("shaped_rewards"), "sampler_logps": batch.get("sampler_logps"),
+              "clip": loss_cfg.clip}
     kwargs = {name: params[name] for name in info.params if name in params}
     out = info.fn(policy, ref, targets, loss_cfg.beta_pi, mask, **kwargs)
     loss = out.losses.mean()
