@@ -175,7 +175,7 @@ def test_quick_mode_runs_through_the_cli_and_writes_the_schema(tmp_path):
     names = {"exo-pref", "dpo-pref", "ipo", "rl-exact", "sft", "optimum"}
     names |= {f"{m}-rw-k{k}" for m in ("exo", "dpo") for k in (2, 4, 8)}
     names |= {f"best-of-n-{n}" for n in res["config"]["best_of_n"]}
-    online = {f"{m}-k{k}" for m in ("online-exo", "online-dpo", "rloo") for k in (2, 4, 8)}
+    online = {f"{m}-k{k}{r}" for m in ("online-exo", "online-dpo", "rloo", "ppo") for k in (2, 4, 8) for r in ("", "-r4")}
     assert names | online <= set(res["methods"])
     for name, rec in res["methods"].items():
         for key in ("gap", "J", "kl_to_opt", "kl_from_opt", "reward", "kl_to_sft"):
@@ -192,6 +192,7 @@ def test_quick_mode_runs_through_the_cli_and_writes_the_schema(tmp_path):
         assert (out / f).stat().st_size > 0
     assert "| exo-rw-k8 |" in (out / "results.md").read_text()
     assert "| online-exo-k8 |" in (out / "results.md").read_text() and (out / "online.png").stat().st_size > 0
+    assert "| ppo-k8-r4 |" in (out / "results.md").read_text() and "PPO r4" in (out / "results.md").read_text()
     # online: ESS of p and q recorded; p is uniform at one use per sample with β_π = 1 (p ∝ π_θ/π_t = 1)
     for name in online | {f"{m}-rw-k{k}" for m in ("exo", "dpo") for k in (2, 4, 8)}:
         assert 0.0 < m[name]["ess_q"] <= 1.0 + 1e-9 and 0.0 < m[name]["ess"] <= 1.0 + 1e-9, name
@@ -200,6 +201,11 @@ def test_quick_mode_runs_through_the_cli_and_writes_the_schema(tmp_path):
         assert m[f"exo-rw-k{k}"]["ess"] < 0.95  # offline p leaves uniform as π_θ moves away from π_sft
         # at one use per sample RLOO's gradient is online EXO's times β K/(K−1): under Adam the same run
         assert m[f"rloo-k{k}"]["gap"] == pytest.approx(m[f"online-exo-k{k}"]["gap"], abs=0.02)
+        # and PPO's is RLOO's exactly (ρ = 1): the same trajectory, up to nothing but summation order
+        assert m[f"ppo-k{k}"]["gap"] == pytest.approx(m[f"rloo-k{k}"]["gap"], abs=1e-6)
+        assert m[f"ppo-k{k}"]["ess"] == pytest.approx(1.0, abs=1e-5) and m[f"ppo-k{k}-r4"]["ess"] < 1.0
+    # reusing a round 4 times: PPO's clipped ratio keeps it sound where naive RLOO degrades (0.63 vs 0.76 at K = 8)
+    assert m["ppo-k8-r4"]["gap"] < m["rloo-k8-r4"]["gap"] - 0.05
     # sampling from the current policy removes the coverage limit of offline data (issue 13's done-when)
     assert m["online-exo-k8"]["gap"] < m["exo-rw-k8"]["gap"]
     assert not list(out.glob("*.tmp"))
@@ -228,9 +234,9 @@ def test_online_methods_and_their_names():
     from exoalign.exact.train import online_methods, trained_methods
 
     names = [m.name for m in online_methods((2, 8), (1, 4))]
-    assert names == ["online-exo-k2", "online-dpo-k2", "rloo-k2", "online-exo-k8", "online-dpo-k8", "rloo-k8",
-                     "online-exo-k2-r4", "online-dpo-k2-r4", "rloo-k2-r4", "online-exo-k8-r4", "online-dpo-k8-r4",
-                     "rloo-k8-r4"]
+    assert names == ["online-exo-k2", "online-dpo-k2", "rloo-k2", "ppo-k2", "online-exo-k8", "online-dpo-k8",
+                     "rloo-k8", "ppo-k8", "online-exo-k2-r4", "online-dpo-k2-r4", "rloo-k2-r4", "ppo-k2-r4",
+                     "online-exo-k8-r4", "online-dpo-k8-r4", "rloo-k8-r4", "ppo-k8-r4"]
     assert {m.reuse for m in online_methods((2,), (1, 4))} == {1, 4}
     assert not any(m.targets == "online" for m in trained_methods((2, 4)))
 
@@ -263,3 +269,28 @@ def test_bad_flags_exit_2_with_one_line(argv, tmp_path, capsys):
 def test_unknown_benchmark_exits_2(capsys):
     assert cli_main(["bench", "nope"]) == 2
     assert "exact" in capsys.readouterr().err
+
+
+def test_add_online_rows_reproduces_a_full_runs_rows_and_refuses_another_sft():
+    """benchmarks/exact_add_rows.py's function: the ppo rows added to a finished run equal the rows of the full
+    run (each online run depends on its method and seed only); a run whose recorded π_sft fit differs is
+    refused with a ConfigError."""
+    import copy
+
+    from exoalign.errors import ConfigError
+    from exoalign.exact.benchmark import ExactConfig, add_online_rows, run_benchmark
+
+    cfg = ExactConfig(vocab=4, length=3, prompts=2, hidden=4, embed=8, sft_steps=20, pool=16, batch=16, steps=12,
+                      seeds=2, online_seeds=1, ks=[2, 4], reuse=[1, 2], best_of_n=[2], eval_every=6, toy_steps=5)
+    full, _ = run_benchmark(cfg, progress=False)
+    part = copy.deepcopy(full)
+    added = [n for n in part["methods"] if n.startswith("ppo-")]
+    assert added == ["ppo-k2", "ppo-k4", "ppo-k2-r2", "ppo-k4-r2"]
+    for n in added:
+        del part["methods"][n]
+    add_online_rows(part, ["ppo"], progress=False)
+    assert {n: part["methods"][n] for n in added} == {n: full["methods"][n] for n in added}
+    assert part["config"]["added"][0]["methods"] == added
+    part["config"]["sft_fit_kl"] += 1e-9
+    with pytest.raises(ConfigError, match="sft_fit_kl"):
+        add_online_rows(part, ["ppo"], progress=False)
