@@ -102,7 +102,8 @@ def test_kill_during_checkpoint_write_then_resume_and_determinism(tmp_path, capl
 
     logging.getLogger("exoalign").propagate = True
     with caplog.at_level(logging.INFO, logger="exoalign"):
-        resumed = train(load_config(TrainConfig, SMOKE, _overrides(cut, cache, "train.resume=true")))
+        resumed = train(load_config(TrainConfig, SMOKE, _overrides(cut, cache, "train.resume=true",
+                                                                   "train.keep_checkpoint_weights=true")))
     messages = [r.getMessage() for r in caplog.records]
     assert any(f"skipping torn checkpoint {cut / 'checkpoint-4'} " in m for m in messages), messages
     assert any("resuming from" in m and "checkpoint-2 (step 2)" in m for m in messages), messages
@@ -130,7 +131,7 @@ def test_poisoned_training_state_is_refused_and_never_runs(tmp_path, capsys):
     """accelerate reads optimizer/scheduler/RNG state with ``torch.load(weights_only=True)``: a checkpoint whose
     optimizer file holds a pickle that would run a command is an input error (exit 2), and the command never runs."""
     cache, run = tmp_path / "cache", tmp_path / "run"
-    train(load_config(TrainConfig, SMOKE, _overrides(run, cache, "train.max_steps=2")))
+    train(load_config(TrainConfig, SMOKE, _overrides(run, cache, "train.max_steps=2", "train.save_final_state=true")))
     marker = tmp_path / "RAN"
 
     class Payload:
@@ -172,12 +173,13 @@ def test_nan_gradient_stops_naming_the_step_or_is_skipped(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("error: the gradient norm is not finite at step 3; rows ["), err
     assert "train.lr=" in err[-1] and "nan_policy=skip" in err[-1] and "no NaN weights were saved" in err[-1]
-    assert [step for step, _ in checkpoint.list_checkpoints(stop)] == [1, 2] and not (stop / "final").exists()
+    assert [step for step, _ in checkpoint.list_checkpoints(stop)] == [2] and not (stop / "final").exists()
     assert all(torch.isfinite(v).all() for v in _weights(stop / "checkpoint-2").values())
 
     _nan_gradient_on(3, monkeypatch)
     skip = train(load_config(TrainConfig, SMOKE, _overrides(tmp_path / "skip", cache, "train.save_every=1",
-                                                             "train.nan_policy=skip"))).parent
+                                                             "train.nan_policy=skip",
+                                                             "train.keep_checkpoint_weights=true"))).parent
     assert [r["nonfinite_skipped"] for r in read_metrics(skip)] == [0, 0, 1, 1, 1, 1]
     w2, w3, w6 = (_weights(skip / f"checkpoint-{s}") for s in (2, 3, 6))
     assert all(torch.equal(w2[k], w3[k]) for k in w2)  # the skipped update changed nothing

@@ -207,8 +207,9 @@ class Demo:
     def _train_args(self, **kw: Any) -> Any:
         from ..train.config import TrainArgs
 
+        # Checkpoints keep their weights for the evaluation; only the newest holds optimizer state while training.
         return TrainArgs(seed=self.s.seed, cpu=self.device == "cpu", log_every=1,
-                         ref_cache_dir=str(self.out / "cache"), **kw)
+                         ref_cache_dir=str(self.out / "cache"), keep_checkpoint_weights=True, **kw)
 
     def sft(self) -> None:
         from ..stages.sft import SFTConfig, sft
@@ -297,7 +298,7 @@ class Demo:
                                 temperature=s.temperature, oracle=reviews.ORACLE, generation_batch_size=s.gen_batch_size),
             train=self._train_args(output_dir=str(self.runs / run_name(method, beta_pi)), lr=s.align_lr,
                                    batch_size=s.align_batch_size // s.online_steps_per_round,
-                                   warmup_steps=1, scheduler="constant_with_warmup", prefix_sharing=not s.scratch,
+                                   save_every=s.save_every, warmup_steps=1, scheduler="constant_with_warmup", prefix_sharing=not s.scratch,
                                    mixed_precision="no" if s.mixed_precision == "fp32" else s.mixed_precision),
         )
         train(cfg)
@@ -309,7 +310,7 @@ class Demo:
             return [Path(self.sft_model)]
         run = self.runs / name
         steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "COMPLETE").is_file())
-        # Online runs checkpoint every round; the evaluation takes every save_every-th step, as offline.
+        # Every save_every-th step and the last (a run resumed under another save_every may hold others).
         return [run / f"checkpoint-{k}" for k in steps if k % self.s.save_every == 0 or k == steps[-1]]
 
     def evaluate(self, name: str) -> None:
@@ -384,9 +385,9 @@ class Demo:
 
 
 def prune(run: Path) -> None:
-    """Drop what the evaluation does not read once a run has finished: the resumable training state of each
-    checkpoint (optimizer moments, ~3× the weights) and ``final/`` (the same weights as the last checkpoint).
-    On a 135M-parameter model that is ~2 GB per checkpoint; the weights (0.5 GB each) stay."""
+    """Drop what the evaluation does not read once a run has finished: any training state left in a checkpoint
+    (the trainer already drops it: train.save_final_state is off) and ``final/`` (the same weights as the last
+    checkpoint). The weights of each checkpoint (0.54 GB on SmolLM2 in fp32) stay."""
     for state in run.glob("checkpoint-*/state"):
         shutil.rmtree(state)
     if (run / "final").is_dir() and any(run.glob("checkpoint-*")):

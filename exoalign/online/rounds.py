@@ -257,10 +257,9 @@ def train_online(cfg: TrainConfig) -> Path:
     if on.rounds < 1:
         raise ConfigError("train_online needs online.rounds >= 1", field="online.rounds", fix="set online.rounds=2")
     S = on.steps_per_round
-    # The run is rounds × S steps; a checkpoint ends every round, and falls every save_every steps within one
-    # when save_every divides S.
-    every = cfg.train.save_every if cfg.train.save_every and S % cfg.train.save_every == 0 else S
-    args = replace(cfg.train, max_steps=on.rounds * S, save_every=every)
+    # The run is rounds × S steps, checkpointed every save_every steps as offline; a checkpoint anywhere in round r
+    # resumes exactly from round-r's file (written before any checkpoint of the round).
+    args = replace(cfg.train, max_steps=on.rounds * S)
     cfg = replace(cfg, train=args)
     resume_from = preflight(args, warn=False)
     acc = make_accelerator(args)

@@ -6,6 +6,13 @@ A checkpoint is written into ``output_dir/.tmp-checkpoint-{step}``; the marker f
 last, and the directory is then renamed to its final name. A process killed mid-write leaves only a ``.tmp-``
 directory, which is never read (and is removed by the next save); a ``checkpoint-*`` directory without the
 marker (copied half-way, a broken file system) is reported as torn and skipped.
+
+Disk: a checkpoint with ``state/`` is *resumable* (weights + optimizer moments + accelerate's own copy of the
+weights: ~4× the weights in fp32 with AdamW); one without it holds the weights only. :func:`prune` keeps the
+state of the newest ``save_total_limit`` checkpoints and retires older ones (deleted, or weights only with
+``keep_checkpoint_weights``); :func:`finish` does the same to all of them once ``final`` is written, unless
+``save_final_state``. A state is retired by renaming it to ``.state-deleting`` first, so a kill mid-delete never
+leaves a half state that looks resumable.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+STATE_DIR = "state"
+_DELETING = ".state-deleting"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -80,16 +89,19 @@ def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, final: Path, 
 
 
 def save_checkpoint(
-    accelerator: Any, model: torch.nn.Module, tokenizer: Any, output_dir: Path, step: int, state: dict, total_limit: int | None
+    accelerator: Any, model: torch.nn.Module, tokenizer: Any, output_dir: Path, step: int, state: dict,
+    total_limit: int | None, *, keep_weights: bool = False, with_state: bool = True,
 ) -> Path:
-    """Write ``checkpoint-{step}`` atomically (every process must call this: FSDP/DeepSpeed save collectively)."""
+    """Write ``checkpoint-{step}`` atomically (every process must call this: FSDP/DeepSpeed save collectively),
+    then :func:`prune`; ``with_state=False`` writes the weights only (not resumable)."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"))
+    if with_state:
+        accelerator.save_state(str(tmp / STATE_DIR))
     state_dict = accelerator.get_state_dict(model)  # collective under FSDP / DeepSpeed ZeRO-3
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
@@ -99,13 +111,19 @@ def save_checkpoint(
         # The marker is the last file written: its presence means everything above is on disk.
         atomic_json(tmp / COMPLETE, {"step": step})
         _replace_dir(tmp, final)
-        prune(output_dir, total_limit)
+        prune(output_dir, total_limit, keep_weights=keep_weights)
     accelerator.wait_for_everyone()
     return final
 
 
-def list_checkpoints(output_dir: Path, *, warn: bool = True) -> list[tuple[int, Path]]:
-    """Complete checkpoints ``(step, path)`` in ``output_dir``, oldest first; torn ones are skipped with a warning."""
+def resumable(path: Path) -> bool:
+    """True when the checkpoint at ``path`` holds the training state (optimizer, scheduler, RNG)."""
+    return (path / STATE_DIR).is_dir()
+
+
+def list_checkpoints(output_dir: Path, *, warn: bool = True, only_resumable: bool = False) -> list[tuple[int, Path]]:
+    """Complete checkpoints ``(step, path)`` in ``output_dir``, oldest first; torn ones are skipped with a warning;
+    ``only_resumable`` leaves out the weights-only ones."""
     found = []
     if not output_dir.is_dir():
         return found
@@ -117,25 +135,56 @@ def list_checkpoints(output_dir: Path, *, warn: bool = True) -> list[tuple[int, 
             if warn:
                 logger.warning("skipping torn checkpoint %s (no %s marker: it was not completely written)", path, COMPLETE)
             continue
+        if only_resumable and not resumable(path):
+            continue
         found.append((int(m.group(1)), path))
     return sorted(found)
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete checkpoint in ``output_dir``, or None."""
-    found = list_checkpoints(output_dir)
+    """The newest complete checkpoint in ``output_dir`` that a run can resume from, or None."""
+    found = list_checkpoints(output_dir, only_resumable=True)
     return found[-1][1] if found else None
 
 
-def prune(output_dir: Path, total_limit: int | None) -> None:
-    """Delete the oldest complete checkpoints beyond ``total_limit``, and stale temp dirs of killed saves."""
-    for path in output_dir.glob(".tmp-checkpoint-*"):
+def _retire(path: Path, keep_weights: bool) -> None:
+    """Drop a checkpoint's training state (``keep_weights``) or the whole checkpoint."""
+    if not keep_weights:
+        # Renamed first: a kill during the delete never leaves a checkpoint-* missing some of its files.
+        gone = path.with_name(f".deleting-{path.name}")
+        shutil.rmtree(gone, ignore_errors=True)
+        os.replace(path, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+        return
+    if resumable(path):
+        # Renamed first: a kill during the delete leaves no partial state/ that would look resumable.
+        shutil.rmtree(path / _DELETING, ignore_errors=True)
+        os.replace(path / STATE_DIR, path / _DELETING)
+    shutil.rmtree(path / _DELETING, ignore_errors=True)
+
+
+def prune(output_dir: Path, total_limit: int | None, *, keep_weights: bool = False) -> None:
+    """Retire the training state of the resumable checkpoints beyond the newest ``total_limit`` (their weights
+    stay only with ``keep_weights``); remove stale temp dirs and half-deleted states of killed saves."""
+    for path in [*output_dir.glob(".tmp-checkpoint-*"), *output_dir.glob(".deleting-checkpoint-*")]:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in output_dir.glob(f"checkpoint-*/{_DELETING}"):
         shutil.rmtree(path, ignore_errors=True)
     if total_limit is None:
         return
-    found = list_checkpoints(output_dir, warn=False)
+    found = list_checkpoints(output_dir, warn=False, only_resumable=True)
     for _, path in found[: max(len(found) - total_limit, 0)]:
-        shutil.rmtree(path, ignore_errors=True)
+        _retire(path, keep_weights)
+
+
+def finish(output_dir: Path, *, keep_state: bool, keep_weights: bool) -> None:
+    """After ``final`` is written: with ``keep_state`` nothing changes; otherwise every checkpoint loses its
+    training state and, without ``keep_weights``, is deleted (``final`` holds the last weights)."""
+    if keep_state:
+        return
+    for _, path in list_checkpoints(output_dir, warn=False):
+        _retire(path, keep_weights)
+    prune(output_dir, None)
 
 
 def load_checkpoint(accelerator: Any, path: Path) -> dict:
@@ -145,7 +194,7 @@ def load_checkpoint(accelerator: Any, path: Path) -> dict:
     which refuses pickled code; a damaged or foreign state is an input error naming the checkpoint.
     """
     try:
-        accelerator.load_state(str(path / "state"))
+        accelerator.load_state(str(path / STATE_DIR))
         return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except Exception as e:  # unpickling refused, a truncated file, shapes of another model: the checkpoint is bad
         raise InputError(

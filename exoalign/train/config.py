@@ -213,10 +213,17 @@ class TrainArgs:
     cpu: bool = False
     """Train on the CPU even when a GPU is present."""
     save_every: int = 0
-    """Save a resumable checkpoint every this many optimizer steps and at the last one (0 = none: only final,
-    which a resumed run cannot continue past its last step)."""
-    save_total_limit: int | None = None
-    """Keep only the newest this many checkpoints (null = keep all)."""
+    """Save a resumable checkpoint (weights + optimizer state) every this many optimizer steps (0 = none); a
+    killed run resumes from the newest one. A finished run keeps only final (see save_final_state)."""
+    save_total_limit: int | None = 1
+    """Keep the optimizer state of only the newest this many checkpoints (null = all); older checkpoints are
+    deleted, or kept as weights only with keep_checkpoint_weights."""
+    keep_checkpoint_weights: bool = False
+    """Keep every checkpoint's weights (model + tokeniser, no optimizer state) beside final after the run and
+    when save_total_limit retires it, e.g. to evaluate intermediate checkpoints; the last step gets one too."""
+    save_final_state: bool = False
+    """Keep the optimizer state of the last step (checkpoint-{last}) after a finished run, so that --resume with
+    more steps can continue it; false = a finished run holds no optimizer state."""
     log_every: int = 10
     """Write metrics every this many optimizer steps (and at the last step)."""
     eval_every: int = 0
@@ -290,8 +297,8 @@ class OnlineConfig:
     """Online training (section ``online``): rounds of sampling from the current policy, scoring and training.
 
     With ``rounds >= 1``, ``data.train_file`` holds prompt rows and the run is ``rounds × steps_per_round``
-    optimizer steps (``train.max_steps`` and ``train.epochs`` are not used); every round ends with a checkpoint
-    (``train.save_every`` adds ones within a round when it divides steps_per_round); see docs/online.md.
+    optimizer steps (``train.max_steps`` and ``train.epochs`` are not used); checkpoints fall every
+    ``train.save_every`` steps as offline, and the round files keep a resume exact; see docs/online.md.
     """
 
     rounds: int = 0

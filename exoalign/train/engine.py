@@ -35,6 +35,7 @@ from .checkpoint import (
     COMPLETE,
     STATE_FILE,
     all_finite,
+    finish,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
@@ -269,7 +270,7 @@ def preflight(args: TrainArgs, *, warn: bool = True) -> Path | None:
                 fix="pass --resume (train.resume=true) to continue it, or choose another output_dir",
             )
         return None
-    found = list_checkpoints(out, warn=warn)
+    found = list_checkpoints(out, warn=warn, only_resumable=True)
     resume_from = found[-1][1] if found else None
     ended = finished_state(out) if resume_from is None else None
     if ended is not None and args.max_steps is not None:
@@ -280,13 +281,15 @@ def preflight(args: TrainArgs, *, warn: bool = True) -> Path | None:
 
 
 def _check_continuable(out: Path, ended: dict, total: int) -> None:
-    """A run kept as ``final`` alone (save_every=0) can be resumed only to the step where it ended."""
+    """A run that ended without its optimizer state (train.save_final_state=false) can be resumed only to the
+    step where it ended."""
     if ended["step"] < total:
         raise ConfigError(
-            f"{out} holds a run that ended at step {ended['step']} without a checkpoint (train.save_every=0), "
-            f"so it cannot be continued to step {total}",
+            f"{out} holds a run that ended at step {ended['step']} without a checkpoint (its optimizer state was "
+            f"not kept: train.save_final_state=false), so it cannot be continued to step {total}",
             field="train.resume",
-            fix="start a new run in another output_dir (set train.save_every > 0 to keep resumable checkpoints)",
+            fix="start a new run in another output_dir (set train.save_final_state=true to keep a finished run "
+                "continuable)",
         )
 
 
@@ -332,8 +335,8 @@ class _Run:
         self.bad_update = False  # a micro-batch of the current update had a NaN/inf loss (nan_policy=skip)
         self.log = MetricsLog(self.out / "metrics.jsonl", self.main)
         self.last_saved = -1
-        # A run with save_every=0 keeps no checkpoint, only `final` with its step: resuming it after it ended is
-        # a no-op; continuing it further is impossible (no optimizer state was kept) and refused before any write.
+        # A finished run keeps no optimizer state unless save_final_state, only `final` with its step: resuming it
+        # after it ended is a no-op; continuing it further is impossible and refused before any write.
         self.ended = None if resume_from is not None or not args.resume else finished_state(self.out)
         if self.ended is not None:
             _check_continuable(self.out, self.ended, self.total)
@@ -446,12 +449,13 @@ class _Run:
             "num_processes": self.acc.num_processes,
         }
 
-    def save(self) -> None:
+    def save(self, with_state: bool = True) -> None:
         flag = torch.tensor(0.0 if all_finite(self.model) else float("nan"), device=self.acc.device)
         if not _finite_everywhere(self.acc, flag):
             raise TrainingError(f"the weights hold NaN/inf at step {self.step}; not saving them")
         save_checkpoint(self.acc, self.model, self.job.tokenizer, self.out, self.step, self.state(),
-                        self.args.save_total_limit)
+                        self.args.save_total_limit, keep_weights=self.args.keep_checkpoint_weights,
+                        with_state=with_state)
         self.last_saved = self.step
         self.window.start = time.perf_counter()
 
@@ -514,8 +518,14 @@ def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
         bar.close()
     if run.eval_loader is not None and not finished_before:
         run.write_eval()
-    if args.save_every and run.last_saved != run.step:
-        run.save()  # the last step's checkpoint: a later --resume with more steps continues from it
+    keep_state, keep_weights = args.save_final_state, args.keep_checkpoint_weights
+    if run.last_saved != run.step and (keep_state or (keep_weights and args.save_every)):
+        # The last step's checkpoint: resumable (a later --resume with more steps continues from it) or, for the
+        # evaluation of every checkpoint, its weights.
+        run.save(with_state=keep_state)
     final = run.save_final()
+    if run.main:
+        finish(run.out, keep_state=keep_state, keep_weights=keep_weights)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
