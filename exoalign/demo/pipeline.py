@@ -310,7 +310,7 @@ class Demo:
             return [Path(self.sft_model)]
         run = self.runs / name
         steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "COMPLETE").is_file())
-        # Every save_every-th step and the last (a run resumed under another save_every may hold others).
+        # Every save_every-th step and the last: the weights-only checkpoints keep_checkpoint_weights leaves.
         return [run / f"checkpoint-{k}" for k in steps if k % self.s.save_every == 0 or k == steps[-1]]
 
     def evaluate(self, name: str) -> None:
