@@ -12,12 +12,13 @@ from safetensors.torch import load_file
 
 from exoalign.config import load_config
 from exoalign.errors import ConfigError
-from exoalign.train import engine, online
+from exoalign.online import rounds as online
+from exoalign.online import train_online
+from exoalign.train import engine
 from exoalign.train.checkpoint import COMPLETE, STATE_FILE, finish, list_checkpoints, prune
 from exoalign.train.config import TrainConfig
 from exoalign.train.engine import read_metrics
 from exoalign.train.loop import train
-from exoalign.train.online import train_online
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -157,6 +158,7 @@ def test_a_finished_run_continues_only_with_its_state(tmp_path):
     assert states(tmp_path / "b") == []  # the continued run ended without save_final_state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "during", "after_all"),
     [
@@ -184,6 +186,7 @@ class _Killed(BaseException):
     """Stands for SIGKILL: a BaseException, so no ``except Exception`` on the way cleans anything up."""
 
 
+@pytest.mark.slow
 def test_online_resume_from_a_checkpoint_inside_a_round_is_exact(tmp_path, monkeypatch):
     """Rounds of 2 steps, a checkpoint every 3 steps (the one kept at the kill is step 3, inside round 1),
     killed during step 6 (round 2, whose samples are on disk): the resumed run re-trains from step 3, samples
