@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from .errors import InputError
+from .hub import hub_reachable
 from .zoo import check_available, is_zoo_name, resolve_model_path
 
 EOS = "<|endoftext|>"
@@ -112,26 +113,6 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, paddin
 def looks_local(name_or_path: str) -> bool:
     """True when ``name_or_path`` names a local path (it exists, or is written as one) rather than a hub repo."""
     return Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-
-
-_HUB_REACHABLE: dict[str, bool] = {}
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers, asked once per process with one request (no retries); False at
-    once under ``HF_HUB_OFFLINE``. Without it, a download with no network retries for about a minute."""
-    from huggingface_hub import constants, get_session
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    endpoint = constants.ENDPOINT
-    if endpoint not in _HUB_REACHABLE:
-        try:
-            get_session().head(endpoint, timeout=timeout)
-            _HUB_REACHABLE[endpoint] = True  # any answer, even an error status, means the network is there
-        except Exception:
-            _HUB_REACHABLE[endpoint] = False
-    return _HUB_REACHABLE[endpoint]
 
 
 def in_hub_cache(name: str) -> bool:

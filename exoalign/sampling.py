@@ -339,9 +339,3 @@ def build_sampler(
         model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, field="model")
         model.to(pick_device(device)).eval()
     return HFSampler(model, tokenizer, cfg, stream=stream)
-
-
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_prompt_length: int) -> list[list[int]]:
-    """Token ids of each prompt, truncated from the left to ``max_prompt_length`` (the end is what matters)."""
-    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    return [ids[-max_prompt_length:] for ids in encoded]

@@ -54,3 +54,17 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """The tiny tokeniser with a small chat template (``<|user|>text\\n<|assistant|>``)."""
+    from exoalign.models import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer(CORPUS, vocab_size=300, model_max_length=256)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok

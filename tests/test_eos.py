@@ -15,11 +15,10 @@ import torch
 from numerics import assert_close_scaled, rel_tol
 
 from exoalign.cli import main as cli
-from exoalign.data import GroupCollator, load_rows, select_k, tokenize_rows
+from exoalign.data import GroupCollator, encode_prompts, load_rows, select_k, tokenize_rows
 from exoalign.errors import InputError
 from exoalign.logprobs import sequence_logps
 from exoalign.models import build_model, tiny_config
-from exoalign.sampling import encode_prompts
 from exoalign.stages.label import best_worst
 
 

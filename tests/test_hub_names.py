@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 from huggingface_hub import constants
 
 import exoalign.stages.sample  # noqa: F401  (imported here so that the timed calls do not pay for imports)
 import exoalign.train.loop  # noqa: F401
-from exoalign import models
+from exoalign import hub, models
 from exoalign.cli import main as cli
 
 PAIRS = Path(__file__).resolve().parents[1] / "configs" / "data" / "toy_pairs.jsonl"
@@ -23,13 +24,15 @@ PAIRS = Path(__file__).resolve().parents[1] / "configs" / "data" / "toy_pairs.js
 
 @pytest.fixture(params=["no-network", "offline-mode"])
 def no_hub(request, monkeypatch, tmp_path):
-    monkeypatch.setattr(models, "_HUB_REACHABLE", {})
+    monkeypatch.setattr(hub, "_HUB_REACHABLE", {})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     if request.param == "no-network":
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
     else:
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     return request.param
 
 
@@ -74,3 +77,14 @@ def test_cached_hub_model_loads_without_network_retries(no_hub, monkeypatch):
     assert models.hub_kwargs("./some/dir") == {}
     monkeypatch.setattr(models, "in_hub_cache", lambda name: True)
     models.check_hub("gpt2", "model.name_or_path")  # no error: the cache has it
+
+
+def test_unreachable_hub_dataset_fails_fast(no_hub, tmp_path, capsys, monkeypatch):
+    """Issue 21 item 3: a hub dataset name that cannot be reached and is not cached fails at once (no retries)."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "ds-cache"))
+    rc, err, elapsed = _run(["train", "model.init=scratch", "data.train_file=someone/no-such-dataset",
+                             "train.cpu=true", f"train.output_dir={tmp_path / 'run'}"], capsys)
+    assert rc == 2 and elapsed < 10, (rc, elapsed, err)
+    assert len(err.splitlines()) == 1 and "'someone/no-such-dataset' cannot be downloaded" in err, err
+    assert "not in the local cache" in err and ".csv" in err, err
+    assert ("HF_HUB_OFFLINE" in err) == (no_hub == "offline-mode"), err

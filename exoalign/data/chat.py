@@ -55,9 +55,13 @@ def split_final_assistant(messages: list[dict[str, str]], *, file: str, line: in
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]], *, file: str, line: int, field: str) -> str:
     """The chat template applied to ``messages`` with the generation prompt (the assistant turn's opening)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        what = "no tokeniser was given" if tokenizer is None else "the tokeniser has no chat template"
-        raise InputError(f"conversational rows need a chat template, but {what}", file=file, line=line,
-                         field=field, fix="use a tokeniser with a chat template, or give plain-text prompts")
+        # No tokeniser here means none was loaded: a model built from scratch (its tokeniser is trained on the
+        # spot, without a template) or a stage that reads text only.
+        what = ("the tokeniser has no chat template" if tokenizer is not None else
+                "no tokeniser with one is used here (a model.init=scratch model has none)")
+        raise InputError(f"conversational rows need the model's chat template, but the model has none: {what}",
+                         file=file, line=line, field=field,
+                         fix="use a model whose tokeniser has a chat template (e.g. smollm2), or give plain-text prompts")
     if not messages:
         raise InputError("the conversation has no turns before the assistant's reply", file=file, line=line,
                          field=field, fix="put the user's message before the assistant's reply")

@@ -24,17 +24,21 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InputError
 from .chat import check_messages, render_prompt, split_final_assistant
+from .columns import apply_columns, parse_columns
 from .io import is_finite_number, iter_source, json_type
+from .presets import get_preset, suggest
 
 KINDS = ("pair", "group", "sft", "prompt", "preference")
 # Fields each kind reads (and so does not copy through as extras).
 _USED = {
-    "pair": ("prompt", "chosen", "rejected", "rewards", "messages", "finished", "completion_ids"),
+    "pair": ("prompt", "chosen", "rejected", "rewards", "score_chosen", "score_rejected", "messages", "finished",
+             "completion_ids"),
     "group": ("prompt", "completions", "rewards", "messages", "finished", "completion_ids"),
     "sft": ("prompt", "completion", "messages"),
     "prompt": ("prompt", "messages"),
@@ -76,31 +80,79 @@ class _Ctx:
 
 
 def load_rows(
-    source: str | os.PathLike,
+    source: str | os.PathLike | list[dict[str, Any]] | Any,
     kind: str,
     *,
     split: str = "train",
     tokenizer: Any = None,
     require_rewards: bool = False,
+    columns: Mapping[str, Any] | str | None = None,
+    preset: str | None = None,
+    name: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Load, validate and normalise every row of ``source`` (a file, a saved dataset or a hub name).
+    """Load, validate and normalise every row of ``source``: a file, a saved dataset, a hub name, or rows in
+    memory (a list of dicts, a ``datasets.Dataset`` or ``DatasetDict``).
 
     ``kind`` is ``pair | group | sft | prompt | preference``; ``tokenizer`` renders conversational rows with
     its chat template; ``require_rewards`` makes a row without rewards an error (reward targets need them).
-    Raises :class:`InputError` for the first bad row; returns nothing partial.
+    ``columns`` maps the source's fields onto ours (``{"prompt": "instruction", "completions":
+    "completions[].response"}``, see ``columns.py``) and ``preset`` names a published schema (``presets.py``);
+    the column map is applied first. Rows in memory are named ``name[i]`` in errors (``name`` defaults to
+    ``rows``). Raises :class:`InputError` for the first bad row; returns nothing partial.
     """
     if kind not in KINDS:
         close = difflib.get_close_matches(str(kind), KINDS, n=1)
         fix = f"did you mean '{close[0]}'?" if close else f"use one of {', '.join(KINDS)}"
         raise InputError(f"unknown row kind {kind!r}", field="kind", fix=fix)
-    file, items = iter_source(source, split=split)
+    column_map = parse_columns(columns)
+    convert = get_preset(preset).convert if preset else None
     out = []
     # Rows are validated as they are read, so the error is always about the first bad line of the file.
-    for row, line in items:
+    for raw, file, line in _iter_rows(source, split, name):
+        row = apply_columns(raw, column_map, file=file, line=line) if column_map else raw
+        if convert is not None:
+            row = convert(row, kind, file, line)
         if kind == "preference":
             kind = _detect_preference(row)  # the first row decides for the whole file
-        out.append(normalise_row(_Ctx(file, line, kind, row, tokenizer), require_rewards=require_rewards))
+        try:
+            out.append(normalise_row(_Ctx(file, line, kind, row, tokenizer), require_rewards=require_rewards))
+        except InputError as e:
+            hint = None if (column_map or convert or "chat template" in e.message) else suggest(raw, kind)
+            if hint is None:
+                raise
+            raise InputError(e.message, file=e.file, line=e.line, field=e.field, fix=hint) from None
     return out
+
+
+def _iter_rows(source: Any, split: str, name: str | None) -> Iterator[tuple[dict[str, Any], str, int | None]]:
+    """``(raw row, file for errors, line or None)`` for every row of ``source``, in order."""
+    if isinstance(source, (str, os.PathLike)):
+        file, items = iter_source(source, split=split)
+        for row, line in items:
+            yield row, file, line
+        return
+    name = name or "rows"
+    import datasets
+
+    if isinstance(source, datasets.DatasetDict):
+        if split not in source:
+            raise InputError(f"no split '{split}' (it has {', '.join(source)})", file=name, field="split",
+                             fix=f"set the split to one of {', '.join(source)}")
+        source = source[split]
+    if isinstance(source, datasets.Dataset):
+        source = source.to_list()
+    if isinstance(source, Mapping) or not hasattr(source, "__iter__"):
+        raise InputError(f"rows must be a list of dicts, a datasets.Dataset or a path, got {type(source).__name__}",
+                         file=name, fix="pass [{'prompt': ..., ...}, ...], a Dataset, or a file name")
+    count = 0
+    for i, row in enumerate(source):
+        if not isinstance(row, Mapping):
+            raise InputError(f"a row must be a dict, got {type(row).__name__}", file=f"{name}[{i}]",
+                             fix="give each row as {'prompt': ..., ...}")
+        count += 1
+        yield dict(row), f"{name}[{i}]", None
+    if count == 0:
+        raise InputError("no rows", file=name, fix="give at least one row")
 
 
 def _detect_preference(first: dict[str, Any]) -> str:
@@ -217,6 +269,8 @@ def _prompt(ctx: _Ctx, before: list[dict[str, str]] | None) -> str:
 
 def _rewards(ctx: _Ctx, n: int, against: str) -> list[float] | None:
     value = ctx.get("rewards")
+    if value is None and ctx.kind == "pair":
+        value = _pair_scores(ctx)
     if value is None:
         return None
     if not isinstance(value, list):
@@ -231,6 +285,19 @@ def _rewards(ctx: _Ctx, n: int, against: str) -> list[float] | None:
             raise ctx.error(f"rewards[{i}]", f"{what} ({r!r})"[:120], "give finite numbers (re-score NaN/inf rewards)")
         out.append(float(r))
     return out
+
+
+def _pair_scores(ctx: _Ctx) -> list[Any] | None:
+    """``[score_chosen, score_rejected]`` (ultrafeedback_binarized's fields): the pair's rewards, or None."""
+    scores = [ctx.get("score_chosen"), ctx.get("score_rejected")]
+    if scores == [None, None]:
+        return None
+    for field, value in zip(("score_chosen", "score_rejected"), scores):
+        if not is_finite_number(value):
+            got = "missing" if value is None else f"must be a finite number, got {value!r}"[:80]
+            raise ctx.error(field, f"{got} (score_chosen and score_rejected are the pair's rewards)",
+                            "give both scores as numbers, or neither")
+    return scores
 
 
 def _sampled(ctx: _Ctx, n: int, against: str) -> dict[str, Any]:

@@ -28,7 +28,8 @@ from ..errors import InputError
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
-_SUPPORTED = ".jsonl, .json, .parquet, a save_to_disk directory or a hub dataset name"
+CSV_SUFFIXES = (".csv", ".tsv")
+_SUPPORTED = ".jsonl, .json, .parquet, .csv, a save_to_disk directory or a hub dataset name"
 # Markers that `Dataset.save_to_disk` / `DatasetDict.save_to_disk` leave in their directory.
 _SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 # owner/name or name, as on the hub; anything with a data-file suffix or path syntax is a local path.
@@ -58,6 +59,8 @@ def iter_source(source: str | os.PathLike, *, split: str = "train") -> tuple[str
             return name, _iter_json_file(_read_bytes(path), name, split)
         if suffix in PARQUET_SUFFIXES:
             return name, _numbered(_read_parquet(path), name)
+        if suffix in CSV_SUFFIXES:
+            return name, _numbered(_read_csv(path), name)
         raise InputError(f"unknown data file type '{path.suffix or path.name}'", file=name, fix=f"give {_SUPPORTED}")
     if _looks_like_hub_name(name):
         return name, _numbered(_read_hub(name, split), name)
@@ -73,7 +76,7 @@ def read_source(source: str | os.PathLike, *, split: str = "train") -> tuple[Row
 
 def _looks_like_hub_name(name: str) -> bool:
     suffix = Path(name).suffix.lower()
-    known = JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES + (".csv", ".txt", ".arrow")
+    known = JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES + CSV_SUFFIXES + (".txt", ".arrow")
     return bool(_HUB_NAME.match(name)) and suffix not in known
 
 
@@ -188,6 +191,19 @@ def _read_parquet(path: Path) -> Any:
     return ds
 
 
+def _read_csv(path: Path) -> Any:
+    """A CSV (or tab-separated ``.tsv``) file with a header row; numbers become numbers, empty cells null."""
+    import datasets
+
+    try:
+        ds = datasets.Dataset.from_csv(str(path), keep_in_memory=True,
+                                       sep="\t" if path.suffix.lower() == ".tsv" else ",")
+    except Exception as e:  # pandas raises ParserError, UnicodeDecodeError, EmptyDataError...: all "not CSV"
+        raise InputError(f"cannot read CSV ({_first_line(e)})", file=str(path),
+                         fix="give a UTF-8 CSV file with a header row naming the fields") from None
+    return ds
+
+
 def _read_saved(path: Path, split: str) -> Any:
     import datasets
 
@@ -209,16 +225,38 @@ def _read_saved(path: Path, split: str) -> Any:
 
 
 def _read_hub(name: str, split: str) -> Any:
+    """``datasets.load_dataset(name, split=split)``; refused at once when the hub cannot be reached (offline,
+    ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE``) and the dataset is not in the local cache — ``datasets`` would
+    otherwise retry for about half a minute. A cached dataset is then loaded offline, without retries."""
     import datasets
 
+    from ..hub import hub_offline, offline_mode
+
+    why = hub_offline()
+    if why and not _dataset_cached(name):
+        raise InputError(f"no such local file, and hub dataset {name!r} cannot be downloaded: {why} and it is not in "
+                         "the local cache", file=name,
+                         fix="give a local .jsonl/.json/.parquet/.csv file or a save_to_disk directory; or connect to the hub")
     try:
-        ds = datasets.load_dataset(name, split=split)
+        with offline_mode(bool(why)):
+            ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown repo, gated, missing split: one clear line for all of them
         raise InputError(
             f"no such local file, and loading it as a hub dataset failed ({_first_line(e)})", file=name,
             fix="check the path, or the hub name, split and network access",
         ) from None
     return ds
+
+
+def _dataset_cached(name: str) -> bool:
+    """Whether hub dataset ``name`` has files in the ``datasets`` cache or the hub cache."""
+    import datasets
+    from huggingface_hub import constants
+
+    owner_name = name.split("/")
+    places = [Path(datasets.config.HF_DATASETS_CACHE) / "___".join(owner_name),
+              Path(constants.HF_HUB_CACHE) / ("datasets--" + "--".join(owner_name))]
+    return any(p.is_dir() and any(p.iterdir()) for p in places)
 
 
 def _first_line(e: BaseException) -> str:

@@ -15,8 +15,9 @@ Truncation policy (counted in ``.stats``):
    the last token, so it is kept only when the whole completion fits: a cut completion ends mid-text and is
    scored as such, never as if the model had chosen to stop there.
 
-The prompt gets the tokeniser's own special tokens (e.g. Llama's BOS) unless its text already starts with
-the BOS token (a chat template put it there). The work is done on plain Python lists with the fast
+The prompt is encoded by :func:`exoalign.data.encode.encode_prompts`, the encoder sampling and evaluation use
+too: the tokeniser's own special tokens (e.g. Llama's BOS), unless its text already starts with the BOS token
+(a chat template put it there). The work is done on plain Python lists with the fast
 tokeniser's batch call — cheap next to one forward pass — not through ``datasets.Dataset.map``; what is
 worth caching is the reference log-probs, keyed by :attr:`TokenizedData.fingerprint`.
 """
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InputError
+from .encode import encode_prompts
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -84,20 +86,6 @@ def _row_completions(row: dict[str, Any], i: int) -> list[str]:
                      fix="tokenise pair, group or sft rows (load them with load_rows)")
 
 
-def _encode_prompts(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
-    """Prompt ids with the tokeniser's special tokens, except where the text already starts with BOS."""
-    bos = tokenizer.bos_token
-    rendered = [bool(bos) and p.startswith(bos) for p in prompts]  # a chat template already wrote the BOS
-    out: list[list[int]] = [[] for _ in prompts]
-    for flag in (False, True):
-        idx = [i for i, r in enumerate(rendered) if r == flag]
-        if idx:  # one batched call per setting: the fast tokeniser encodes a list in parallel
-            ids = tokenizer([prompts[i] for i in idx], add_special_tokens=not flag)["input_ids"]
-            for i, x in zip(idx, ids):
-                out[i] = list(x)
-    return out
-
-
 def _decode(tokenizer: Any, ids: list[int]) -> str | None:
     """The text of ``ids`` as the sampler decoded it (special tokens skipped); None for ids it cannot decode."""
     try:
@@ -141,7 +129,7 @@ def tokenize_rows(rows: Sequence[dict[str, Any]], tokenizer: Any, *, max_length:
         raise InputError("the tokeniser has no EOS token", field="tokenizer", fix="set tokenizer.eos_token")
     groups = [_row_completions(row, i) for i, row in enumerate(rows)]
     prompts = [row["prompt"] for row in rows]
-    all_prompt_ids = _encode_prompts(tokenizer, prompts)
+    all_prompt_ids = encode_prompts(tokenizer, prompts)
     sampled_stats: dict[str, int] = {}
     flat_ids = _completion_ids(tokenizer, rows, groups, sampled_stats)
 

@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import require, stage_args, to_dict
-from ..data import write_rows
+from ..data import encode_prompts, write_rows
 from ..errors import ConfigError, InputError
 from ..fileio import atomic_json, fingerprint
 from ..logprobs import IGNORE, sequence_logps
@@ -60,7 +60,6 @@ from ..sampling import (
     Sampler,
     SamplingSettings,
     build_sampler,
-    encode_prompts,
     load_prompts,
     pick_device,
     resolve_backend,

@@ -93,7 +93,8 @@ def train_reward_model(cfg: RMConfig) -> Path:
     out = Path(args.output_dir)
 
     def rows(tokenizer):
-        all_rows = load_rows(cfg.data.train_file, "preference", split=cfg.data.split, tokenizer=tokenizer)
+        all_rows = load_rows(cfg.data.train_file, "preference", split=cfg.data.split, tokenizer=tokenizer,
+                             columns=cfg.data.columns, preset=cfg.data.preset)
         train_rows, eval_rows = split_heldout(all_rows, cfg.data, args.seed, "preference", tokenizer)
         return as_pairs(train_rows, cfg.data.train_file), as_pairs(eval_rows, cfg.data.eval_file or cfg.data.train_file)
 

@@ -35,7 +35,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..config import require, stage_args
-from ..data import append_rows, read_done_count
+from ..data import append_rows, encode_prompts, read_done_count
 from ..errors import ConfigError
 from ..fileio import check_meta, fingerprint, write_meta
 from ..models import DTYPES, check_model_dir, load_tokenizer
@@ -44,7 +44,6 @@ from ..sampling import (
     Sampler,
     SamplingSettings,
     build_sampler,
-    encode_prompts,
     load_prompts,
     resolve_backend,
 )

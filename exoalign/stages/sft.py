@@ -53,7 +53,8 @@ def sft(cfg: SFTConfig) -> Path:
     args = cfg.train
 
     def rows(tokenizer):
-        all_rows = load_rows(cfg.data.train_file, "sft", split=cfg.data.split, tokenizer=tokenizer)
+        all_rows = load_rows(cfg.data.train_file, "sft", split=cfg.data.split, tokenizer=tokenizer,
+                             columns=cfg.data.columns, preset=cfg.data.preset)
         return split_heldout(all_rows, cfg.data, args.seed, "sft", tokenizer)
 
     run = start_run(cfg, rows, lambda train_rows: [t for r in train_rows for t in (r["prompt"], r["completion"])])

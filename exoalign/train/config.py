@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import require
+from ..data import get_preset, parse_columns
 from ..errors import ConfigError
 from ..losses import LOSSES, check_eps
 from ..models import DTYPES, check_model_dir
@@ -100,8 +101,17 @@ class DataBaseConfig:
     """Maximum tokens of prompt + completion; completions are cut on the right (counted in run_info.json)."""
     max_prompt_length: int = 256
     """Maximum prompt tokens; longer prompts keep their last tokens (truncated from the left)."""
+    preset: str | None = None
+    """A published dataset's schema, read as it is: hh-rlhf, ultrafeedback, ultrafeedback-binarized, shp or
+    pku-saferlhf (docs/data.md lists the rows each expects)."""
+    columns: dict[str, Any] | str | None = None
+    """Map the source's fields onto ours, e.g. {prompt: instruction, completions: completions[].response,
+    rewards: completions[].overall_score} ([] = every item of a list; applied before the preset)."""
 
     def __post_init__(self) -> None:
+        self.columns = parse_columns(self.columns, "columns")
+        if self.preset:
+            get_preset(self.preset, "preset")
         require(self.max_length >= 2, "max_length", "must be at least 2", "use e.g. 512")
         require(
             0 < self.max_prompt_length < self.max_length,

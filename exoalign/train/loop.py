@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 def split_heldout(rows: list[dict], data: DataBaseConfig, seed: int, kind: str, tokenizer: Any) -> tuple[list, list]:
     """``(train rows, held-out rows)``: the eval file's rows, or a seeded ``eval_fraction`` of the training rows."""
     if data.eval_file:
-        return rows, load_rows(data.eval_file, kind, split=data.split, tokenizer=tokenizer)
+        return rows, load_rows(data.eval_file, kind, split=data.split, tokenizer=tokenizer, columns=data.columns,
+                                 preset=data.preset)
     if data.eval_fraction <= 0:
         return rows, []
     order = list(range(len(rows)))
@@ -84,7 +85,8 @@ def prepare_rows(rows: list[dict], cfg: TrainConfig, file: str) -> list[dict]:
 def load_preference_data(cfg: TrainConfig, tokenizer: Any) -> tuple[list[dict], list[dict]]:
     """Validated, normalised training and held-out rows (before any model is loaded)."""
     d = cfg.data
-    rows = load_rows(d.train_file, "preference", split=d.split, tokenizer=tokenizer)
+    rows = load_rows(d.train_file, "preference", split=d.split, tokenizer=tokenizer, columns=d.columns,
+                     preset=d.preset)
     train_rows, eval_rows = split_heldout(rows, d, cfg.train.seed, "preference", tokenizer)
     train_rows = prepare_rows(train_rows, cfg, d.train_file)
     if eval_rows:
