@@ -318,9 +318,11 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def load_prompts(source: str, *, split: str, tokenizer: Any, dedupe: bool, limit: int | None) -> list[str]:
-    """Validated prompt texts of ``source`` (conversations rendered with the chat template), maybe deduplicated."""
-    rows = load_rows(source, "prompt", split=split, tokenizer=tokenizer)
+def load_prompts(source: str, *, split: str, tokenizer: Any, dedupe: bool, limit: int | None,
+                 columns: Any = None, preset: str | None = None) -> list[str]:
+    """Validated prompt texts of ``source`` (conversations rendered with the chat template), maybe deduplicated;
+    ``columns``/``preset`` read a published schema (see ``exoalign.data.load_rows``)."""
+    rows = load_rows(source, "prompt", split=split, tokenizer=tokenizer, columns=columns, preset=preset)
     prompts = [r["prompt"] for r in rows]
     if dedupe:
         prompts = list(dict.fromkeys(prompts))  # dicts keep insertion order: first appearance wins

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import exoalign.eval.evaluate
-import exoalign.stages.generation
+import exoalign.sampling
 import exoalign.stages.sample
 from exoalign.data import encode_prompts, load_rows, tokenize_rows
 
@@ -54,5 +54,5 @@ def test_one_bos_in_training_sampling_and_eval(bos_tokenizer):
     # sample and eval encode with this very function; the old always-add-special-tokens encoder is gone.
     assert exoalign.stages.sample.encode_prompts is encode_prompts
     assert exoalign.eval.evaluate.encode_prompts is encode_prompts
-    assert not hasattr(exoalign.stages.generation, "encode_prompts")
+    assert not hasattr(exoalign.sampling, "encode_prompts")
     assert encode_prompts(bos_tokenizer, prompts, 3) == [ids[-3:] for ids in train_ids]  # cut from the left

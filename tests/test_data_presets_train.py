@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+from test_data_presets import ISSUE_COLUMNS, SENTENCES, binarized_rows, hh_rows, ultrafeedback_rows
 
 from exoalign.cli import main as cli
-from test_data_presets import ISSUE_COLUMNS, SENTENCES, binarized_rows, hh_rows, ultrafeedback_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"
@@ -80,3 +80,16 @@ def test_bad_preset_or_columns_is_a_config_error(tmp_path, capsys, override, fix
     rc = cli(["train", "--config", str(SMOKE), override, f"train.output_dir={tmp_path / 'run'}"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and fix in err and "data." in err, err
+
+
+def test_sample_reads_prompts_through_a_preset_and_a_column_map(tmp_path, capsys, tiny_model_dir):
+    data = _write(tmp_path / "uf.jsonl", ultrafeedback_rows(3))
+    outs = []
+    for i, how in enumerate(["preset=ultrafeedback", "columns={prompt: instruction}"]):
+        out = tmp_path / f"s{i}.jsonl"
+        rc = cli(["sample", f"model={tiny_model_dir}", f"prompts={data}", f"output={out}", "k=2", "max_new_tokens=4",
+                  "device=cpu", how])
+        assert rc == 0, capsys.readouterr().err[-2000:]
+        outs.append([json.loads(line) for line in out.read_text().splitlines()])
+    assert [r["prompt"] for r in outs[0]] == ["review film 0", "review film 1", "review film 2"]
+    assert outs[0] == outs[1]

@@ -5,8 +5,8 @@
 
 Each row of the dataset holds two whole dialogues, ``\\n\\nHuman: … \\n\\nAssistant: …``, that agree up to the
 final assistant reply. The prompt is the shared dialogue up to and including the last ``Assistant:`` they have in
-common; the two final replies are chosen and rejected. Rows whose replies are empty, equal, or run on into
-another human turn are left out. Written to ``--out``:
+common (the split ``exoalign train data.preset=hh-rlhf`` makes on the raw rows); the two final replies are chosen
+and rejected. Rows whose replies are empty, equal, or run on into another human turn are left out. Written to ``--out``:
 
 * ``pairs_train.jsonl``, ``pairs_test.jsonl`` ``{"prompt", "chosen", "rejected"}`` — for ``exoalign rm train``,
   the pref runs and (deduplicated) the prompts ``exoalign sample`` uses;
@@ -17,13 +17,9 @@ another human turn are left out. Written to ``--out``:
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 from pathlib import Path
-
-ASSISTANT = "\n\nAssistant:"
-HUMAN = "\n\nHuman:"
 
 
 def read_split(source: str, split: str, data_dir: str | None = None) -> list[dict]:
@@ -39,16 +35,19 @@ def read_split(source: str, split: str, data_dir: str | None = None) -> list[dic
 
 
 def split_dialogues(chosen: str, rejected: str) -> dict[str, str] | None:
-    """``{"prompt", "chosen", "rejected"}`` from two dialogues that differ only in the last reply, else None."""
-    shared = len(os.path.commonprefix([chosen, rejected]))
-    at = chosen.rfind(ASSISTANT, 0, shared)  # the last assistant turn both dialogues contain in full
-    if at < 0:
+    """``{"prompt", "chosen", "rejected"}`` from two dialogues that differ only in the last reply, else None.
+
+    The split is ``data.preset=hh-rlhf``'s (``exoalign.data.presets.split_hh``); rows whose replies are empty,
+    equal or run on into another human turn are then left out, as in the paper's data."""
+    from exoalign.data.presets import HUMAN, split_hh
+
+    split = split_hh(chosen, rejected)
+    if split is None:
         return None
-    cut = at + len(ASSISTANT)
-    a, b = chosen[cut:], rejected[cut:]
+    prompt, a, b = split
     if not a.strip() or not b.strip() or a.strip() == b.strip() or HUMAN in a or HUMAN in b:
         return None
-    return {"prompt": chosen[:cut].lstrip("\n"), "chosen": a.rstrip(), "rejected": b.rstrip()}
+    return {"prompt": prompt, "chosen": a, "rejected": b}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import require, stage_args, to_dict
-from ..data import encode_prompts, write_rows
+from ..data import encode_prompts, get_preset, parse_columns, write_rows
 from ..errors import ConfigError, InputError
 from ..fileio import atomic_json, fingerprint
 from ..logprobs import IGNORE, sequence_logps
@@ -84,6 +84,10 @@ class EvalConfig(JudgeSettings, SamplingSettings):
     """Held-out prompts (any rows with a 'prompt' or 'messages' field)."""
     split: str = "train"
     """Split to read from a hub dataset or a DatasetDict directory (e.g. test)."""
+    preset: str | None = None
+    """The prompts' published schema, read as it is (hh-rlhf, ultrafeedback, ...: see docs/data.md)."""
+    columns: dict[str, Any] | str | None = None
+    """Map the source's fields onto ours, e.g. {prompt: instruction} (see docs/data.md)."""
     max_prompts: int | None = None
     """Use only the first this many distinct prompts; null = all."""
     dedupe: bool = True
@@ -124,6 +128,9 @@ class EvalConfig(JudgeSettings, SamplingSettings):
     def __post_init__(self) -> None:
         self.check_sampling()
         self.check_judge()
+        self.columns = parse_columns(self.columns, "columns")
+        if self.preset:
+            get_preset(self.preset, "preset")
         require(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1", "use e.g. 1 or 4")
         require(self.kl_temperature is None or self.kl_temperature > 0, "kl_temperature", "must be > 0",
                 "use null (= temperature) or e.g. 1.0")
@@ -386,7 +393,8 @@ def run(cfg: EvalConfig) -> Path:
         check_model_dir(cfg.reward_model, "reward_model")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.sft_model, trust_remote_code=cfg.trust_remote_code,
                                padding_side="left")
-    prompts = load_prompts(cfg.prompts, split=cfg.split, tokenizer=tokenizer, dedupe=cfg.dedupe, limit=cfg.max_prompts)
+    prompts = load_prompts(cfg.prompts, split=cfg.split, tokenizer=tokenizer, dedupe=cfg.dedupe, limit=cfg.max_prompts,
+                           columns=cfg.columns, preset=cfg.preset)
     if len(prompts) < 2:
         raise InputError(f"only {len(prompts)} distinct prompt(s)", file=cfg.prompts, field="prompts",
                          fix="give at least 2 prompts (intervals need them; a few hundred are typical)")

@@ -35,7 +35,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..config import require, stage_args
-from ..data import append_rows, encode_prompts, read_done_count
+from ..data import append_rows, encode_prompts, get_preset, parse_columns, read_done_count
 from ..errors import ConfigError
 from ..fileio import check_meta, fingerprint, write_meta
 from ..models import DTYPES, check_model_dir, load_tokenizer
@@ -61,6 +61,10 @@ class SampleConfig(SamplingSettings):
     """Prompt source: JSONL/JSON/Parquet/save_to_disk/hub with a 'prompt' (or 'messages') field per row."""
     split: str = "train"
     """Split to read from a hub dataset or a DatasetDict directory."""
+    preset: str | None = None
+    """The prompts' published schema, read as it is (hh-rlhf, ultrafeedback, ...: see docs/data.md)."""
+    columns: dict[str, Any] | str | None = None
+    """Map the source's fields onto ours, e.g. {prompt: instruction} (see docs/data.md)."""
     output: str = ""
     """Output JSONL of group rows {"prompt", "completions", "finished", "completion_ids"}; appended to when resuming."""
     k: int = 2
@@ -84,6 +88,9 @@ class SampleConfig(SamplingSettings):
 
     def __post_init__(self) -> None:
         self.check_sampling()
+        self.columns = parse_columns(self.columns, "columns")
+        if self.preset:
+            get_preset(self.preset, "preset")
         require(self.k >= 2, "k", f"K must be at least 2 (got {self.k})", "use k=2 or more")
         require(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be >= 1", "use null for all")
         require(self.max_redraws >= 0, "max_redraws", "must be >= 0", "use e.g. 3")
@@ -133,7 +140,8 @@ def run(cfg: SampleConfig) -> Path:
     out = Path(cfg.output)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code, padding_side="left",
                                field="tokenizer" if cfg.tokenizer else "model")
-    prompts = load_prompts(cfg.prompts, split=cfg.split, tokenizer=tokenizer, dedupe=cfg.dedupe, limit=cfg.max_prompts)
+    prompts = load_prompts(cfg.prompts, split=cfg.split, tokenizer=tokenizer, dedupe=cfg.dedupe, limit=cfg.max_prompts,
+                           columns=cfg.columns, preset=cfg.preset)
     backend = resolve_backend(cfg.backend)
     meta = {
         "stage": "sample", "model": cfg.model, "prompts": fingerprint(prompts), "n_prompts": len(prompts),
