@@ -117,6 +117,8 @@ def test_binarized_rows_are_pairs_scored_by_score_chosen_and_score_rejected(tmp_
     assert rows[0]["completions"] == SENTENCES[:2] and rows[0]["rewards"] == [8.0, 3.5]
     assert rows[0]["prompt_id"] == "id0" and "messages" not in rows[0] and "score_chosen" not in rows[0]
     assert load_rows(path, "prompt", preset="ultrafeedback-binarized")[0]["prompt"] == "review film 0"
+    sft = load_rows(path, "sft", preset="ultrafeedback-binarized", tokenizer=chat_tokenizer)[0]
+    assert (sft["prompt"], sft["completion"]) == (rows[0]["prompt"], SENTENCES[0])
 
 
 def test_scores_of_a_plain_pair_are_its_rewards(tmp_path):

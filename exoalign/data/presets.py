@@ -89,7 +89,10 @@ def _looks_ultrafeedback(row: Mapping[str, Any]) -> bool:
 def _binarized(row: dict[str, Any], kind: str, file: str, line: int | None) -> dict[str, Any]:
     """HuggingFaceH4/ultrafeedback_binarized (and trl-lib's): ``messages`` repeats ``chosen``, and ``prompt`` is
     the user turn already inside the ``chosen``/``rejected`` conversations, so both are dropped; the scores
-    become the pair's rewards (see ``formats.py``)."""
+    become the pair's rewards (see ``formats.py``). As sft rows, the chosen conversation is the row."""
+    if kind == "sft":  # the chosen conversation is the sft row
+        out = {k: v for k, v in row.items() if k not in ("prompt", "chosen", "rejected", "score_chosen", "score_rejected")}
+        return {**out, "messages": row.get("messages") or row.get("chosen")}
     out = {k: v for k, v in row.items() if k != "messages"}
     if kind == "prompt":
         return out
