@@ -195,3 +195,15 @@ def test_chat_rows_without_a_chat_template_say_the_model_has_none():
         load_rows([row], "pair")
     assert "the model has none" in str(e.value) and "no tokeniser was given" not in str(e.value)
     assert "model.init=scratch" in str(e.value)
+
+
+def test_columns_in_a_yaml_config_and_on_the_command_line(tmp_path):
+    from exoalign.config import load_config
+    from exoalign.train.config import TrainConfig
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  columns:\n    prompt: instruction\n    completions: completions[].response\n"
+                   "    rewards: completions[].overall_score\n")
+    from_yaml = load_config(TrainConfig, cfg).data.columns
+    assert from_yaml == load_config(TrainConfig, None, [f"data.columns={ISSUE_COLUMNS}"]).data.columns
+    assert from_yaml == parse_columns(ISSUE_COLUMNS)
