@@ -136,7 +136,7 @@ def test_unknown_kind_and_file_type(tmp_path):
         load_rows(_write(tmp_path, _jsonl(PAIRS)), "pairs")
     assert e.value.field == "kind"
     with pytest.raises(InputError, match="unknown data file type"):
-        load_rows(_write(tmp_path, "a,b\n", "rows.csv"), "pair")
+        load_rows(_write(tmp_path, "a,b\n", "rows.txt"), "pair")
 
 
 # ------------------------------------------------------------------------------------------ bad rows

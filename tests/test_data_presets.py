@@ -171,6 +171,9 @@ def test_csv_and_tsv_files(tmp_path):
     assert rows[1]["completions"][0] == 'a "quoted" reply'
     (tmp_path / "p.tsv").write_text("prompt\tcompletion\nsay\thello\n")
     assert load_rows(tmp_path / "p.tsv", "sft") == [{"prompt": "say", "completion": "hello"}]
+    (tmp_path / "head.csv").write_text("prompt,chosen,rejected\n")
+    with pytest.raises(InputError, match="a header but no rows"):
+        load_rows(tmp_path / "head.csv", "pair")
     (tmp_path / "bad.csv").write_text("prompt,chosen\nsay,hello\n")
     with pytest.raises(InputError) as e:
         load_rows(tmp_path / "bad.csv", "pair")

@@ -195,6 +195,10 @@ def _read_csv(path: Path) -> Any:
     """A CSV (or tab-separated ``.tsv``) file with a header row; numbers become numbers, empty cells null."""
     import datasets
 
+    lines = [line for line in _read_bytes(path).splitlines() if line.strip()]
+    if len(lines) < 2:  # datasets' own message for these is about "instructions" and "generating"
+        raise InputError("the file is empty" if not lines else "the file has a header but no rows", file=str(path),
+                         fix="give a header row naming the fields, then one row per line")
     try:
         ds = datasets.Dataset.from_csv(str(path), keep_in_memory=True,
                                        sep="\t" if path.suffix.lower() == ".tsv" else ",")
