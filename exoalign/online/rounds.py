@@ -274,7 +274,8 @@ def train_online(cfg: TrainConfig) -> Path:
     scratch = cfg.model.init == "scratch"
     tokenizer = None if scratch else load_tok(cfg.model, cfg.model.name_or_path)
     d = cfg.data
-    prompts = load_prompts(d.train_file, split=d.split, tokenizer=tokenizer, dedupe=True, limit=None)
+    prompts = load_prompts(d.train_file, split=d.split, tokenizer=tokenizer, dedupe=True, limit=None,
+                           columns=d.columns, preset=d.preset)
     if on.prompts_per_round > len(prompts):
         raise ConfigError(f"asks for {on.prompts_per_round} prompts per round but {d.train_file} has "
                           f"{len(prompts)} distinct prompts", field="online.prompts_per_round",
