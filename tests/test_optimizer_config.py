@@ -84,7 +84,7 @@ def test_the_training_loop_builds_its_optimizer_from_the_config(tmp_path, tiny_m
     pairs = REPO / "configs" / "data" / "toy_pairs.jsonl"
     out = tmp_path / "run"
     assert cli(["train", f"model.name_or_path={tiny_model_dir}", f"data.train_file={pairs}", "train.cpu=true",
-                "train.max_steps=1", "train.save_every=1", "train.adam_beta1=0.85", "train.adam_beta2=0.95",
+                "train.max_steps=1", "train.save_every=1", "train.save_final_state=true", "train.adam_beta1=0.85", "train.adam_beta2=0.95",
                 "train.adam_eps=1e-7", "train.weight_decay=0.1", f"train.output_dir={out}",
                 f"train.ref_cache_dir={tmp_path / 'cache'}"]) == 0
     state = torch.load(next((out / "checkpoint-1").rglob("optimizer*.bin")), weights_only=True)
