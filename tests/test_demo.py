@@ -213,7 +213,7 @@ def test_overrides_are_key_value_and_checked(tmp_path, capsys):
     assert s.beta_pi == [0.3, 1.0] and s.align_lr == 1e-4 and s.n_layer == D.QUICK_SCRATCH["n_layer"]
     for argv, needle in [(["betar=1"], "did you mean 'beta_r'"), (["--set", "betar=1"], "did you mean 'beta_r'"),
                          (["--betar", "1"], "did you mean 'beta_r'"), (["save_every=100"], "save_every"),
-                         (["methods=[exo-rw,ppo]"], "methods"), (["--device", "tpu"], "--device")]:
+                         (["methods=[exo-rw,kto]"], "methods"), (["--device", "tpu"], "--device")]:
         assert main(["demo", "--quick", "--model", "scratch", *argv, "--out", str(tmp_path / "d")]) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, (argv, err)

@@ -88,8 +88,46 @@ def paired_bootstrap(a: list[dict[str, Any]], b: list[dict[str, Any]], *, n_boot
     alpha = (1 - confidence) / 2
     lo, hi = np.quantile(gaps, [alpha, 1 - alpha])
     out.update({"ci": [float(lo), float(hi)], "confidence": confidence, "n_boot": n_boot, "n_prompts": n,
-                "gap_se": float(gaps.std(ddof=1)), "side": side(float(lo), float(hi))})
+                "gap_se": float(gaps.std(ddof=1)), "side": side(float(lo), float(hi)), **power(lo, hi, gaps)})
     return out
+
+
+MDE_Z = 1.959964 + 0.841621
+"""z_{0.975} + z_{0.80}: a true gap of MDE_Z standard errors is detected (interval excludes 0) 80% of the time."""
+
+
+def power(lo: float, hi: float, gaps: np.ndarray) -> dict[str, float]:
+    """The power a comparison reached: its interval's half-width and the smallest true gap it would call
+    above/below with 80% probability (normal approximation on the bootstrap standard error)."""
+    return {"ci_half_width": float(hi - lo) / 2, "mde80": MDE_Z * float(gaps.std(ddof=1))}
+
+
+def pooled_bootstrap(a: list[list[dict[str, Any]]], b: list[list[dict[str, Any]]], *, n_boot: int, seed: int,
+                     confidence: float = 0.95, n_grid: int = 101) -> dict[str, Any]:
+    """The gap pooled over seeds: the mean over seeds of each seed's frontier gap (:func:`compare`), with a
+    paired bootstrap over held-out prompts stratified by seed (each resample draws every seed's prompts from
+    that seed's own, keeping every checkpoint of a seed paired on them). ``a[s]``, ``b[s]``: seed s's points."""
+    if len(a) != len(b) or not a:
+        raise ValueError("pooled_bootstrap needs the same seeds, at least one, for both methods")
+    per_seed = [compare(x, y) for x, y in zip(a, b)]
+    rng = np.random.default_rng(seed)
+    gaps = np.zeros(n_boot)
+    for x, y in zip(a, b):  # (B,) gap of this seed on each resample, accumulated into the mean over seeds
+        Ra, Ka = (np.asarray([p[k] for p in x], dtype=np.float64) for k in ("prompt_reward", "prompt_kl"))  # (Ca, n)
+        Rb, Kb = (np.asarray([p[k] for p in y], dtype=np.float64) for k in ("prompt_reward", "prompt_kl"))  # (Cb, n)
+        n = Ra.shape[1]
+        w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n  # (B, n)
+        ra, ka, rb, kb = w @ Ra.T, w @ Ka.T, w @ Rb.T, w @ Kb.T
+        gaps += np.asarray([_gap(ka[i], ra[i], kb[i], rb[i], n_grid)[0] for i in range(n_boot)]) / len(a)
+    alpha = (1 - confidence) / 2
+    lo, hi = (float(v) for v in np.quantile(gaps, [alpha, 1 - alpha]))
+    mean = lambda k: float(np.mean([c[k] for c in per_seed]))  # noqa: E731
+    return {"mean_reward_gap": mean("mean_reward_gap"), "ci": [lo, hi], "side": side(lo, hi),
+            "kl_max": min(c["kl_max"] for c in per_seed), "frac_above": mean("frac_above"),
+            "reward_a_at_kl_max": mean("reward_a_at_kl_max"), "reward_b_at_kl_max": mean("reward_b_at_kl_max"),
+            "per_seed_gap": [c["mean_reward_gap"] for c in per_seed], "n_seeds": len(a),
+            "n_prompts": int(sum(len(x[0]["prompt_reward"]) for x in a)), "confidence": confidence,
+            "n_boot": n_boot, "gap_se": float(gaps.std(ddof=1)), **power(lo, hi, gaps)}
 
 
 def side(lo: float, hi: float) -> str:

@@ -44,9 +44,11 @@ from ..fileio import atomic_json
 from . import reviews
 from .jobs import Job, one_thread, run_jobs, usable_cores
 from .settings import (  # noqa: F401 (re-exported)
+    FULL_SEEDS,
     METHODS,
     OFFLINE_METHODS,
     OMIT_AT_DEFAULT,
+    ONLINE_LOSSES,
     ONLINE_METHODS,
     QUICK_SCRATCH,
     STAGE_KEYS,
@@ -64,11 +66,14 @@ N_STAGES = 9
 class Demo:
     """The demo's directory, settings and stages; :meth:`run` does what is not done yet."""
 
-    def __init__(self, out: Path, settings: DemoSettings, device: str) -> None:
+    def __init__(self, out: Path, settings: DemoSettings, device: str, work: Path | None = None) -> None:
+        """``out`` keeps the small files (data, evaluations, stage markers, the report); ``work`` (default
+        ``out``) the large ones: the toy's π_sft, the runs' checkpoints, the reference cache and the logs."""
         self.out, self.s, self.device = out, settings, device
+        self.work = work or out
         self.data = out / "data"
-        self.sft_dir = out / "sft"
-        self.runs = out / "runs"
+        self.sft_dir = self.work / "sft"
+        self.runs = self.work / "runs"
         self.evals = out / "eval"
         self.marks = out / ".stages"
         self.timings: dict[str, dict[str, Any]] = {}
@@ -97,8 +102,14 @@ class Demo:
         """One run's fingerprint: the train stage's, the method and β_π (and the online settings for online runs)."""
         if method in ONLINE_METHODS:
             s = self.s
-            return self.job_fp(stage_fp, method, beta_pi, s.online_rounds, s.online_steps_per_round)
+            reuse = () if s.online_reuse == 1 else (s.online_reuse,)  # runs made before it existed keep theirs
+            return self.job_fp(stage_fp, method, beta_pi, s.online_rounds, s.online_steps_per_round, *reuse)
         return self.job_fp(stage_fp, method, beta_pi)
+
+    def eval_steps(self, method: str) -> list[int]:
+        """The steps of a run that are evaluated: every save_every-th and the last."""
+        total = self.steps(method)
+        return sorted(set(range(self.s.save_every, total + 1, self.s.save_every)) | {total})
 
     # -- bookkeeping
     def fingerprints(self) -> dict[str, str]:
@@ -144,7 +155,10 @@ class Demo:
         self.timings[name] = {"seconds": seconds, "cpu_seconds": cpu, "cached": False}
 
     def _cached(self, header: str, name: str) -> None:
-        mark = json.loads(self._mark(name).read_text(encoding="utf-8"))
+        try:
+            mark = json.loads(self._mark(name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # a run evaluated elsewhere whose training marker did not travel
+            mark = {"seconds": float("nan")}
         print(f"{header}: cached ({mark['seconds']:.1f} s when it ran)", file=sys.stderr)
         self.timings[name] = {"seconds": mark["seconds"], "cpu_seconds": mark.get("cpu_seconds"), "cached": True}
 
@@ -209,7 +223,7 @@ class Demo:
 
         # Checkpoints keep their weights for the evaluation; only the newest holds optimizer state while training.
         return TrainArgs(seed=self.s.seed, cpu=self.device == "cpu", log_every=1,
-                         ref_cache_dir=str(self.out / "cache"), keep_checkpoint_weights=True, **kw)
+                         ref_cache_dir=str(self.work / "cache"), keep_checkpoint_weights=True, **kw)
 
     def sft(self) -> None:
         from ..stages.sft import SFTConfig, sft
@@ -281,8 +295,9 @@ class Demo:
 
     def train_online(self, method: str, beta_pi: float) -> None:
         """An online run (``exoalign train`` with ``online.rounds``): each round samples K completions of
-        align_batch_size training prompts from the current policy, scores them with the oracle and trains on
-        them with the importance-corrected targets (online-exo) or the leave-one-out policy gradient (rloo)."""
+        align_batch_size training prompts from the current policy, scores them with the oracle and takes
+        online_steps_per_round steps on them (each group used online_reuse times) with the loss of
+        ``ONLINE_LOSSES[method]``: importance-corrected EXO or DPO targets, RLOO or PPO."""
         from ..train.config import DataConfig, LossConfig, ModelConfig, OnlineConfig, TrainConfig
         from ..train.loop import train
 
@@ -291,14 +306,15 @@ class Demo:
             model=ModelConfig(name_or_path=self.sft_model),
             data=DataConfig(train_file=str(self.data / "train_prompts.jsonl"), max_length=s.max_length,
                             max_prompt_length=s.max_prompt_length),
-            loss=LossConfig(name="exo" if method == "online-exo" else "rloo", target="rw", beta_pi=beta_pi,
+            loss=LossConfig(name=ONLINE_LOSSES[method], target="rw", beta_pi=beta_pi,
                             beta_r=s.beta_r, temperature=s.temperature),
             online=OnlineConfig(rounds=s.online_rounds, k=s.k, prompts_per_round=s.align_batch_size,
                                 steps_per_round=s.online_steps_per_round, max_new_tokens=s.max_new_tokens,
                                 temperature=s.temperature, oracle=reviews.ORACLE, generation_batch_size=s.gen_batch_size),
             train=self._train_args(output_dir=str(self.runs / run_name(method, beta_pi)), lr=s.align_lr,
-                                   batch_size=s.align_batch_size // s.online_steps_per_round,
-                                   save_every=s.save_every, warmup_steps=1, scheduler="constant_with_warmup", prefix_sharing=not s.scratch,
+                                   batch_size=s.align_batch_size * s.online_reuse // s.online_steps_per_round,
+                                   save_every=s.save_every, warmup_steps=1, scheduler="constant_with_warmup",
+                                   prefix_sharing=not s.scratch,
                                    mixed_precision="no" if s.mixed_precision == "fp32" else s.mixed_precision),
         )
         train(cfg)
@@ -312,6 +328,18 @@ class Demo:
         steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*") if (p / "COMPLETE").is_file())
         # Every save_every-th step and the last: the weights-only checkpoints keep_checkpoint_weights leaves.
         return [run / f"checkpoint-{k}" for k in steps if k % self.s.save_every == 0 or k == steps[-1]]
+
+    def trained(self, name: str, method: str) -> bool:
+        """Every checkpoint the evaluation of run ``name`` reads is on disk."""
+        return all((self.runs / name / f"checkpoint-{k}" / "COMPLETE").is_file() for k in self.eval_steps(method))
+
+    def drop_checkpoints(self, name: str) -> None:
+        """Delete an evaluated run's weights (its metrics and config stay); unless keep_checkpoints."""
+        if self.s.keep_checkpoints or name == "sft":
+            return
+        for path in [*self.runs.joinpath(name).glob("checkpoint-*"), self.runs / name / "final",
+                     self.runs / name / "online"]:
+            shutil.rmtree(path, ignore_errors=True)
 
     def evaluate(self, name: str) -> None:
         """``exoalign eval`` of run ``name``'s checkpoints. π_sft is evaluated once, as run ``sft``, and the
@@ -347,18 +375,28 @@ class Demo:
             self.stage(6, "label", fp["label"], [self.data / "pairs.jsonl"], self.label)
         runs = self.run_list()
         train_fp = {name: self.train_fp(fp["train"], m, b) for name, m, b in runs}
+        eval_fp = {"sft": self.job_fp(fp["eval"], "sft")}
+        eval_fp.update({name: self.job_fp(fp["eval"], train_fp[name]) for name, _, _ in runs})
+        # Resumable at the run level: a run whose evaluation is done is not trained again (its checkpoints were
+        # deleted once evaluated); one whose checkpoints are gone is trained again.
+        evaluated = {name for name, efp in eval_fp.items()
+                     if self.is_done(f"eval {name}", efp, [self.evals / f"{name}.json"])}
+        for name, m, _ in runs:
+            if name in evaluated:
+                self._cached(f"[7/{N_STAGES}] train: train {name}", f"train {name}")
+            elif not self.trained(name, m):
+                self._mark(f"train {name}").unlink(missing_ok=True)
         self.parallel(7, "train", [
-            (f"train {name}", train_fp[name], _train_job, (str(self.out), self.s, self.device, m, b),
+            (f"train {name}", train_fp[name], _train_job, (str(self.out), self.s, self.device, m, b, str(self.work)),
              [self.runs / name], lambda name=name: _last_step(self.runs / name / "metrics.jsonl"), self.steps(m))
-            for name, m, b in runs
+            for name, m, b in runs if name not in evaluated
         ])
-        n_ckpt = {name: len(self.checkpoints(name)) for name, _, _ in runs}
-        evals = [("sft", self.job_fp(fp["eval"], "sft"))]
-        evals += [(name, self.job_fp(fp["eval"], train_fp[name])) for name, _, _ in runs]
+        steps = {name: len(self.eval_steps(m)) for name, m, _ in runs}
         self.parallel(8, "eval", [
-            (f"eval {name}", efp, _eval_job, (str(self.out), self.s, self.device, name), [self.evals / f"{name}.json"],
-             lambda name=name: _n_results(self.evals / f"{name}.json"), 1 if name == "sft" else n_ckpt[name])
-            for name, efp in evals
+            (f"eval {name}", efp, _eval_job, (str(self.out), self.s, self.device, name, str(self.work)),
+             [self.evals / f"{name}.json"], lambda name=name: _n_results(self.evals / f"{name}.json"),
+             1 if name == "sft" else steps[name])
+            for name, efp in eval_fp.items()
         ])
         from .report import write_report
 
@@ -374,14 +412,14 @@ class Demo:
                 self._cached(f"{header}: {name}", name)
                 continue
             self._clear(outputs)
-            todo.append(Job(name, fn, args, self.out / "logs" / f"{name.replace(' ', '-')}.log", progress, total,
+            todo.append(Job(name, fn, args, self.work / "logs" / f"{name.replace(' ', '-')}.log", progress, total,
                             on_done=lambda sec, cpu, name=name, fp=fp: self._done(name, fp, sec, cpu)))
         if not todo:
             return
         workers = 1 if self.device == "cuda" else min(len(todo), self.s.workers or usable_cores())
         t0 = time.perf_counter()
         run_jobs(todo, f"{header} ({len(todo)} jobs, {workers} at a time)", workers)
-        print(f"{header}: done in {time.perf_counter() - t0:.1f} s (logs in {self.out / 'logs'})", file=sys.stderr)
+        print(f"{header}: done in {time.perf_counter() - t0:.1f} s (logs in {self.work / 'logs'})", file=sys.stderr)
 
 
 def prune(run: Path) -> None:
@@ -394,12 +432,14 @@ def prune(run: Path) -> None:
         shutil.rmtree(run / "final")
 
 
-def _train_job(out: str, settings: DemoSettings, device: str, method: str, beta_pi: float) -> None:
-    Demo(Path(out), settings, device).train(method, beta_pi)
+def _train_job(out: str, settings: DemoSettings, device: str, method: str, beta_pi: float, work: str) -> None:
+    Demo(Path(out), settings, device, Path(work)).train(method, beta_pi)
 
 
-def _eval_job(out: str, settings: DemoSettings, device: str, name: str) -> None:
-    Demo(Path(out), settings, device).evaluate(name)
+def _eval_job(out: str, settings: DemoSettings, device: str, name: str, work: str) -> None:
+    demo = Demo(Path(out), settings, device, Path(work))
+    demo.evaluate(name)
+    demo.drop_checkpoints(name)
 
 
 def _last_step(metrics: Path) -> int:
@@ -420,7 +460,7 @@ def _n_results(eval_json: Path) -> int:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def settings_for(quick: bool, seed: int, overrides: list[str] | tuple[str, ...] = (), model: str | None = None,
-                 device: str = "cpu") -> DemoSettings:
+                 device: str = "cpu", full: bool = False) -> DemoSettings:
     """The preset for the model, size and device, with ``seed`` and ``key=value`` overrides, type-checked like
     any exoalign config (an unknown key gets a "did you mean"). The model is ``model``, else a ``model=…``
     override, else the default (smollm2)."""
@@ -432,7 +472,7 @@ def settings_for(quick: bool, seed: int, overrides: list[str] | tuple[str, ...] 
         if key == "model":
             chosen = str(value)
     chosen = chosen or DemoSettings.model
-    pre = [f"{k}={json.dumps(v)}" for k, v in preset(chosen, quick, device).items()]  # JSON is YAML: "no" stays a string
+    pre = [f"{k}={json.dumps(v)}" for k, v in preset(chosen, quick, device, full).items()]  # JSON is YAML: "no" stays a string
     return load_config(DemoSettings, None, [*pre, f"model={chosen}", f"seed={seed}", *overrides])
 
 
@@ -459,8 +499,15 @@ def _parser() -> Any:
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="a small run of the same chain (a few minutes)")
+    p.add_argument("--full", action="store_true",
+                   help="the powered experiment: six methods, several seeds, a pooled verdict (hours; docs/demo.md)")
+    p.add_argument("--seeds", default=",".join(map(str, FULL_SEEDS)),
+                   help="--full: comma-separated seeds (default 0,1,2)")
+    p.add_argument("--results", default="benchmarks/results/demo",
+                   help="--full: where full-seed{N}/ and full-pooled/ go (default benchmarks/results/demo)")
     p.add_argument("--model", default=None, help="π_sft: smollm2 (default), a model directory, or scratch (the toy)")
-    p.add_argument("--out", default="exoalign-demo", help="directory for everything (default ./exoalign-demo)")
+    p.add_argument("--out", default="exoalign-demo",
+                   help="directory for everything (default ./exoalign-demo); --full: its checkpoints, caches and logs")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the whole chain (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="same as a bare key=value")
@@ -476,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the models' config chatter is not news to a demo user
+    if args.full and args.quick:
+        raise InputError("--full and --quick together", field="--full", fix="choose one of them")
+    if args.full:
+        return _main_full(args)
     device = resolve_device(args.device)
     settings = settings_for(args.quick, args.seed, [*args.set, *args.overrides], model=args.model, device=device)
     one_thread()  # see jobs: small models run fastest on one thread per process, one process per core
@@ -485,4 +536,28 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{results['verdict']}\n", file=sys.stderr)
     print(f"done in {time.perf_counter() - t0:.1f} s: {demo.out / 'report.md'}, {demo.out / 'results.json'}, "
           f"{demo.out / 'frontier.png'}")
+    return 0
+
+
+def _main_full(args: Any) -> int:
+    """``exoalign demo --full``: every seed of ``--seeds``, then the pooled report."""
+    from .full import run_full
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--seeds {args.seeds!r} is not a list of whole numbers", field="--seeds",
+                         fix="e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise InputError(f"--seeds {args.seeds!r} needs distinct seeds", field="--seeds", fix="e.g. --seeds 0,1,2")
+    device = resolve_device(args.device)
+    overrides = [*args.set, *args.overrides]
+    # Every seed's settings are checked before anything runs.
+    settings = {seed: settings_for(False, seed, overrides, model=args.model, device=device, full=True) for seed in seeds}
+    one_thread()
+    t0 = time.perf_counter()
+    results = Path(args.results)
+    pooled = run_full(results, Path(args.out), seeds, settings.__getitem__, device)
+    print(f"\n{pooled['verdict']}\n", file=sys.stderr)
+    print(f"done in {time.perf_counter() - t0:.1f} s: {results / 'full-pooled' / 'report.md'}")
     return 0

@@ -37,15 +37,21 @@ class Demo(Protocol):
     timings: dict[str, Any]
     started: float
 
-COMPARISONS = (("exo-pref", "dpo-pref"), ("exo-rw", "dpo-rw"), ("online-exo", "rloo"))
-"""EXO against DPO with the same targets on the same samples (and online EXO against RLOO when they ran)."""
+COMPARISONS = (("exo-pref", "dpo-pref"), ("exo-rw", "dpo-rw"), ("online-exo", "rloo"), ("online-exo", "ppo"),
+               ("online-exo", "online-dpo"), ("online-exo", "exo-rw"))
+"""EXO against DPO with the same targets on the same samples; online EXO against the RL baselines, online DPO
+and offline EXO (each when both ran)."""
 DEFINITIONS = (
     "**KL** is `KL(π‖π_sft)` in nats per completion, estimated on the policy's own samples y ~ π: "
     "**k1** = mean of `log π(y) − log π_sft(y)` (unbiased; the authors' estimator, the x axis) and "
     "**k3** = mean of `ρ − 1 − log ρ` with `ρ = π_sft(y)/π(y)` (never negative, lower variance). "
     "Log-probs are sums over the completion's tokens at the sampling temperature. **tokens** = the mean "
     "number of generated tokens per completion (EOS included when it was sampled; at most max_new_tokens). "
-    "**reward** = VADER compound sentiment of the completion, in [-1, 1]."
+    "**reward** = VADER compound sentiment of the completion, in [-1, 1]. "
+    "**π_sft ppl** = π_sft's per-token perplexity of the policy's samples, exp(−Σ log π_sft(y) / Σ tokens): "
+    "π_sft is a fluent model, so text it finds improbable (gibberish, repeated tokens, broken words) raises it; "
+    "at π_sft it is π_sft's own perplexity at the sampling temperature. A reward bought with degenerate text "
+    "shows as a rising π_sft ppl beside the KL."
 )
 
 
@@ -64,6 +70,7 @@ def load_points(eval_json: Path) -> list[dict[str, Any]]:
                 (samples_dir / f"{_safe(r['name'])}.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
         lp = np.asarray([row["logps"] for row in rows], dtype=np.float64)  # (n_prompts, samples)
         ref = np.asarray([row["ref_logps"] for row in rows], dtype=np.float64)  # (n_prompts, samples)
+        tokens = np.asarray([row["lengths"] for row in rows], dtype=np.float64) if "lengths" in rows[0] else None
         points.append({
             "step": int(m.group(1)) if m else 0, "kl": float(r["kl"]), "kl_se": float(r["kl_se"]),
             "kl_k3": float(r["kl_k3"]), "reward": float(r["reward"]["mean"]),
@@ -71,6 +78,8 @@ def load_points(eval_json: Path) -> list[dict[str, Any]]:
             "length": float(r["length"]), "finished": float(r.get("finished", float("nan"))),
             "prompt_reward": [float(np.mean(row["rewards"])) for row in rows],
             "prompt_kl": (lp - ref).mean(1).tolist(),
+            # π_sft's per-token perplexity of these samples (null for evaluations made before lengths were kept)
+            "sft_ppl": float(np.exp(-ref.sum() / max(tokens.sum(), 1.0))) if tokens is not None else None,
             "examples": [row["completions"][0] for row in rows[:3]],
         })
     return sorted(points, key=lambda p: p["step"])
@@ -125,7 +134,8 @@ def write_report(demo: Demo, runs: list[tuple[str, str, float]]) -> dict[str, An
     results = {
         "runs": public, "frontiers": {m: dict(zip(("kl", "reward"), (v.tolist() for v in envelope(pts))))
                                          for m, pts in points.items()},
-        "comparison": comparison, "verdict": verdict(comparison), "seed": s.seed, "device": demo.device,
+        "comparison": comparison, "verdict": verdict(comparison), "quality": quality(points), "seed": s.seed,
+        "device": demo.device,
         "settings": settings, "examples": examples, "definitions": DEFINITIONS,
         "timings": demo.timings, "versions": _versions(),
         "total_seconds": time.perf_counter() - demo.started, "cores": usable_cores(),
@@ -139,6 +149,28 @@ def write_report(demo: Demo, runs: list[tuple[str, str, float]]) -> dict[str, An
     atomic_write(out / "results.json", json.dumps(results, indent=1) + "\n")
     atomic_write(out / "report.md", markdown(results))
     return results
+
+
+def quality(points: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The completion-quality check beside reward and KL: π_sft's per-token perplexity of π_sft's own samples
+    and of each method's highest-reward checkpoint's."""
+    any_pts = next(iter(points.values()))
+    out: dict[str, Any] = {"sft": {"sft_ppl": any_pts[0].get("sft_ppl"), "reward": any_pts[0]["reward"]}}
+    for method, pts in points.items():
+        best = max((p for p in pts if p["step"] > 0), key=lambda p: p["reward"], default=pts[0])
+        out[method] = {k: best.get(k) for k in ("run", "step", "kl", "reward", "sft_ppl")}
+    return out
+
+
+def quality_lines(q: dict[str, Any]) -> list[str]:
+    def ppl(v: Any) -> str:
+        return "–" if v is None else f"{v:.1f}"
+
+    lines = ["**Completion quality** (π_sft's per-token perplexity of the samples; see the definitions): π_sft "
+             f"{ppl(q['sft']['sft_ppl'])}"]
+    lines += [f"; {m} at its best reward (step {v['step']}, KL {v['kl']:.2f}, reward {v['reward']:.3f}) "
+              f"{ppl(v['sft_ppl'])}" for m, v in q.items() if m != "sft"]
+    return ["".join(lines) + ".", ""]
 
 
 def _opening(row: dict[str, Any], instruction: str) -> str:
@@ -163,19 +195,44 @@ def _examples(demo: Demo, points: dict[str, list[dict[str, Any]]]) -> dict[str, 
 
 def checkpoint_table(runs: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown rows of every checkpoint of every run (step 0 = π_sft)."""
-    lines = ["| method | β_π | β_r | step | KL k1 (nats) | KL k3 (nats) | reward | reward 95% CI | tokens |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| method | β_π | β_r | step | KL k1 (nats) | KL k3 (nats) | reward | reward 95% CI | tokens | π_sft ppl |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for name, points in runs.items():
         for p in points:
             lo, hi = p["reward_ci"]
+            ppl = "–" if p.get("sft_ppl") is None else f"{p['sft_ppl']:.1f}"
             lines.append(f"| {name} | {fmt_beta(p['beta_pi'])} | {fmt_beta(p['beta_r'])} | {p['step']} | {p['kl']:.3f} | "
-                         f"{p['kl_k3']:.3f} | {p['reward']:.3f} | [{lo:.3f}, {hi:.3f}] | {p['length']:.1f} |")
+                         f"{p['kl_k3']:.3f} | {p['reward']:.3f} | [{lo:.3f}, {hi:.3f}] | {p['length']:.1f} | {ppl} |")
     return "\n".join(lines)
 
 
 def _quote(text: str, n: int = 160) -> str:
     text = " ".join(text.split())
     return (text[:n] + "…" if len(text) > n else text).replace("|", "\\|")
+
+
+def _online_sentence(s: dict[str, Any]) -> str:
+    online = [m for m in s["methods"] if m in ONLINE_METHODS]
+    if not online:
+        return ""
+    reuse = s.get("online_reuse", 1)
+    return (f"; online methods ({', '.join(online)}, β_π = {s['online_beta_pi']}) sample K = {s['k']} completions "
+            f"of {s['align_batch_size']} prompts from the current policy in each of {s['online_rounds']} rounds and "
+            f"take {s['online_steps_per_round']} step(s) per round, each sample used {reuse} time(s)")
+
+
+def power_lines(comparison: dict[str, dict[str, Any]], target: float | None = None) -> list[str]:
+    """The power reached: each comparison's interval half-width and its 80%-power detectable gap."""
+    if not comparison:
+        return []
+    lines = ["**Power reached** (95% CI half-width of the gap; the smallest true gap detected with 80% "
+             "probability, 2.8 bootstrap standard errors" + (f"; target half-width ≤ {target}" if target else "")
+             + "):", ""]
+    for key, c in comparison.items():
+        if "ci_half_width" in c:
+            ok = "" if target is None else (" ✓" if c["ci_half_width"] <= target else " ✗ (above target)")
+            lines.append(f"* {key}: ±{c['ci_half_width']:.3f}, detectable gap {c['mde80']:.3f}{ok}")
+    return [*lines, ""]
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -187,14 +244,17 @@ def markdown(results: dict[str, Any]) -> str:
         "", f"Command: `{results['command'].strip()}` on {results['device']}.", "",
         f"Task: π_sft = {model} continues the opening of a movie review "
         f"({'inside the chat template after ' + repr(s['instruction']) if s['prompt_format'] == 'chat' and s['model'] != 'scratch' else 'as raw text'}); "
-        "reward = VADER sentiment of the completion. Every method starts from π_sft and trains on the same "
-        f"{s['n_train_prompts']} prompts × K = {s['k']} samples of π_sft for {s['align_steps']} steps, once per "
-        f"β_π in {s['beta_pi']} (β_r = {s['beta_r']} for rw targets; pref targets use ε = {s['eps']} instead). "
+        "reward = VADER sentiment of the completion. Every method starts from π_sft. Offline methods train on the "
+        f"same {s['n_train_prompts']} prompts × K = {s['k']} samples of π_sft for {s['align_steps']} steps of "
+        f"{s['align_batch_size']} prompts, once per β_π in {s['beta_pi']} (β_r = {s['beta_r']} for rw targets; "
+        f"pref targets use ε = {s['eps']} instead)" + _online_sentence(s) + ". "
         f"Each point is a checkpoint (step 0 = π_sft) evaluated on {s['n_eval_prompts']} held-out prompts × "
         f"{s['eval_samples']} samples, with the same prompts and random streams for every checkpoint. A method's "
         "frontier is the envelope of its checkpoints over all β_π.", "",
         "## Verdict (higher reward at equal KL; paired bootstrap over held-out prompts)", "",
         *[f"* {line}" for line in results["verdict"].splitlines()], "",
+        *power_lines(results["comparison"]),
+        *quality_lines(results["quality"]),
         "![reward–KL frontier](frontier.png)", "", DEFINITIONS, "",
         "## Example completions (the first three held-out prompts; first sample)", "",
         "| prompt | " + " | ".join(ex["prompts"]).replace("\n", " ") + " |",

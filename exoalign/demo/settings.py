@@ -8,9 +8,15 @@ OFFLINE_METHODS = ("exo-rw", "dpo-rw", "exo-pref", "dpo-pref")
 """The offline runs, ``{loss}-{target}``: EXO and DPO with reward targets (all K scored completions) and with
 preference targets (the best-vs-worst pair), all on the same samples of π_sft. The rw runs (K completions per
 prompt, about twice the work of a pair) come first so that two workers finish together."""
-ONLINE_METHODS = ("online-exo", "rloo")
-"""Methods that sample from the current policy each round (``exoalign train`` with ``online.rounds``); they
-join the demo through ``methods=[…]`` once ``TrainConfig`` has its ``online`` section (see pipeline.train)."""
+ONLINE_LOSSES = {"online-exo": "exo", "online-dpo": "dpo", "rloo": "rloo", "ppo": "ppo"}
+"""Methods that sample from the current policy each round (``exoalign train`` with ``online.rounds``) and the
+registry loss each trains with: EXO and DPO with the importance-corrected rw targets, RLOO's leave-one-out
+policy gradient and PPO's clipped surrogate on the KL-shaped reward (docs/online.md)."""
+ONLINE_METHODS = tuple(ONLINE_LOSSES)
+DEFAULT_METHODS = ("exo-rw", "dpo-rw", "online-exo", "rloo")
+"""``exoalign demo``: offline EXO and DPO with reward targets on π_sft's samples, online EXO and RLOO."""
+FULL_METHODS = ("exo-rw", "dpo-rw", "online-exo", "online-dpo", "rloo", "ppo")
+"""``exoalign demo --full``: the powered experiment's six methods."""
 METHODS = tuple(tuple(m.split("-")) for m in OFFLINE_METHODS)
 """(loss, target) of the offline runs (kept for callers of the first demo)."""
 SCRATCH = "scratch"
@@ -31,7 +37,7 @@ class DemoSettings:
     """prompt_format=chat: the user turn is this text followed by the review's opening."""
     n_sft_reviews: int = 6000
     """scratch: reviews π_sft is trained on."""
-    n_train_prompts: int = 72
+    n_train_prompts: int = 48
     """Prompts for which π_sft's completions are sampled, scored and used to align (openings of other reviews)."""
     n_eval_prompts: int = 40
     """Held-out prompts every checkpoint is evaluated on."""
@@ -59,29 +65,32 @@ class DemoSettings:
     """Sampling temperature of the training completions and of evaluation (KL measured at it)."""
     max_new_tokens: int = 24
     """Longest completion, in tokens."""
-    methods: list[str] = field(default_factory=lambda: list(OFFLINE_METHODS))
-    """Runs to train and compare: exo-rw, dpo-rw, exo-pref, dpo-pref (and online-exo, rloo once online lands)."""
-    beta_pi: list[float] = field(default_factory=lambda: [0.1, 1.0])
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    """Runs to train and compare: offline exo-rw, dpo-rw, exo-pref, dpo-pref; online online-exo, online-dpo, rloo, ppo."""
+    beta_pi: list[float] = field(default_factory=lambda: [1.0])
     """β_π values (the DPO β): every method runs once per value; its frontier is the envelope over them."""
     beta_r: float = 0.1
     """β_r of the rw targets softmax(r/β_r); rewards lie in [-1, 1] (pref targets use eps instead)."""
     eps: float = 1e-3
     """Label smoothing ε of the pref targets [1-ε, ε]."""
-    align_steps: int = 8
+    align_steps: int = 16
     """Optimizer steps of each alignment run."""
-    align_batch_size: int = 2
+    align_batch_size: int = 3
     """Prompts per alignment step (pref: that many pairs; rw: that many groups of K)."""
-    align_lr: float = 3e-5
+    align_lr: float = 1.5e-5
     """Alignment learning rate (constant after a short warm-up)."""
     mixed_precision: str = "bf16"
     """Training compute: bf16 autocast (fp32 weights and optimizer; ~2x faster on CPUs with bf16 units) or fp32."""
-    save_every: int = 8
-    """Checkpoint (and evaluate) every this many alignment steps."""
-    online_rounds: int = 8
+    save_every: int = 4
+    """Checkpoint (and evaluate) every this many alignment steps (kept as weights only, deleted once evaluated)."""
+    online_rounds: int = 16
     """Online methods: rounds of sample K from π_t → score → one step (each round = align_batch_size prompts,
     so online_rounds = align_steps sees as many prompts and samples as an offline run)."""
     online_steps_per_round: int = 1
-    """Online methods: optimizer steps per round (1 = every sample used once; more reuses them)."""
+    """Online methods: optimizer steps per round (each of align_batch_size × online_reuse / this many groups)."""
+    online_reuse: int = 1
+    """Online methods: times each round's samples are used (2 with 2 steps per round = PPO-style reuse with the
+    same prompts per step; offline runs then take as many steps, i.e. online_reuse epochs over π_sft's samples)."""
     online_beta_pi: float = 1.0
     """β_π of the online runs (1 makes p uniform at each round's start: the corrected targets of docs/online.md)."""
     eval_samples: int = 1
@@ -92,6 +101,8 @@ class DemoSettings:
     """Prompts per generation batch."""
     workers: int = 0
     """Parallel job processes on a CPU (0 = one per usable core; 1 = run every job in this process)."""
+    keep_checkpoints: bool = False
+    """Keep each run's evaluated checkpoints (weights only); by default they are deleted once evaluated."""
 
     @property
     def scratch(self) -> bool:
@@ -125,16 +136,27 @@ class DemoSettings:
         require(self.mixed_precision in ("bf16", "fp32"), "mixed_precision", f"unknown {self.mixed_precision!r}",
                 "use bf16 or fp32")
         require(self.online_rounds >= 1 and self.online_steps_per_round >= 1, "online_rounds",
-                "online_rounds and online_steps_per_round must be at least 1", "use e.g. online_rounds=8")
-        require(self.align_batch_size % self.online_steps_per_round == 0, "online_steps_per_round",
-                "must divide align_batch_size (each round's prompts are split over its steps)", "use 1")
+                "online_rounds and online_steps_per_round must be at least 1", "use e.g. online_rounds=16")
+        require(self.online_reuse >= 1, "online_reuse", "must be at least 1", "use 1 (each sample used once)")
+        require((self.align_batch_size * self.online_reuse) % self.online_steps_per_round == 0,
+                "online_steps_per_round", "must divide align_batch_size × online_reuse (each round's groups, "
+                "used online_reuse times, are split over its steps)", "use 1")
+        missing = [m for m in self.methods if m in ONLINE_LOSSES and not _registered(ONLINE_LOSSES[m])]
+        require(not missing, "methods", f"{missing} need(s) the loss {[ONLINE_LOSSES[m] for m in missing]}, "
+                "which this exoalign does not have", "leave it out of methods=[…]")
         require(self.workers >= 0, "workers", "must be >= 0", "0 = one per core")
+
+
+def _registered(loss: str) -> bool:
+    from ..losses import LOSSES
+
+    return loss in LOSSES
 
 
 SCRATCH_PRESET = dict(
     n_train_prompts=1024, n_eval_prompts=128, max_length=96, max_prompt_length=24, max_new_tokens=48,
     align_steps=200, align_batch_size=16, align_lr=5e-5, save_every=50, eval_samples=2, mixed_precision="fp32",
-    online_rounds=200,
+    online_rounds=200, methods=list(OFFLINE_METHODS), beta_pi=[0.1, 1.0], keep_checkpoints=True,
 )
 """``model=scratch``: the toy of the first demo (a 0.9M-parameter GPT-2 trained on the grammar, ~10 min)."""
 QUICK_SCRATCH = dict(
@@ -145,7 +167,7 @@ QUICK_SCRATCH = dict(
 """``--quick --model scratch``: the same chain, tiny (the default test suite runs it)."""
 QUICK_REAL = dict(
     n_train_prompts=16, n_eval_prompts=12, max_new_tokens=16, align_steps=4, align_batch_size=2, save_every=4,
-    n_bootstrap=1000, online_rounds=4,
+    n_bootstrap=1000, online_rounds=4, methods=list(OFFLINE_METHODS), beta_pi=[0.1, 1.0], align_lr=3e-5,
 )
 """``--quick`` on a real model: every stage and method, a few steps (a few minutes on 2 cores)."""
 CUDA_REAL = dict(
@@ -154,12 +176,37 @@ CUDA_REAL = dict(
     online_rounds=120,
 )
 """``--device cuda`` on a real model: more prompts, steps, tokens and β values."""
+FULL_SHAPE = dict(methods=list(FULL_METHODS), beta_pi=[1.0], online_steps_per_round=2, online_reuse=2,
+                  keep_checkpoints=False)
+"""What every ``--full`` shares: the six methods at one β_π, each round's samples used twice over two steps."""
+FULL_REAL = dict(
+    FULL_SHAPE, k=4, n_train_prompts=120, align_batch_size=4, align_steps=60, online_rounds=30, save_every=10,
+    align_lr=1e-5,
+    n_eval_prompts=128, eval_samples=2, n_bootstrap=2000,
+)
+"""``--full`` on a CPU: the powered experiment, one seed in at most 2 hours on 2 quiet cores (docs/demo.md).
+Every method: 60 optimizer steps of 4 prompts × K = 4 completions, 480 sampled completions each used twice
+(offline: 120 prompts × 4 samples of π_sft, two epochs; online: 30 rounds of 4 prompts × 4 samples of π_t, two
+steps per round), 6 checkpoints + π_sft, each on 128 held-out prompts × 2 samples."""
+FULL_CUDA = dict(
+    FULL_REAL, n_train_prompts=6400, align_batch_size=64, align_steps=200, online_rounds=100, save_every=20,
+    n_eval_prompts=256, eval_samples=4, max_new_tokens=48, max_length=128, mixed_precision="fp32",
+    align_lr=1e-6, gen_batch_size=256,
+)
+"""``--full --device cuda``: the paper's scale (64 prompts per step, 200 steps, 10 checkpoints per run)."""
+FULL_SEEDS = (0, 1, 2)
+"""The reported seeds of ``--full``. The β and lr of each method were to be chosen on seed 100 (not reported)."""
 
 
-def preset(model: str, quick: bool, device: str) -> dict:
+def preset(model: str, quick: bool, device: str, full: bool = False) -> dict:
     """The preset overrides for this model, size and device (applied before the user's overrides)."""
     if model == SCRATCH:
-        return {**SCRATCH_PRESET, **(QUICK_SCRATCH if quick else {})}
+        toy = {**SCRATCH_PRESET, **(QUICK_SCRATCH if quick else {})}
+        if full:  # the toy at its own sizes, with the powered experiment's methods and reuse
+            toy.update(FULL_SHAPE, online_rounds=toy["align_steps"] // 2)
+        return toy
+    if full:
+        return dict(FULL_CUDA) if device == "cuda" else dict(FULL_REAL)
     if quick:
         return dict(QUICK_REAL)
     return dict(CUDA_REAL) if device == "cuda" else {}

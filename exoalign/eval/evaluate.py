@@ -29,8 +29,8 @@ Output JSON (``schema: exoalign.eval/1``)::
 
 The JSON is rewritten atomically after the baseline and after every checkpoint; a rerun with the same settings
 skips the checkpoints already in it (``overwrite=true`` starts afresh). With ``save_samples`` each
-checkpoint's samples go to ``<output stem>.samples/<name>.jsonl`` as group rows with ``rewards``, ``logps`` and
-``ref_logps``.
+checkpoint's samples go to ``<output stem>.samples/<name>.jsonl`` as group rows with ``rewards``, ``logps``,
+``ref_logps`` and ``lengths`` (sampled tokens per completion).
 """
 
 from __future__ import annotations
@@ -365,7 +365,8 @@ class _Session:
             result["win_rate"] = win_rate(rewards, r_base, confidence=cfg.confidence, n_boot=cfg.n_bootstrap,
                                           seed=cfg.seed).to_dict()
         rows = [{"prompt": p, "completions": [c.text for c in g], "rewards": r.tolist(), "logps": a.tolist(),
-                 "ref_logps": b.tolist()} for p, g, r, a, b in zip(self.prompts, groups, rewards, lp_pi, lp_ref)]
+                 "ref_logps": b.tolist(), "lengths": [len(c.ids) for c in g]}
+                for p, g, r, a, b in zip(self.prompts, groups, rewards, lp_pi, lp_ref)]
         return result, rows
 
 
