@@ -101,7 +101,8 @@ def pooled_report(results: Path, seeds: Sequence[int], n_boot: int | None = None
     pooled = {
         "seeds": list(seeds), "comparison": comparison, "verdict": verdict(comparison), "per_seed": per_seed,
         "power": {"target_ci_half_width": TARGET_HALF_WIDTH, "max_ci_half_width": max(half, default=None),
-                  "met": bool(half) and max(half) <= TARGET_HALF_WIDTH},
+                  "met": bool(half) and max(half) <= TARGET_HALF_WIDTH
+                  and all(c["kl_max"] > 0 for c in comparison.values())},
         "runs": runs, "frontiers": {m: dict(zip(("kl", "reward"), (v.tolist() for v in envelope(p))))
                                     for m, p in runs.items()},
         "quality": {m: {"sft_ppl_at_best": max(p, key=lambda q: q["reward"])["sft_ppl"],

@@ -37,7 +37,7 @@ class DemoSettings:
     """prompt_format=chat: the user turn is this text followed by the review's opening."""
     n_sft_reviews: int = 6000
     """scratch: reviews π_sft is trained on."""
-    n_train_prompts: int = 48
+    n_train_prompts: int = 36
     """Prompts for which π_sft's completions are sampled, scored and used to align (openings of other reviews)."""
     n_eval_prompts: int = 40
     """Held-out prompts every checkpoint is evaluated on."""
@@ -73,17 +73,17 @@ class DemoSettings:
     """β_r of the rw targets softmax(r/β_r); rewards lie in [-1, 1] (pref targets use eps instead)."""
     eps: float = 1e-3
     """Label smoothing ε of the pref targets [1-ε, ε]."""
-    align_steps: int = 16
+    align_steps: int = 12
     """Optimizer steps of each alignment run."""
     align_batch_size: int = 3
     """Prompts per alignment step (pref: that many pairs; rw: that many groups of K)."""
-    align_lr: float = 1.5e-5
+    align_lr: float = 2e-5
     """Alignment learning rate (constant after a short warm-up)."""
     mixed_precision: str = "bf16"
     """Training compute: bf16 autocast (fp32 weights and optimizer; ~2x faster on CPUs with bf16 units) or fp32."""
-    save_every: int = 4
+    save_every: int = 3
     """Checkpoint (and evaluate) every this many alignment steps (kept as weights only, deleted once evaluated)."""
-    online_rounds: int = 16
+    online_rounds: int = 12
     """Online methods: rounds of sample K from π_t → score → one step (each round = align_batch_size prompts,
     so online_rounds = align_steps sees as many prompts and samples as an offline run)."""
     online_steps_per_round: int = 1
