@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from ..fileio import atomic_write
 from .frontier import envelope, pooled_bootstrap, verdict
-from .report import _write, load_points, power_lines
-from .settings import DemoSettings
+from .report import load_points, power_lines
 
 POOLED = (("exo-rw", "dpo-rw"), ("online-exo", "rloo"), ("online-exo", "ppo"), ("online-exo", "exo-rw"),
           ("online-exo", "online-dpo"))
@@ -39,14 +39,11 @@ def seed_dir(results: Path, seed: int) -> Path:
     return results / f"full-seed{seed}"
 
 
-def run_full(results: Path, work: Path, seeds: Sequence[int], settings: Callable[[int], DemoSettings],
-             device: str) -> dict[str, Any]:
-    """Every seed's demo (skipping what is done), then the pooled report."""
-    from .pipeline import Demo
-
+def run_full(results: Path, work: Path, seeds: Sequence[int], run_seed: Callable[[Path, Path, int], Any]) -> dict[str, Any]:
+    """Every seed's demo, ``run_seed(out, work, seed)`` (which skips what is done), then the pooled report."""
     for seed in seeds:
         print(f"== --full: seed {seed} ({seed_dir(results, seed)})", file=sys.stderr)
-        Demo(seed_dir(results, seed), settings(seed), device, seed_dir(work, seed)).run()
+        run_seed(seed_dir(results, seed), seed_dir(work, seed), seed)
     return pooled_report(results, seeds)
 
 
@@ -118,8 +115,8 @@ def pooled_report(results: Path, seeds: Sequence[int], n_boot: int | None = None
 
     plot(runs, out / "frontier.png",
          title=f"exoalign demo --full on {first['settings']['model_name']}: frontier, mean of seeds {list(seeds)}")
-    _write(out / "results.json", json.dumps(pooled, indent=1) + "\n")
-    _write(out / "report.md", markdown(pooled))
+    atomic_write(out / "results.json", json.dumps(pooled, indent=1) + "\n")
+    atomic_write(out / "report.md", markdown(pooled))
     return pooled
 
 

@@ -557,7 +557,8 @@ def _main_full(args: Any) -> int:
     one_thread()
     t0 = time.perf_counter()
     results = Path(args.results)
-    pooled = run_full(results, Path(args.out), seeds, settings.__getitem__, device)
+    pooled = run_full(results, Path(args.out), seeds,
+                      lambda out, work, seed: Demo(out, settings[seed], device, work).run())
     print(f"\n{pooled['verdict']}\n", file=sys.stderr)
     print(f"done in {time.perf_counter() - t0:.1f} s: {results / 'full-pooled' / 'report.md'}")
     return 0
