@@ -8,6 +8,9 @@
 #   throughput  - benchmarks/throughput.py --model smollm2 --quick --device cuda (fp32 + bf16 rows, vs TRL)
 #   sampling    - exoalign sample on SmolLM2 with HF generate and with vLLM: tokens/s and mean reward (oracle)
 #   demo        - exoalign demo --quick --device cuda
+#   full_demo   - a few steps and rounds of exoalign demo --full --device cuda at the paper's 64 prompts per step, on a
+#                 SmolLM2-shaped model (Llama, 134.5M parameters) built from its config with a BPE tokeniser
+#                 trained on the spot (the machine has no SmolLM2 file): the pipeline and its speed on CUDA, not quality
 # Without a GPU every part is skipped with one line and the JSON says so.
 set -u
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -57,6 +60,24 @@ part throughput 180 "$PY" benchmarks/throughput.py --model smollm2 --quick --dev
 part sampling 120 "$PY" benchmarks/throughput_sampling.py --device cuda --backends hf,vllm \
   --json "$WORK/sampling.result.json"
 part demo 120 "$PY" -m exoalign.cli demo --quick --device cuda --out "$WORK/demo"
+if [ "$GPU" = 1 ]; then
+  "$PY" - "$WORK/smollm2-shaped" <<'PYEOF'
+import sys
+from exoalign.demo import reviews
+from exoalign.models import build_model, tiny_config, train_bpe_tokenizer
+texts = [r["prompt"] + r["completion"] for r in reviews.prompt_rows(reviews.generate_reviews(3000, seed=0), seed=0)]
+tok = train_bpe_tokenizer(texts, vocab_size=2048, model_max_length=2048)
+cfg = tiny_config(49152, model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
+                  rms_norm_eps=1e-5, rope_theta=100000.0)
+model = build_model(cfg, seed=0, tokenizer=tok)
+model.save_pretrained(sys.argv[1], safe_serialization=True)
+tok.save_pretrained(sys.argv[1])
+PYEOF
+fi
+part full_demo 240 "$PY" -m exoalign.cli demo --full --device cuda --model "$WORK/smollm2-shaped" --seeds 0 \
+  --out "$WORK/full-work" --results "$WORK/full-results" prompt_format=raw n_train_prompts=128 align_steps=4 \
+  online_rounds=2 save_every=2 n_eval_prompts=64 eval_samples=1 max_new_tokens=24 n_bootstrap=200
 
 "$PY" - "$OUT" "$WORK/parts" "$GPU" <<'PYEOF'
 import json, pathlib, platform, sys
