@@ -185,3 +185,20 @@ def test_prune_keeps_every_nth_checkpoint_as_weights_only(tmp_path):
     assert [(tmp_path / f"checkpoint-{k}" / "state").is_dir() for k in (2, 4, 5)] == [False, False, True]
     assert (tmp_path / "checkpoint-4" / "model.safetensors").is_file()
     assert last_checkpoint(tmp_path).name == "checkpoint-5"
+
+
+def test_full_cuda_preset_runs_on_the_cpu_with_tiny_swaps(tmp_path, tiny_model_dir):
+    """``--full --device cuda``'s preset (fp32, large generation batches, its checkpoint spacing) through the
+    same pipeline on the CPU, every size swapped tiny: one seed and the pooled report of it."""
+    from exoalign.demo.full import run_full
+
+    tiny = [*TINY, "n_train_prompts=4", "align_batch_size=2", "align_steps=4", "online_rounds=2", "save_every=2",
+            f"methods={json.dumps(FULL_METHODS)}"]
+    s = D.settings_for(False, 0, tiny, model=str(tiny_model_dir), device="cuda", full=True)
+    assert s.gen_batch_size == 16 and s.mixed_precision == "fp32" and s.n_eval_prompts == 6
+    methods = [f"methods={json.dumps(FULL_METHODS)}"]
+    assert D.settings_for(False, 0, methods, device="cuda", full=True).gen_batch_size == S.FULL_CUDA["gen_batch_size"]
+    pooled = run_full(tmp_path / "res", tmp_path / "work", [0],
+                      lambda out, work, seed: D.Demo(out, s, "cpu", work).run())
+    assert pooled["seeds"] == [0] and "exo-rw_vs_dpo-rw" in pooled["comparison"]
+    assert all(_steps(p) == [0, 2, 4] for p in pooled["runs"].values())
