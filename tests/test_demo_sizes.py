@@ -169,24 +169,6 @@ def test_pooled_bootstrap_by_hand():
     assert pooled_bootstrap(b, a, n_boot=200, seed=0)["side"] == "below"
 
 
-def test_prune_keeps_every_nth_checkpoint_as_weights_only(tmp_path):
-    """save_total_limit=1, keep_every=2 after saves at steps 1..5: step 5 whole (resumable), steps 2 and 4
-    weights only (their state/ gone), steps 1 and 3 deleted."""
-    from exoalign.train.checkpoint import COMPLETE, STATE_FILE, last_checkpoint, prune
-
-    for step in range(1, 6):
-        d = tmp_path / f"checkpoint-{step}"
-        (d / "state").mkdir(parents=True)
-        (d / "model.safetensors").write_bytes(b"w")
-        (d / STATE_FILE).write_text(json.dumps({"step": step}))
-        (d / COMPLETE).write_text("{}")
-        prune(tmp_path, 1, keep_every=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-5"]
-    assert [(tmp_path / f"checkpoint-{k}" / "state").is_dir() for k in (2, 4, 5)] == [False, False, True]
-    assert (tmp_path / "checkpoint-4" / "model.safetensors").is_file()
-    assert last_checkpoint(tmp_path).name == "checkpoint-5"
-
-
 def test_full_cuda_preset_runs_on_the_cpu_with_tiny_swaps(tmp_path, tiny_model_dir):
     """``--full --device cuda``'s preset (fp32, large generation batches, its checkpoint spacing) through the
     same pipeline on the CPU, every size swapped tiny: one seed and the pooled report of it."""
