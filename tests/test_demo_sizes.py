@@ -68,6 +68,7 @@ def test_an_online_method_without_its_loss_is_a_clean_error(monkeypatch, tmp_pat
     assert "--full" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_default_pipeline_end_to_end(tmp_path, tiny_model_dir):
     """``exoalign demo`` with its default methods, β and checkpoint spacing, tiny sizes: a frontier of
     ≥ 4 checkpoints + π_sft per run, the checkpoints deleted once evaluated, π_sft ppl on every point."""
@@ -101,6 +102,7 @@ def _full(tmp_path, model_dir, seeds="0,1"):
     return tmp_path / "res"
 
 
+@pytest.mark.slow
 def test_full_pipeline_seeds_pooled_report_and_run_level_resume(tmp_path, tiny_model_dir):
     """Two seeds of ``--full`` (tiny): per seed results.json / frontier.png / report.md and the small files a
     resume needs; the pooled results.json in today's comparison schema; then, with the large files gone (another
@@ -169,6 +171,7 @@ def test_pooled_bootstrap_by_hand():
     assert pooled_bootstrap(b, a, n_boot=200, seed=0)["side"] == "below"
 
 
+@pytest.mark.slow
 def test_full_cuda_preset_runs_on_the_cpu_with_tiny_swaps(tmp_path, tiny_model_dir):
     """``--full --device cuda``'s preset (fp32, large generation batches, its checkpoint spacing) through the
     same pipeline on the CPU, every size swapped tiny: one seed and the pooled report of it."""
