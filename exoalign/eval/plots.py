@@ -2,8 +2,9 @@
 
     exoalign plot frontier results/exo.json results/dpo.json --output results/frontier.png [--table t.md]
 
-Each argument is an eval JSON (``exoalign eval``; schema ``exoalign.eval/1``). Its results are grouped into
-runs by their ``run`` field (the training output_dir they came from); a JSON holding one run is labelled by
+Each argument is an eval JSON (``exoalign eval``; schema ``exoalign.eval/1``), or a training run's
+``output_dir/eval.jsonl`` (one such JSON per line, written while it trained; the lines are merged). Its
+results are grouped into runs by their ``run`` field (the training output_dir they came from); a JSON holding one run is labelled by
 its own ``run`` name (or ``--labels``). Every checkpoint becomes a point at ``(KL(π_θ‖π_sft), mean reward)``
 with the reward's confidence interval as an error bar; a run's points are joined in step order, one colour
 per run — the paper's IMDB figure (reward against KL for every checkpoint of EXO and DPO).
@@ -44,7 +45,7 @@ def load_eval(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise InputError("no such eval JSON", file=path, fix="give files written by exoalign eval")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        data = _merge_lines(p) if p.suffix == ".jsonl" else json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"not JSON ({str(e).splitlines()[0]})", file=path, fix="give files written by exoalign eval") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
@@ -57,6 +58,21 @@ def load_eval(path: str) -> dict[str, Any]:
     for i, r in enumerate(results):
         _check_result(r, path, i)
     return data
+
+
+def _merge_lines(p: Path) -> dict[str, Any]:
+    """A ``.jsonl`` of eval JSONs (``output_dir/eval.jsonl``, one point per line, written while training) as one
+    eval JSON: the first line's header and every line's results. A line torn by a kill is skipped."""
+    lines = []
+    for line in p.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    if not lines or not all(isinstance(x, dict) for x in lines):
+        return {}
+    return {**lines[0], "results": [r for x in lines for r in (x.get("results") or [])]}
 
 
 def _number(value: Any, *, finite: bool) -> bool:

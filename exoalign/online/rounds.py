@@ -38,17 +38,20 @@ import torch
 
 from ..data import GroupCollator, TokenizedData, tokenize_rows
 from ..errors import ConfigError, InputError
+from ..eval.heldout import HeldOut, metrics_of, shard
 from ..fileio import atomic_json
 from ..losses import ess, masked_log_softmax, online_targets
 from ..rewards import JudgeSettings, judge_texts, make_judge
 from ..sampling import HFSampler, SamplingSettings, load_prompts
-from ..train.checkpoint import STATE_FILE
-from ..train.config import TrainConfig, check_runnable
-from ..train.engine import Job, evaluate, finished_state, fit, preflight
+from ..train.config import TrainConfig, check_round_slots, check_runnable
+from ..train.engine import Job, evaluate, fit, preflight
 from ..train.loop import load_reference
 from ..train.refcache import compute_table
 from ..train.setup import load_model, load_tok, make_accelerator, prepare_source
 from ..train.step import compute_loss, grouped_logps, is_peft
+from ..train.summary import report
+from .colocated import online_backend
+from .heldout import heldout_prompts, make_heldout, resume_step, start_heldout
 
 logger = logging.getLogger(__name__)
 
@@ -138,61 +141,101 @@ class Rounds:
     """Samples, scores and corrects the rounds; holds the loop's :class:`RoundData` and its hooks."""
 
     def __init__(self, cfg: TrainConfig, acc: Any, model: torch.nn.Module, ref: torch.nn.Module, tokenizer: Any,
-                 judge: Any, prompts: list[str], prompt_ids: list[list[int]], out: Path) -> None:
+                 judge: Any, prompts: list[str], prompt_ids: list[list[int]], out: Path, backend: str = "hf",
+                 heldout: HeldOut | None = None, source: str = "") -> None:
         self.cfg, self.on, self.acc = cfg, cfg.online, acc
         self.model, self.ref, self.tok = model, ref, tokenizer
         self.prompts, self.prompt_ids, self.dir = prompts, prompt_ids, out / "online"
         self.S, self.total = self.on.steps_per_round, self.on.rounds * self.on.steps_per_round
         args = cfg.train
-        self.data = RoundData(self.S * args.grad_accum * args.batch_size)
+        # One round is one epoch of the loop at the global batch (accelerate shards each step's batch over processes).
+        self.data = RoundData(self.S * args.grad_accum * args.batch_size * acc.num_processes)
         self.collate = OnlineCollator(tokenizer.pad_token_id)
         self.batch_size = args.ref_batch_size or args.batch_size
         self.settings = SamplingSettings(
             temperature=self.on.temperature, top_k=0, top_p=1.0, max_new_tokens=self.on.max_new_tokens,
             min_new_tokens=0, max_prompt_length=cfg.data.max_prompt_length, seed=args.seed,
-            batch_size=self.on.generation_batch_size, backend="hf",
+            batch_size=self.on.generation_batch_size, backend=backend,
+            gpu_memory_utilization=self.on.gpu_memory_utilization,
         )
+        self.backend, self.vllm = backend, None  # the vLLM engine is built at the first round that samples
         self.judge = judge
         self.judge_name = f"oracle {self.on.oracle}" if self.on.oracle else f"reward model {self.on.reward_model}"
         self.metrics: dict[str, float] = {}
+        self.heldout = heldout
+        self.source = source  # the starting model's directory: the vLLM engine is built from it
 
     def path(self, r: int) -> Path:
         return self.dir / f"round-{r:05d}.json"
 
     # ---------------------------------------------------------------------------------- one round
-    def sample(self, r: int) -> dict:
-        """Round ``r``'s record: prompts, sampled ids and texts, rewards, log μ and log π_sft; written to disk."""
-        idx = round_prompts(len(self.prompts), self.on.prompts_per_round, self.cfg.train.seed, r)
+    def sampler(self, r: int) -> Any:
+        """Round ``r``'s sampler: HF ``generate`` on the policy, or the colocated vLLM engine with the policy's
+        current weights pushed in."""
+        if self.backend == "hf":
+            return HFSampler(self.model, self.tok, self.settings, stream=f"online-round{r}")
+        if self.vllm is None:
+            from .colocated import ColocatedVLLM
+
+            self.vllm = ColocatedVLLM.create(self.source, self.tok, self.settings, dtype=self.cfg.model.dtype,
+                                             num_processes=self.acc.num_processes,
+                                             trust_remote_code=self.cfg.model.trust_remote_code)
+        self.vllm.push(self.model)
+        return self.vllm.at_round(r)
+
+    def _sample_shard(self, r: int, idx: list[int]) -> dict[str, list]:
+        """This process's part of round ``r``: completions, rewards and log μ of prompts ``idx`` (a contiguous
+        shard, so generation and log-prob batches are the ones one process would form when shards are multiples
+        of the batch sizes)."""
         pids = [self.prompt_ids[i] for i in idx]
-        sampler = HFSampler(self.model, self.tok, self.settings, stream=f"online-round{r}")
+        k, gb = self.on.k, self.on.generation_batch_size
+        sampler = self.sampler(r)
         was = self.model.training
         self.model.eval()
         groups = []
-        for s in range(0, len(idx), self.on.generation_batch_size):
-            groups += sampler.generate(pids[s : s + self.on.generation_batch_size],
-                                       idx[s : s + self.on.generation_batch_size], self.on.k)
+        for s in range(0, len(idx), gb):
+            groups += sampler.generate(pids[s : s + gb], idx[s : s + gb], k)
         self.model.train(was)
-        k = self.on.k
         flat = judge_texts(self.judge, [self.prompts[i] for i in idx for _ in range(k)],
-                           [c.text for g in groups for c in g], self.cfg.online.generation_batch_size * k,
-                           self.judge_name)
+                           [c.text for g in groups for c in g], gb * k, self.judge_name) if idx else []
         feats = [{"index": n, "prompt_ids": p, "completion_ids": [c.ids for c in g], "rewards": None}
                  for n, (p, g) in enumerate(zip(pids, groups))]
-        ps = self.cfg.train.prefix_sharing
-        # The distribution sampled: the current policy at the sampling temperature, on exactly the sampled ids.
+        # The distribution sampled: the current policy at the sampling temperature, on exactly the sampled ids
+        # (recomputed by the training model whichever backend sampled).
         mu = policy_table(self.model, feats, self.tok.pad_token_id, batch_size=self.batch_size,
-                          temperature=self.on.temperature, prefix_sharing=ps)  # (N, K)
+                          temperature=self.on.temperature, prefix_sharing=self.cfg.train.prefix_sharing
+                          ).tolist() if feats else []  # (n, K)
+        return {"completion_ids": [[c.ids for c in g] for g in groups],
+                "completions": [[c.text for c in g] for g in groups],
+                "finished": [[c.finished for c in g] for g in groups],
+                "rewards": [flat[n * k : (n + 1) * k] for n in range(len(idx))], "sampler_logps": mu}
+
+    def sample(self, r: int) -> dict:
+        """Round ``r``'s record: prompts, sampled ids and texts, rewards, log μ and log π_sft; written to disk.
+
+        Each process samples, scores and takes log μ of its contiguous shard of the round's prompts; the shards
+        are gathered so every process holds the whole round (the loop's sampler picks each process's batches
+        from it); π_sft's log-probs are split over the processes by ``compute_table``; the main process writes."""
+        idx = round_prompts(len(self.prompts), self.on.prompts_per_round, self.cfg.train.seed, r)
+        part = self._sample_shard(r, [idx[i] for i in shard(len(idx), self.acc.process_index,
+                                                               self.acc.num_processes)])
+        parts = [part]
+        if self.acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([part])  # in process order: the shards concatenate in the round's prompt order
+        whole = {key: [v for p in parts for v in p[key]] for key in part}
+        pids = [self.prompt_ids[i] for i in idx]
+        feats = [{"index": n, "prompt_ids": p, "completion_ids": c, "rewards": None}
+                 for n, (p, c) in enumerate(zip(pids, whole["completion_ids"]))]
         sft = compute_table(self.acc, self.ref, TokenizedData(feats), self.tok.pad_token_id,
                             batch_size=self.batch_size, temperature=self.cfg.loss.temperature,
                             desc=f"π_sft log-probs (round {r})")  # (N, K)
-        record = {
-            "round": r, "prompt_index": idx, "prompts": [self.prompts[i] for i in idx], "prompt_ids": pids,
-            "completion_ids": [[c.ids for c in g] for g in groups], "completions": [[c.text for c in g] for g in groups],
-            "finished": [[c.finished for c in g] for g in groups],
-            "rewards": [flat[n * k : (n + 1) * k] for n in range(len(idx))],
-            "sampler_logps": mu.tolist(), "sft_logps": sft.tolist(),
-        }
-        atomic_json(self.path(r), record)
+        record = {"round": r, "prompt_index": idx, "prompts": [self.prompts[i] for i in idx], "prompt_ids": pids,
+                  **whole, "sft_logps": sft.tolist()}
+        if self.acc.is_main_process:
+            atomic_json(self.path(r), record)
+        self.acc.wait_for_everyone()  # the file exists before any process goes on to a checkpoint of this round
         return record
 
     def load(self, r: int) -> dict:
@@ -234,20 +277,17 @@ class Rounds:
         if step % self.S:
             return None
         metrics = {**self.metrics, **self.end_metrics()}
+        r = step // self.S - 1
+        if self.heldout is not None and (step == self.total or (self.on.eval_every and (r + 1) % self.on.eval_every == 0)):
+            point = self.heldout(self.model, step)
+            if point is not None:
+                metrics.update(metrics_of(point))
         if self.acc.is_main_process:
-            logger.info("online round %d: %s", step // self.S - 1,
-                        ", ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in metrics.items() if k != "online/round"))
+            logger.info("online round %d: %s", r,
+                        ", ".join(f"{k.removeprefix('online/')}={v:.4g}" for k, v in metrics.items() if k != "online/round"))
         if step < self.total:
             self.use(self.sample(step // self.S))
         return metrics
-
-
-def _resume_step(resume_from: Path | None, out: Path, resume: bool) -> int:
-    """The step a (resumed) run starts from: its last checkpoint's, a run that ended's, else 0."""
-    if resume_from is not None:
-        return int(json.loads((resume_from / STATE_FILE).read_text(encoding="utf-8"))["step"])
-    ended = finished_state(out) if resume else None
-    return ended["step"] if ended else 0
 
 
 def train_online(cfg: TrainConfig) -> Path:
@@ -263,10 +303,9 @@ def train_online(cfg: TrainConfig) -> Path:
     cfg = replace(cfg, train=args)
     resume_from = preflight(args, warn=False)
     acc = make_accelerator(args)
-    if acc.num_processes > 1:
-        raise ConfigError("online training runs in one process for now", field="online.rounds",
-                          fix="run it without accelerate launch / torchrun (one GPU or the CPU)")
-    if cfg.loss.name == "rloo" and args.batch_size * args.grad_accum * S > on.prompts_per_round:
+    check_round_slots(cfg, acc.num_processes)
+    backend = online_backend(on.backend, acc.device)
+    if cfg.loss.name == "rloo" and args.batch_size * args.grad_accum * S * acc.num_processes > on.prompts_per_round:
         logger.warning("rloo uses each sample more than once per round (batch_size × grad_accum × steps_per_round "
                        "> prompts_per_round): its gradient is only unbiased on a sample's first use (ppo's clipped "
                        "ratio is made for reuse)")
@@ -276,6 +315,7 @@ def train_online(cfg: TrainConfig) -> Path:
     d = cfg.data
     prompts = load_prompts(d.train_file, split=d.split, tokenizer=tokenizer, dedupe=True, limit=None,
                            columns=d.columns, preset=d.preset)
+    prompts, held = heldout_prompts(prompts, cfg, tokenizer)
     if on.prompts_per_round > len(prompts):
         raise ConfigError(f"asks for {on.prompts_per_round} prompts per round but {d.train_file} has "
                           f"{len(prompts)} distinct prompts", field="online.prompts_per_round",
@@ -286,9 +326,7 @@ def train_online(cfg: TrainConfig) -> Path:
                             seed=args.seed, resume=args.resume)
     if tokenizer is None:
         tokenizer = load_tok(cfg.model, source)
-    prompt_rows = [{"prompt": p, "completions": []} for p in prompts]
-    prompt_ids = [f["prompt_ids"] for f in tokenize_rows(prompt_rows, tokenizer, max_length=d.max_length,
-                                                         max_prompt_length=d.max_prompt_length).features]
+    prompt_ids = encode(prompts, tokenizer, d)
     model = load_model(cfg.model, source).to(acc.device)
     # π_sft: the LoRA base under the adapters, else a frozen copy of the starting (or the named) model.
     if cfg.model.ref_name_or_path is None and is_peft(model):
@@ -296,9 +334,14 @@ def train_online(cfg: TrainConfig) -> Path:
     else:
         ref = load_reference(cfg, cfg.model.ref_name_or_path or source).to(acc.device)
 
-    rounds = Rounds(cfg, acc, model, ref, tokenizer, judge, prompts, prompt_ids, out)
-    step = _resume_step(resume_from, out, args.resume)
+    heldout = None
+    if held:
+        heldout = make_heldout(cfg, acc, out, held, tokenizer, judge, model, ref, source)
+    rounds = Rounds(cfg, acc, model, ref, tokenizer, judge, prompts, prompt_ids, out, backend, heldout, source)
+    step = resume_step(resume_from, out, args.resume)
     r = min(step // S, on.rounds - 1)
+    if heldout is not None:
+        start_heldout(heldout, model, step if args.resume else None)
     rounds.use(rounds.sample(0) if step == 0 else rounds.load(r))
     if step and acc.is_main_process:
         logger.info("online: resuming in round %d at step %d with the round's saved samples", r, step)
@@ -306,4 +349,16 @@ def train_online(cfg: TrainConfig) -> Path:
             "online": {"rounds": on.rounds, "steps": on.rounds * S, "save_every": args.save_every}}
     job = Job(model=model, tokenizer=tokenizer, train_data=rounds.data, collate=rounds.collate,
               loss_fn=rounds.loss_fn, config=cfg, info=info, after_step=rounds.after_step)
-    return fit(acc, args, job)
+    final = fit(acc, args, job)
+    if rounds.vllm is not None:
+        rounds.vllm.close()
+    if acc.is_main_process:
+        report(out, lr=args.lr)
+    return final
+
+
+def encode(prompts: list[str], tokenizer: Any, d: Any) -> list[list[int]]:
+    """Prompt ids as training sees them (the one encoder; truncated from the left to data.max_prompt_length)."""
+    rows = [{"prompt": p, "completions": []} for p in prompts]
+    return [f["prompt_ids"] for f in tokenize_rows(rows, tokenizer, max_length=d.max_length,
+                                                   max_prompt_length=d.max_prompt_length).features]

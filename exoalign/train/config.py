@@ -334,6 +334,17 @@ class OnlineConfig:
     """Reward model directory (sequence classifier, as exoalign score's reward_model)."""
     generation_batch_size: int = 16
     """Prompts per generate call (each expands to k rows); does not change the samples."""
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    """Sampler of the rounds: hf (transformers generate), vllm (colocated engine, the policy's weights pushed in
+    at each round start; needs vllm and a GPU), auto = vllm when installed and on CUDA, else hf."""
+    gpu_memory_utilization: float = 0.3
+    """vLLM only: fraction of the GPU's memory its engine may take (the policy, π_sft and Adam share the rest)."""
+    eval_every: int = 0
+    """With held-out prompts (data.eval_file or data.eval_fraction): evaluate reward and KL(π‖π_sft) every this
+    many rounds into output_dir/eval.jsonl (0 = only before the first round and at the end). Offline runs use
+    train.eval_every; both need online.oracle or online.reward_model as the judge."""
+    eval_samples: int = 2
+    """Completions sampled per held-out prompt at each held-out evaluation."""
 
     def __post_init__(self) -> None:
         require(self.rounds >= 0, "rounds", f"must be >= 0 (got {self.rounds})", "use 0 (offline) or a number of rounds")
@@ -348,6 +359,9 @@ class OnlineConfig:
         require(self.top_p == 1.0, "top_p", f"nucleus sampling ({self.top_p}) is not corrected for in the sampler's "
                 "log-probs", "use top_p=1.0 (sample the policy's full distribution)")
         require(self.generation_batch_size >= 1, "generation_batch_size", "must be >= 1", "use e.g. 16")
+        require(0 < self.gpu_memory_utilization < 1, "gpu_memory_utilization", "must be in (0, 1)", "use e.g. 0.3")
+        require(self.eval_every >= 0, "eval_every", "must be >= 0", "use 0 (only at the start and the end) or N rounds")
+        require(self.eval_samples >= 1, "eval_samples", "must be >= 1", "use e.g. 2")
         if self.rounds > 0 and bool(self.oracle) == bool(self.reward_model):
             both = bool(self.oracle)
             require(False, "reward_model" if both else "oracle",
@@ -421,12 +435,16 @@ def check_online(cfg: TrainConfig) -> None:
             f"data.max_prompt_length ({d.max_prompt_length}) + online.max_new_tokens ({on.max_new_tokens}) = {need} "
             f"exceeds data.max_length ({d.max_length}), so sampled completions would be cut",
             f"set data.max_length >= {need} or lower online.max_new_tokens")
-    slots = on.steps_per_round * cfg.train.batch_size * cfg.train.grad_accum
-    require(slots >= on.prompts_per_round, "online.prompts_per_round",
-            f"{on.prompts_per_round} groups per round but steps_per_round × batch_size × grad_accum = {slots}, so "
-            "some sampled groups would never be trained on",
-            f"set online.prompts_per_round <= {slots}, or raise online.steps_per_round or train.batch_size")
     require(d.k is None, "data.k", "data.k selects completions of offline rows; online groups have online.k",
             "remove data.k and set online.k")
-    require(not d.eval_file and d.eval_fraction == 0, "data.eval_file" if d.eval_file else "data.eval_fraction",
-            "held-out evaluation is not supported online", "remove it (evaluate the final model with exoalign eval)")
+
+
+def check_round_slots(cfg: TrainConfig, num_processes: int) -> None:
+    """Every sampled group of a round is trained on: steps × batch × accumulation × processes ≥ prompts."""
+    on = cfg.online
+    slots = on.steps_per_round * cfg.train.batch_size * cfg.train.grad_accum * num_processes
+    procs = f" × {num_processes} processes" if num_processes > 1 else ""
+    require(slots >= on.prompts_per_round, "online.prompts_per_round",
+            f"{on.prompts_per_round} groups per round but steps_per_round × batch_size × grad_accum{procs} = {slots}, "
+            "so some sampled groups would never be trained on",
+            f"set online.prompts_per_round <= {slots}, or raise online.steps_per_round or train.batch_size")

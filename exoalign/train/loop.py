@@ -132,6 +132,10 @@ def _cached_reference(acc: Any, cfg: TrainConfig, data: TokenizedData, tokenizer
 ROUNDS_ENTRY = "exoalign.online:train_online"
 
 
+# The held-out reward and KL of an offline run sample and score with the eval stage's code (above train, too).
+HELDOUT_ENTRY = "exoalign.online.heldout:offline_heldout"
+
+
 def run_rounds(cfg: TrainConfig) -> Path:
     """Online training (``online.rounds >= 1``): the rounds of :mod:`exoalign.online`."""
     module, name = ROUNDS_ENTRY.split(":")
@@ -196,9 +200,15 @@ def train(cfg: TrainConfig) -> Path:
     def loss_fn(m: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return compute_loss(m, batch, cfg.loss, ref_model, prefix_sharing=args.prefix_sharing)
 
+    heldout = None
+    if eval_rows and (cfg.online.oracle or cfg.online.reward_model):  # reward and KL on held-out prompts too
+        module, name = HELDOUT_ENTRY.split(":")
+        heldout = getattr(import_module(module), name)(cfg, acc, out, eval_rows, tokenizer, model, ref_model, source)
     job = Job(model=model, tokenizer=tokenizer, train_data=train_data, collate=GroupCollator(tokenizer.pad_token_id),
-              loss_fn=loss_fn, eval_data=eval_data, config=cfg, info=info)
+              loss_fn=loss_fn, eval_data=eval_data, config=cfg, info=info, after_step=heldout)
     final = fit(acc, args, job)
+    if heldout is not None:
+        heldout.at_end(model)
     if acc.is_main_process:
         report(out, lr=args.lr)  # one summary line; a warning when the run was too small to change the model
     return final
