@@ -11,6 +11,8 @@
 #   full_demo   - a few steps and rounds of exoalign demo --full --device cuda at the paper's 64 prompts per step, on a
 #                 SmolLM2-shaped model (Llama, 134.5M parameters) built from its config with a BPE tokeniser
 #                 trained on the spot (the machine has no SmolLM2 file): the pipeline and its speed on CUDA, not quality
+#   online_vllm - online EXO round on the GPU with online.backend=auto (vLLM colocated when installed, else HF:
+#                 the test prints which) and log μ recomputed by the training model (tests/test_online_vllm.py -m cuda)
 # Without a GPU every part is skipped with one line and the JSON says so.
 set -u
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -78,6 +80,7 @@ fi
 part full_demo 240 "$PY" -m exoalign.cli demo --full --device cuda --model "$WORK/smollm2-shaped" --seeds 0 \
   --out "$WORK/full-work" --results "$WORK/full-results" prompt_format=raw n_train_prompts=128 align_steps=4 \
   online_rounds=2 save_every=2 n_eval_prompts=64 eval_samples=1 max_new_tokens=24 n_bootstrap=200
+part online_vllm 120 "$PY" -m pytest tests/test_online_vllm.py -m cuda -q -rs -s
 
 "$PY" - "$OUT" "$WORK/parts" "$GPU" <<'PYEOF'
 import json, pathlib, platform, sys

@@ -270,8 +270,7 @@ def test_dpo_rloo_and_ppo_train_online(tmp_path, loss):
         (["online.steps_per_round=0"], "online.steps_per_round", ">= 1"),
         (["online.max_new_tokens=40"], "online.max_new_tokens", "exceeds data.max_length"),
         (["loss.name=ipo"], "loss.name", "no online form"),
-        (["data.eval_fraction=0.1"], "data.eval_fraction", "not supported online"),
-        (["online.prompts_per_round=20", "train.batch_size=4"], "online.prompts_per_round", "never be trained on"),
+        (["online.eval_samples=0"], "online.eval_samples", ">= 1"),
         (["online.rounds=0", "loss.name=rloo"], "loss.name", "current policy only"),
         (["online.rounds=0", "loss.name=ppo"], "loss.name", "current policy only"),
         (["loss.name=ppo", "loss.temperature=0.7"], "loss.temperature", "sampling temperature"),
@@ -283,6 +282,16 @@ def test_bad_settings_are_one_line_config_errors(tmp_path, overrides, field, wor
         make_cfg(tmp_path, *overrides)
     assert e.value.field == field and words in str(e.value) and "Fix:" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_groups_no_step_trains_on_are_refused_before_anything_is_written(tmp_path):
+    """steps_per_round × batch_size × grad_accum × processes < prompts_per_round (checked once the number of
+    processes is known)."""
+    cfg = make_cfg(tmp_path, "online.prompts_per_round=20", "train.batch_size=4")
+    with pytest.raises(ConfigError) as e:
+        train_online(cfg)
+    assert e.value.field == "online.prompts_per_round" and "never be trained on" in str(e.value)
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
