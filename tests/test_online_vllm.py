@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 from exoalign.config import load_config
 from exoalign.errors import ConfigError
 from exoalign.models import load_causal_lm, load_tokenizer
-from exoalign.stages.generation import HFSampler, SamplingSettings
-from exoalign.train import online
+from exoalign.online import rounds as online
+from exoalign.online.colocated import online_backend, policy_weights
+from exoalign.online.rounds import policy_table
+from exoalign.sampling import HFSampler, SamplingSettings
 from exoalign.train.config import TrainConfig
-from exoalign.train.online import policy_table
-from exoalign.train.online_vllm import online_backend, policy_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.yaml"

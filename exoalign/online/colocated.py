@@ -4,7 +4,7 @@ training: one engine per process on the same GPU as the policy.
 At each round start :meth:`ColocatedVLLM.push` copies the policy's current weights into the engine through its
 model executor (``llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights`` — vLLM maps the
 Hugging Face parameter names itself; LoRA adapters are merged first and unmerged after), then the round samples
-with :class:`~exoalign.stages.generation.VLLMSampler`'s request logic (one seed per prompt from ``(seed, prompt,
+with :class:`~exoalign.sampling.VLLMSampler`'s request logic (one seed per prompt from ``(seed, prompt,
 round)``). vLLM's own log-probs are never used: the round's ``log μ`` is recomputed by the training model on
 exactly the sampled ids (``online.policy_table``), so the importance correction stays exact even where vLLM's
 kernels round differently from the training forward.
