@@ -304,6 +304,11 @@ def train_online(cfg: TrainConfig) -> Path:
     resume_from = preflight(args, warn=False)
     acc = make_accelerator(args)
     check_round_slots(cfg, acc.num_processes)
+    state = getattr(acc, "state", None)
+    ds = getattr(state, "deepspeed_plugin", None)
+    if getattr(state, "fsdp_plugin", None) is not None or getattr(ds, "zero_stage", 0) == 3:
+        raise ConfigError("online rounds sample from the whole policy on each process, which FSDP and ZeRO-3 shard",
+                          field="online.rounds", fix="launch with configs/accelerate/ddp.yaml or deepspeed_zero2.yaml")
     backend = online_backend(on.backend, acc.device)
     if cfg.loss.name == "rloo" and args.batch_size * args.grad_accum * S * acc.num_processes > on.prompts_per_round:
         logger.warning("rloo uses each sample more than once per round (batch_size × grad_accum × steps_per_round "
