@@ -130,7 +130,7 @@ def test_weights_are_pushed_at_each_round_start_and_logps_recomputed(tmp_path, f
     temperature and no top-k/top-p; the round's log μ equals the training model's log-probs of those ids at
     that temperature (recomputed here from checkpoint-2, same code, same batches: bit-identical)."""
     monkeypatch.setattr(online, "online_backend", lambda backend, device: "vllm")
-    final = online.train_online(_cfg(tmp_path, "online.backend=vllm"))
+    final = online.train_online(_cfg(tmp_path, "online.backend=vllm", "train.keep_checkpoint_weights=true"))
     run = final.parent
     (llm,) = LLM.instances
     engine = llm.llm_engine.model_executor.driver_worker.model_runner.model
