@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
+from ..data import encode_prompts
 from ..errors import ConfigError
 from ..eval.heldout import HeldOut
 from ..rewards import JudgeSettings, make_judge
-from ..sampling import SamplingSettings, encode_prompts, load_prompts
+from ..sampling import SamplingSettings, load_prompts
 from ..train.checkpoint import STATE_FILE, list_checkpoints
 from ..train.config import TrainConfig
 from ..train.engine import finished_state
