@@ -125,23 +125,33 @@ def test_backend_choice():
 
 def test_weights_are_pushed_at_each_round_start_and_logps_recomputed(tmp_path, fake_vllm, monkeypatch):
     """2 rounds × 2 steps: the engine gets π_0 (= the init weights) before round 0 and the weights of
-    checkpoint-2 (the end of round 0) before round 1, every parameter by its HF name; each round's ids are
+    the policy after round 0 before round 1, every parameter by its HF name; each round's ids are
     exactly what the engine drew (EOS appended where it stopped), drawn with SamplingParams at the online
     temperature and no top-k/top-p; the round's log μ equals the training model's log-probs of those ids at
-    that temperature (recomputed here from checkpoint-2, same code, same batches: bit-identical)."""
+    that temperature (recomputed here from those weights, same code, same batches: bit-identical)."""
     monkeypatch.setattr(online, "online_backend", lambda backend, device: "vllm")
-    final = online.train_online(_cfg(tmp_path, "online.backend=vllm", "train.keep_checkpoint_weights=true"))
+    at_start, real = [], online.Rounds.sample
+
+    def sample(self, r):  # the policy's weights as each round starts sampling
+        at_start.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return real(self, r)
+
+    monkeypatch.setattr(online.Rounds, "sample", sample)
+    final = online.train_online(_cfg(tmp_path, "online.backend=vllm"))
     run = final.parent
     (llm,) = LLM.instances
     engine = llm.llm_engine.model_executor.driver_worker.model_runner.model
-    assert len(engine.snapshots) == 2
-    for snap, ckpt in zip(engine.snapshots, (run / "init", run / "checkpoint-2")):
-        want = load_causal_lm(str(ckpt)).state_dict()
+    assert len(engine.snapshots) == len(at_start) == 2
+    init = load_causal_lm(str(run / "init")).state_dict()
+    assert all(torch.equal(at_start[0][k], init[k]) for k in init)  # round 0 samples π_0 = π_sft
+    assert not all(torch.equal(at_start[1][k], init[k]) for k in init)  # round 1: the policy after round 0
+    for snap, want in zip(engine.snapshots, at_start):
         assert all(torch.equal(snap[k], want[k]) for k in want)
     assert all(p.temperature == 0.9 and p.top_k == -1 and p.top_p == 1.0 and p.n == 4 for p in llm.params)
     record = json.loads((run / "online" / "round-00001.json").read_text())
     assert record["completion_ids"] == llm.drawn[8:]
-    model = load_causal_lm(str(run / "checkpoint-2"))
+    model = load_causal_lm(str(run / "init"))
+    model.load_state_dict(at_start[1])
     feats = [{"index": n, "prompt_ids": p, "completion_ids": c, "rewards": None}
              for n, (p, c) in enumerate(zip(record["prompt_ids"], record["completion_ids"]))]
     tok = load_tokenizer(str(run / "init"))
