@@ -203,14 +203,14 @@ def test_sampler_logps_are_those_of_the_distribution_sampled(tmp_path, monkeypat
     the starting policy's at T = 1.0) and differ from the sampler's."""
     steps: list[list[torch.Tensor]] = []
 
-    class Recording(generation.SeededSampler):
+    class Recording(generation.ScoredDraw):  # the sampler's draw; its scores arrive divided by T
         def __call__(self, input_ids, scores):
             out = super().__call__(input_ids, scores)
             choice = out.argmax(-1)  # (R,) the drawn token: 0 there, -inf elsewhere
             steps.append(torch.log_softmax(scores.float(), -1).gather(1, choice[:, None]).squeeze(1))
             return out
 
-    monkeypatch.setattr(generation, "SeededSampler", Recording)
+    monkeypatch.setattr(generation, "ScoredDraw", Recording)
     words = "the film was a long and quiet story about two old friends who walk home".split()
     prompts = tmp_path / "prompts.jsonl"  # prompts of 1 to 8 words: generate left-pads them, training too
     prompts.write_text("".join(json.dumps({"prompt": " ".join(words[i : i + 1 + i])}) + "\n" for i in range(8)))

@@ -63,6 +63,7 @@ from ..sampling import (
     load_prompts,
     pick_device,
     resolve_backend,
+    summed_logps,
 )
 from .kl import kl_k1, kl_k3
 from .winrate import mean_ci, win_rate
@@ -322,6 +323,14 @@ class _Session:
         _free()
         return groups
 
+    def sampler_scores_policy(self) -> bool:
+        """The HF sampler's reported log-probs are ``log π_θ`` at ``kl_temperature`` (it samples from the policy's
+        own weights at that temperature and reports log-probs before min_new_tokens / top-k / top-p), so the
+        policy's forward pass of the KL can be skipped."""
+        cfg = self.cfg
+        return (self.backend == "hf" and self.kl_temperature == cfg.temperature
+                and cfg.sample_dtype in ("model", cfg.dtype) and cfg.shared_prefill and cfg.kv_cache == "dynamic")
+
     def rewards(self, groups: list[list[Completion]]) -> np.ndarray:
         """Judge rewards ``[n_prompts, samples_per_prompt]``."""
         texts = [c.text for g in groups for c in g]
@@ -347,7 +356,11 @@ class _Session:
             policy = self.load(ckpt.path)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         kw = {"temperature": self.kl_temperature, "batch_size": cfg.logp_batch_size, "pad_id": pad_id}
-        lp_pi = completion_logps(policy, self.prompt_ids, groups, **kw)  # (n_prompts, n)
+        reported = summed_logps(groups) if self.sampler_scores_policy() else None
+        if reported is not None:
+            lp_pi = np.asarray(reported, dtype=np.float64)  # (n_prompts, n)
+        else:
+            lp_pi = completion_logps(policy, self.prompt_ids, groups, **kw)  # (n_prompts, n)
         lp_ref = lp_pi if policy is self.sft else completion_logps(self.sft, self.prompt_ids, groups, **kw)
         del policy
         _free()

@@ -7,7 +7,7 @@ Round ``r`` covers optimizer steps ``r·S + 1 … (r + 1)·S`` (``S = online.ste
    (per-completion seeds, stream ``online-round{r}``; full distribution at ``online.temperature``);
 3. rewards from the oracle or reward model (``exoalign score``'s judges);
 4. ``log μ(y)``: π_t's log-probs of exactly the sampled ids at the sampling temperature (the distribution
-   sampled), and ``log π_sft(y)`` at the loss temperature;
+   sampled; reported by the sampler with its draws), and ``log π_sft(y)`` at the loss temperature;
 5. :func:`~exoalign.losses.online_targets` turns them into the corrected reference
    ``log π_sft + (log μ − log π_sft)/β_π``, targets ``log q = log_softmax(r/β_r − (log μ − log π_sft))`` and,
    for rloo and ppo, the KL-shaped reward (ppo also gets ``log μ`` for its ratio π_θ/π_t); the groups carry them
@@ -41,7 +41,7 @@ from ..errors import ConfigError, InputError
 from ..fileio import atomic_json
 from ..losses import ess, masked_log_softmax, online_targets
 from ..rewards import JudgeSettings, judge_texts, make_judge
-from ..sampling import HFSampler, SamplingSettings, load_prompts
+from ..sampling import HFSampler, SamplingSettings, load_prompts, summed_logps
 from ..train.checkpoint import STATE_FILE
 from ..train.config import TrainConfig, check_runnable
 from ..train.engine import Job, evaluate, finished_state, fit, preflight
@@ -180,8 +180,12 @@ class Rounds:
                  for n, (p, g) in enumerate(zip(pids, groups))]
         ps = self.cfg.train.prefix_sharing
         # The distribution sampled: the current policy at the sampling temperature, on exactly the sampled ids.
-        mu = policy_table(self.model, feats, self.tok.pad_token_id, batch_size=self.batch_size,
-                          temperature=self.on.temperature, prefix_sharing=ps)  # (N, K)
+        # The sampler reports them (log-probs of its own draws, from the decode it ran anyway); a forward pass
+        # computes them when it does not.
+        reported = summed_logps(groups)
+        mu = torch.tensor(reported, dtype=torch.float64) if reported is not None else policy_table(
+            self.model, feats, self.tok.pad_token_id, batch_size=self.batch_size, temperature=self.on.temperature,
+            prefix_sharing=ps)  # (N, K)
         sft = compute_table(self.acc, self.ref, TokenizedData(feats), self.tok.pad_token_id,
                             batch_size=self.batch_size, temperature=self.cfg.loss.temperature,
                             desc=f"π_sft log-probs (round {r})")  # (N, K)
