@@ -290,6 +290,22 @@ def _safe(name: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- run
+_SFT_KEPT: dict[tuple, torch.nn.Module] = {}
+
+
+def _kept_sft(session: _Session) -> torch.nn.Module:
+    """π_sft, loaded once per process: a driver that evaluates several runs in one process (the demo's eval
+    workers) pays its load once. Only the last one is kept; eval never changes its weights."""
+    cfg = session.cfg
+    path = Path(cfg.sft_model)
+    stamp = max((f.stat().st_mtime_ns for f in path.iterdir() if f.is_file()), default=0) if path.is_dir() else 0
+    key = (os.path.abspath(cfg.sft_model), stamp, cfg.dtype, str(session.device), cfg.trust_remote_code)
+    if key not in _SFT_KEPT:
+        _SFT_KEPT.clear()
+        _SFT_KEPT[key] = session.load(cfg.sft_model)
+    return _SFT_KEPT[key]
+
+
 @dataclass
 class _Session:
     """What every checkpoint's evaluation shares: prompts, tokeniser, judge and the π_sft model."""
@@ -440,7 +456,7 @@ def run(cfg: EvalConfig) -> Path:
         judge_name=f"oracle {cfg.oracle}" if cfg.oracle else f"reward model {cfg.reward_model}",
         device=pick_device(cfg.device), backend=backend, kl_temperature=T_kl,
     )
-    session.sft = session.load(cfg.sft_model)
+    session.sft = _kept_sft(session)
     if cfg.win_rate and state["baseline"] is None:
         state["baseline"] = session.baseline()
         _save(out, state)
