@@ -10,7 +10,7 @@ from numerics import EPS, assert_close_scaled
 from exoalign.models import build_model, tiny_config
 from exoalign.sampling import HFSampler, SamplingSettings, ScoredDraw, SeededSampler, completion_seed
 
-PROMPTS = ["the movie was", "a delightful story with a", "i hated", "what a fantastic surprise , truly a good"]
+PROMPTS = ["the movie was", "a delightful story with a", "i", "what a fantastic surprise , truly a good"]  # "i": one token
 
 
 def _model(tokenizer, model_type: str) -> torch.nn.Module:
