@@ -409,7 +409,11 @@ def test_lora_uses_the_base_weights_as_pi_sft(tmp_path):
     cfg = make_cfg(tmp_path, "model.lora_r=4", "train.lr=3e-3")
     final = train_online(cfg)
     recs = online_records(final.parent)
-    assert recs[0]["online/kl"] == pytest.approx(0.0, abs=1e-6) and abs(recs[1]["online/kl"]) > 1e-4
+    rec0 = json.loads((final.parent / "online" / "round-00000.json").read_text())
+    n = max(len(c) for g in rec0["completion_ids"] for c in g)
+    scale = max(abs(x) for g in rec0["sft_logps"] for x in g)
+    # as in test_two_rounds_…: log μ (sampler's decode) and log π_sft (forward pass) differ by fp32 rounding only
+    assert abs(recs[0]["online/kl"]) <= rel_tol(torch.float32, n) * scale and abs(recs[1]["online/kl"]) > 1e-4
     record = json.loads((final.parent / "online" / "round-00001.json").read_text())
     mu, sft = torch.tensor(record["sampler_logps"]), torch.tensor(record["sft_logps"])
     assert (mu - sft).abs().max() > 1e-3
