@@ -280,7 +280,7 @@ def test_dpo_rloo_and_ppo_train_online(tmp_path, loss):
         (["online.rounds=0", "loss.name=rloo"], "loss.name", "current policy only"),
         (["online.rounds=0", "loss.name=ppo"], "loss.name", "current policy only"),
         (["loss.name=ppo", "loss.temperature=0.7"], "loss.temperature", "sampling temperature"),
-        (["loss.clip=1.5"], "loss.clip", "must be in (0, 1)"),
+        (["loss.name=ppo", "loss.params={clip: 1.5}"], "loss.params.clip", "(0, 1)"),
     ],
 )
 def test_bad_settings_are_one_line_config_errors(tmp_path, overrides, field, words):
@@ -339,10 +339,10 @@ def test_online_exo_at_round_start_is_rloo_up_to_scale(tmp_path):
 
 
 def test_ppo_reuses_a_round_with_its_ratio_and_clip(tmp_path):
-    """loss.name=ppo with each round used for 2 steps (loss.clip=0.1): every step logs ppo/ratio and
+    """loss.name=ppo with each round used for 2 steps (loss.params={clip: 0.1}): every step logs ppo/ratio and
     ppo/clip_frac; a round's first step is at π_θ = π_t (ratio 1 up to the rounding of recomputed float32
     sequence log-probs, nothing clipped), its second after one update (ratio moved)."""
-    final = train_online(make_cfg(tmp_path, "loss.name=ppo", "loss.clip=0.1"))
+    final = train_online(make_cfg(tmp_path, "loss.name=ppo", "loss.params={clip: 0.1}"))
     steps = train_records(final.parent)
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in steps)
     for first in (steps[0], steps[2]):

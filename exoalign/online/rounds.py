@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from ..sampling import HFSampler, SamplingSettings, load_prompts, summed_logps
 from ..train.checkpoint import STATE_FILE
 from ..train.config import TrainConfig, check_runnable
 from ..train.engine import Job, evaluate, finished_state, fit, preflight
-from ..train.loop import load_reference
+from ..train.prepare import load_reference
 from ..train.refcache import compute_table
 from ..train.setup import load_model, load_tok, make_accelerator, prepare_source
 from ..train.step import compute_loss, grouped_logps, is_peft
@@ -254,8 +255,9 @@ def _resume_step(resume_from: Path | None, out: Path, resume: bool) -> int:
     return ended["step"] if ended else 0
 
 
-def train_online(cfg: TrainConfig) -> Path:
-    """Run ``exoalign train`` with ``online.rounds >= 1``; returns ``output_dir/final`` (from_pretrained loads it)."""
+def train_online(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
+    """Run ``exoalign train`` with ``online.rounds >= 1``; returns ``output_dir/final`` (from_pretrained loads it).
+    ``callbacks`` as the Trainer's (``on_round_end`` gets each round's ``online/*`` metrics)."""
     check_runnable(cfg)
     on = cfg.online
     if on.rounds < 1:
@@ -309,5 +311,5 @@ def train_online(cfg: TrainConfig) -> Path:
     info = {"model_source": source, "num_processes": acc.num_processes, "prompts": len(prompts),
             "online": {"rounds": on.rounds, "steps": on.rounds * S, "save_every": args.save_every}}
     job = Job(model=model, tokenizer=tokenizer, train_data=rounds.data, collate=rounds.collate,
-              loss_fn=rounds.loss_fn, config=cfg, info=info, after_step=rounds.after_step)
+              loss_fn=rounds.loss_fn, config=cfg, info=info, after_step=rounds.after_step, callbacks=callbacks)
     return fit(acc, args, job)
