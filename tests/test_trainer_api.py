@@ -98,7 +98,7 @@ def test_rows_are_validated_like_files_naming_the_index(tiny_model, tiny_tokeniz
     with pytest.raises(InputError) as e:
         exoalign.Trainer(tiny_model, rows, tokenizer=tiny_tokenizer).train()
     assert str(e.value).startswith("train_data[1]: field 'rejected': missing")
-    with pytest.raises(InputError, match=r"^train_data\[0\]: must be a dict"):
+    with pytest.raises(InputError, match=r"^train_data\[0\]: a row must be a dict"):
         exoalign.Trainer(tiny_model, ["not a row"], tokenizer=tiny_tokenizer).train()
 
 
