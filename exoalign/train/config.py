@@ -162,9 +162,17 @@ class LossConfig:
     params: dict[str, Any] = field(default_factory=dict)
     """The loss's own hyper-parameters (its keyword-only parameters), e.g. {label_smoothing: 0.1} for cdpo,
     {gamma: 0.5} for simpo, {alpha: 1.0} for rpo, {clip: 0.2} for ppo; unset ones keep the function's defaults."""
+    clip: float | None = None
+    """PPO's clip range c (ratio clipped to [1-c, 1+c]); loss.clip=0.3 is loss.params={clip: 0.3}. Unset: 0.2."""
 
     def __post_init__(self) -> None:
         info = resolve_loss(self.name)  # imports and registers file.py:function / module:function
+        if self.clip is not None:
+            require("clip" in info.hyper_params, "clip", f"loss {self.name!r} has no clip range",
+                    "set loss.clip only with loss.name=ppo")
+            require(self.params.get("clip", self.clip) == self.clip, "clip",
+                    f"given twice: loss.clip={self.clip} and loss.params.clip={self.params.get('clip')}", "give one")
+            self.params = {**self.params, "clip": self.clip}
         for name in ("beta_pi", "beta_r", "temperature"):
             value = getattr(self, name)
             require(math.isfinite(value) and value > 0, name, f"must be > 0 (got {value})", "use a positive number such as 0.1")
