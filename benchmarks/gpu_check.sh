@@ -6,7 +6,10 @@
 # Parts (each under its own time limit, each recorded as passed / failed / skipped with its numbers):
 #   cuda_tests  - pytest -m cuda: bf16 vs fp32 within tolerance, prompt sharing with SDPA, chunked head, determinism
 #   throughput  - benchmarks/throughput.py --model smollm2 --quick --device cuda (fp32 + bf16 rows, vs TRL)
-#   sampling    - exoalign sample on SmolLM2 with HF generate and with vLLM: tokens/s and mean reward (oracle)
+#   fast_sampler - pytest -m cuda tests/test_sample_fast.py: shared-prefill sampler = pre-change tokens (fp32), its
+#                 reported log-probs = a forward pass (fp32 and the bf16 sampling copy)
+#   sampling    - benchmarks/throughput_sampling.py on SmolLM2 (demo shape): plain generate, the pre-change sampler,
+#                 the fast one in fp32 and from a bf16 copy (speedup_vs_generate), and vLLM; reward of exoalign / vLLM
 #   demo        - exoalign demo --quick --device cuda
 #   full_demo   - a few steps and rounds of exoalign demo --full --device cuda at the paper's 64 prompts per step, on a
 #                 SmolLM2-shaped model (Llama, 134.5M parameters) built from its config with a BPE tokeniser
@@ -57,6 +60,7 @@ PYEOF
 }
 
 part cuda_tests 60 "$PY" -m pytest tests/test_cuda.py -m cuda -q -rs
+part fast_sampler 60 "$PY" -m pytest tests/test_sample_fast.py -m cuda -q -rs
 part throughput 180 "$PY" benchmarks/throughput.py --model smollm2 --quick --device cuda \
   --json "$WORK/throughput.result.json" --md "$WORK/throughput.md"
 part sampling 120 "$PY" benchmarks/throughput_sampling.py --device cuda --backends hf,vllm \

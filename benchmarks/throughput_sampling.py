@@ -1,12 +1,19 @@
-"""Sampling speed of ``exoalign sample``'s samplers on SmolLM2-135M-Instruct: completion tokens/s vs batch size.
+"""Sampling speed of exoalign's sampler against plain ``model.generate``, same prompts, one run, SmolLM2.
 
-Times :class:`exoalign.sampling.HFSampler` (the code ``exoalign sample`` runs) on chat prompts, K = 4
-completions per prompt, ``max_new_tokens`` 48 (``min_new_tokens`` 48 by default, so every row generates the
-same number of tokens and the figure is not flattered by early EOS), for each setting of
-``--batch-sizes`` (rows = prompts × K), ``--dtypes`` and ``--caches``; with ``--backends hf,vllm`` (GPU) also
-vLLM, and the oracle reward (VADER sentiment) of both backends' samples with a 95% interval.
+Defaults are the demo's and the online rounds' shape: 72 chat prompts × K = 4 completions, 24 new tokens
+(``min_new_tokens`` 1, temperature 0.8), 64 prompts per call (the demo's ``gen_batch_size``). Systems, each timed
+on the same prompts (median of ``--reps``, after one small warm-up call):
 
-    .venv/bin/python benchmarks/throughput_sampling.py --batch-sizes 4,16,64 --dtypes float32,bfloat16
+* ``generate``        plain ``model.generate(do_sample=True)`` on the fp32 model, prompts repeated K times;
+* ``exoalign_legacy`` :class:`~exoalign.sampling.HFSampler` as it was before the fast path
+  (``shared_prefill=false``, fp32): per-completion seeds, every row prefilled on its own;
+* ``exoalign_fp32``   the fast path in fp32 (each prompt prefilled once, scored draw): the same tokens as legacy;
+* ``exoalign``        the fast path sampling from a bf16 copy of the weights (``sample_dtype=bfloat16``).
+
+``speedup_vs_generate`` = exoalign's tokens/s / generate's; ``speedup_vs_legacy`` likewise. With
+``--backends hf,vllm`` (GPU) vLLM is timed too, and the oracle reward (VADER) of its samples and exoalign's.
+
+    .venv/bin/python benchmarks/throughput_sampling.py --json benchmarks/results/sampling/demo_shape.json
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -27,46 +35,93 @@ PROMPTS = [
     "Tell a story about a lost dog.", "What do you think of modern art?", "Describe a busy market.",
     "Write a note to a friend.",
 ]
+SYSTEMS = ("generate", "exoalign_legacy", "exoalign_fp32", "exoalign")
 
 
 def _prompt_ids(tok, n: int) -> list[list[int]]:
-    chats = [[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}] for i in range(n)]
+    # Distinct prompts (the demo's are distinct review openings): the prompt number makes each one unique.
+    chats = [[{"role": "user", "content": f"{PROMPTS[i % len(PROMPTS)]} ({i})"}] for i in range(n)]
     texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def time_hf(model, tok, rows: int, k: int, args, cache: str) -> dict:
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def plain_generate(model, tok, args):
+    """``fn(prompts, indices) -> groups of token-id lists``: model.generate(do_sample=True), rows = prompts × K."""
     import torch
 
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def run(prompts, indices):
+        P = max(map(len, prompts))
+        rows = [p for p in prompts for _ in range(args.k)]
+        ids = torch.tensor([[pad] * (P - len(p)) + p for p in rows], device=args.device)  # (R, P) left padded
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in rows], device=args.device)
+        torch.manual_seed(indices[0])
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
+                             top_k=0, top_p=1.0, max_new_tokens=args.new_tokens, min_new_tokens=args.min_new_tokens,
+                             pad_token_id=pad, eos_token_id=tok.eos_token_id)[:, P:].tolist()
+        eos = tok.eos_token_id
+        cut = [r[: r.index(eos) + 1] if eos in r else r for r in out]
+        return [cut[n * args.k : (n + 1) * args.k] for n in range(len(prompts))]
+
+    return run
+
+
+def exoalign_sampler(model, tok, args, **settings):
     from exoalign.sampling import HFSampler, SamplingSettings
 
-    s = SamplingSettings(temperature=0.8, max_new_tokens=args.new_tokens, min_new_tokens=args.min_new_tokens,
-                         seed=0, batch_size=rows // k, kv_cache=cache)
+    s = SamplingSettings(temperature=args.temperature, max_new_tokens=args.new_tokens,
+                         min_new_tokens=args.min_new_tokens, seed=0, batch_size=args.batch_size, **settings)
     sampler = HFSampler(model, tok, s)
-    prompts = _prompt_ids(tok, rows // k)
-    sampler.generate(prompts[:1], [0], 1)  # warm-up (allocator, kernels)
-    runs, n_tokens = [], 0
+
+    def run(prompts, indices):
+        return [[c.ids for c in g] for g in sampler.generate(prompts, indices, args.k)]
+
+    return run
+
+
+def time_system(fn, prompts, args) -> dict:
+    import torch
+
+    fn(prompts[:1], [0])  # warm-up: allocator, kernels, the bf16 copy
+    runs, groups = [], []
     for _ in range(args.reps):
         t = time.perf_counter()
+        groups = []
         with torch.inference_mode():
-            out = sampler.generate(prompts, list(range(len(prompts))), k)
+            for s in range(0, len(prompts), args.batch_size):
+                idx = list(range(s, min(s + args.batch_size, len(prompts))))
+                groups += fn([prompts[i] for i in idx], idx)
         runs.append(time.perf_counter() - t)
-        n_tokens = sum(len(c.ids) for group in out for c in group)
+    n = sum(len(c) for g in groups for c in g)
     sec = statistics.median(runs)
-    return {"rows": rows, "tokens": n_tokens, "seconds": sec, "tokens_per_s": n_tokens / sec, "groups": out}
+    return {"tokens": n, "seconds": sec, "runs": runs, "tokens_per_s": n / sec, "load": os.getloadavg()[0],
+            "groups": groups}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-sizes", default="4,16,64", help="rows per generate call (prompts x K)")
-    p.add_argument("--dtypes", default="float32")
-    p.add_argument("--caches", default="dynamic", help="dynamic and/or static")
-    p.add_argument("--backends", default="hf")
+    p.add_argument("--prompts", type=int, default=72)
     p.add_argument("--k", type=int, default=4)
-    p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--min-new-tokens", type=int, default=48)
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--min-new-tokens", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per call (each expands to K rows)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {','.join(SYSTEMS)}")
+    p.add_argument("--sample-dtype", default="bfloat16", help="exoalign's sampling dtype (the 'exoalign' system)")
+    p.add_argument("--backends", default="hf", help="hf, or hf,vllm on a GPU")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
@@ -78,49 +133,54 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
-    tok = load_tokenizer(path)
-    results = {"model": args.model, "device": args.device, "threads": args.threads, "load_start": os.getloadavg()[0],
-               "new_tokens": args.new_tokens, "k": args.k, "hf": []}
-    groups_by_backend = {}
-    for dtype in args.dtypes.split(","):
-        model = load_causal_lm(path, dtype=dtype).to(args.device).eval()
-        for cache in args.caches.split(","):
-            for rows in (int(b) for b in args.batch_sizes.split(",")):
-                r = time_hf(model, tok, rows, args.k, args, cache)
-                groups_by_backend["hf"] = r.pop("groups")
-                r.update(dtype=dtype, cache=cache, load=os.getloadavg()[0])
-                results["hf"].append(r)
-                print(json.dumps(r), flush=True)
-        del model
+    tok = load_tokenizer(path, padding_side="left")
+    model = load_causal_lm(path, dtype="float32").to(args.device).eval()
+    prompts = _prompt_ids(tok, args.prompts)
+    results = {"model": args.model, "device": args.device, "cpu": _cpu_name(), "threads": args.threads,
+               "torch": torch.__version__, "prompts": args.prompts, "k": args.k, "new_tokens": args.new_tokens,
+               "min_new_tokens": args.min_new_tokens, "batch_size": args.batch_size,
+               "sample_dtype": args.sample_dtype, "load_start": os.getloadavg()[0], "systems": {}}
+    makers = {
+        "generate": lambda: plain_generate(model, tok, args),
+        "exoalign_legacy": lambda: exoalign_sampler(model, tok, args, shared_prefill=False),
+        "exoalign_fp32": lambda: exoalign_sampler(model, tok, args),
+        "exoalign": lambda: exoalign_sampler(model, tok, args, sample_dtype=args.sample_dtype),
+    }
+    groups = {}
+    for name in args.systems.split(","):
+        r = time_system(makers[name](), prompts, args)
+        groups[name] = r.pop("groups")
+        results["systems"][name] = r
+        print(json.dumps({name: r}), flush=True)
+    tps = {k: v["tokens_per_s"] for k, v in results["systems"].items()}
+    if "exoalign" in tps and "generate" in tps:
+        results["speedup_vs_generate"] = tps["exoalign"] / tps["generate"]
+    if "exoalign" in tps and "exoalign_legacy" in tps:
+        results["speedup_vs_legacy"] = tps["exoalign"] / tps["exoalign_legacy"]
+    if "exoalign_fp32" in groups and "exoalign_legacy" in groups:
+        results["fp32_same_tokens_as_legacy"] = groups["exoalign_fp32"] == groups["exoalign_legacy"]
     if "vllm" in args.backends.split(","):
         from exoalign.sampling import SamplingSettings, VLLMSampler
 
-        rows = max(int(b) for b in args.batch_sizes.split(","))
-        s = SamplingSettings(temperature=0.8, max_new_tokens=args.new_tokens, min_new_tokens=args.min_new_tokens,
-                             seed=0, gpu_memory_utilization=0.5)
+        s = SamplingSettings(temperature=args.temperature, max_new_tokens=args.new_tokens,
+                             min_new_tokens=args.min_new_tokens, seed=0, gpu_memory_utilization=0.5)
         sampler = VLLMSampler(path, tok, s)
-        prompts = _prompt_ids(tok, rows // args.k)
-        sampler.generate(prompts[:1], [0], 1)
-        t = time.perf_counter()
-        out = sampler.generate(prompts, list(range(len(prompts))), args.k)
-        sec = time.perf_counter() - t
-        n = sum(len(c.ids) for g in out for c in g)
-        results["vllm"] = {"rows": rows, "tokens": n, "seconds": sec, "tokens_per_s": n / sec}
-        groups_by_backend["vllm"] = out
+        r = time_system(lambda ps, idx: [[c.ids for c in g] for g in sampler.generate(ps, idx, args.k)], prompts, args)
+        groups["vllm"] = r.pop("groups")
+        results["systems"]["vllm"] = r
         sampler.close()
-    if len(groups_by_backend) == 2:
         from exoalign.eval.oracles import vader_sentiment
 
         results["reward"] = {}
-        for name, groups in groups_by_backend.items():
-            texts = [c.text for g in groups for c in g]
-            r = vader_sentiment([""] * len(texts), texts)
-            mean, sd = statistics.fmean(r), statistics.pstdev(r)
-            results["reward"][name] = {"mean": mean, "ci95": 1.96 * sd / max(len(r), 1) ** 0.5, "n": len(r)}
-        a, b = results["reward"]["hf"], results["reward"]["vllm"]
-        results["reward"]["same_within_ci"] = abs(a["mean"] - b["mean"]) <= (a["ci95"] ** 2 + b["ci95"] ** 2) ** 0.5
+        for name in ("exoalign", "vllm"):
+            if name not in groups:
+                continue
+            texts = [tok.decode(c, skip_special_tokens=True) for g in groups[name] for c in g]
+            rew = vader_sentiment([""] * len(texts), texts)
+            mean, sd = statistics.fmean(rew), statistics.pstdev(rew)
+            results["reward"][name] = {"mean": mean, "ci95": 1.96 * sd / max(len(rew), 1) ** 0.5, "n": len(rew)}
     results["load_end"] = os.getloadavg()[0]
-    print(json.dumps({k: v for k, v in results.items() if k != "hf"}), flush=True)
+    print(json.dumps({k: v for k, v in results.items() if k != "systems"}), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1) + "\n")

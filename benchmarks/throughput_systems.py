@@ -245,9 +245,9 @@ def compute_loss_fn(prefix_sharing: bool):
 
 def run_exoalign(shape: Shape, assets: Path, work: Path, ch: Channel, prefix_sharing: bool, bf16: bool = False,
                  listwise: bool = False) -> None:
-    """``exoalign.train.loop.train`` on the pairs (or the K = 4 groups); a hook around its ``compute_loss`` paces
-    the steps."""
-    from exoalign.train import loop
+    """``exoalign.train.loop.train`` on the pairs (or the K = 4 groups); a hook around the Trainer's ``compute_loss``
+    paces the steps."""
+    from exoalign.train import loop, trainer
     from exoalign.train.config import DataConfig, LossConfig, ModelConfig, TrainArgs, TrainConfig
 
     cfg = TrainConfig(
@@ -261,7 +261,7 @@ def run_exoalign(shape: Shape, assets: Path, work: Path, ch: Channel, prefix_sha
                         ref_cache_dir=str(work / "ref-cache"), prefix_sharing=prefix_sharing,
                         mixed_precision="bf16" if bf16 else "no"),
     )
-    inner = loop.compute_loss  # the loop passes train.prefix_sharing to it
+    inner = trainer.compute_loss  # the Trainer passes train.prefix_sharing to it
     calls = [0]
     tokens = [0]
 
@@ -282,7 +282,7 @@ def run_exoalign(shape: Shape, assets: Path, work: Path, ch: Channel, prefix_sha
         return loss, metrics
 
     last_loss = [float("nan")]
-    loop.compute_loss = paced
+    trainer.compute_loss = paced
     ch.baseline_mb = current_rss_mb()
     try:
         loop.train(cfg)

@@ -243,10 +243,19 @@ def _elsewhere(key: str, root: type | None) -> str | None:
     return by_name[close[0]] if close and by_name[close[0]] != key else None
 
 
-def _unknown_key(key: str, choices: list[str], where: dict, root: type | None = None) -> ConfigError:
-    """Unknown ``key``: suggest a close key of the same section, else the dotted key of another section that
-    it names (``lr`` → ``train.lr``, ``learning_rate`` → ``train.lr``), else list the section's keys."""
-    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], choices, n=1)
+def _unknown_key(key: str, choices: list[str], where: dict, root: type | None = None,
+                 cls: type | None = None) -> ConfigError:
+    """Unknown ``key``: the section's own hint (``cls.unknown_key_hint``), else the key of the same section that
+    it is another name for (``loss.beta`` → ``beta_pi``), else a close key of the same section, else the dotted
+    key of another section that it names (``lr`` → ``train.lr``, ``learning_rate`` → ``train.lr``), else list
+    the section's keys."""
+    name = key.rsplit(".", 1)[-1]
+    hint = getattr(cls, "unknown_key_hint", None)
+    hint = hint(name) if callable(hint) else None
+    if hint:
+        return ConfigError("unknown config key", **where, fix=hint)
+    alias = ALIASES.get(name.lower().replace("-", "_"))
+    close = [alias] if alias in choices else difflib.get_close_matches(name, choices, n=1)
     other = None if close else _elsewhere(key, root)
     if close:
         fix = f"did you mean '{close[0]}'?"
@@ -267,7 +276,7 @@ def _build(cls: type[T], data: dict, prefix: str, src: str | None, lines: dict[s
         dotted = prefix + str(key)
         where = {"file": src, "line": lines.get(dotted), "field": dotted}
         if key not in names:
-            raise _unknown_key(dotted, names, where, root)
+            raise _unknown_key(dotted, names, where, root, cls)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if value is None:
@@ -343,6 +352,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             e.file, e.line = "command line", None
             e.args = (str(e),)
         raise
+
+
+def from_dict(cls: type[T], data: dict, *, source: str = "config") -> T:
+    """Build config dataclass ``cls`` from a nested dict with the YAML's keys (``{"loss": {"name": "exo"}}``);
+    the same checks as :func:`load_config`, errors naming ``source`` and the dotted key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"must be a mapping of sections (got {type(data).__name__})", file=source,
+                          fix='give e.g. {"loss": {"name": "exo"}, "train": {"lr": 1e-6}}')
+    return _build(cls, data, "", source, {})
 
 
 def to_dict(cfg: Any) -> dict:

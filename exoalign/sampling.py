@@ -20,6 +20,7 @@ through it. Two properties matter to the rest of the pipeline:
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -60,6 +61,11 @@ class SamplingSettings:
     """vLLM only: fraction of the GPU's memory the vLLM engine may take."""
     kv_cache: Literal["dynamic", "static"] = "dynamic"
     """HF only: the KV cache of generate (static = preallocated; not faster on CPU, docs/speed.md). Same distribution."""
+    sample_dtype: Literal["model", "float32", "bfloat16", "float16"] = "model"
+    """HF only: weights dtype for sampling: model (as loaded) or a converted copy (bfloat16: faster on CPUs with bf16
+    units; samples the bf16 model, and the reported log-probs are that model's). Training keeps its own weights."""
+    shared_prefill: bool = True
+    """HF only: run each prompt once and copy its KV cache to its K rows (same samples; false = the pre-change path)."""
 
     def check_sampling(self) -> None:
         """Validate the sampling fields (called from the owning config's ``__post_init__``)."""
@@ -76,11 +82,15 @@ class SamplingSettings:
         require(self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1", "use e.g. 512")
         require(self.batch_size >= 1, "batch_size", "must be >= 1", "use e.g. 16")
         require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]", "use e.g. 0.85")
+        require(self.sample_dtype in ("model", "float32", "bfloat16", "float16"), "sample_dtype",
+                f"unknown {self.sample_dtype!r}", "use model, float32, bfloat16 or float16")
 
     def sampling_dict(self) -> dict[str, Any]:
         """The fields that determine the samples (batch size and backend excluded: they do not change them
         for the HF sampler; vLLM samples differ from HF ones, so the backend is recorded separately)."""
+        extra = {} if self.sample_dtype == "model" else {"sample_dtype": self.sample_dtype}  # old records stay valid
         return {
+            **extra,
             "temperature": self.temperature,
             "top_k": self.top_k,
             "top_p": self.top_p,
@@ -110,11 +120,17 @@ def pick_device(device: str) -> torch.device:
 # ----------------------------------------------------------------------------------------- samplers
 @dataclass
 class Completion:
-    """One sampled completion: its token ids (ending in EOS when ``finished``) and the decoded text."""
+    """One sampled completion: its token ids (ending in EOS when ``finished``) and the decoded text.
+
+    ``logps`` (HF sampler only): ``log π(y_t | x, y_<t)`` of each id under the model that sampled it at the sampling
+    temperature, before ``min_new_tokens`` / top-k / top-p (with those off, exactly the distribution sampled); the
+    same numbers as a forward pass of that model on the ids (``tests/test_sample_fast.py``).
+    """
 
     ids: list[int]
     text: str
     finished: bool
+    logps: list[float] | None = None
 
 
 class Sampler(Protocol):
@@ -133,90 +149,227 @@ class SeededSampler:
     def __init__(self, seeds: Sequence[int], device: torch.device) -> None:
         self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        """The drawn token of each row ``(R,)``: ``argmax_v (scores_v + g_v)``, g Gumbel from the row's stream."""
         R, V = scores.shape  # (rows, vocab)
         u = torch.stack(
             [torch.rand(V, generator=g, device=scores.device) for g in self.generators]
         )  # (R, V), one stream per row
         tiny = torch.finfo(torch.float32).tiny
         gumbel = -torch.log(-torch.log(u.clamp(min=tiny)))  # (R, V)
-        choice = (scores.float() + gumbel).argmax(-1)  # (R,)  -inf scores (filtered tokens) never win
+        return (scores.float() + gumbel).argmax(-1)  # (R,)  -inf scores (filtered tokens) never win
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        choice = self.draw(scores)
         out = torch.full_like(scores, float("-inf"))
         out.scatter_(1, choice.unsqueeze(-1), 0.0)
         return out
 
 
-def _decode(tokenizer: Any, ids: list[int], eos_id: int | None) -> Completion:
+class ScoredDraw(SeededSampler):
+    """:class:`SeededSampler` that also records each drawn token's log-prob under the model (at the temperature).
+
+    Receives temperature-scaled logits, so ``log_softmax`` of them is the model's distribution at the sampling
+    temperature; then bans EOS for the first ``min_new_tokens`` steps (what generate's own processor does),
+    applies the top-k / top-p ``warpers`` and draws. The draw sees the same scores as :class:`SeededSampler`
+    after generate's processors, so the tokens are the same; ``logps`` holds one ``(R,)`` tensor per step.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device, *, warpers: list, min_new_tokens: int,
+                 eos_id: int | None) -> None:
+        super().__init__(seeds, device)
+        self.warpers, self.min_new, self.eos = warpers, min_new_tokens, eos_id
+        self.logps: list[torch.Tensor] = []
+
+    def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        """The same draw as :meth:`SeededSampler.draw` (same uniforms, same ``argmax (scores + g)``), with the
+        Gumbel noise ``g = −log(−log u)`` (two logs per vocabulary entry: most of the draw's time) computed only
+        for the tokens that can win: ``v`` can beat the row's top-scoring token ``a`` only if
+        ``s_v + g(max u) ≥ s_a + g(u_a)``, since ``g`` increases with ``u``. A relative margin of 1e-3 keeps the
+        bound's own rounding from dropping a winner."""
+        R, V = scores.shape  # (rows, vocab)
+        u = torch.stack(
+            [torch.rand(V, generator=g, device=scores.device) for g in self.generators]
+        )  # (R, V), one stream per row: the same numbers as SeededSampler's
+        s = scores.float()
+        tiny = torch.finfo(torch.float32).tiny
+
+        def gumbel(x: torch.Tensor) -> torch.Tensor:
+            return -torch.log(-torch.log(x.clamp(min=tiny)))
+
+        top = s.argmax(-1, keepdim=True)  # (R, 1)
+        reach = s.gather(1, top) + gumbel(u.gather(1, top))  # (R, 1) the top token's score + noise
+        best_noise = gumbel(u.max(-1, keepdim=True).values)  # (R, 1) no token gets more noise than this
+        cand = s >= reach - best_noise - 1e-3 * (1.0 + reach.abs())  # (R, V); -inf scores never qualify
+        rows, cols = cand.nonzero(as_tuple=True)  # (n,), (n,)
+        dense = torch.full_like(s, float("-inf"))
+        dense[rows, cols] = s[rows, cols] + gumbel(u[rows, cols])
+        return dense.argmax(-1)  # (R,) first index on ties, like the full argmax
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.float()  # (R, V) already divided by the temperature
+        if len(self.logps) < self.min_new and self.eos is not None:
+            banned = scores.clone()
+            banned[:, self.eos] = float("-inf")
+        else:
+            banned = scores
+        for warp in self.warpers:
+            banned = warp(input_ids, banned)
+        choice = self.draw(banned)  # (R,)
+        picked = scores.gather(1, choice.unsqueeze(-1)).squeeze(-1)  # (R,)
+        self.logps.append(picked - torch.logsumexp(scores, dim=-1))
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, choice.unsqueeze(-1), 0.0)
+        return out
+
+
+def _decode(tokenizer: Any, ids: list[int], eos_id: int | None, logps: list[float] | None = None) -> Completion:
     finished = eos_id is not None and eos_id in ids
     if finished:
         ids = ids[: ids.index(eos_id) + 1]
     body = ids[:-1] if finished else ids
-    return Completion(ids=ids, text=tokenizer.decode(body, skip_special_tokens=True), finished=finished)
+    return Completion(ids=ids, text=tokenizer.decode(body, skip_special_tokens=True), finished=finished,
+                      logps=None if logps is None else logps[: len(ids)])
+
+
+def summed_logps(groups: Sequence[Sequence[Completion]]) -> list[list[float]] | None:
+    """``[n_prompts][k]`` sequence log-probs the sampler reported (sums over each completion's ids, in float64), or
+    None when any completion came without them (vLLM, the pre-change path)."""
+    if any(c.logps is None for g in groups for c in g):
+        return None
+    return [[math.fsum(c.logps) for c in g] for g in groups]  # type: ignore[arg-type]
+
+
+def sampling_copy(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """``model`` itself when ``dtype`` is ``model`` or its own dtype, else an eval-mode copy in ``dtype`` (the
+    caller's weights, e.g. fp32 masters being trained, are left as they are)."""
+    import copy
+
+    if dtype == "model":
+        return model
+    want = getattr(torch, dtype)
+    if next(model.parameters()).dtype == want:
+        return model
+    twin = copy.deepcopy(model).to(want).eval()
+    twin.requires_grad_(False)
+    return twin
 
 
 class HFSampler:
-    """Batched sampling with ``model.generate`` (prompts left-padded) and per-completion seeds."""
+    """Batched sampling with ``model.generate`` (prompts left-padded) and per-completion seeds.
+
+    The default path (``shared_prefill``) runs each prompt once, copies its KV cache to its ``k`` rows and lets
+    ``generate`` decode all ``prompts × k`` rows from there, with :class:`ScoredDraw` drawing the tokens and
+    recording their log-probs. ``shared_prefill=false`` is the pre-change path (every row prefilled on its own,
+    :class:`SeededSampler`, no log-probs), kept to check that both give the same tokens.
+    ``sample_dtype`` samples from a converted copy of the weights (made once per sampler).
+    """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: SamplingSettings, stream: str = "") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.s = settings
         self.stream = stream
+        self._sampling_model: torch.nn.Module | None = None
+
+    @property
+    def sampling_model(self) -> torch.nn.Module:
+        if self._sampling_model is None:
+            self._sampling_model = sampling_copy(self.model, getattr(self.s, "sample_dtype", "model"))
+        return self._sampling_model
+
+    def _config(self, pad_id: int, min_new: int | None, static: bool) -> Any:
+        from transformers import GenerationConfig
+
+        return GenerationConfig(
+            do_sample=False,  # the draw happens in the seeded processor; greedy just takes it
+            num_beams=1,
+            max_new_tokens=self.s.max_new_tokens,
+            min_new_tokens=min_new,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=pad_id,
+            **({"cache_implementation": "static"} if static else {}),
+        )
+
+    def _warpers(self) -> list:
+        from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+        s, out = self.s, []
+        if s.top_k > 0:
+            out.append(TopKLogitsWarper(s.top_k))
+        if s.top_p < 1.0:
+            out.append(TopPLogitsWarper(s.top_p))
+        return out
+
+    def _run(self, model: torch.nn.Module, **kw: Any) -> torch.Tensor:
+        # generate() fills every unset field of the config from the model's own generation_config.json (a chat
+        # model may ship temperature / top_p / repetition_penalty there), which would change the distribution
+        # sampled. A blank config during the call leaves only our settings and neutral defaults.
+        from transformers import GenerationConfig
+
+        saved = model.generation_config
+        model.generation_config = GenerationConfig()
+        try:
+            return model.generate(**kw)
+        finally:
+            model.generation_config = saved
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[list[int]], indices: Sequence[int], k: int) -> list[list[Completion]]:
-        from transformers import (
-            GenerationConfig,
-            LogitsProcessorList,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper
 
         tok, s = self.tokenizer, self.s
-        device = next(self.model.parameters()).device
+        model = self.sampling_model
+        device = next(model.parameters()).device
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        P = max(len(p) for p in prompt_ids)
-        # Every prompt is repeated k times: row r = (prompt r // k, completion r % k).
-        rows = [p for p in prompt_ids for _ in range(k)]
-        input_ids = torch.full((len(rows), P), pad_id, dtype=torch.long)  # (R, P), left padded
-        mask = torch.zeros((len(rows), P), dtype=torch.long)
-        for r, p in enumerate(rows):
+        B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
+        input_ids = torch.full((B, P), pad_id, dtype=torch.long)  # (B, P), left padded
+        mask = torch.zeros((B, P), dtype=torch.long)
+        for r, p in enumerate(prompt_ids):
             input_ids[r, P - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[r, P - len(p) :] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        # Row r = (prompt r // k, completion r % k).
         seeds = [completion_seed(s.seed, i, j, self.stream) for i in indices for j in range(k)]
-        processors = [TemperatureLogitsWarper(s.temperature)]
-        if s.top_k > 0:
-            processors.append(TopKLogitsWarper(s.top_k))
-        if s.top_p < 1.0:
-            processors.append(TopPLogitsWarper(s.top_p))
-        processors.append(SeededSampler(seeds, device))
-        config = GenerationConfig(
-            do_sample=False,  # the draw happens in SeededSampler; greedy just takes it
-            num_beams=1,
-            max_new_tokens=s.max_new_tokens,
-            min_new_tokens=s.min_new_tokens or None,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=pad_id,
-            **({"cache_implementation": "static"} if getattr(s, "kv_cache", "dynamic") == "static" else {}),
-        )
-        # generate() fills every unset field of `config` from the model's own generation_config.json (a chat
-        # model may ship temperature / top_p / repetition_penalty there), which would change the distribution
-        # sampled. A blank config during the call leaves only the settings above and neutral defaults.
-        saved = self.model.generation_config
-        self.model.generation_config = GenerationConfig()
-        try:
-            out = self.model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-                generation_config=config,
-                logits_processor=LogitsProcessorList(processors),
-            )  # (R, P + new)
-        finally:
-            self.model.generation_config = saved
-        new = out[:, P:].tolist()
-        done = [_decode(tok, ids, tok.eos_token_id) for ids in new]
-        return [done[n * k : (n + 1) * k] for n in range(len(prompt_ids))]
+        static = getattr(s, "kv_cache", "dynamic") == "static"
+        fast = getattr(s, "shared_prefill", True) and not static
+        temperature = TemperatureLogitsWarper(s.temperature)
+        rows_ids, rows_mask = input_ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)  # (R, P)
+        if not fast:
+            processors = [temperature, *self._warpers(), SeededSampler(seeds, device)]
+            out = self._run(model, input_ids=rows_ids, attention_mask=rows_mask,
+                            generation_config=self._config(pad_id, s.min_new_tokens or None, static),
+                            logits_processor=LogitsProcessorList(processors))  # (R, P + new)
+            done = [_decode(tok, ids, tok.eos_token_id) for ids in out[:, P:].tolist()]
+            return [done[n * k : (n + 1) * k] for n in range(B)]
+        draw = ScoredDraw(seeds, device, warpers=self._warpers(), min_new_tokens=s.min_new_tokens,
+                          eos_id=tok.eos_token_id)
+        kw: dict[str, Any] = {}
+        if P > 1 and k > 1:
+            kw["cache"] = self._prefill(model, input_ids, mask, k)
+        out = self._run(model, input_ids=rows_ids, attention_mask=rows_mask,
+                        generation_config=self._config(pad_id, None, False),
+                        logits_processor=LogitsProcessorList([temperature, draw]), **kw)  # (R, P + new)
+        logps = torch.stack(draw.logps, 1).tolist()  # (R, new)
+        done = [_decode(tok, ids, tok.eos_token_id, lp) for ids, lp in zip(out[:, P:].tolist(), logps)]
+        return [done[n * k : (n + 1) * k] for n in range(B)]
+
+    @staticmethod
+    def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int) -> Any:
+        """KV cache of every prompt but its last token, computed once per prompt and repeated for its ``k`` rows;
+        ``generate`` then feeds the last prompt token itself (positions as generate counts them)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        position_ids = mask.cumsum(-1) - 1  # (B, P)
+        position_ids.masked_fill_(mask == 0, 1)
+        # The decoder alone: the prefill needs no logits (and a head on a sliced last position can take a slow
+        # batched-matmul path that copies the head's weight once per row).
+        body = model.get_decoder() if hasattr(model, "get_decoder") else model
+        body(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
+             cache=cache, use_cache=True)
+        cache.batch_repeat_interleave(k)
+        return cache
 
 
 class VLLMSampler:

@@ -512,9 +512,9 @@ def test_registry_names_and_info():
 def test_unknown_loss_is_config_error():
     with pytest.raises(ConfigError) as e:
         get_loss("exo_pair")
-    assert e.value.field == "loss"
+    assert e.value.field == "loss.name"
     assert "exo" in e.value.fix and "hinge" in e.value.fix
-    assert str(e.value).startswith("field 'loss': unknown loss 'exo_pair'.")
+    assert str(e.value).startswith("field 'loss.name': unknown loss 'exo_pair'.")
 
 
 @pytest.mark.parametrize("eps", [0, 0.0, 0.5, 0.7, -1e-3, float("nan"), float("inf"), True, "0.1", None])

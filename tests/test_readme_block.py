@@ -125,3 +125,26 @@ def test_readme_block_runs_offline_as_written(tmp_path):
     rows = table.read_text().splitlines()[2:]
     # π_sft once (step 0), then the run; final has the last checkpoint's weights, so it is listed once.
     assert [r.split(" | ")[:3] for r in rows] == [["| π_sft", "sft/final", "0"], ["| exo", "exo/checkpoint-2 (= final)", "2"]]
+
+
+def test_readme_from_python_block_runs_as_written(tmp_path):
+    """README's "From Python" block, verbatim but for 2 steps instead of 24: SmolLM2 in memory, a datasets.Dataset of
+    pairs, a callback printing each step, the summary line; the model object comes back trained."""
+    zoo.get_model("smollm2", progress=False)
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## From Python"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    assert block and '"max_steps": 24' in block.group(1)
+    code = block.group(1).replace('"max_steps": 24', '"max_steps": 2')
+    code += "\nimport torch; assert isinstance(model, torch.nn.Module); print('returned', type(model).__name__)\n"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.setdefault("OMP_NUM_THREADS", "1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines()[:2] == [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in out.stdout.splitlines()[:2]] == ["step 1/2", "step 2/2"]
+    assert "returned LlamaForCausalLM" in out.stdout
+    assert "summary: 2 optimizer steps; loss " in out.stderr
+    assert not list(tmp_path.iterdir())  # no output_dir in the config: nothing left behind

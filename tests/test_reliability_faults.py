@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 from exoalign.cli import main as cli
 from exoalign.config import load_config
-from exoalign.train import checkpoint, loop
+from exoalign.train import checkpoint, trainer
 from exoalign.train.config import TrainConfig
 from exoalign.train.engine import read_metrics
 from exoalign.train.loop import train
@@ -150,7 +150,7 @@ def test_poisoned_training_state_is_refused_and_never_runs(tmp_path, capsys):
 
 def _nan_gradient_on(call: int, monkeypatch) -> None:
     """From the ``call``-th loss on, add ``sqrt(|0·Σw|)``: the loss stays finite, its gradient is NaN."""
-    real, calls = loop.compute_loss, {"n": 0}
+    real, calls = trainer.compute_loss, {"n": 0}
 
     def with_nan_grad(model, batch, cfg, ref_model=None, **kw):
         loss, metrics = real(model, batch, cfg, ref_model, **kw)
@@ -160,7 +160,7 @@ def _nan_gradient_on(call: int, monkeypatch) -> None:
             loss = loss + torch.sqrt((w.sum() * 0).abs())  # d/dx sqrt at 0 = inf, times 0 = NaN
         return loss, metrics
 
-    monkeypatch.setattr(loop, "compute_loss", with_nan_grad)
+    monkeypatch.setattr(trainer, "compute_loss", with_nan_grad)
 
 
 def test_nan_gradient_stops_naming_the_step_or_is_skipped(tmp_path, monkeypatch, capsys):

@@ -135,3 +135,16 @@ def test_rm_unknown_subcommand(capsys):
 
 def test_input_error_is_not_swallowed_by_config_error():
     assert issubclass(ConfigError, InputError)
+
+
+def test_loss_clip_is_ppo_clip_param():
+    """Issue 19 names `loss.clip`: it is the ppo loss's own `clip` parameter, and only ppo has one."""
+    from exoalign.errors import ConfigError
+    from exoalign.train.config import LossConfig
+
+    assert LossConfig(name="ppo", clip=0.3).params == {"clip": 0.3}
+    assert LossConfig(name="ppo").params.get("clip", 0.2) == 0.2
+    with pytest.raises(ConfigError, match="no clip range"):
+        LossConfig(name="exo", clip=0.3)
+    with pytest.raises(ConfigError, match="given twice"):
+        LossConfig(name="ppo", clip=0.3, params={"clip": 0.2})

@@ -17,7 +17,7 @@ from exoalign.config import load_config
 from exoalign.data import GroupCollator, tokenize_rows
 from exoalign.errors import ConfigError
 from exoalign.models import load_tokenizer
-from exoalign.train import checkpoint, engine, loop
+from exoalign.train import checkpoint, engine, trainer
 from exoalign.train.config import TrainConfig
 from exoalign.train.engine import TrainingError, read_metrics
 from exoalign.train.loop import load_preference_data, train
@@ -169,7 +169,7 @@ def test_existing_run_needs_resume_and_a_finished_run_resumes_to_itself(tmp_path
 
 
 def test_nan_loss_stops_or_is_skipped(tmp_path, monkeypatch):
-    real = loop.compute_loss
+    real = trainer.compute_loss
     calls = {"n": 0}
 
     def nan_on_third(model, batch, cfg, ref_model=None, **kw):
@@ -179,7 +179,7 @@ def test_nan_loss_stops_or_is_skipped(tmp_path, monkeypatch):
             loss = loss * float("nan")
         return loss, metrics
 
-    monkeypatch.setattr(loop, "compute_loss", nan_on_third)
+    monkeypatch.setattr(trainer, "compute_loss", nan_on_third)
     with pytest.raises(TrainingError) as err:
         train(make_cfg(tmp_path, "train.save_every=2", name="stop"))
     msg = str(err.value)

@@ -90,7 +90,7 @@ def test_needs_lengths_loss_gets_them(toy):
     tok, model, pairs, _ = toy
     batch = _batch(tok, pairs, range(4))
     with torch.no_grad():
-        loss, m = compute_loss(model, batch, LossConfig(name="simpo", gamma=0.0))
+        loss, m = compute_loss(model, batch, LossConfig(name="simpo", params={"gamma": 0.0}))
         policy, lengths = grouped_logps(model, batch)
         margin = policy[:, 0] / lengths[:, 0] - policy[:, 1] / lengths[:, 1]
         assert float(loss) == pytest.approx(float(-torch.nn.functional.logsigmoid(0.1 * margin).mean()), abs=1e-5)

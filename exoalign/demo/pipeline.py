@@ -243,13 +243,21 @@ class Demo:
         self.model_info()
 
     def sample(self) -> None:
+        import torch
+
         from ..stages.sample import SampleConfig, run
 
         s = self.s
-        run(SampleConfig(model=self.sft_model, prompts=str(self.data / "train_prompts.jsonl"),
-                         output=str(self.data / "groups.jsonl"), k=s.k, temperature=s.temperature,
-                         max_new_tokens=s.max_new_tokens, min_new_tokens=1, seed=s.seed,
-                         max_prompt_length=s.max_prompt_length, batch_size=s.gen_batch_size, device=self.device))
+        threads = torch.get_num_threads()
+        if not s.scratch:  # the only job running, on a real model's large matmuls: every core helps
+            torch.set_num_threads(max(1, s.workers or usable_cores()))
+        try:
+            run(SampleConfig(model=self.sft_model, prompts=str(self.data / "train_prompts.jsonl"),
+                             output=str(self.data / "groups.jsonl"), k=s.k, temperature=s.temperature,
+                             max_new_tokens=s.max_new_tokens, min_new_tokens=1, seed=s.seed,
+                             max_prompt_length=s.max_prompt_length, batch_size=s.gen_batch_size, device=self.device))
+        finally:
+            torch.set_num_threads(threads)
 
     def score(self) -> None:
         from ..stages.score import ScoreConfig, run

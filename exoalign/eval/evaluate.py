@@ -63,6 +63,7 @@ from ..sampling import (
     load_prompts,
     pick_device,
     resolve_backend,
+    summed_logps,
 )
 from .kl import kl_k1, kl_k3
 from .winrate import mean_ci, win_rate
@@ -289,6 +290,22 @@ def _safe(name: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- run
+_SFT_KEPT: dict[tuple, torch.nn.Module] = {}
+
+
+def _kept_sft(session: _Session) -> torch.nn.Module:
+    """π_sft, loaded once per process: a driver that evaluates several runs in one process (the demo's eval
+    workers) pays its load once. Only the last one is kept; eval never changes its weights."""
+    cfg = session.cfg
+    path = Path(cfg.sft_model)
+    stamp = max((f.stat().st_mtime_ns for f in path.iterdir() if f.is_file()), default=0) if path.is_dir() else 0
+    key = (os.path.abspath(cfg.sft_model), stamp, cfg.dtype, str(session.device), cfg.trust_remote_code)
+    if key not in _SFT_KEPT:
+        _SFT_KEPT.clear()
+        _SFT_KEPT[key] = session.load(cfg.sft_model)
+    return _SFT_KEPT[key]
+
+
 @dataclass
 class _Session:
     """What every checkpoint's evaluation shares: prompts, tokeniser, judge and the π_sft model."""
@@ -322,6 +339,14 @@ class _Session:
         _free()
         return groups
 
+    def sampler_scores_policy(self) -> bool:
+        """The HF sampler's reported log-probs are ``log π_θ`` at ``kl_temperature`` (it samples from the policy's
+        own weights at that temperature and reports log-probs before min_new_tokens / top-k / top-p), so the
+        policy's forward pass of the KL can be skipped."""
+        cfg = self.cfg
+        return (self.backend == "hf" and self.kl_temperature == cfg.temperature
+                and cfg.sample_dtype in ("model", cfg.dtype) and cfg.shared_prefill and cfg.kv_cache == "dynamic")
+
     def rewards(self, groups: list[list[Completion]]) -> np.ndarray:
         """Judge rewards ``[n_prompts, samples_per_prompt]``."""
         texts = [c.text for g in groups for c in g]
@@ -347,7 +372,11 @@ class _Session:
             policy = self.load(ckpt.path)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         kw = {"temperature": self.kl_temperature, "batch_size": cfg.logp_batch_size, "pad_id": pad_id}
-        lp_pi = completion_logps(policy, self.prompt_ids, groups, **kw)  # (n_prompts, n)
+        reported = summed_logps(groups) if self.sampler_scores_policy() else None
+        if reported is not None:
+            lp_pi = np.asarray(reported, dtype=np.float64)  # (n_prompts, n)
+        else:
+            lp_pi = completion_logps(policy, self.prompt_ids, groups, **kw)  # (n_prompts, n)
         lp_ref = lp_pi if policy is self.sft else completion_logps(self.sft, self.prompt_ids, groups, **kw)
         del policy
         _free()
@@ -427,7 +456,7 @@ def run(cfg: EvalConfig) -> Path:
         judge_name=f"oracle {cfg.oracle}" if cfg.oracle else f"reward model {cfg.reward_model}",
         device=pick_device(cfg.device), backend=backend, kl_temperature=T_kl,
     )
-    session.sft = session.load(cfg.sft_model)
+    session.sft = _kept_sft(session)
     if cfg.win_rate and state["baseline"] is None:
         state["baseline"] = session.baseline()
         _save(out, state)

@@ -11,17 +11,24 @@ mask)`` gives the corrected reference and targets for exo/dpo and the KL-shaped 
 
 See ``core.py`` for the equations and papers, and ``docs/losses.md`` for when to use which. The trainer knows no loss formula: it asks :func:`get_loss`
 and reads the attributes :func:`loss_info` returns (whether the loss needs the reference model, completion
-lengths, and which extra parameters it takes).
+lengths, and which parameters of its own it takes, set by ``loss.params``). The registry (``registry.py``) is the
+only list of losses: :func:`register_loss` adds a user's own.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from ..errors import ConfigError
 from .core import LossOutput, cdpo, dpo, exo, hinge, ipo, ppo, rloo, rpo, simpo
+from .registry import (
+    BATCH_PARAMS,
+    LOSSES,
+    LossInfo,
+    check_params,
+    register_loss,
+    resolve_loss,
+)
+from .registry import _builtin as _register_builtin
 from .targets import (
     NEG,
     OnlineTargets,
@@ -33,54 +40,31 @@ from .targets import (
     reward_targets,
 )
 
-
-@dataclass(frozen=True)
-class LossInfo:
-    name: str
-    fn: Callable[..., LossOutput]
-    needs_ref: bool
-    needs_lengths: bool
-    listwise: bool
-    """True when the loss uses all K completions; False when it uses the best/worst pair of each group."""
-    online_only: bool = False
-    """True when the loss needs samples of the current policy (``shaped_rewards`` from ``online_targets``; ppo
-    also the sampler's log-probs ``sampler_logps``)."""
-
-    @property
-    def params(self) -> list[str]:
-        """Names of the keyword-only parameters (``label_smoothing``, ``gamma``, ``alpha``, ``lengths``,
-        ``shaped_rewards``, ``sampler_logps``, ``clip``)."""
-        sig = inspect.signature(self.fn)
-        return [p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-
-
-LOSSES: dict[str, LossInfo] = {
-    "exo": LossInfo("exo", exo, needs_ref=True, needs_lengths=False, listwise=True),
-    "dpo": LossInfo("dpo", dpo, needs_ref=True, needs_lengths=False, listwise=True),
-    "ipo": LossInfo("ipo", ipo, needs_ref=True, needs_lengths=False, listwise=False),
-    "cdpo": LossInfo("cdpo", cdpo, needs_ref=True, needs_lengths=False, listwise=False),
-    "simpo": LossInfo("simpo", simpo, needs_ref=False, needs_lengths=True, listwise=False),
-    "rpo": LossInfo("rpo", rpo, needs_ref=True, needs_lengths=True, listwise=False),
-    "hinge": LossInfo("hinge", hinge, needs_ref=True, needs_lengths=False, listwise=False),
-    "rloo": LossInfo("rloo", rloo, needs_ref=False, needs_lengths=False, listwise=True, online_only=True),
-    "ppo": LossInfo("ppo", ppo, needs_ref=False, needs_lengths=False, listwise=True, online_only=True),
-}
+_register_builtin("exo", exo, needs_ref=True, listwise=True)
+_register_builtin("dpo", dpo, needs_ref=True, listwise=True)
+_register_builtin("ipo", ipo, needs_ref=True, listwise=False)
+_register_builtin("cdpo", cdpo, needs_ref=True, listwise=False)
+_register_builtin("simpo", simpo, needs_ref=False, listwise=False)
+_register_builtin("rpo", rpo, needs_ref=True, listwise=False)
+_register_builtin("hinge", hinge, needs_ref=True, listwise=False)
+_register_builtin("rloo", rloo, needs_ref=False, listwise=True, online_only=True)
+_register_builtin("ppo", ppo, needs_ref=False, listwise=True, online_only=True)
 
 
 def loss_info(name: str) -> LossInfo:
-    """The registry entry for loss ``name``; ConfigError naming the choices if there is none."""
-    if name not in LOSSES:
-        raise ConfigError(f"unknown loss {name!r}", field="loss", fix=f"use one of {', '.join(LOSSES)}")
-    return LOSSES[name]
+    """The registry entry for loss ``name`` (or ``file.py:function`` / ``module:function``, imported and
+    registered); ConfigError naming the choices if there is none."""
+    return resolve_loss(name)
 
 
 def get_loss(name: str) -> Callable[..., LossOutput]:
     """The loss function registered as ``name`` (``exo``, ``dpo``, ``ipo``, ``cdpo``, ``simpo``, ``rpo``, ``hinge``,
-    ``rloo``, ``ppo``)."""
+    ``rloo``, ``ppo``, or one added with :func:`register_loss`)."""
     return loss_info(name).fn
 
 
 __all__ = [
+    "BATCH_PARAMS",
     "LOSSES",
     "NEG",
     "LossInfo",
@@ -88,6 +72,7 @@ __all__ = [
     "OnlineTargets",
     "cdpo",
     "check_eps",
+    "check_params",
     "dpo",
     "ess",
     "exo",
@@ -99,6 +84,8 @@ __all__ = [
     "online_targets",
     "ppo",
     "pref_targets",
+    "register_loss",
+    "resolve_loss",
     "reward_targets",
     "rloo",
     "rpo",

@@ -18,7 +18,7 @@ from ..sampling import SamplingSettings, load_prompts
 from ..train.checkpoint import STATE_FILE, list_checkpoints
 from ..train.config import TrainConfig
 from ..train.engine import finished_state
-from ..train.loop import load_reference
+from ..train.prepare import load_reference
 from ..train.step import is_peft, unwrap
 
 
@@ -97,7 +97,7 @@ class OfflineHeldOut:
 
 def offline_heldout(cfg: TrainConfig, acc: Any, out: Path, eval_rows: list[dict], tokenizer: Any,
                     model: torch.nn.Module, ref_model: torch.nn.Module | None, source: str) -> OfflineHeldOut:
-    """The held-out evaluator of an offline ``exoalign train`` (``train.loop`` names it in ``HELDOUT_ENTRY``);
+    """The held-out evaluator of an offline ``exoalign train`` (``train.trainer`` names it in ``HELDOUT_ENTRY``);
     π_sft's point is evaluated here, before the loop starts (or kept, when resuming)."""
     on, args = cfg.online, cfg.train
     if ref_model is None:  # the cached reference mode keeps no π_sft in memory: the KL needs one

@@ -7,7 +7,7 @@ Round ``r`` covers optimizer steps ``r·S + 1 … (r + 1)·S`` (``S = online.ste
    (per-completion seeds, stream ``online-round{r}``; full distribution at ``online.temperature``);
 3. rewards from the oracle or reward model (``exoalign score``'s judges);
 4. ``log μ(y)``: π_t's log-probs of exactly the sampled ids at the sampling temperature (the distribution
-   sampled), and ``log π_sft(y)`` at the loss temperature;
+   sampled; reported by the sampler with its draws), and ``log π_sft(y)`` at the loss temperature;
 5. :func:`~exoalign.losses.online_targets` turns them into the corrected reference
    ``log π_sft + (log μ − log π_sft)/β_π``, targets ``log q = log_softmax(r/β_r − (log μ − log π_sft))`` and,
    for rloo and ppo, the KL-shaped reward (ppo also gets ``log μ`` for its ratio π_θ/π_t); the groups carry them
@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,10 @@ from ..eval.heldout import HeldOut, metrics_of, shard
 from ..fileio import atomic_json
 from ..losses import ess, masked_log_softmax, online_targets
 from ..rewards import JudgeSettings, judge_texts, make_judge
-from ..sampling import HFSampler, SamplingSettings, load_prompts
+from ..sampling import HFSampler, SamplingSettings, load_prompts, summed_logps
 from ..train.config import TrainConfig, check_round_slots, check_runnable
 from ..train.engine import Job, evaluate, fit, preflight
-from ..train.loop import load_reference
+from ..train.prepare import load_reference
 from ..train.refcache import compute_table
 from ..train.setup import load_model, load_tok, make_accelerator, prepare_source
 from ..train.step import compute_loss, grouped_logps, is_peft
@@ -200,11 +201,16 @@ class Rounds:
                            [c.text for g in groups for c in g], gb * k, self.judge_name) if idx else []
         feats = [{"index": n, "prompt_ids": p, "completion_ids": [c.ids for c in g], "rewards": None}
                  for n, (p, g) in enumerate(zip(pids, groups))]
-        # The distribution sampled: the current policy at the sampling temperature, on exactly the sampled ids
-        # (recomputed by the training model whichever backend sampled).
-        mu = policy_table(self.model, feats, self.tok.pad_token_id, batch_size=self.batch_size,
-                          temperature=self.on.temperature, prefix_sharing=self.cfg.train.prefix_sharing
-                          ).tolist() if feats else []  # (n, K)
+        # The distribution sampled: the current policy at the sampling temperature, on exactly the sampled ids.
+        # The HF sampler reports them (log-probs of its own draws, from the decode it ran anyway); otherwise (vLLM)
+        # the training model recomputes them.
+        reported = summed_logps(groups) if groups else None
+        if reported is not None:
+            mu = [list(map(float, row)) for row in reported]  # (n, K)
+        else:
+            mu = policy_table(self.model, feats, self.tok.pad_token_id, batch_size=self.batch_size,
+                              temperature=self.on.temperature, prefix_sharing=self.cfg.train.prefix_sharing
+                              ).tolist() if feats else []  # (n, K)
         return {"completion_ids": [[c.ids for c in g] for g in groups],
                 "completions": [[c.text for c in g] for g in groups],
                 "finished": [[c.finished for c in g] for g in groups],
@@ -290,8 +296,9 @@ class Rounds:
         return metrics
 
 
-def train_online(cfg: TrainConfig) -> Path:
-    """Run ``exoalign train`` with ``online.rounds >= 1``; returns ``output_dir/final`` (from_pretrained loads it)."""
+def train_online(cfg: TrainConfig, callbacks: Sequence[Any] = ()) -> Path:
+    """Run ``exoalign train`` with ``online.rounds >= 1``; returns ``output_dir/final`` (from_pretrained loads it).
+    ``callbacks`` as the Trainer's (``on_round_end`` gets each round's ``online/*`` metrics)."""
     check_runnable(cfg)
     on = cfg.online
     if on.rounds < 1:
@@ -353,7 +360,7 @@ def train_online(cfg: TrainConfig) -> Path:
     info = {"model_source": source, "num_processes": acc.num_processes, "prompts": len(prompts),
             "online": {"rounds": on.rounds, "steps": on.rounds * S, "save_every": args.save_every}}
     job = Job(model=model, tokenizer=tokenizer, train_data=rounds.data, collate=rounds.collate,
-              loss_fn=rounds.loss_fn, config=cfg, info=info, after_step=rounds.after_step)
+              loss_fn=rounds.loss_fn, config=cfg, info=info, after_step=rounds.after_step, callbacks=callbacks)
     final = fit(acc, args, job)
     if rounds.vllm is not None:
         rounds.vllm.close()

@@ -1,8 +1,10 @@
-"""The trainer: config dataclasses, the accelerate loop, the reference cache and checkpoints.
+"""The trainer: config dataclasses, the Trainer (in-memory models and rows, callbacks), the accelerate loop, the
+reference cache and checkpoints.
 
-``train(cfg)`` runs ``exoalign train``; ``compute_loss(model, batch, loss_cfg)`` is one batch's loss and metrics;
-``fit(accelerator, args, job)`` is the loop that ``exoalign sft`` and ``exoalign rm train`` share. See
-``docs/training.md``. Attributes are imported on first use, so reading a config does not load accelerate.
+``Trainer(model, train_data, tokenizer=, config=, ref_model=, eval_data=, callbacks=).train()`` aligns a model from
+Python; ``train(cfg)`` runs ``exoalign train`` (through the Trainer); ``compute_loss(model, batch, loss_cfg)`` is one
+batch's loss and metrics; ``fit(accelerator, args, job)`` is the loop that ``exoalign sft`` and ``exoalign rm train``
+share. See ``docs/training.md``. Attributes are imported on first use, so reading a config does not load accelerate.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ _WHERE = {
     "LossConfig": "config",
     "TrainArgs": "config",
     "OnlineConfig": "config",
+    "Trainer": "trainer",
+    "TrainerState": "engine",
     "train": "loop",
     "compute_loss": "step",
     "fit": "engine",

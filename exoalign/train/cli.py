@@ -8,34 +8,14 @@ Also runs under a distributed launcher unchanged, e.g.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from ..config import config_parser, load_config
+from ..logs import setup_logging
 from .config import TrainConfig
 from .engine import TrainingError
-
-
-class _CurrentStderr(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is when a record is emitted (pytest and notebooks swap it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
-
-def setup_logging() -> None:
-    """INFO messages of exoalign on stderr from the main process only (others print warnings and errors)."""
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
-    log = logging.getLogger("exoalign")
-    if not log.handlers:
-        handler = _CurrentStderr()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    log.propagate = False
 
 
 def run_stage(prog: str, cls: type, run: Callable[[Any], Any], argv: list[str], description: str) -> int:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from ..config import require
 from ..data import get_preset, parse_columns
 from ..errors import ConfigError
-from ..losses import LOSSES, check_eps
+from ..losses import LOSSES, check_eps, check_params, resolve_loss
 from ..models import DTYPES, check_model_dir
 
 SCHEDULERS = (
@@ -99,8 +99,9 @@ class DataBaseConfig:
     """Split to read from a hub dataset or a DatasetDict directory."""
     max_length: int = 512
     """Maximum tokens of prompt + completion; completions are cut on the right (counted in run_info.json)."""
-    max_prompt_length: int = 256
-    """Maximum prompt tokens; longer prompts keep their last tokens (truncated from the left)."""
+    max_prompt_length: int | None = None
+    """Maximum prompt tokens; longer prompts keep their last tokens (truncated from the left). null = 256, or half
+    of max_length when that is shorter (online: at most max_length - online.max_new_tokens)."""
     preset: str | None = None
     """A published dataset's schema, read as it is: hh-rlhf, ultrafeedback, ultrafeedback-binarized, shp or
     pku-saferlhf (docs/data.md lists the rows each expects)."""
@@ -113,6 +114,9 @@ class DataBaseConfig:
         if self.preset:
             get_preset(self.preset, "preset")
         require(self.max_length >= 2, "max_length", "must be at least 2", "use e.g. 512")
+        self.prompt_length_auto = self.max_prompt_length is None  # not a field: a default that may still adapt
+        if self.max_prompt_length is None:
+            self.max_prompt_length = min(256, self.max_length // 2)
         require(
             0 < self.max_prompt_length < self.max_length,
             "max_prompt_length",
@@ -142,7 +146,8 @@ class LossConfig:
     """Which loss from the registry and its hyper-parameters."""
 
     name: str = "exo"
-    """Loss: exo, dpo, ipo, cdpo, simpo, rpo or hinge; online (online.rounds >= 1) also rloo or ppo."""
+    """A registered loss (exo, dpo, ipo, cdpo, simpo, rpo, hinge; rloo, ppo online; any added by
+    exoalign.register_loss), or a user's loss as path/to/file.py:function or module:function (docs/losses.md)."""
     target: Literal["pref", "rw"] = "pref"
     """Target distribution over the K completions: pref = [1-eps, eps] on (chosen, rejected) pairs; rw =
     softmax(rewards / beta_r) (needs rewards in the data)."""
@@ -154,28 +159,39 @@ class LossConfig:
     """Label smoothing ε of pref targets, in (0, 0.5); the authors' code uses sigmoid(-10) ≈ 4.5e-5."""
     temperature: float = 1.0
     """Divide policy and reference logits by this before log-probs (the sampling temperature, e.g. 0.8)."""
-    label_smoothing: float = 0.1
-    """cdpo only: assumed label-noise rate, in (0, 0.5)."""
-    gamma: float = 0.5
-    """simpo only: target reward margin γ."""
-    alpha: float = 1.0
-    """rpo only: weight of the NLL term on the chosen completion."""
-    clip: float = 0.2
-    """ppo only: the ratio π_θ/π_t of each completion is clipped to [1 - clip, 1 + clip], clip in (0, 1)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """The loss's own hyper-parameters (its keyword-only parameters), e.g. {label_smoothing: 0.1} for cdpo,
+    {gamma: 0.5} for simpo, {alpha: 1.0} for rpo, {clip: 0.2} for ppo; unset ones keep the function's defaults."""
+    clip: float | None = None
+    """PPO's clip range c (ratio clipped to [1-c, 1+c]); loss.clip=0.3 is loss.params={clip: 0.3}. Unset: 0.2."""
 
     def __post_init__(self) -> None:
-        require(self.name in LOSSES, "name", f"unknown loss {self.name!r}", f"use one of {', '.join(LOSSES)}")
+        info = resolve_loss(self.name)  # imports and registers file.py:function / module:function
+        if self.clip is not None:
+            require("clip" in info.hyper_params, "clip", f"loss {self.name!r} has no clip range",
+                    "set loss.clip only with loss.name=ppo")
+            require(self.params.get("clip", self.clip) == self.clip, "clip",
+                    f"given twice: loss.clip={self.clip} and loss.params.clip={self.params.get('clip')}", "give one")
+            self.params = {**self.params, "clip": self.clip}
         for name in ("beta_pi", "beta_r", "temperature"):
             value = getattr(self, name)
             require(math.isfinite(value) and value > 0, name, f"must be > 0 (got {value})", "use a positive number such as 0.1")
-        for name in ("eps", "label_smoothing"):
-            try:
-                check_eps(getattr(self, name))
-            except ConfigError as e:
-                raise ConfigError(e.message, field=name, fix=e.fix) from None
-        require(math.isfinite(self.gamma), "gamma", "must be finite", "use e.g. 0.5")
-        require(math.isfinite(self.alpha) and self.alpha >= 0, "alpha", "must be >= 0", "use e.g. 1.0")
-        require(0.0 < self.clip < 1.0, "clip", f"must be in (0, 1) (got {self.clip})", "use 0.2 (PPO's default)")
+        try:
+            check_eps(self.eps)
+        except ConfigError as e:
+            raise ConfigError(e.message, field="eps", fix=e.fix) from None
+        try:
+            self.params = check_params(info, self.params)
+        except ConfigError as e:  # the field is dotted from the root; this section's builder prefixes "loss."
+            raise ConfigError(e.message, field=(e.field or "params").removeprefix("loss."), fix=e.fix) from None
+
+    @classmethod
+    def unknown_key_hint(cls, key: str) -> str | None:
+        """A loss's own parameter written as a key of this section (``loss.gamma``): it belongs in ``loss.params``."""
+        owners = [info.name for info in LOSSES.values() if key in info.hyper_params]
+        if owners:
+            return f"{', '.join(owners)}'s {key} is a loss parameter: write loss.params={{{key}: ...}}"
+        return None
 
 
 def default_cache_dir() -> str:
@@ -369,10 +385,6 @@ class OnlineConfig:
                     "set online.oracle=module:function (or file.py:function), or online.reward_model=DIR")
 
 
-#: Losses that train on the corrected online groups.
-ONLINE_LOSSES = ("exo", "dpo", "rloo", "ppo")
-
-
 @dataclass
 class TrainConfig:
     """``exoalign train``: align a causal LM with a loss from the registry on pairs or scored groups."""
@@ -392,7 +404,7 @@ class TrainConfig:
         if self.online.rounds > 0:
             check_online(self)
             return
-        require(not getattr(LOSSES[self.loss.name], "online_only", False), "loss.name",
+        require(not resolve_loss(self.loss.name).online_only, "loss.name",
                 f"loss {self.loss.name!r} trains on samples of the current policy only",
                 "set online.rounds >= 1 (with online.oracle or online.reward_model), or use exo/dpo offline")
         # Preference targets are a distribution over exactly (chosen, rejected).
@@ -424,12 +436,16 @@ def check_runnable(cfg: Any) -> None:
 def check_online(cfg: TrainConfig) -> None:
     """Cross-section checks of an online run (``online.rounds >= 1``)."""
     on, d = cfg.online, cfg.data
-    require(cfg.loss.name in ONLINE_LOSSES, "loss.name", f"loss {cfg.loss.name!r} has no online form",
-            f"use one of {', '.join(ONLINE_LOSSES)} with online.rounds >= 1")
+    room = d.max_length - on.max_new_tokens
+    if getattr(d, "prompt_length_auto", False) and d.max_prompt_length > room >= 1:
+        d.max_prompt_length = room  # the default prompt length gives way to the sampled tokens
+    online = [name for name, info in LOSSES.items() if info.online]
+    require(resolve_loss(cfg.loss.name).online, "loss.name", f"loss {cfg.loss.name!r} has no online form",
+            f"use one of {', '.join(online)} (listwise losses) with online.rounds >= 1")
     # ppo's ratio π_θ/π_t compares the loss's log-probs with the sampler's: one distribution, one temperature
-    require(cfg.loss.name != "ppo" or cfg.loss.temperature == on.temperature, "loss.temperature",
-            f"ppo's ratio needs the loss temperature ({cfg.loss.temperature}) to equal the sampling temperature "
-            f"({on.temperature})", f"set loss.temperature={on.temperature}")
+    require("sampler_logps" not in resolve_loss(cfg.loss.name).params or cfg.loss.temperature == on.temperature,
+            "loss.temperature", f"{cfg.loss.name}'s ratio needs the loss temperature ({cfg.loss.temperature}) to "
+            f"equal the sampling temperature ({on.temperature})", f"set loss.temperature={on.temperature}")
     need = d.max_prompt_length + on.max_new_tokens
     require(need <= d.max_length, "online.max_new_tokens",
             f"data.max_prompt_length ({d.max_prompt_length}) + online.max_new_tokens ({on.max_new_tokens}) = {need} "

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,37 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
+class TrainerState:
+    """What callbacks see: ``on_step_end(state, metrics)``, ``on_round_end(state, metrics)``, ``on_save(state, path)``.
+
+    The object is the same for the whole run; its fields are updated before each call.
+    """
+
+    step: int = 0
+    """Optimizer steps done."""
+    max_steps: int = 0
+    """Optimizer steps the run will make."""
+    epoch: float = 0.0
+    """Passes over the training data so far (fractional)."""
+    output_dir: Path | None = None
+    """The run's directory (metrics.jsonl, checkpoints, final)."""
+    model: Any = None
+    """The model being trained (unwrapped from DDP/accelerate)."""
+
+
+def call_back(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
+    """``cb.<hook>(*args)`` for every callback that defines it."""
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if callable(fn):
+            fn(*args)
+
+
+def wants(callbacks: Sequence[Any], hook: str) -> bool:
+    return any(callable(getattr(cb, hook, None)) for cb in callbacks)
+
+
+@dataclass
 class Job:
     """What a stage plugs into the shared loop."""
 
@@ -72,6 +103,10 @@ class Job:
     """Called with the step count after each optimizer step (after logging, before held-out evaluation and the
     checkpoint); metrics it returns are written as a record of that step. Online training refills
     ``train_data`` with the next round's groups here, so a checkpoint at that step already includes them."""
+    callbacks: Sequence[Any] = ()
+    """Objects with any of ``on_step_end(state, metrics)`` (after every optimizer step, with that step's metrics),
+    ``on_round_end(state, metrics)`` (when ``after_step`` returned metrics: the end of an online round) and
+    ``on_save(state, path)`` (after each checkpoint and the final model are written)."""
 
 
 class EpochSampler(Sampler[int]):
@@ -333,6 +368,7 @@ class _Run:
         # Progress: optimizer steps done, and where in which epoch the data stands (micro-batches consumed).
         self.step, self.epoch, self.position, self.nonfinite = 0, 0, 0, 0
         self.bad_update = False  # a micro-batch of the current update had a NaN/inf loss (nan_policy=skip)
+        self.last_norm: Any = None  # the last update's gradient norm (for on_step_end)
         self.log = MetricsLog(self.out / "metrics.jsonl", self.main)
         self.last_saved = -1
         # A finished run keeps no optimizer state unless save_final_state, only `final` with its step: resuming it
@@ -362,6 +398,11 @@ class _Run:
         if args.report_to:
             accelerator.init_trackers(args.project_name, config=_flat_config(job.config))
         self.window = _Window()
+        self.public = TrainerState(step=self.step, max_steps=self.total, output_dir=self.out,
+                                   model=accelerator.unwrap_model(self.model))
+        self.per_step = wants(job.callbacks, "on_step_end")
+        self.step_sums: dict[str, torch.Tensor] = {}
+        self.step_micro = 0
 
     def _write_run_files(self) -> None:
         """``config.yaml`` and ``run_info.json`` (atomically: a kill never leaves half a file)."""
@@ -388,6 +429,9 @@ class _Run:
             metrics = {}
         self.acc.backward(loss)
         self.window.add_micro(metrics, batch["attention_mask"].sum())
+        if self.per_step and metrics:
+            _Window._acc(self.step_sums, metrics)
+            self.step_micro += 1
 
     def update(self, batch: dict) -> None:
         """Clip, then one optimizer + scheduler step — or, under nan_policy=skip, no step when anything was NaN/inf."""
@@ -406,6 +450,25 @@ class _Run:
         self.bad_update = False
         self.step += 1
         self.window.steps += 1
+        self.last_norm = norm
+
+    # ------------------------------------------------------------------------------------ callbacks
+    def sync_public(self) -> TrainerState:
+        self.public.step, self.public.max_steps = self.step, self.total
+        self.public.epoch = self.epoch + self.position / len(self.loader)
+        return self.public
+
+    def step_end(self) -> None:
+        """``on_step_end(state, metrics)``: this step's micro-batch means (this process), grad_norm and lr."""
+        if not self.per_step:
+            return
+        n = max(self.step_micro, 1)
+        metrics = {k: float(v) / n for k, v in self.step_sums.items()}
+        if self.last_norm is not None:
+            metrics["grad_norm"] = float(self.last_norm)
+        metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        self.step_sums, self.step_micro = {}, 0
+        call_back(self.job.callbacks, "on_step_end", self.sync_public(), metrics)
 
     # ---------------------------------------------------------------------------------- bookkeeping
     def log_window(self) -> dict[str, float]:
@@ -425,6 +488,7 @@ class _Run:
         if extra:
             self.log.write({"step": self.step, **extra})
             self.acc.log(extra, step=self.step)
+            call_back(self.job.callbacks, "on_round_end", self.sync_public(), dict(extra))
         self.window.start += time.perf_counter() - began
 
     def write_eval(self) -> None:
@@ -453,10 +517,11 @@ class _Run:
         flag = torch.tensor(0.0 if all_finite(self.model) else float("nan"), device=self.acc.device)
         if not _finite_everywhere(self.acc, flag):
             raise TrainingError(f"the weights hold NaN/inf at step {self.step}; not saving them")
-        save_checkpoint(self.acc, self.model, self.job.tokenizer, self.out, self.step, self.state(),
-                        self.args.save_total_limit, keep_weights=self.args.keep_checkpoint_weights,
-                        with_state=with_state)
+        path = save_checkpoint(self.acc, self.model, self.job.tokenizer, self.out, self.step, self.state(),
+                               self.args.save_total_limit, keep_weights=self.args.keep_checkpoint_weights,
+                               with_state=with_state)
         self.last_saved = self.step
+        call_back(self.job.callbacks, "on_save", self.sync_public(), Path(path or self.out / f"checkpoint-{self.step}"))
         self.window.start = time.perf_counter()
 
     def save_final(self) -> Path:
@@ -473,6 +538,7 @@ class _Run:
             save_pretrained_atomic(net, self.job.tokenizer, final, state_dict=state_dict,
                                    extra={STATE_FILE: {**self.state(), "final": True}})
         self.acc.wait_for_everyone()
+        call_back(self.job.callbacks, "on_save", self.sync_public(), final)
         return final
 
 
@@ -502,6 +568,7 @@ def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
                 if run.step % args.log_every == 0 or last:
                     record = run.log_window()
                     bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "rewards/accuracies") if k in record})
+                run.step_end()
                 if job.after_step is not None:
                     run.after_step()
                 if run.eval_loader is not None and args.eval_every and run.step % args.eval_every == 0 and not last:

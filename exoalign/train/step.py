@@ -184,12 +184,12 @@ def compute_loss(
             ref = reference_logps(model, batch, loss_cfg.temperature, ref_model, prefix_sharing)
         ref = ref.to(policy.dtype)
     targets = targets_for(batch, loss_cfg, B, K, policy.device)  # (B, K)
-    params = {"lengths": lengths, "label_smoothing": loss_cfg.label_smoothing, "gamma": loss_cfg.gamma, "alpha": loss_cfg.alpha,
-              # rloo, ppo: online groups carry the KL-shaped reward and the sampler's log-probs
-              "shaped_rewards": batch.get("shaped_rewards"), "sampler_logps": batch.get("sampler_logps"),
-              "clip": loss_cfg.clip}
-    kwargs = {name: params[name] for name in info.params if name in params}
-    out = info.fn(policy, ref, targets, loss_cfg.beta_pi, mask, **kwargs)
+    # What the batch supplies (rloo, ppo: online groups carry the KL-shaped reward and the sampler's log-probs),
+    # then the loss's own loss.params.
+    supplied = {"lengths": lengths, "shaped_rewards": batch.get("shaped_rewards"),
+                "sampler_logps": batch.get("sampler_logps")}
+    kwargs = {name: supplied[name] for name in info.params if name in supplied}
+    out = info.fn(policy, ref, targets, loss_cfg.beta_pi, mask, **kwargs, **loss_cfg.params)
     loss = out.losses.mean()
     metrics = {"loss": loss.detach(), **{k: v.detach() for k, v in out.metrics.items()}}
     metrics.update(batch_metrics(policy, ref, targets, mask))

@@ -1,0 +1,121 @@
+"""The fast sampler (shared prefill, scored draw, bf16 copy): same tokens as the pre-change path in fp32, and the
+per-token log-probs it reports equal a forward pass of the sampling model on the sampled ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from numerics import EPS, assert_close_scaled
+
+from exoalign.models import build_model, tiny_config
+from exoalign.sampling import HFSampler, SamplingSettings, ScoredDraw, SeededSampler, completion_seed
+
+PROMPTS = ["the movie was", "a delightful story with a", "i", "what a fantastic surprise , truly a good"]  # "i": one token
+
+
+def _model(tokenizer, model_type: str) -> torch.nn.Module:
+    kw = {} if model_type == "gpt2" else dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=256)
+    return build_model(tiny_config(len(tokenizer), model_type=model_type, **kw), seed=0, tokenizer=tokenizer).eval()
+
+
+def _sample(model, tok, k: int = 3, **kw) -> list:
+    s = SamplingSettings(temperature=kw.pop("temperature", 0.9), max_new_tokens=kw.pop("max_new_tokens", 12),
+                         seed=3, **kw)
+    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    return HFSampler(model, tok, s, stream="t").generate(ids, list(range(len(ids))), k)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("opts", [{}, {"min_new_tokens": 2}, {"top_k": 20, "top_p": 0.9}])
+def test_fast_path_gives_the_pre_change_tokens_in_fp32(tiny_tokenizer, model_type, opts):
+    """fp32, fixed seed: shared prefill + scored draw emit exactly the tokens of the pre-change path."""
+    model = _model(tiny_tokenizer, model_type)
+    fast = _sample(model, tiny_tokenizer, **opts)
+    old = _sample(model, tiny_tokenizer, shared_prefill=False, **opts)
+    assert [[c.ids for c in g] for g in fast] == [[c.ids for c in g] for g in old]
+    assert [[c.finished for c in g] for g in fast] == [[c.finished for c in g] for g in old]
+    assert all(c.logps is not None and len(c.logps) == len(c.ids) for g in fast for c in g)
+
+
+@pytest.mark.parametrize("spread", [0.1, 1.0, 5.0, 30.0])
+def test_pruned_gumbel_draw_equals_the_full_one(spread):
+    """ScoredDraw computes the Gumbel noise only where a token can still win; the drawn tokens equal the full
+    draw's for flat and peaked logits alike, with filtered (-inf) tokens, over many rows and steps."""
+    R, V = 64, 5000
+    seeds = [completion_seed(7, i, 0) for i in range(R)]
+    full, pruned = SeededSampler(seeds, torch.device("cpu")), ScoredDraw(seeds, torch.device("cpu"), warpers=[],
+                                                                         min_new_tokens=0, eos_id=None)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):  # consecutive steps: both consume their streams alike
+        logits = spread * torch.randn(R, V, generator=g)
+        logits[:, :: 7] = float("-inf")
+        assert torch.equal(full.draw(logits), pruned.draw(logits))
+
+
+def _forward_logps(model, prompt: list[int], ids: list[int], temperature: float) -> torch.Tensor:
+    """``log softmax(logits / T)`` of each sampled id, from one forward pass over prompt + completion."""
+    x = torch.tensor([prompt + ids])
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[0, len(prompt) - 1 : -1].float() / temperature  # (n, V)
+    return logits.log_softmax(-1).gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1)  # (n,)
+
+
+@pytest.mark.parametrize("dtype", ["model", "bfloat16"])
+def test_reported_logps_equal_a_forward_pass(tiny_tokenizer, dtype):
+    """Each token's reported log-prob equals ``log softmax(logits/T)`` of the sampling model (the fp32 model, or its
+    bf16 copy) in one unpadded forward pass over prompt + sampled ids, the basis of online EXO's ``log μ``."""
+    model = _model(tiny_tokenizer, "llama")
+    T = 0.8
+    s = SamplingSettings(temperature=T, max_new_tokens=12, seed=1, sample_dtype=dtype)
+    sampler = HFSampler(model, tiny_tokenizer, s)
+    ids = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
+    groups = sampler.generate(ids, list(range(len(ids))), 3)
+    ref = sampler.sampling_model
+    assert (ref is model) == (dtype == "model")
+    assert next(model.parameters()).dtype == torch.float32  # the caller's weights are untouched
+    wdtype = next(ref.parameters()).dtype
+    for p, g in zip(ids, groups):
+        for c in g:
+            want = _forward_logps(ref, p, c.ids, T)
+            # Padded batch + KV cache vs one unpadded pass: the same sums in another order. A logit is a
+            # reduction over the width (64) of values rounded to the weights' dtype, through 2 layers; a log-prob
+            # is O(log V) = O(6) in size, so 64·eps·√64 of that scale covers the rounding in fp32 and in bf16.
+            assert_close_scaled(torch.tensor(c.logps), want, 64 * EPS[wdtype] * 8, scale=max(6.0, float(want.abs().max())))
+
+
+def test_bf16_copy_samples_and_resume_record(tiny_tokenizer):
+    """``sample_dtype`` appears in the resume record only when set (older records stay valid)."""
+    assert "sample_dtype" not in SamplingSettings().sampling_dict()
+    assert SamplingSettings(sample_dtype="bfloat16").sampling_dict()["sample_dtype"] == "bfloat16"
+    model = _model(tiny_tokenizer, "gpt2")
+    groups = _sample(model, tiny_tokenizer, sample_dtype="bfloat16")
+    assert all(len(c.ids) >= 1 for g in groups for c in g)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["model", "bfloat16"])
+def test_fast_path_on_cuda(tiny_tokenizer, dtype):
+    """On a GPU: fp32 fast path = pre-change tokens; reported log-probs = a forward pass (fp32 and the bf16 copy)."""
+    model = _model(tiny_tokenizer, "llama").cuda()
+    if dtype == "model":
+        fast = _sample(model, tiny_tokenizer)
+        old = _sample(model, tiny_tokenizer, shared_prefill=False)
+        assert [[c.ids for c in g] for g in fast] == [[c.ids for c in g] for g in old]
+    T = 0.9
+    sampler = HFSampler(model, tiny_tokenizer, SamplingSettings(temperature=T, max_new_tokens=12, seed=2,
+                                                               sample_dtype=dtype))
+    ids = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
+    groups = sampler.generate(ids, list(range(len(ids))), 3)
+    ref = sampler.sampling_model
+    wdtype = next(ref.parameters()).dtype
+    for p, g in zip(ids, groups):
+        for c in g:
+            x = torch.tensor([p + c.ids], device="cuda")
+            with torch.no_grad():
+                logits = ref(input_ids=x).logits[0, len(p) - 1 : -1].float() / T
+            want = logits.log_softmax(-1).gather(1, torch.tensor(c.ids, device="cuda")[:, None]).squeeze(1).cpu()
+            # as on the CPU (see test_reported_logps_equal_a_forward_pass); GPU kernels may use TF32-free fp32
+            assert_close_scaled(torch.tensor(c.logps), want, 64 * EPS[wdtype] * 8, scale=max(6.0, float(want.abs().max())))
