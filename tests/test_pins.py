@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -47,3 +48,14 @@ def test_installed_versions_equal_the_pins() -> None:
     pins = check_pins.read_pins(ROOT / os.environ["EXOALIGN_CONSTRAINTS"])
     assert check_pins.mismatches(pins) == []
     assert metadata.version("transformers") == pins["transformers"]
+
+
+def test_a_vendored_copy_on_sys_path_is_not_the_installed_version(tmp_path, monkeypatch) -> None:
+    """setuptools puts its _vendor directory (with an older packaging-*.dist-info) on sys.path when imported:
+    the check reads the version an import would load, the first on sys.path, not the last one found."""
+    real = metadata.version("packaging")
+    vendored = tmp_path / "packaging-0.0.1.dist-info"
+    vendored.mkdir()
+    (vendored / "METADATA").write_text("Metadata-Version: 2.1\nName: packaging\nVersion: 0.0.1\n")
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])  # after site-packages, as setuptools appends it
+    assert check_pins.mismatches({"packaging": real}) == []

@@ -34,11 +34,18 @@ def read_pins(path: str | Path) -> dict[str, str]:
 
 def mismatches(pins: dict[str, str], installed: dict[str, str] | None = None) -> list[str]:
     """One line per pinned package whose installed version differs (or that is not installed)."""
-    if installed is None:
-        installed = {normalise(d.metadata["Name"]): d.version for d in metadata.distributions()}
     out = []
     for name, want in sorted(pins.items()):
-        have = installed.get(name)
+        if installed is None:
+            # The distribution an import would load: the first on sys.path. (Iterating all distributions would also
+            # see copies vendored inside other packages, e.g. setuptools/_vendor/packaging, once those directories
+            # are on sys.path.)
+            try:
+                have = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                have = None
+        else:
+            have = installed.get(name)
         if have != want:
             out.append(f"{name}: pinned {want}, installed {have or 'nothing'}")
     return out
