@@ -40,6 +40,8 @@ import json
 import os
 import re
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,7 @@ from ..sampling import (
     summed_logps,
 )
 from .kl import kl_k1, kl_k3
+from .reference import PrefixCachedLogps
 from .winrate import mean_ci, win_rate
 
 SCHEMA = "exoalign.eval/1"
@@ -104,7 +107,9 @@ class EvalConfig(JudgeSettings, SamplingSettings):
     kl_temperature: float | None = None
     """Temperature of the log-probs in the KL estimators; null = the sampling temperature."""
     logp_batch_size: int = 16
-    """Sequences per forward pass when computing log-probs."""
+    """Sequences per forward pass when computing log-probs (π_θ's, when the sampler does not report them)."""
+    kl_prefix_cache_mb: int = 1024
+    """π_sft's prompt KV caches kept for the KL pass of later checkpoints in this process (MiB); 0 = keep none."""
     confidence: float = 0.95
     """Level of the confidence intervals."""
     n_bootstrap: int = 1000
@@ -136,6 +141,7 @@ class EvalConfig(JudgeSettings, SamplingSettings):
         require(self.kl_temperature is None or self.kl_temperature > 0, "kl_temperature", "must be > 0",
                 "use null (= temperature) or e.g. 1.0")
         require(self.logp_batch_size >= 1, "logp_batch_size", "must be >= 1", "use e.g. 16")
+        require(self.kl_prefix_cache_mb >= 0, "kl_prefix_cache_mb", "must be >= 0", "use e.g. 1024 (0 keeps none)")
         require(0 < self.confidence < 1, "confidence", "must be in (0, 1)", "use e.g. 0.95")
         require(self.n_bootstrap >= 100, "n_bootstrap", "must be >= 100", "use e.g. 1000")
         require(self.max_prompts is None or self.max_prompts >= 2, "max_prompts", "must be >= 2 (a CI needs 2)",
@@ -203,13 +209,28 @@ def _state_step(path: Path) -> int | None:
 
 
 # ------------------------------------------------------------------------------------ computation
-def sample_all(sampler: Sampler, prompt_ids: list[list[int]], n: int, batch_size: int, desc: str) -> list[list[Completion]]:
-    """``n`` completions for every prompt, in batches of ``batch_size`` prompts, with a progress bar."""
+def sample_all(sampler: Sampler, prompt_ids: list[list[int]], n: int, batch_size: int, desc: str,
+               on_batch: Callable[[list[list[int]], list[list[Completion]]], None] | None = None,
+               clock: dict[str, float] | None = None) -> list[list[Completion]]:
+    """``n`` completions for every prompt, in batches of ``batch_size`` prompts, with a progress bar.
+
+    ``on_batch(prompt_ids, groups)`` runs after each batch is drawn (eval's KL pass, on the same batch);
+    ``clock["generation_s"]`` / ``clock["on_batch_s"]`` accumulate the seconds of each part.
+    """
     groups: list[list[Completion]] = []
+    clock = clock if clock is not None else {}
     with tqdm(total=len(prompt_ids), desc=desc, unit="prompt", leave=False) as bar:
         for start in range(0, len(prompt_ids), batch_size):
             idx = list(range(start, min(start + batch_size, len(prompt_ids))))
-            groups.extend(sampler.generate([prompt_ids[i] for i in idx], idx, n))
+            batch = [prompt_ids[i] for i in idx]
+            t0 = time.perf_counter()
+            drawn = sampler.generate(batch, idx, n)
+            clock["generation_s"] = clock.get("generation_s", 0.0) + time.perf_counter() - t0
+            groups.extend(drawn)
+            if on_batch is not None:
+                t0 = time.perf_counter()
+                on_batch(batch, drawn)
+                clock["on_batch_s"] = clock.get("on_batch_s", 0.0) + time.perf_counter() - t0
             bar.update(len(idx))
     return groups
 
@@ -290,10 +311,22 @@ def _safe(name: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- run
-_SFT_KEPT: dict[tuple, torch.nn.Module] = {}
+@dataclass
+class _KeptSft:
+    """π_sft and what is computed from it alone, kept per process for as long as the same π_sft is evaluated."""
+
+    model: torch.nn.Module
+    ref: dict[tuple, PrefixCachedLogps] = field(default_factory=dict)
+    """The KL pass with π_sft's prompt KV caches, per (temperature, pad id)."""
+    own: dict[str, Any] = field(default_factory=dict)
+    """π_sft's own samples, their rewards and log-probs, keyed by everything they depend on (settings, prompts,
+    judge, random stream): the baseline and π_sft as a checkpoint are drawn and scored once per process."""
 
 
-def _kept_sft(session: _Session) -> torch.nn.Module:
+_SFT_KEPT: dict[tuple, _KeptSft] = {}
+
+
+def _kept_sft(session: _Session) -> _KeptSft:
     """π_sft, loaded once per process: a driver that evaluates several runs in one process (the demo's eval
     workers) pays its load once. Only the last one is kept; eval never changes its weights."""
     cfg = session.cfg
@@ -302,7 +335,7 @@ def _kept_sft(session: _Session) -> torch.nn.Module:
     key = (os.path.abspath(cfg.sft_model), stamp, cfg.dtype, str(session.device), cfg.trust_remote_code)
     if key not in _SFT_KEPT:
         _SFT_KEPT.clear()
-        _SFT_KEPT[key] = session.load(cfg.sft_model)
+        _SFT_KEPT[key] = _KeptSft(session.load(cfg.sft_model))
     return _SFT_KEPT[key]
 
 
@@ -319,7 +352,14 @@ class _Session:
     device: torch.device
     backend: str
     kl_temperature: float
-    sft: torch.nn.Module | None = None
+    kept: _KeptSft | None = None
+    own_key: str = ""
+    """What π_sft's own samples depend on besides the model (settings, prompts, judge): their cache key."""
+
+    @property
+    def sft(self) -> torch.nn.Module:
+        assert self.kept is not None
+        return self.kept.model
 
     def load(self, path: str) -> torch.nn.Module:
         cfg = self.cfg
@@ -328,12 +368,13 @@ class _Session:
     def is_sft(self, path: str) -> bool:
         return os.path.normpath(path) == os.path.normpath(self.cfg.sft_model)
 
-    def sample(self, path: str, stream: str, model: torch.nn.Module | None, desc: str) -> list[list[Completion]]:
+    def sample(self, path: str, stream: str, model: torch.nn.Module | None, desc: str,
+               on_batch: Callable | None = None, clock: dict[str, float] | None = None) -> list[list[Completion]]:
         """``samples_per_prompt`` completions per prompt from ``path`` (HF reuses ``model`` when given)."""
         cfg = self.cfg
         sampler = build_sampler(cfg, path, self.tokenizer, dtype=cfg.dtype, device=cfg.device,
                                 trust_remote_code=cfg.trust_remote_code, stream=stream, model=model)
-        groups = sample_all(sampler, self.prompt_ids, cfg.samples_per_prompt, cfg.batch_size, desc)
+        groups = sample_all(sampler, self.prompt_ids, cfg.samples_per_prompt, cfg.batch_size, desc, on_batch, clock)
         _close(sampler)
         del sampler
         _free()
@@ -347,6 +388,17 @@ class _Session:
         return (self.backend == "hf" and self.kl_temperature == cfg.temperature
                 and cfg.sample_dtype in ("model", cfg.dtype) and cfg.shared_prefill and cfg.kv_cache == "dynamic")
 
+    def ref_pass(self) -> PrefixCachedLogps:
+        """π_sft's KL pass, with its prompt KV caches kept across the checkpoints and eval calls of this process."""
+        assert self.kept is not None
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        key = (self.kl_temperature, pad_id)
+        if key not in self.kept.ref:
+            self.kept.ref[key] = PrefixCachedLogps(self.sft, pad_id, self.kl_temperature,
+                                                   budget_mb=self.cfg.kl_prefix_cache_mb)
+        return self.kept.ref[key]
+
     def rewards(self, groups: list[list[Completion]]) -> np.ndarray:
         """Judge rewards ``[n_prompts, samples_per_prompt]``."""
         texts = [c.text for g in groups for c in g]
@@ -354,33 +406,74 @@ class _Session:
         r = judge_texts(self.judge, flat_prompts, texts, self.cfg.judge_batch_size, self.judge_name)
         return np.asarray(r, dtype=np.float64).reshape(len(groups), -1)
 
-    def baseline(self) -> dict[str, Any]:
-        """The baseline's samples (own random stream) scored once: what every checkpoint's win rate uses."""
+    def baseline(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The baseline's samples (own random stream) scored once: what every checkpoint's win rate uses; and its
+        timings. π_sft as the baseline is drawn once per process (:class:`_KeptSft`)."""
+        assert self.kept is not None
+        t0, clock = time.perf_counter(), {}
         path = self.cfg.baseline or self.cfg.sft_model
-        groups = self.sample(path, "baseline", self.sft if self.is_sft(path) else None, "baseline")
+        own = f"baseline {self.own_key}" if self.is_sft(path) else None
+        if own is not None and own in self.kept.own:
+            return dict(self.kept.own[own]), {"cached": True, "total_s": time.perf_counter() - t0}
+        groups = self.sample(path, "baseline", self.sft if self.is_sft(path) else None, "baseline", clock=clock)
         r = self.rewards(groups)
-        return {"model": path, "reward": mean_ci(r, self.cfg.confidence).to_dict(), "rewards": r.tolist()}
+        out = {"model": path, "reward": mean_ci(r, self.cfg.confidence).to_dict(), "rewards": r.tolist()}
+        if own is not None:
+            self.kept.own[own] = dict(out)
+        return out, {"cached": False, "generation_s": clock.get("generation_s", 0.0),
+                     "total_s": time.perf_counter() - t0}
 
-    def evaluate(self, ckpt: Checkpoint, r_base: np.ndarray | None) -> tuple[dict[str, Any], list[dict]]:
-        """The result entry of one checkpoint, and its samples as rows for ``save_samples``."""
+    def _draw(self, ckpt: Checkpoint, clock: dict[str, float]) -> tuple[list[list[Completion]], np.ndarray, np.ndarray]:
+        """A checkpoint's samples, ``log π_θ`` and ``log π_sft`` of them ``[n_prompts, n]``; π_sft's KL pass runs
+        batch by batch right after each generation batch, on the prompt KV caches it keeps."""
         cfg = self.cfg
-        policy = self.sft if self.is_sft(ckpt.path) else None
+        is_sft = self.is_sft(ckpt.path)
+        policy = self.sft if is_sft else None
         if self.backend == "hf" and policy is None:
+            t0 = time.perf_counter()
             policy = self.load(ckpt.path)
-        groups = self.sample(ckpt.path, "policy", policy, ckpt.name)
+            clock["load_s"] = time.perf_counter() - t0
+        parts: list[np.ndarray] = []
+        on_batch = None
+        if not is_sft:
+            ref = self.ref_pass()
+            on_batch = lambda batch, drawn: parts.append(ref(batch, [[c.ids for c in g] for g in drawn]))  # noqa: E731
+        groups = self.sample(ckpt.path, "policy", policy, ckpt.name, on_batch, clock)
+        clock["kl_s"] = clock.pop("on_batch_s", 0.0)
         if policy is None:  # vLLM sampled; the log-probs still come from the HF model
             policy = self.load(ckpt.path)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        kw = {"temperature": self.kl_temperature, "batch_size": cfg.logp_batch_size, "pad_id": pad_id}
+        t0 = time.perf_counter()
         reported = summed_logps(groups) if self.sampler_scores_policy() else None
         if reported is not None:
             lp_pi = np.asarray(reported, dtype=np.float64)  # (n_prompts, n)
         else:
-            lp_pi = completion_logps(policy, self.prompt_ids, groups, **kw)  # (n_prompts, n)
-        lp_ref = lp_pi if policy is self.sft else completion_logps(self.sft, self.prompt_ids, groups, **kw)
+            pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+            lp_pi = completion_logps(policy, self.prompt_ids, groups, temperature=self.kl_temperature,
+                                     batch_size=cfg.logp_batch_size, pad_id=pad_id)  # (n_prompts, n)
+        clock["kl_s"] += time.perf_counter() - t0
+        lp_ref = lp_pi if is_sft else np.concatenate(parts, 0)  # (n_prompts, n)
         del policy
         _free()
-        rewards = self.rewards(groups)  # (n_prompts, n)
+        return groups, lp_pi, lp_ref
+
+    def evaluate(self, ckpt: Checkpoint, r_base: np.ndarray | None) -> tuple[dict[str, Any], list[dict], dict]:
+        """The result entry of one checkpoint, its samples as rows for ``save_samples``, and its timings (seconds:
+        ``load_s``, ``generation_s``, ``kl_s``, ``score_s``, ``total_s``; ``cached`` when π_sft's own samples were
+        taken from earlier in the process)."""
+        assert self.kept is not None
+        cfg = self.cfg
+        t_start, clock = time.perf_counter(), {}
+        own = f"policy {self.own_key}" if self.is_sft(ckpt.path) else None
+        if own is not None and own in self.kept.own:
+            groups, lp_pi, lp_ref, rewards = self.kept.own[own]
+            clock["cached"] = True
+        else:
+            groups, lp_pi, lp_ref = self._draw(ckpt, clock)
+            t0 = time.perf_counter()
+            rewards = self.rewards(groups)  # (n_prompts, n)
+            clock["score_s"] = time.perf_counter() - t0
+            if own is not None:
+                self.kept.own[own] = (groups, lp_pi, lp_ref, rewards)
         k1, k3 = kl_k1(lp_pi, lp_ref), kl_k3(lp_pi, lp_ref)
         result: dict[str, Any] = {
             "checkpoint": ckpt.path, "name": ckpt.name, "run": ckpt.run, "step": ckpt.step,
@@ -396,7 +489,8 @@ class _Session:
         rows = [{"prompt": p, "completions": [c.text for c in g], "rewards": r.tolist(), "logps": a.tolist(),
                  "ref_logps": b.tolist(), "lengths": [len(c.ids) for c in g]}
                 for p, g, r, a, b in zip(self.prompts, groups, rewards, lp_pi, lp_ref)]
-        return result, rows
+        clock["total_s"] = time.perf_counter() - t_start
+        return result, rows, clock
 
 
 def _check_runnable(cfg: EvalConfig) -> None:
@@ -449,20 +543,24 @@ def run(cfg: EvalConfig) -> Path:
         _save(out, state)
         return out
 
+    t_setup = time.perf_counter()
     session = _Session(
         cfg=cfg, tokenizer=tokenizer, prompts=prompts,
         prompt_ids=encode_prompts(tokenizer, prompts, cfg.max_prompt_length),
         judge=make_judge(cfg, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code),
         judge_name=f"oracle {cfg.oracle}" if cfg.oracle else f"reward model {cfg.reward_model}",
         device=pick_device(cfg.device), backend=backend, kl_temperature=T_kl,
+        own_key=json.dumps(settings, sort_keys=True),
     )
-    session.sft = _kept_sft(session)
+    session.kept = _kept_sft(session)
+    timings = state.setdefault("timings", {})
+    timings["setup_s"] = time.perf_counter() - t_setup  # tokeniser, prompts, judge, π_sft (unless kept)
     if cfg.win_rate and state["baseline"] is None:
-        state["baseline"] = session.baseline()
+        state["baseline"], timings["baseline"] = session.baseline()
         _save(out, state)
     r_base = np.asarray(state["baseline"]["rewards"], dtype=np.float64) if cfg.win_rate else None
     for ckpt in tqdm(todo, desc="eval", unit="checkpoint"):
-        result, rows = session.evaluate(ckpt, r_base)
+        result, rows, timings[ckpt.name] = session.evaluate(ckpt, r_base)
         if cfg.save_samples:
             write_rows(out.with_name(out.stem + ".samples") / f"{_safe(ckpt.name)}.jsonl", rows)
         state["results"].append(result)
