@@ -13,6 +13,7 @@ import pytest
 
 from exoalign.demo import pipeline as D
 from exoalign.demo.frontier import compare, envelope, paired_bootstrap, side, verdict
+from exoalign.demo.jobs import usable_cores
 
 pytest.importorskip("vaderSentiment")
 
@@ -110,6 +111,18 @@ def test_second_run_skips_every_stage(quick_run):
     assert quick_run["second"] < max(20.0, 0.25 * quick_run["first"])
     # the numbers are the same: the report is rebuilt from the cached evaluations
     assert results["runs"] == quick_run["results_first"]["runs"]
+    # every job's start-up overheads are recorded (and kept by the cached second run) and reported
+    first = quick_run["results_first"]["timings"]
+    for name, t in first.items():
+        if name.startswith("train "):
+            o = t["overheads"]
+            assert all(o.get(k) is not None and o[k] >= 0 for k in ("setup_s", "load_s", "reference_s", "first_step_s")), o
+        elif name.startswith("eval "):
+            assert t["overheads"]["setup_s"] >= 0 and t["overheads"]["checkpoints"]
+    if usable_cores() > 1:  # jobs ran in spawned workers, whose first jobs paid the process's start
+        assert any("process_start_s" in t.get("overheads", {}) for t in first.values())
+    assert all(stages[n].get("overheads") == t.get("overheads") for n, t in first.items())
+    assert "| job | process start |" in (quick_run["out"] / "report.md").read_text()
 
 
 def test_changing_a_training_setting_invalidates_only_later_stages():

@@ -37,8 +37,8 @@ class Job:
     progress: Callable[[], int]
     """Units done so far (polled in the parent)."""
     total: int
-    on_done: Callable[[float, float], None]
-    """Called in the parent with the job's wall and CPU seconds when it succeeds."""
+    on_done: Callable[[float, float, dict], None]
+    """Called in the parent with the job's wall and CPU seconds and its overheads (:func:`_worker`) on success."""
 
 
 def usable_cores() -> int:
@@ -59,16 +59,37 @@ def one_thread() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _worker(fn: Callable[..., Any], args: tuple, log: str) -> tuple[float, float]:
-    """Run ``fn(*args)`` with its output in ``log``; return its wall and CPU seconds."""
+_JOBS_HERE = 0
+"""Jobs this process has started (a pool's worker process runs several)."""
+
+
+def _process_start_s() -> float | None:
+    """Seconds from this process's creation to now: the interpreter, torch and transformers a spawned worker
+    loads before its first job. None for a later job of the same process (it pays none of that)."""
+    global _JOBS_HERE
+    _JOBS_HERE += 1
+    if _JOBS_HERE > 1:
+        return None
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except (ImportError, OSError):
+        return None
+
+
+def _worker(fn: Callable[..., Any], args: tuple, log: str, spawned: bool = True) -> tuple[float, float, dict]:
+    """Run ``fn(*args)`` with its output in ``log``; return its wall and CPU seconds and its overheads
+    (``process_start_s``: see :func:`_process_start_s`; absent when the job runs in the parent)."""
     one_thread()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    extra = {"process_start_s": _process_start_s()} if spawned else {}
     t0, c0 = time.perf_counter(), time.process_time()
     with open(log, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         fn(*args)
-    return time.perf_counter() - t0, time.process_time() - c0
+    return time.perf_counter() - t0, time.process_time() - c0, extra
 
 
 def _tail(path: Path, n: int = 15) -> str:
@@ -94,7 +115,7 @@ def run_jobs(jobs: list[Job], desc: str, workers: int) -> None:
     if workers <= 1:
         for job in jobs:
             # In-process: the job's own bars would fight with this one, so its output goes to the log too.
-            job.on_done(*_worker(job.fn, job.args, str(job.log)))
+            job.on_done(*_worker(job.fn, job.args, str(job.log), False))
             refresh()
         bar.close()
         return

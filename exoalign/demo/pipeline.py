@@ -148,11 +148,38 @@ class Demo:
             elif p.exists():
                 p.unlink()
 
-    def _done(self, name: str, fp: str, seconds: float, cpu: float) -> None:
-        """Mark stage ``name`` done; its wall and CPU seconds go into the marker and the timings."""
+    def _done(self, name: str, fp: str, seconds: float, cpu: float, extra: dict | None = None) -> None:
+        """Mark stage ``name`` done; its wall and CPU seconds (and a job's start-up overheads) go into the marker and
+        the timings."""
         record = {"fingerprint": fp, "seconds": seconds, "cpu_seconds": cpu, "device": self.device}
+        if extra is not None:
+            record["overheads"] = self.overheads(name, extra)
         atomic_json(self._mark(name), record)
         self.timings[name] = {"seconds": seconds, "cpu_seconds": cpu, "cached": False}
+        if extra is not None:
+            self.timings[name]["overheads"] = record["overheads"]
+
+    def overheads(self, name: str, extra: dict) -> dict[str, Any]:
+        """Where job ``name`` spent its time outside its steps (seconds): ``process_start_s`` (a spawned worker's
+        interpreter and imports, its first job only); a training's ``setup_s`` / ``load_s`` / ``reference_s``
+        (``run_info.json``'s ``startup``) and ``first_step_s``; an evaluation's ``setup_s`` and per checkpoint
+        ``generation_s`` / ``total_s`` (the eval JSON's ``timings``)."""
+        out = {k: v for k, v in extra.items() if v is not None}
+        kind, run = name.split(" ", 1)
+        try:
+            if kind == "train":
+                info = json.loads((self.runs / run / "run_info.json").read_text(encoding="utf-8"))
+                out.update(info.get("startup") or {})
+                steps = [json.loads(line) for line in (self.runs / run / "metrics.jsonl").open(encoding="utf-8")]
+                out["first_step_s"] = next((r["perf/step_s"] for r in steps if "perf/step_s" in r), None)
+            elif kind == "eval":
+                t = json.loads((self.evals / f"{run}.json").read_text(encoding="utf-8")).get("timings") or {}
+                out["setup_s"] = t.get("setup_s")
+                out["checkpoints"] = {k: {"generation_s": v.get("generation_s"), "total_s": v.get("total_s")}
+                                      for k, v in t.items() if isinstance(v, dict) and k != "baseline"}
+        except (OSError, ValueError, KeyError):  # a job that leaves no such files (or older ones)
+            pass
+        return out
 
     def _cached(self, header: str, name: str) -> None:
         try:
@@ -161,6 +188,8 @@ class Demo:
             mark = {"seconds": float("nan")}
         print(f"{header}: cached ({mark['seconds']:.1f} s when it ran)", file=sys.stderr)
         self.timings[name] = {"seconds": mark["seconds"], "cpu_seconds": mark.get("cpu_seconds"), "cached": True}
+        if "overheads" in mark:
+            self.timings[name]["overheads"] = mark["overheads"]
 
     def stage(self, n: int, name: str, fp: str, outputs: list[Path], work: Callable[[], None]) -> None:
         """Run ``work`` unless stage ``name`` is done with fingerprint ``fp``; time it; mark it done."""
@@ -421,7 +450,7 @@ class Demo:
                 continue
             self._clear(outputs)
             todo.append(Job(name, fn, args, self.work / "logs" / f"{name.replace(' ', '-')}.log", progress, total,
-                            on_done=lambda sec, cpu, name=name, fp=fp: self._done(name, fp, sec, cpu)))
+                            on_done=lambda sec, cpu, extra, name=name, fp=fp: self._done(name, fp, sec, cpu, extra)))
         if not todo:
             return
         workers = 1 if self.device == "cuda" else min(len(todo), self.s.workers or usable_cores())

@@ -278,8 +278,30 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {stage} | {t['seconds']:.1f} | {'–' if cpu is None else f'{cpu:.1f}'} | "
                      f"{'cached (times of the run that made it)' if t.get('cached') else ''} |")
     lines.append(f"| **total of this invocation** | {results['total_seconds']:.1f} | | |")
+    lines += overheads_table(results["timings"])
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
     return "\n".join(lines)
+
+
+def _s(x: Any) -> str:
+    return "–" if x is None else f"{x:.1f}"
+
+
+def overheads_table(timings: dict[str, Any]) -> list[str]:
+    """Markdown lines: each job's start-up overheads (``Demo.overheads``), so the cost outside the steps is seen."""
+    jobs = {name: t["overheads"] for name, t in timings.items() if t.get("overheads")}
+    if not jobs:
+        return []
+    lines = ["", "Start-up per job (seconds): the worker process's start (its first job only), set-up (accelerator, "
+             "tokeniser, rows; an evaluation's prompts, judge and π_sft), the model's load, the reference log-probs, "
+             "the first optimizer step; for an evaluation, generation and total per checkpoint.", "",
+             "| job | process start | set-up | load | reference | first step | eval: generation / total per checkpoint |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for name, o in jobs.items():
+        ck = " · ".join(f"{_s(c.get('generation_s'))} / {_s(c.get('total_s'))}" for c in (o.get("checkpoints") or {}).values())
+        lines.append(f"| {name} | {_s(o.get('process_start_s'))} | {_s(o.get('setup_s'))} | {_s(o.get('load_s'))} | "
+                     f"{_s(o.get('reference_s'))} | {_s(o.get('first_step_s'))} | {ck} |")
+    return lines
 
 
 def seed_summary(paths: list[str]) -> str:

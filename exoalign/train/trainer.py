@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
 from importlib import import_module
 from pathlib import Path
@@ -219,6 +220,7 @@ class Trainer:
 
     def _offline(self) -> tuple[Path, torch.nn.Module]:
         cfg, args = self.config, self.config.train
+        t0 = time.perf_counter()
         preflight(args, warn=False)  # refuse a used output_dir before building anything
         acc = make_accelerator(args)
         out = Path(args.output_dir)
@@ -228,7 +230,9 @@ class Trainer:
         if tokenizer is not None and tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # as load_tokenizer does: padding needs a token
         train_rows, eval_rows = self._rows(tokenizer)
+        t1 = time.perf_counter()
         model, tokenizer, source = self._policy(acc, train_rows, tokenizer)
+        t2 = time.perf_counter()
         tok_kw = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
         train_data = tokenize_rows(train_rows, tokenizer, **tok_kw)
         eval_data = tokenize_rows(eval_rows, tokenizer, **tok_kw) if eval_rows else None
@@ -240,6 +244,9 @@ class Trainer:
                                 "model_source": source or f"in memory ({type(unwrap(model)).__name__})",
                                 "num_processes": acc.num_processes}
         train_data, eval_data, ref_model = self._reference(acc, model, tokenizer, source, train_data, eval_data, info)
+        # Start-up seconds before the first step (run_info.json; the demo reports them per job): accelerator,
+        # tokeniser and rows; the policy's load; tokenising and the reference log-probs (a cache hit reads a file).
+        info["startup"] = {"setup_s": t1 - t0, "load_s": t2 - t1, "reference_s": time.perf_counter() - t2}
 
         def loss_fn(m: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             return compute_loss(m, batch, cfg.loss, ref_model, prefix_sharing=args.prefix_sharing)
