@@ -286,3 +286,6 @@ def test_micro_demo_on_smollm2(tmp_path):
     assert c["side"] == ("above" if c["ci"][0] > 0 else "below" if c["ci"][1] < 0 else "no difference detected")
     assert not list((out / "runs").glob("*/checkpoint-*/state"))  # the training state was pruned
     assert not (out / "data" / "pairs.jsonl").exists()  # no pref method: no pairs
+    # sampled from bf16 copies (sample_dtype's default for a real model), in both the sample stage and the eval
+    assert json.loads((out / "data" / "groups.jsonl.meta.json").read_text())["sample_dtype"] == "bfloat16"
+    assert json.loads((out / "eval" / "sft.json").read_text())["settings"]["sample_dtype"] == "bfloat16"

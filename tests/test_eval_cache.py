@@ -96,3 +96,23 @@ def test_eval_cache_gives_the_numbers_of_recomputing(setup):
     for name in ("first", "warm", "cold"):
         samples = tmp / f"{name}.samples"
         assert (samples / f"{eval_mod._safe(warm['results'][1]['name'])}.jsonl").is_file()
+
+
+def test_eval_in_bf16_measures_the_bf16_models(setup):
+    """sample_dtype=bfloat16: the checkpoints sample from bf16 weights, log π_θ is the sampler's (bf16) and
+    π_sft's pass runs on π_sft's bf16 copy (made once), so π_θ = π_sft gives exactly 0 and π_θ ≠ π_sft more."""
+    tmp, prompts, sft, (a, _) = setup
+    eval_mod._SFT_KEPT.clear()
+    out = tmp / "bf16.json"
+    assert _eval(sft, prompts, out, [sft, a], "sample_dtype=bfloat16", "win_rate=false") == 0
+    data = json.loads(out.read_text())
+    assert data["settings"]["sample_dtype"] == "bfloat16"
+    r_sft, r_a = data["results"]
+    assert r_sft["kl"] == 0 and r_a["kl"] > 0 and r_a["kl_k3"] > 0
+    (kept,) = eval_mod._SFT_KEPT.values()
+    assert set(kept.copies) == {"bfloat16"} and next(kept.copies["bfloat16"].parameters()).dtype == torch.bfloat16
+    (ref,) = kept.ref.values()
+    assert ref.model is kept.copies["bfloat16"] and ref.misses == 3
+    fp32 = tmp / "fp32.json"
+    assert _eval(sft, prompts, fp32, [sft, a], "win_rate=false") == 0
+    assert json.loads(fp32.read_text())["results"][1]["kl"] != r_a["kl"]  # other samples: the fp32 models'

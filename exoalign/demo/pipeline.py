@@ -284,7 +284,8 @@ class Demo:
             run(SampleConfig(model=self.sft_model, prompts=str(self.data / "train_prompts.jsonl"),
                              output=str(self.data / "groups.jsonl"), k=s.k, temperature=s.temperature,
                              max_new_tokens=s.max_new_tokens, min_new_tokens=1, seed=s.seed,
-                             max_prompt_length=s.max_prompt_length, batch_size=s.gen_batch_size, device=self.device))
+                             max_prompt_length=s.max_prompt_length, batch_size=s.gen_batch_size, device=self.device,
+                             sample_dtype=self.sample_dtype))
         finally:
             torch.set_num_threads(threads)
 
@@ -390,7 +391,13 @@ class Demo:
                        samples_per_prompt=s.eval_samples, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
                        max_prompt_length=s.max_prompt_length, min_new_tokens=1, seed=s.seed + 1000,
                        batch_size=s.gen_batch_size, win_rate=False, output=str(self.evals / f"{name}.json"),
-                       run_name=name, device=self.device, logp_batch_size=64))
+                       run_name=name, device=self.device, logp_batch_size=64, sample_dtype=self.sample_dtype))
+
+    @property
+    def sample_dtype(self) -> str:
+        """The sampling dtype of the sample stage and the evaluation: the setting for a real model; the toy samples
+        its own fp32 weights (a 1M-parameter model gains nothing from bf16)."""
+        return "model" if self.s.scratch else self.s.sample_dtype
 
     # -- the whole chain
     def run(self) -> dict[str, Any]:

@@ -284,7 +284,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def _s(x: Any) -> str:
-    return "–" if x is None else f"{x:.1f}"
+    return "–" if x is None else f"{x:.2f}"
 
 
 def overheads_table(timings: dict[str, Any]) -> list[str]:

@@ -65,6 +65,7 @@ from ..sampling import (
     load_prompts,
     pick_device,
     resolve_backend,
+    sampling_copy,
     summed_logps,
 )
 from .kl import kl_k1, kl_k3
@@ -316,8 +317,10 @@ class _KeptSft:
     """π_sft and what is computed from it alone, kept per process for as long as the same π_sft is evaluated."""
 
     model: torch.nn.Module
+    copies: dict[str, torch.nn.Module] = field(default_factory=dict)
+    """π_sft converted to a ``sample_dtype`` (sampling and the KL pass of the models in that dtype), made once."""
     ref: dict[tuple, PrefixCachedLogps] = field(default_factory=dict)
-    """The KL pass with π_sft's prompt KV caches, per (temperature, pad id)."""
+    """The KL pass with π_sft's prompt KV caches, per (dtype, temperature, pad id)."""
     own: dict[str, Any] = field(default_factory=dict)
     """π_sft's own samples, their rewards and log-probs, keyed by everything they depend on (settings, prompts,
     judge, random stream): the baseline and π_sft as a checkpoint are drawn and scored once per process."""
@@ -361,9 +364,11 @@ class _Session:
         assert self.kept is not None
         return self.kept.model
 
-    def load(self, path: str) -> torch.nn.Module:
+    def load(self, path: str, dtype: str = "model") -> torch.nn.Module:
+        """A model in the eval's ``dtype`` (or in ``dtype`` when it names one)."""
         cfg = self.cfg
-        return load_causal_lm(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
+        want = cfg.dtype if dtype == "model" else dtype
+        return load_causal_lm(path, dtype=want, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
 
     def is_sft(self, path: str) -> bool:
         return os.path.normpath(path) == os.path.normpath(self.cfg.sft_model)
@@ -382,20 +387,35 @@ class _Session:
 
     def sampler_scores_policy(self) -> bool:
         """The HF sampler's reported log-probs are ``log π_θ`` at ``kl_temperature`` (it samples from the policy's
-        own weights at that temperature and reports log-probs before min_new_tokens / top-k / top-p), so the
-        policy's forward pass of the KL can be skipped."""
+        weights in ``sample_dtype`` at that temperature and reports log-probs before min_new_tokens / top-k /
+        top-p), so the policy's forward pass of the KL can be skipped. The KL is then measured on the models in
+        ``sample_dtype`` (:meth:`measured_dtype`)."""
         cfg = self.cfg
         return (self.backend == "hf" and self.kl_temperature == cfg.temperature
-                and cfg.sample_dtype in ("model", cfg.dtype) and cfg.shared_prefill and cfg.kv_cache == "dynamic")
+                and cfg.shared_prefill and cfg.kv_cache == "dynamic")
+
+    def measured_dtype(self) -> str:
+        """The dtype of the models whose samples and KL are measured: ``sample_dtype`` when the sampler's log-probs
+        are the policy's (π_sft's pass then runs on its own copy in that dtype, so ``KL(π_θ ‖ π_sft)`` is the one
+        between the two converted models, and π_θ = π_sft still gives exactly 0); else the loaded models'."""
+        return self.cfg.sample_dtype if self.sampler_scores_policy() else "model"
+
+    def sft_as_measured(self) -> torch.nn.Module:
+        """π_sft in :meth:`measured_dtype` (itself, or a copy made once per process)."""
+        assert self.kept is not None
+        dtype = self.measured_dtype()
+        if dtype not in self.kept.copies:
+            self.kept.copies[dtype] = sampling_copy(self.sft, dtype)
+        return self.kept.copies[dtype]
 
     def ref_pass(self) -> PrefixCachedLogps:
         """π_sft's KL pass, with its prompt KV caches kept across the checkpoints and eval calls of this process."""
         assert self.kept is not None
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        key = (self.kl_temperature, pad_id)
+        key = (self.measured_dtype(), self.kl_temperature, pad_id)
         if key not in self.kept.ref:
-            self.kept.ref[key] = PrefixCachedLogps(self.sft, pad_id, self.kl_temperature,
+            self.kept.ref[key] = PrefixCachedLogps(self.sft_as_measured(), pad_id, self.kl_temperature,
                                                    budget_mb=self.cfg.kl_prefix_cache_mb)
         return self.kept.ref[key]
 
@@ -415,7 +435,8 @@ class _Session:
         own = f"baseline {self.own_key}" if self.is_sft(path) else None
         if own is not None and own in self.kept.own:
             return dict(self.kept.own[own]), {"cached": True, "total_s": time.perf_counter() - t0}
-        groups = self.sample(path, "baseline", self.sft if self.is_sft(path) else None, "baseline", clock=clock)
+        groups = self.sample(path, "baseline", self.sft_as_measured() if self.is_sft(path) else None, "baseline",
+                             clock=clock)
         r = self.rewards(groups)
         out = {"model": path, "reward": mean_ci(r, self.cfg.confidence).to_dict(), "rewards": r.tolist()}
         if own is not None:
@@ -428,10 +449,10 @@ class _Session:
         batch by batch right after each generation batch, on the prompt KV caches it keeps."""
         cfg = self.cfg
         is_sft = self.is_sft(ckpt.path)
-        policy = self.sft if is_sft else None
+        policy = self.sft_as_measured() if is_sft else None
         if self.backend == "hf" and policy is None:
             t0 = time.perf_counter()
-            policy = self.load(ckpt.path)
+            policy = self.load(ckpt.path, self.measured_dtype())  # only sampled (and scored by the sampler) then
             clock["load_s"] = time.perf_counter() - t0
         parts: list[np.ndarray] = []
         on_batch = None
