@@ -25,7 +25,11 @@ Output JSON (``schema: exoalign.eval/1``)::
                   "samples_per_prompt": int, "reward": {"mean", "ci_low", "ci_high"},
                   "kl": float, "kl_se": float, "kl_k3": float, "kl_k3_se": float,
                   "win_rate": {"mean", "ci_low", "ci_high", "wins", "ties", "losses"} | null,
-                  "length": float (mean completion tokens), "finished": float (fraction ending in EOS)}]}
+                  "length": float (mean completion tokens), "finished": float (fraction ending in EOS)}],
+     "timings": {"setup_s": float, "baseline": {...}, name: {"load_s", "generation_s", "kl_s", "score_s", "total_s"}}}
+
+What does not depend on the checkpoint is computed once per process (π_sft, its prompt KV caches for the KL pass,
+its own samples): see :mod:`exoalign.eval.reference` and docs/pipeline.md.
 
 The JSON is rewritten atomically after the baseline and after every checkpoint; a rerun with the same settings
 skips the checkpoints already in it (``overwrite=true`` starts afresh). With ``save_samples`` each
