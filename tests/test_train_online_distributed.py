@@ -37,7 +37,9 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path):
     equal exactly. What differs is fp32 rounding: π_sft's rows are split by stride across processes (other
     batches), and DDP averages two 2-group gradients instead of one 4-group mean. Log-probs are sums of ≤ 12
     token terms of magnitude ≤ log(300) ≈ 5.7, so |sum| ≤ 70 where one fp32 ulp is 7.6e-6: a few ulps is ≤ 5e-5
-    on log-prob metrics. Losses are O(1) means (ulp 1.2e-7, a few ulps: ≤ 1e-6). With adam_eps = 1e-3 an update
+    on log-prob metrics. The losses, ESS and the KL are smooth functions of those log-prob differences with slopes
+    ≤ β_π = 1 (softmax over the group), so they inherit the same absolute bound, 5e-5 (not the ulp of an O(1) loss:
+    under ATEN_CPU_CAPABILITY=default a loss differed by 1.8e-6). With adam_eps = 1e-3 an update
     moves by at most lr/adam_eps = 1 × a gradient difference, which is a few ulps of gradients clipped to norm 1,
     so over 4 steps the weights agree to 4 × (a few × 1.2e-7) ≤ 1e-5 (a round's samples then come from weights
     that equal to that, and a Gumbel draw flips only on a score gap that small)."""
@@ -69,9 +71,9 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path):
         for key in ("online/kl", "heldout/kl", "heldout/kl_k3"):
             assert g[key] == pytest.approx(w[key], abs=5e-5), key
         for key in ("online/ess", "online/ess_policy", "online/loss"):
-            assert g[key] == pytest.approx(w[key], abs=1e-5), key
+            assert g[key] == pytest.approx(w[key], abs=5e-5), key
     losses = [(r["loss"], r2["loss"]) for r, r2 in zip(read_metrics(two), read_metrics(one)) if "loss" in r]
-    assert len(losses) == 4 and all(a == pytest.approx(b, abs=1e-6) for a, b in losses)
+    assert len(losses) == 4 and all(a == pytest.approx(b, abs=5e-5) for a, b in losses)
     for r in (0, 1):  # the round files are written once, and hold the same samples
         a = json.loads((two / "online" / f"round-{r:05d}.json").read_text())
         b = json.loads((one / "online" / f"round-{r:05d}.json").read_text())
