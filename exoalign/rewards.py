@@ -24,15 +24,10 @@ A *judge* is ``fn(prompts, completions) -> list[float]``. Two kinds:
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
-import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -42,6 +37,7 @@ from .errors import ConfigError, InputError
 from .logprobs import position_ids_from_mask
 from .models import DTYPES, check_model_dir
 from .sampling import pick_device
+from .userspec import import_callable
 
 
 def scores(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -59,38 +55,8 @@ ORACLE_FIX = "write module:function or path/to/file.py:function, e.g. exoalign.e
 # -------------------------------------------------------------------------------------------- oracle
 def load_oracle(spec: str) -> Judge:
     """Import the callable named by ``spec`` (``module:function`` or ``file.py:function``); InputError if not."""
-    module_name, sep, func_name = spec.rpartition(":")
-    if not sep or not module_name or not func_name:
-        raise InputError(f"cannot read oracle spec {spec!r}", field="oracle", fix=ORACLE_FIX)
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise InputError(f"oracle file {module_name!r} not found", field="oracle", fix=ORACLE_FIX)
-            loader_spec = importlib.util.spec_from_file_location(f"_exoalign_oracle_{path.stem}", path)
-            assert loader_spec is not None and loader_spec.loader is not None
-            module = importlib.util.module_from_spec(loader_spec)
-            loader_spec.loader.exec_module(module)
-        else:
-            added = os.getcwd() not in sys.path
-            if added:  # like `python -m`, let a module in the working directory be named
-                sys.path.insert(0, os.getcwd())
-            try:
-                module = importlib.import_module(module_name)
-            finally:
-                if added:
-                    sys.path.remove(os.getcwd())
-    except InputError:
-        raise
-    except Exception as e:  # ImportError, SyntaxError, or the module failing at import: all the user's input
-        raise InputError(f"cannot import oracle module {module_name!r} ({type(e).__name__}: {e})".splitlines()[0],
-                         field="oracle", fix=ORACLE_FIX) from None
-    fn = getattr(module, func_name, None)
-    if fn is None:
-        raise InputError(f"module {module_name!r} has no attribute {func_name!r}", field="oracle", fix=ORACLE_FIX)
-    if not callable(fn):
-        raise InputError(f"{spec!r} is not callable", field="oracle", fix="name a function fn(prompts, completions)")
-    return fn
+    return import_callable(spec, what="oracle", field="oracle", fix=ORACLE_FIX,
+                           callable_fix="name a function fn(prompts, completions)")
 
 
 # -------------------------------------------------------------------------------------- reward model

@@ -16,18 +16,14 @@ keyword-only parameter is the loss's own hyper-parameter, set in ``loss.params``
 from __future__ import annotations
 
 import difflib
-import importlib
-import importlib.util
 import inspect
 import math
-import os
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError
+from ..userspec import import_callable
 
 BATCH_PARAMS = ("lengths", "shaped_rewards", "sampler_logps")
 """Keyword-only parameters the trainer fills from the batch; not hyper-parameters."""
@@ -127,34 +123,7 @@ def is_spec(name: str) -> bool:
 
 
 def _import_spec(spec: str) -> Callable[..., Any]:
-    module_name, _, func_name = spec.rpartition(":")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(os.path.expanduser(module_name))
-            if not path.is_file():
-                raise ConfigError(f"loss file {module_name!r} not found", field="loss.name", fix=SPEC_FIX)
-            where = importlib.util.spec_from_file_location(f"_exoalign_loss_{path.stem}", path)
-            assert where is not None and where.loader is not None
-            module = importlib.util.module_from_spec(where)
-            where.loader.exec_module(module)
-        else:
-            added = os.getcwd() not in sys.path
-            if added:  # like `python -m`, a module in the working directory can be named
-                sys.path.insert(0, os.getcwd())
-            try:
-                module = importlib.import_module(module_name)
-            finally:
-                if added:
-                    sys.path.remove(os.getcwd())
-    except InputError:
-        raise
-    except Exception as e:  # ImportError, SyntaxError, the module failing at import: all the user's input
-        raise ConfigError(f"cannot import loss module {module_name!r} ({type(e).__name__}: {e})".splitlines()[0],
-                          field="loss.name", fix=SPEC_FIX) from None
-    fn = getattr(module, func_name, None)
-    if fn is None:
-        raise ConfigError(f"module {module_name!r} has no attribute {func_name!r}", field="loss.name", fix=SPEC_FIX)
-    return fn
+    return import_callable(spec, what="loss", field="loss.name", fix=SPEC_FIX, error_type=ConfigError)
 
 
 def resolve_loss(name: str) -> LossInfo:
