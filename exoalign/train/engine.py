@@ -546,7 +546,7 @@ def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
     """Train ``job.model`` under ``args``; returns ``output_dir/final`` (model + tokeniser, safetensors)."""
     run = _Run(accelerator, args, job)
     if run.ended is not None:
-        accelerator.end_training()
+        _end(accelerator, run)
         return run.out / "final"
     finished_before = run.step >= run.total  # resuming a run that had already ended: only re-save final
     run.model.train()
@@ -593,6 +593,18 @@ def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
     final = run.save_final()
     if run.main:
         finish(run.out, keep_state=keep_state, keep_weights=keep_weights)
+    _end(accelerator, run)
+    return final
+
+
+def _end(accelerator: Any, run: _Run) -> None:
+    """End the run on every process together. The prepared (DDP) model's reducer holds the gloo process group: it
+    is released here, while every process is still at this barrier, so that ``end_training``'s
+    ``destroy_process_group`` tears gloo down with all peers alive. Released later (when ``fit``'s frame goes), a
+    process could join gloo's threads after its peer had exited and wait for ever (seen with torchrun, 2 CPU
+    processes, about one run in four)."""
+    accelerator.wait_for_everyone()
+    run.model = run.optimizer = run.loader = run.scheduler = run.eval_loader = None
+    accelerator.free_memory()  # accelerate's own references to the prepared objects; runs gc
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return final
