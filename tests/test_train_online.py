@@ -321,13 +321,9 @@ def test_train_online_refuses_offline_configs(tmp_path):
         train_online(cfg)
 
 
-def test_online_exo_at_round_start_is_rloo_up_to_scale(tmp_path):
-    """At the start of a round (π_θ = π_t = μ, β_π = 1, one temperature) p is uniform and EXO's gradient is the
-    mean-baseline policy gradient of the KL-shaped reward R = r − β_r (log μ − log π_sft):
-    ``∇ KL(p‖q) = −(1/(K β_r)) Σ_i (R_i − R̄) ∇log π_θ(y_i)``, while RLOO's is ``−(1/(K−1)) Σ_i (R_i − R̄) ∇log
-    π_θ(y_i)``. So the two gradients on a round's groups are parallel with ratio (K − 1)/(K β_r) — which is why
-    the two train alike with one use per sample (Adam removes the scale); they part when samples are reused."""
-    cfg = make_cfg(tmp_path, "online.rounds=1", "online.steps_per_round=1")
+def round_zero_gradients(cfg):
+    """Train one round, then ``(round 0's record, grad(loss name))``: the flattened gradient of that loss on round
+    0's groups at π_0, the policy that sampled them, through the trainer's own ``compute_loss``."""
     final = train_online(cfg)
     record = json.loads((final.parent / "online" / "round-00000.json").read_text())
     feats, _ = round_features(record, cfg.loss.beta_pi, cfg.loss.beta_r)
@@ -340,6 +336,18 @@ def test_online_exo_at_round_start_is_rloo_up_to_scale(tmp_path):
         loss, _ = compute_loss(model, batch, replace(cfg.loss, name=name))
         loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    return record, grad
+
+
+def test_online_exo_at_round_start_is_rloo_up_to_scale(tmp_path):
+    """At the start of a round (π_θ = π_t = μ, β_π = 1, one temperature) p is uniform and EXO's gradient is the
+    mean-baseline policy gradient of the KL-shaped reward R = r − β_r (log μ − log π_sft):
+    ``∇ KL(p‖q) = −(1/(K β_r)) Σ_i (R_i − R̄) ∇log π_θ(y_i)``, while RLOO's is ``−(1/(K−1)) Σ_i (R_i − R̄) ∇log
+    π_θ(y_i)``. So the two gradients on a round's groups are parallel with ratio (K − 1)/(K β_r) — which is why
+    the two train alike with one use per sample (Adam removes the scale); they part when samples are reused."""
+    cfg = make_cfg(tmp_path, "online.rounds=1", "online.steps_per_round=1")
+    _, grad = round_zero_gradients(cfg)
 
     g_exo, g_rloo = grad("exo"), grad("rloo")
     K, beta_r = cfg.online.k, cfg.loss.beta_r
@@ -366,18 +374,7 @@ def test_ppo_at_round_start_is_rloo(tmp_path):
     log-probs, recomputed in float32 in another batch layout than the sampler's: ``|Δ| ≤ 16 u √T max|log π|``
     (u = 2⁻²³, T tokens per completion), and the gradient differs by that relative amount."""
     cfg = make_cfg(tmp_path, "online.rounds=1", "online.steps_per_round=1", "loss.name=ppo")
-    final = train_online(cfg)
-    record = json.loads((final.parent / "online" / "round-00000.json").read_text())
-    feats, _ = round_features(record, cfg.loss.beta_pi, cfg.loss.beta_r)
-    model = AutoModelForCausalLM.from_pretrained(final.parent / "init")  # π_0: the policy that sampled round 0
-    model.eval()
-    batch = OnlineCollator(model.config.pad_token_id or 0)(feats)
-
-    def grad(name: str) -> torch.Tensor:
-        model.zero_grad()
-        loss, _ = compute_loss(model, batch, replace(cfg.loss, name=name))
-        loss.backward()
-        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    record, grad = round_zero_gradients(cfg)
 
     T = max(len(c) + 1 for g in record["completion_ids"] for c in g)  # + EOS
     bound = rel_tol(torch.float32, T) * max(abs(x) for g in record["sampler_logps"] for x in g)
