@@ -80,7 +80,7 @@ QUICK = dict(warmup=1, steps=2, prefix_groups=1, prefix_steps=1, prefix_warmup=0
              systems=("exoalign", "trl_default", "trl_fastest"), extra=("exoalign_bf16", "exoalign_k4"))
 TINY = dict(layers=2, width=64, heads=2, vocab=512, positions=128, prompt_len=8, completion_len=8, pairs=2,
             warmup=1, steps=1, prefix_prompt=16, prefix_completion=4, prefix_ks=(2, 4), prefix_groups=1,
-            prefix_steps=1, systems=("exoalign", "trl_default", "trl_fastest"), extra=("exoalign_k4",))
+            prefix_steps=1, systems=("exoalign", "trl_default", "trl_fastest"), extra=("exoalign_bf16", "exoalign_k4"))
 #: SmolLM2-135M: 8 pairs, prompt 64 / completion 64. Three processes per phase (each holds two models and
 #: AdamW state, ~3 GB idle, up to ~8 GB in a step).
 #: Two warm-up steps: the first step after the optimiser state exists still pays for first-touch page faults

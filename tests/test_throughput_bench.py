@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"speedup_vs_trl_default", "speedup_vs_trl_fastest", "memory_ratio_vs_trl", "mfu", "loss_match",
+KEYS = {"speedup_vs_trl_default", "speedup_vs_trl_fastest", "memory_ratio_vs_trl", "mfu", "bf16_mfu", "cpu", "loss_match",
         "prefix_sharing", "model", "params", "dtype", "versions"}
 
 
@@ -30,13 +30,16 @@ def test_tiny_run_writes_the_summary(tmp_path: Path) -> None:
     for key in ("speedup_vs_trl_default", "speedup_vs_trl_fastest", "memory_ratio_vs_trl", "mfu"):
         assert isinstance(res[key], float) and math.isfinite(res[key]) and res[key] > 0, key
     assert res["mfu"] < 1.0
+    # The bf16 row against the bf16 peak measured in the same run (a tiny model is far from it, but above 0).
+    assert isinstance(res["bf16_mfu"], float) and 0 < res["bf16_mfu"] < 1.0
+    assert isinstance(res["cpu"], str) and res["cpu"]
     assert set(res["prefix_sharing"]) == {"2", "4"}
     assert all(v > 0 for v in res["prefix_sharing"].values())
     assert {"torch", "transformers", "trl", "exoalign"} <= set(res["versions"])
     assert res["model"] == "gpt2-14m" and res["dtype"] == "fp32" and 10_000 < res["params"] < 1_000_000
     table = md.read_text()
     assert "| exoalign |" in table and "| trl_default |" in table and "| trl_fastest |" in table
-    assert "| exoalign_k4 |" in table  # the listwise job ran in the second phase
+    assert "| exoalign_k4 |" in table and "| exoalign_bf16 |" in table  # the second phase's rows ran
     # The step-0 loss is not the trivial value of a policy equal to its reference (the reference has other
     # weights), so agreeing on it checks the log-prob code of both systems.
     lines = table.splitlines()
