@@ -173,6 +173,9 @@ class ScoredDraw(SeededSampler):
     temperature; then bans EOS for the first ``min_new_tokens`` steps (what generate's own processor does),
     applies the top-k / top-p ``warpers`` and draws. The draw sees the same scores as :class:`SeededSampler`
     after generate's processors, so the tokens are the same; ``logps`` holds one ``(R,)`` tensor per step.
+    :meth:`next_tokens` is the step the sampler's decode loop calls; ``__call__`` wraps it as a logits processor.
+    The ``(R, V)`` uniforms and the scratch of the log-sum-exp live in buffers reused from step to step (a fresh
+    50 MB tensor per step costs its page faults on every step).
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device, *, warpers: list, min_new_tokens: int,
@@ -180,34 +183,62 @@ class ScoredDraw(SeededSampler):
         super().__init__(seeds, device)
         self.warpers, self.min_new, self.eos = warpers, min_new_tokens, eos_id
         self.logps: list[torch.Tensor] = []
+        self._u: torch.Tensor | None = None  # (R, V) uniforms, refilled each step
+        self._tmp: torch.Tensor | None = None  # (R, V) scratch of the log-sum-exp
+
+    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        buf = getattr(self, name)
+        if buf is None or buf.shape != like.shape or buf.device != like.device:
+            buf = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+            setattr(self, name, buf)
+        return buf
+
+    def uniforms(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(R, V)``: row ``r`` holds the next ``V`` uniforms of stream ``r``: the numbers ``torch.rand(V,
+        generator=g)`` returns (written in place into a reused buffer instead of stacked)."""
+        u = self._buffer("_u", scores)
+        V = scores.shape[1]
+        for r, g in enumerate(self.generators):
+            torch.rand(V, generator=g, out=u[r])
+        return u
 
     def draw(self, scores: torch.Tensor) -> torch.Tensor:
         """The same draw as :meth:`SeededSampler.draw` (same uniforms, same ``argmax (scores + g)``), with the
         Gumbel noise ``g = −log(−log u)`` (two logs per vocabulary entry: most of the draw's time) computed only
         for the tokens that can win: ``v`` can beat the row's top-scoring token ``a`` only if
         ``s_v + g(max u) ≥ s_a + g(u_a)``, since ``g`` increases with ``u``. A relative margin of 1e-3 keeps the
-        bound's own rounding from dropping a winner."""
+        bound's own rounding from dropping a winner. The argmax over the few candidates is taken per row on the
+        candidate list itself (the largest ``s + g``, lowest index on ties: what the dense argmax returns)."""
         R, V = scores.shape  # (rows, vocab)
-        u = torch.stack(
-            [torch.rand(V, generator=g, device=scores.device) for g in self.generators]
-        )  # (R, V), one stream per row: the same numbers as SeededSampler's
+        u = self.uniforms(scores)  # (R, V), one stream per row: the same numbers as SeededSampler's
         s = scores.float()
         tiny = torch.finfo(torch.float32).tiny
 
         def gumbel(x: torch.Tensor) -> torch.Tensor:
             return -torch.log(-torch.log(x.clamp(min=tiny)))
 
-        top = s.argmax(-1, keepdim=True)  # (R, 1)
-        reach = s.gather(1, top) + gumbel(u.gather(1, top))  # (R, 1) the top token's score + noise
-        best_noise = gumbel(u.max(-1, keepdim=True).values)  # (R, 1) no token gets more noise than this
+        top_s, top = s.max(-1, keepdim=True)  # (R, 1) any top-scoring token serves as the reference
+        reach = top_s + gumbel(u.gather(1, top))  # (R, 1) the top token's score + noise
+        best_noise = gumbel(u.amax(-1, keepdim=True))  # (R, 1) no token gets more noise than this
         cand = s >= reach - best_noise - 1e-3 * (1.0 + reach.abs())  # (R, V); -inf scores never qualify
-        rows, cols = cand.nonzero(as_tuple=True)  # (n,), (n,)
-        dense = torch.full_like(s, float("-inf"))
-        dense[rows, cols] = s[rows, cols] + gumbel(u[rows, cols])
-        return dense.argmax(-1)  # (R,) first index on ties, like the full argmax
+        rows, cols = cand.nonzero(as_tuple=True)  # (n,), (n,) row-major order
+        z = s[rows, cols] + gumbel(u[rows, cols])  # (n,) the candidates' perturbed scores
+        row_best = torch.full((R,), float("-inf"), device=s.device).scatter_reduce_(0, rows, z, "amax")  # (R,)
+        win = z == row_best[rows]  # (n,)
+        first = torch.full((R,), V, dtype=torch.long, device=s.device)
+        return first.scatter_reduce_(0, rows[win], cols[win], "amin")  # (R,)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.float()  # (R, V) already divided by the temperature
+    def logsumexp(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(R,)`` ``log Σ_v exp(scores_v)`` in fp32, through a reused scratch buffer."""
+        tmp = self._buffer("_tmp", scores)
+        m = scores.amax(-1, keepdim=True)  # (R, 1) finite: some token always has a finite score
+        torch.sub(scores, m, out=tmp).exp_()
+        return m.squeeze(-1) + tmp.sum(-1).log()
+
+    def next_tokens(self, input_ids: torch.Tensor | None, scores: torch.Tensor) -> torch.Tensor:
+        """``(R,)`` the drawn tokens, from ``scores`` (R, V) already divided by the temperature; records their
+        log-probs in ``logps``."""
+        scores = scores.float()
         if len(self.logps) < self.min_new and self.eos is not None:
             banned = scores.clone()
             banned[:, self.eos] = float("-inf")
@@ -217,8 +248,12 @@ class ScoredDraw(SeededSampler):
             banned = warp(input_ids, banned)
         choice = self.draw(banned)  # (R,)
         picked = scores.gather(1, choice.unsqueeze(-1)).squeeze(-1)  # (R,)
-        self.logps.append(picked - torch.logsumexp(scores, dim=-1))
-        out = torch.full_like(scores, float("-inf"))
+        self.logps.append(picked - self.logsumexp(scores))
+        return choice
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        choice = self.next_tokens(input_ids, scores)
+        out = torch.full_like(scores, float("-inf"), dtype=torch.float32)
         out.scatter_(1, choice.unsqueeze(-1), 0.0)
         return out
 
@@ -344,20 +379,57 @@ class HFSampler:
             return [done[n * k : (n + 1) * k] for n in range(B)]
         draw = ScoredDraw(seeds, device, warpers=self._warpers(), min_new_tokens=s.min_new_tokens,
                           eos_id=tok.eos_token_id)
-        kw: dict[str, Any] = {}
-        if P > 1 and k > 1:
-            kw["cache"] = self._prefill(model, input_ids, mask, k)
-        out = self._run(model, input_ids=rows_ids, attention_mask=rows_mask,
-                        generation_config=self._config(pad_id, None, False),
-                        logits_processor=LogitsProcessorList([temperature, draw]), **kw)  # (R, P + new)
-        logps = torch.stack(draw.logps, 1).tolist()  # (R, new)
-        done = [_decode(tok, ids, tok.eos_token_id, lp) for ids, lp in zip(out[:, P:].tolist(), logps)]
+        new = self._decode_rows(model, input_ids, mask, k, draw, pad_id)  # (R, steps)
+        logps = torch.stack(draw.logps, 1).tolist()  # (R, steps)
+        done = [_decode(tok, ids, tok.eos_token_id, lp) for ids, lp in zip(new.tolist(), logps)]
         return [done[n * k : (n + 1) * k] for n in range(B)]
+
+    def _decode_rows(self, model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int,
+                     draw: ScoredDraw, pad_id: int) -> torch.Tensor:
+        """The fast path's decoding: ``(B·k, steps)`` new ids of every row (pad after a row's EOS).
+
+        What ``generate`` does in greedy mode with ``[temperature, draw]`` as its processors, written out: the
+        prompts' cache (:meth:`_prefill`), then one forward pass of the model per new token on the last token of
+        every row, positions counted from the attention mask as ``generate`` counts them, scores
+        ``logits.float() / T`` (generate's fp32 copy and its temperature warper: the same numbers), the draw's
+        token, pad for finished rows, stop when every row has emitted EOS or after ``max_new_tokens``. Without
+        ``generate``'s per-step machinery (processor lists, stopping criteria, an fp32 copy and a −inf score
+        tensor per step), which cost about as much as the decode's attention at the demo's shape.
+        """
+        from transformers import DynamicCache
+
+        s, eos = self.s, self.tokenizer.eos_token_id
+        rows_ids, rows_mask = input_ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)  # (R, P)
+        P = rows_ids.shape[1]
+        position_ids = rows_mask.cumsum(-1) - 1  # (R, P)
+        position_ids.masked_fill_(rows_mask == 0, 1)
+        cache = self._prefill(model, input_ids, mask, k) if P > 1 else DynamicCache(config=model.config)
+        cur, pos, attn = rows_ids[:, -1:], position_ids[:, -1:], rows_mask  # (R, 1), (R, 1), (R, P)
+        unfinished = torch.ones(len(rows_ids), dtype=torch.bool, device=rows_ids.device)  # (R,)
+        scores: torch.Tensor | None = None  # (R, V) fp32, reused
+        seq, new = rows_ids, []
+        for _ in range(s.max_new_tokens):
+            logits = model(input_ids=cur, attention_mask=attn, position_ids=pos, cache=cache,
+                           use_cache=True).logits[:, -1]  # (R, V)
+            if scores is None or scores.shape != logits.shape:
+                scores = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+            scores.copy_(logits).div_(s.temperature)  # = logits.float() / T, bit for bit
+            nxt = draw.next_tokens(seq, scores)  # (R,)
+            if eos is not None:
+                nxt = torch.where(unfinished, nxt, pad_id)
+                unfinished &= nxt != eos
+            new.append(nxt)
+            if eos is not None and not bool(unfinished.any()):
+                break
+            cur, pos = nxt.unsqueeze(-1), pos + 1
+            attn = torch.cat([attn, attn.new_ones((len(attn), 1))], -1)  # (R, P + t)
+            seq = torch.cat([seq, cur], -1)
+        return torch.stack(new, 1)  # (R, steps)
 
     @staticmethod
     def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int) -> Any:
         """KV cache of every prompt but its last token, computed once per prompt and repeated for its ``k`` rows;
-        ``generate`` then feeds the last prompt token itself (positions as generate counts them)."""
+        the decode loop then feeds the last prompt token itself (positions as generate counts them)."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
@@ -368,7 +440,8 @@ class HFSampler:
         body = model.get_decoder() if hasattr(model, "get_decoder") else model
         body(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
              cache=cache, use_cache=True)
-        cache.batch_repeat_interleave(k)
+        if k > 1:
+            cache.batch_repeat_interleave(k)
         return cache
 
 

@@ -209,11 +209,10 @@ def test_sampler_logps_are_those_of_the_distribution_sampled(tmp_path, monkeypat
     steps: list[list[torch.Tensor]] = []
 
     class Recording(generation.ScoredDraw):  # the sampler's draw; its scores arrive divided by T
-        def __call__(self, input_ids, scores):
-            out = super().__call__(input_ids, scores)
-            choice = out.argmax(-1)  # (R,) the drawn token: 0 there, -inf elsewhere
+        def next_tokens(self, input_ids, scores):
+            choice = super().next_tokens(input_ids, scores)  # (R,) the drawn tokens
             steps.append(torch.log_softmax(scores.float(), -1).gather(1, choice[:, None]).squeeze(1))
-            return out
+            return choice
 
     monkeypatch.setattr(generation, "ScoredDraw", Recording)
     words = "the film was a long and quiet story about two old friends who walk home".split()
