@@ -421,14 +421,16 @@ class HFSampler:
             return [done[n * k : (n + 1) * k] for n in range(B)]
         draw = ScoredDraw(seeds, device, warpers=self._warpers(), min_new_tokens=s.min_new_tokens,
                           eos_id=tok.eos_token_id)
-        new = self._decode_rows(model, input_ids, mask, k, draw, pad_id)  # (R, steps)
+        ids, amask, shared = _shared_prefix_layout(prompt_ids, pad_id)
+        new = self._decode_rows(model, ids.to(device), amask.to(device), k, draw, pad_id, shared)  # (R, steps)
         logps = torch.stack(draw.logps, 1).tolist()  # (R, steps)
         done = [_decode(tok, ids, tok.eos_token_id, lp) for ids, lp in zip(new.tolist(), logps)]
         return [done[n * k : (n + 1) * k] for n in range(B)]
 
     def _decode_rows(self, model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int,
-                     draw: ScoredDraw, pad_id: int) -> torch.Tensor:
-        """The fast path's decoding: ``(B·k, steps)`` new ids of every row (pad after a row's EOS).
+                     draw: ScoredDraw, pad_id: int, shared: int = 0) -> torch.Tensor:
+        """The fast path's decoding: ``(B·k, steps)`` new ids of every row (pad after a row's EOS), from the
+        prompts laid out by :func:`_shared_prefix_layout` (``shared`` first columns the same in every row).
 
         What ``generate`` does in greedy mode with ``[temperature, draw]`` as its processors, written out: the
         prompts' cache (:meth:`_prefill`), then one forward pass of the model per new token on the last token of
@@ -445,7 +447,7 @@ class HFSampler:
         P = rows_ids.shape[1]
         position_ids = rows_mask.cumsum(-1) - 1  # (R, P)
         position_ids.masked_fill_(rows_mask == 0, 1)
-        cache = self._prefill(model, input_ids, mask, k) if P > 1 else DynamicCache(config=model.config)
+        cache = self._prefill(model, input_ids, mask, k, shared) if P > 1 else DynamicCache(config=model.config)
         cur, pos, attn = rows_ids[:, -1:], position_ids[:, -1:], rows_mask  # (R, 1), (R, 1), (R, P)
         unfinished = torch.ones(len(rows_ids), dtype=torch.bool, device=rows_ids.device)  # (R,)
         scores: torch.Tensor | None = None  # (R, V) fp32, reused
@@ -469,9 +471,10 @@ class HFSampler:
         return torch.stack(new, 1)  # (R, steps)
 
     @staticmethod
-    def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int) -> Any:
+    def _prefill(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int, shared: int = 0) -> Any:
         """KV cache of every prompt but its last token, computed once per prompt and repeated for its ``k`` rows;
-        the decode loop then feeds the last prompt token itself (positions as generate counts them)."""
+        the decode loop then feeds the last prompt token itself (positions counted from the mask, as generate
+        counts them). The first ``shared`` columns (the same tokens in every row) are computed once, for one row."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=model.config)
@@ -480,11 +483,40 @@ class HFSampler:
         # The decoder alone: the prefill needs no logits (and a head on a sliced last position can take a slow
         # batched-matmul path that copies the head's weight once per row).
         body = model.get_decoder() if hasattr(model, "get_decoder") else model
-        body(input_ids=input_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
-             cache=cache, use_cache=True)
+        P = input_ids.shape[1]
+        if shared:
+            body(input_ids=input_ids[:1, :shared], attention_mask=mask[:1, :shared],
+                 position_ids=position_ids[:1, :shared], cache=cache, use_cache=True)
+            cache.batch_repeat_interleave(len(input_ids))
+        if shared < P - 1:
+            body(input_ids=input_ids[:, shared:-1], attention_mask=mask[:, :-1],
+                 position_ids=position_ids[:, shared:-1], cache=cache, use_cache=True)
         if k > 1:
             cache.batch_repeat_interleave(k)
         return cache
+
+
+def _shared_prefix_layout(prompt_ids: Sequence[list[int]], pad_id: int,
+                          min_shared: int = 4) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Prompts as ``(B, P)`` ids and attention mask, with the tokens every prompt starts with (a chat template's
+    system prompt) in the first ``c`` columns, then the padding, then each prompt's rest, flush right:
+    ``[shared | pad … | rest]``. Positions are counted from the mask, so every token has the position (and every
+    query the keys) it has in the left-padded layout; only the shared columns line up, and the prefill computes
+    them once. ``c`` is 0 (plain left padding) when the prompts share fewer than ``min_shared`` tokens; it never
+    takes a prompt's last token (the decode loop feeds that one)."""
+    B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
+    c = min(len(p) for p in prompt_ids) - 1
+    first = prompt_ids[0]
+    for p in prompt_ids[1:]:
+        c = next((i for i in range(c) if p[i] != first[i]), c)
+    c = c if B > 1 and c >= min_shared else 0
+    ids = torch.full((B, P), pad_id, dtype=torch.long)  # (B, P)
+    mask = torch.zeros((B, P), dtype=torch.long)
+    for r, p in enumerate(prompt_ids):
+        rest = len(p) - c
+        ids[r, :c], ids[r, P - rest :] = torch.tensor(p[:c], dtype=torch.long), torch.tensor(p[c:], dtype=torch.long)
+        mask[r, :c], mask[r, P - rest :] = 1, 1
+    return ids, mask, c
 
 
 class VLLMSampler:

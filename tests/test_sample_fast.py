@@ -8,9 +8,19 @@ import torch
 from numerics import EPS, assert_close_scaled
 
 from exoalign.models import build_model, tiny_config
-from exoalign.sampling import HFSampler, SamplingSettings, ScoredDraw, SeededSampler, completion_seed
+from exoalign.sampling import (
+    HFSampler,
+    SamplingSettings,
+    ScoredDraw,
+    SeededSampler,
+    _shared_prefix_layout,
+    completion_seed,
+)
 
 PROMPTS = ["the movie was", "a delightful story with a", "i", "what a fantastic surprise , truly a good"]  # "i": one token
+# Prompts that start alike (as a chat template's system prompt): the prefill computes the shared columns once.
+SYSTEM = "you are a kind critic . review the film : "
+SHARED = [SYSTEM + p for p in PROMPTS]
 
 
 def _model(tokenizer, model_type: str) -> torch.nn.Module:
@@ -20,17 +30,19 @@ def _model(tokenizer, model_type: str) -> torch.nn.Module:
     return build_model(tiny_config(len(tokenizer), model_type=model_type, **kw), seed=0, tokenizer=tokenizer).eval()
 
 
-def _sample(model, tok, k: int = 3, **kw) -> list:
+def _sample(model, tok, k: int = 3, prompts=PROMPTS, **kw) -> list:
     s = SamplingSettings(temperature=kw.pop("temperature", 0.9), max_new_tokens=kw.pop("max_new_tokens", 12),
                          seed=3, **kw)
-    ids = [tok(p)["input_ids"] for p in PROMPTS]
+    ids = [tok(p)["input_ids"] for p in prompts]
     return HFSampler(model, tok, s, stream="t").generate(ids, list(range(len(ids))), k)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-@pytest.mark.parametrize("opts", [{}, {"min_new_tokens": 2}, {"top_k": 20, "top_p": 0.9}])
+@pytest.mark.parametrize("opts", [{}, {"min_new_tokens": 2}, {"top_k": 20, "top_p": 0.9}, {"prompts": SHARED},
+                                  {"prompts": SHARED[:1] * 2, "min_new_tokens": 1}])
 def test_fast_path_gives_the_pre_change_tokens_in_fp32(tiny_tokenizer, model_type, opts):
-    """fp32, fixed seed: shared prefill + scored draw emit exactly the tokens of the pre-change path."""
+    """fp32, fixed seed: shared prefill + scored draw (+ prompts' shared start computed once) emit exactly the
+    tokens of the pre-change path (generate on every row, left padded)."""
     model = _model(tiny_tokenizer, model_type)
     fast = _sample(model, tiny_tokenizer, **opts)
     old = _sample(model, tiny_tokenizer, shared_prefill=False, **opts)
@@ -62,15 +74,17 @@ def _forward_logps(model, prompt: list[int], ids: list[int], temperature: float)
     return logits.log_softmax(-1).gather(1, torch.tensor(ids).unsqueeze(1)).squeeze(1)  # (n,)
 
 
+@pytest.mark.parametrize("prompts", [PROMPTS, SHARED], ids=["distinct", "shared-start"])
 @pytest.mark.parametrize("dtype", ["model", "bfloat16"])
-def test_reported_logps_equal_a_forward_pass(tiny_tokenizer, dtype):
+def test_reported_logps_equal_a_forward_pass(tiny_tokenizer, dtype, prompts):
     """Each token's reported log-prob equals ``log softmax(logits/T)`` of the sampling model (the fp32 model, or its
-    bf16 copy) in one unpadded forward pass over prompt + sampled ids, the basis of online EXO's ``log μ``."""
+    bf16 copy, whose decode attention is ours) in one unpadded forward pass over prompt + sampled ids, the basis
+    of online EXO's ``log μ``."""
     model = _model(tiny_tokenizer, "llama")
     T = 0.8
     s = SamplingSettings(temperature=T, max_new_tokens=12, seed=1, sample_dtype=dtype)
     sampler = HFSampler(model, tiny_tokenizer, s)
-    ids = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
+    ids = [tiny_tokenizer(p)["input_ids"] for p in prompts]
     groups = sampler.generate(ids, list(range(len(ids))), 3)
     ref = sampler.sampling_model
     assert (ref is model) == (dtype == "model")
@@ -83,6 +97,25 @@ def test_reported_logps_equal_a_forward_pass(tiny_tokenizer, dtype):
             # reduction over the width (64) of values rounded to the weights' dtype, through 2 layers; a log-prob
             # is O(log V) = O(6) in size, so 64·eps·√64 of that scale covers the rounding in fp32 and in bf16.
             assert_close_scaled(torch.tensor(c.logps), want, 64 * EPS[wdtype] * 8, scale=max(6.0, float(want.abs().max())))
+
+
+def test_shared_prefix_layout(tiny_tokenizer):
+    """The shared start sits in the first columns, each prompt's rest flush right; every real token keeps its
+    left-padded position (positions come from the mask); a prompt's last token is never shared."""
+    prompts = [tiny_tokenizer(p)["input_ids"] for p in SHARED]
+    ids, mask, c = _shared_prefix_layout(prompts, pad_id=0)
+    n_sys = len(tiny_tokenizer(SYSTEM.strip())["input_ids"])
+    assert c >= min(4, n_sys - 1) and all(p[:c] == prompts[0][:c] for p in prompts)
+    assert c < min(map(len, prompts))
+    for r, p in enumerate(prompts):
+        assert ids[r][mask[r].bool()].tolist() == p  # the prompt, in order, where the mask is 1
+        assert int(mask[r, -1]) == 1  # the last column is the prompt's last token
+    same = [[5, 6, 7], [5, 6, 7]]  # identical prompts: everything but the last token is shared
+    assert _shared_prefix_layout(same, 0, min_shared=1)[2] == 2
+    assert _shared_prefix_layout([[5, 6, 7], [8, 6, 7]], 0)[2] == 0  # nothing shared: plain left padding
+    ids, mask, c = _shared_prefix_layout([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9]], 0)
+    assert c == 4 and ids.tolist() == [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 0, 9]]
+    assert mask.tolist() == [[1] * 6, [1, 1, 1, 1, 0, 1]]
 
 
 def test_bf16_copy_samples_and_resume_record(tiny_tokenizer):
