@@ -335,9 +335,10 @@ def _use_decode_attention(model: torch.nn.Module) -> None:
 class HFSampler:
     """Batched sampling with ``model.generate`` (prompts left-padded) and per-completion seeds.
 
-    The default path (``shared_prefill``) runs each prompt once, copies its KV cache to its ``k`` rows and lets
-    ``generate`` decode all ``prompts × k`` rows from there, with :class:`ScoredDraw` drawing the tokens and
-    recording their log-probs. ``shared_prefill=false`` is the pre-change path (every row prefilled on its own,
+    The default path (``shared_prefill``) runs each prompt once (the prompts' shared start once in all), copies
+    its KV cache to its ``k`` rows and decodes all ``prompts × k`` rows from there in its own loop (what greedy
+    ``generate`` does, without its per-step overhead: :meth:`_decode_rows`), with :class:`ScoredDraw` drawing the
+    tokens and recording their log-probs. ``shared_prefill=false`` is the pre-change path (every row prefilled on its own,
     :class:`SeededSampler`, no log-probs), kept to check that both give the same tokens.
     ``sample_dtype`` samples from a converted copy of the weights (made once per sampler).
     """
