@@ -165,10 +165,40 @@ def ref_logps_table(
 ) -> tuple[torch.Tensor, bool]:
     """The ``[N, K_max]`` reference table for ``data``: from the cache when present (True), else computed with
     ``get_model()`` and written to the cache (False). Every process returns the same table."""
-    from accelerate.utils import broadcast_object_list
-
     key, description = cache_key(data, model_id=model_id, tokenizer=tokenizer, settings=settings)
     path = cache_dir / f"{key}.safetensors"
+    # Runs that share the cache directory (the demo's parallel jobs) compute one table once: the main process
+    # holds a lock on the entry while it looks it up and, on a miss, computes and writes it; a second run that
+    # asks for the same table meanwhile waits and then reads the file.
+    with entry_lock(path, active=accelerator.is_main_process):
+        return _lookup_or_compute(accelerator, data, path, description, tokenizer, get_model, batch_size,
+                                  temperature, desc)
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path, *, active: bool = True) -> Any:
+    """An exclusive advisory lock on ``path``'s cache entry (``path`` + ``.lock``) for the ``with`` block, across
+    processes; a no-op where ``fcntl`` is missing (Windows) or when not ``active``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        fcntl = None  # type: ignore[assignment]
+    if not active or fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _lookup_or_compute(accelerator: Any, data: TokenizedData, path: Path, description: dict, tokenizer: Any,
+                       get_model: Any, batch_size: int, temperature: float, desc: str) -> tuple[torch.Tensor, bool]:
+    from accelerate.utils import broadcast_object_list
+
     # The main process decides hit/miss for everyone: processes must agree, or the collective reduce hangs.
     table = load_cached(path, description) if accelerator.is_main_process else None
     hit = [table is not None]
