@@ -132,6 +132,24 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+def planned_rows(n: int, seed: int, *, batch_size: int, grad_accum: int, num_processes: int,
+                 max_steps: int | None) -> list[int] | None:
+    """The rows a run of ``max_steps`` optimizer steps will read, sorted, or None when it reads them all.
+
+    The order is :class:`EpochSampler`'s: epoch 0's permutation, cut into batches of ``batch_size``; the processes
+    take the batches in turn (accelerate's sharding), so ``max_steps · grad_accum · num_processes`` steps' worth of
+    micro-batches are the first that many batches of epoch 0. A plan that reaches the epoch's last (possibly
+    short) batch, or runs by epochs, reads every row: None. Resuming continues the same order, so the rows are
+    the same for a resumed run with the same settings.
+    """
+    if max_steps is None:
+        return None
+    batches = max_steps * grad_accum * num_processes
+    if batches >= math.ceil(n / batch_size):
+        return None
+    return sorted(list(iter(EpochSampler(n, seed)))[: batches * batch_size])
+
+
 class _Window:
     """Metrics since the last log: per-micro-batch ones and per-step ones (grad_norm), averaged separately, then
     reduced across processes when the window is logged."""

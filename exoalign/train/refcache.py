@@ -74,8 +74,10 @@ def model_identity(name_or_path: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_key(data: TokenizedData, *, model_id: str, tokenizer: Any, settings: dict[str, Any]) -> tuple[str, dict]:
-    """The cache file's name (a hash) and the human-readable description it hashes."""
+def cache_key(data: TokenizedData, *, model_id: str, tokenizer: Any, settings: dict[str, Any],
+              rows: list[int] | None = None) -> tuple[str, dict]:
+    """The cache file's name (a hash) and the human-readable description it hashes. ``rows`` (a subset of the
+    data's rows, see :func:`ref_logps_table`) adds how many and a hash of which."""
     desc = {
         "version": CACHE_VERSION,
         "data": data.fingerprint,
@@ -84,6 +86,8 @@ def cache_key(data: TokenizedData, *, model_id: str, tokenizer: Any, settings: d
         "tokenizer": tokenizer_hash(tokenizer),
         **settings,
     }
+    if rows is not None:
+        desc["subset"] = {"n": len(rows), "hash": hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]}
     key = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:24]
     return key, desc
 
@@ -98,16 +102,19 @@ def compute_table(
     batch_size: int,
     temperature: float,
     desc: str = "reference log-probs",
+    rows: list[int] | None = None,
 ) -> torch.Tensor:
     """Reference log-probs ``[N, K_max]`` of every completion of ``data`` (0 in missing slots).
 
     Each process scores a strided shard of the rows; the shards are summed across processes, so every process
-    ends with the full table. ``model`` is used with its LoRA adapters disabled when it has them.
+    ends with the full table. ``model`` is used with its LoRA adapters disabled when it has them. With ``rows``
+    only those rows are scored; the others are NaN (a step that reads one fails, see ``train.step``).
     """
     N = len(data)
     k_max = max((len(f["completion_ids"]) for f in data.features), default=0)
     table = torch.zeros(N, k_max, dtype=torch.float32, device=accelerator.device)  # (N, K_max)
-    shard = Subset(data, range(accelerator.process_index, N, accelerator.num_processes))
+    wanted = list(range(N)) if rows is None else rows
+    shard = Subset(data, wanted[accelerator.process_index::accelerator.num_processes])
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, collate_fn=GroupCollator(pad_token_id))
     was_training = model.training
     model.eval()
@@ -123,7 +130,12 @@ def compute_table(
     model.train(was_training)
     if accelerator.num_processes > 1:
         table = accelerator.reduce(table, reduction="sum")  # disjoint shards: the sum is the union
-    return table.cpu()
+    table = table.cpu()
+    if rows is not None:  # after the sum: NaN + x would spread
+        missing = torch.ones(N, dtype=torch.bool)
+        missing[torch.tensor(rows, dtype=torch.long)] = False
+        table[missing] = float("nan")
+    return table
 
 
 def load_cached(path: Path, desc: dict) -> torch.Tensor | None:
@@ -162,17 +174,21 @@ def ref_logps_table(
     batch_size: int,
     temperature: float,
     desc: str = "reference log-probs",
+    rows: list[int] | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """The ``[N, K_max]`` reference table for ``data``: from the cache when present (True), else computed with
-    ``get_model()`` and written to the cache (False). Every process returns the same table."""
-    key, description = cache_key(data, model_id=model_id, tokenizer=tokenizer, settings=settings)
+    ``get_model()`` and written to the cache (False). Every process returns the same table.
+
+    ``rows`` (sorted indices; None = all): score only the rows a run will read (``engine.planned_rows``: a run of
+    a few steps over a large dataset), the rest NaN; the cache entry is its own (the key names the subset)."""
+    key, description = cache_key(data, model_id=model_id, tokenizer=tokenizer, settings=settings, rows=rows)
     path = cache_dir / f"{key}.safetensors"
     # Runs that share the cache directory (the demo's parallel jobs) compute one table once: the main process
     # holds a lock on the entry while it looks it up and, on a miss, computes and writes it; a second run that
     # asks for the same table meanwhile waits and then reads the file.
     with entry_lock(path, active=accelerator.is_main_process):
         return _lookup_or_compute(accelerator, data, path, description, tokenizer, get_model, batch_size,
-                                  temperature, desc)
+                                  temperature, desc, rows)
 
 
 @contextlib.contextmanager
@@ -196,7 +212,8 @@ def entry_lock(path: Path, *, active: bool = True) -> Any:
 
 
 def _lookup_or_compute(accelerator: Any, data: TokenizedData, path: Path, description: dict, tokenizer: Any,
-                       get_model: Any, batch_size: int, temperature: float, desc: str) -> tuple[torch.Tensor, bool]:
+                       get_model: Any, batch_size: int, temperature: float, desc: str,
+                       rows: list[int] | None = None) -> tuple[torch.Tensor, bool]:
     from accelerate.utils import broadcast_object_list
 
     # The main process decides hit/miss for everyone: processes must agree, or the collective reduce hangs.
@@ -211,7 +228,8 @@ def _lookup_or_compute(accelerator: Any, data: TokenizedData, path: Path, descri
             logger.info("%s: loaded from cache %s", desc, path)
         return table, True
     table = compute_table(
-        accelerator, get_model(), data, tokenizer.pad_token_id, batch_size=batch_size, temperature=temperature, desc=desc
+        accelerator, get_model(), data, tokenizer.pad_token_id, batch_size=batch_size, temperature=temperature, desc=desc,
+        rows=rows,
     )
     if accelerator.is_main_process:
         save_cached(path, table, description)

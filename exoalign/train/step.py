@@ -182,6 +182,11 @@ def compute_loss(
         ref = batch.get("ref_logps")
         if ref is None:
             ref = reference_logps(model, batch, loss_cfg.temperature, ref_model, prefix_sharing)
+        elif torch.isnan(ref[mask]).any():  # a cached table scores only the rows a run plans to read
+            rows = batch["index"][torch.isnan(ref).masked_fill(~mask, False).any(-1)].tolist()
+            raise RuntimeError(f"no reference log-probs for data rows {rows[:8]}: the cached table holds only the rows "
+                               "this run's max_steps reads (train.max_steps, batch_size, grad_accum and the process "
+                               "count decide which); start the run again with the settings it will train with")
         ref = ref.to(policy.dtype)
     targets = targets_for(batch, loss_cfg, B, K, policy.device)  # (B, K)
     # What the batch supplies (rloo, ppo: online groups carry the KL-shaped reward and the sampler's log-probs),

@@ -40,7 +40,7 @@ from ..logs import ensure_logging
 from ..losses import loss_info
 from ..models import check_model_dir
 from .config import TrainConfig
-from .engine import Job, fit, preflight
+from .engine import Job, fit, planned_rows, preflight
 from .prepare import load_reference, prepare_rows, split_heldout, texts_of
 from .refcache import attach, model_identity, ref_logps_table
 from .rows import in_memory, load_any_rows
@@ -319,11 +319,18 @@ class Trainer:
         settings = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length,
                     "temperature": cfg.loss.temperature, "dtype": cfg.model.dtype,
                     "mixed_precision": cfg.train.mixed_precision}
+        args = cfg.train
+        # A run of a few steps over a large dataset needs the reference on the rows it will read only.
+        rows = planned_rows(len(data), args.seed, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                            num_processes=acc.num_processes, max_steps=args.max_steps) if what == "train" else None
         table, hit = ref_logps_table(
             acc, data, cache_dir=cfg.train.cache_dir, model_id=ref_id, tokenizer=tokenizer, settings=settings,
             get_model=get_model, batch_size=cfg.train.ref_batch_size or cfg.train.batch_size,
-            temperature=cfg.loss.temperature, desc=f"reference log-probs ({what})",
+            temperature=cfg.loss.temperature, desc=f"reference log-probs ({what})", rows=rows,
         )
+        if rows is not None and acc.is_main_process:
+            logger.info("reference log-probs (%s): the %d of %d rows that %d steps read", what, len(rows), len(data),
+                        args.max_steps)
         return attach(data, table), hit  # refcache logs the hit or miss, with the file
 
     # ------------------------------------------------------------------------------------------ online
