@@ -247,3 +247,21 @@ def test_bf16_loss_curve_equals_fp32_over_50_steps(tmp_path):
     assert max(gaps) > 0, "the bf16 run equals the fp32 run exactly: autocast did not run"
     assert sum(bf16[-10:]) / 10 < 0.5 * sum(bf16[:5]) / 5  # it learns, as fp32 does
     assert all(w.dtype == torch.float32 for w in weights(bf16_final).values())  # fp32 masters saved
+
+
+def test_final_links_the_last_checkpoints_weights(tmp_path):
+    """With a checkpoint at the last step (kept for evaluation), ``final`` hard-links its files instead of writing
+    the same weights again; it stays whole when the checkpoint is deleted, and says it is final."""
+    import shutil
+
+    final = train(make_cfg(tmp_path, "train.max_steps=4", "train.save_every=2", "train.keep_checkpoint_weights=true"))
+    last = final.parent / "checkpoint-4"
+    assert (last / "COMPLETE").is_file() and (final / "COMPLETE").is_file()
+    assert (final / "model.safetensors").samefile(last / "model.safetensors")
+    assert json.loads((final / "trainer_state.json").read_text())["final"] is True
+    assert "final" not in json.loads((last / "trainer_state.json").read_text())
+    expected = weights(last)
+    shutil.rmtree(last)
+    got = weights(final)
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got)
+    assert AutoModelForCausalLM.from_pretrained(final) is not None

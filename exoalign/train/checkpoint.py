@@ -88,6 +88,27 @@ def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, final: Path, 
     return final
 
 
+def final_from_checkpoint(checkpoint: Path, final: Path, extra: dict[str, Any]) -> Path:
+    """``final`` made from a complete checkpoint of the same step: its weight, config and tokeniser files
+    hard-linked (copied where links fail), ``extra`` JSON files and the marker written, atomically as
+    :func:`save_pretrained_atomic`. Saves serialising the same weights twice; checkpoint files are never written in
+    place (only replaced or deleted as a whole), so the links stay valid when the checkpoint goes."""
+    tmp = final.with_name(f".tmp-{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in checkpoint.iterdir():
+        if f.is_file() and f.name not in (STATE_FILE, COMPLETE):
+            try:
+                os.link(f, tmp / f.name)
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    for name, obj in extra.items():
+        atomic_json(tmp / name, obj)
+    atomic_json(tmp / COMPLETE, {})
+    _replace_dir(tmp, final)
+    return final
+
+
 def save_checkpoint(
     accelerator: Any, model: torch.nn.Module, tokenizer: Any, output_dir: Path, step: int, state: dict,
     total_limit: int | None, *, keep_weights: bool = False, with_state: bool = True,

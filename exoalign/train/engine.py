@@ -35,6 +35,7 @@ from .checkpoint import (
     COMPLETE,
     STATE_FILE,
     all_finite,
+    final_from_checkpoint,
     finish,
     list_checkpoints,
     load_checkpoint,
@@ -547,14 +548,21 @@ class _Run:
         ``trainer_state.json`` with the step (eval reads it; a resumed run that already ended stops there)."""
         final = self.out / "final"
         net = self.acc.unwrap_model(self.model)
+        extra = {STATE_FILE: {**self.state(), "final": True}}
+        same = self.out / f"checkpoint-{self.step}"
+        if (self.acc.num_processes == 1 and self.last_saved == self.step and not is_peft(net)
+                and (same / COMPLETE).is_file()):
+            # The last step's checkpoint holds exactly these weights (the demo's runs keep one for evaluation).
+            final_from_checkpoint(same, final, extra)
+            call_back(self.job.callbacks, "on_save", self.sync_public(), final)
+            return final
         state_dict = None
         if is_peft(net):
             net = net.merge_and_unload()  # plain from_pretrained then loads the merged weights
         else:
             state_dict = self.acc.get_state_dict(self.model)  # collective under FSDP / ZeRO-3
         if self.main:
-            save_pretrained_atomic(net, self.job.tokenizer, final, state_dict=state_dict,
-                                   extra={STATE_FILE: {**self.state(), "final": True}})
+            save_pretrained_atomic(net, self.job.tokenizer, final, state_dict=state_dict, extra=extra)
         self.acc.wait_for_everyone()
         call_back(self.job.callbacks, "on_save", self.sync_public(), final)
         return final
