@@ -71,16 +71,13 @@ def all_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, final: Path, state_dict: dict | None = None,
-                           extra: dict[str, Any] | None = None) -> Path:
-    """``save_pretrained`` of model (safetensors) and tokeniser into ``final``, via a temp dir and a rename;
-    ``extra`` maps file names to JSON objects written beside them (before the ``COMPLETE`` marker)."""
+def _write_dir_atomic(final: Path, fill: Any, extra: dict[str, Any] | None) -> Path:
+    """``final`` written through a temp dir and a rename: ``fill(tmp)`` writes the files, then ``extra`` (file name
+    -> JSON object) and, last, the ``COMPLETE`` marker."""
     tmp = final.with_name(f".tmp-{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    fill(tmp)
     for name, obj in (extra or {}).items():
         atomic_json(tmp / name, obj)
     atomic_json(tmp / COMPLETE, {})
@@ -88,25 +85,34 @@ def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, final: Path, 
     return final
 
 
+def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, final: Path, state_dict: dict | None = None,
+                           extra: dict[str, Any] | None = None) -> Path:
+    """``save_pretrained`` of model (safetensors) and tokeniser into ``final``, via a temp dir and a rename;
+    ``extra`` maps file names to JSON objects written beside them (before the ``COMPLETE`` marker)."""
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return _write_dir_atomic(final, fill, extra)
+
+
 def final_from_checkpoint(checkpoint: Path, final: Path, extra: dict[str, Any]) -> Path:
-    """``final`` made from a complete checkpoint of the same step: its weight, config and tokeniser files
-    hard-linked (copied where links fail), ``extra`` JSON files and the marker written, atomically as
-    :func:`save_pretrained_atomic`. Saves serialising the same weights twice; checkpoint files are never written in
-    place (only replaced or deleted as a whole), so the links stay valid when the checkpoint goes."""
-    tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in checkpoint.iterdir():
-        if f.is_file() and f.name not in (STATE_FILE, COMPLETE):
-            try:
-                os.link(f, tmp / f.name)
-            except OSError:
-                shutil.copy2(f, tmp / f.name)
-    for name, obj in extra.items():
-        atomic_json(tmp / name, obj)
-    atomic_json(tmp / COMPLETE, {})
-    _replace_dir(tmp, final)
-    return final
+    """``final`` made from a complete checkpoint of the same step, as :func:`save_pretrained_atomic` would write it:
+    the checkpoint's weight, config and tokeniser files hard-linked (copied where links fail). Saves serialising the
+    same weights twice; checkpoint files are never written in place (only replaced or deleted as a whole), so the
+    links stay valid when the checkpoint goes."""
+
+    def fill(tmp: Path) -> None:
+        for f in checkpoint.iterdir():
+            if f.is_file() and f.name not in (STATE_FILE, COMPLETE):
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+
+    return _write_dir_atomic(final, fill, extra)
 
 
 def save_checkpoint(

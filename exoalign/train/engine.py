@@ -148,7 +148,7 @@ def planned_rows(n: int, seed: int, *, batch_size: int, grad_accum: int, num_pro
     batches = max_steps * grad_accum * num_processes
     if batches >= math.ceil(n / batch_size):
         return None
-    return sorted(list(iter(EpochSampler(n, seed)))[: batches * batch_size])
+    return sorted(list(EpochSampler(n, seed))[: batches * batch_size])
 
 
 class _Window:

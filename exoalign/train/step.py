@@ -182,8 +182,8 @@ def compute_loss(
         ref = batch.get("ref_logps")
         if ref is None:
             ref = reference_logps(model, batch, loss_cfg.temperature, ref_model, prefix_sharing)
-        elif torch.isnan(ref[mask]).any():  # a cached table scores only the rows a run plans to read
-            rows = batch["index"][torch.isnan(ref).masked_fill(~mask, False).any(-1)].tolist()
+        elif (missing := torch.isnan(ref) & mask).any():  # a cached table scores only the rows a run plans to read
+            rows = batch["index"][missing.any(-1)].tolist()
             raise RuntimeError(f"no reference log-probs for data rows {rows[:8]}: the cached table holds only the rows "
                                "this run's max_steps reads (train.max_steps, batch_size, grad_accum and the process "
                                "count decide which); start the run again with the settings it will train with")

@@ -324,8 +324,8 @@ class Trainer:
         rows = planned_rows(len(data), args.seed, batch_size=args.batch_size, grad_accum=args.grad_accum,
                             num_processes=acc.num_processes, max_steps=args.max_steps) if what == "train" else None
         table, hit = ref_logps_table(
-            acc, data, cache_dir=cfg.train.cache_dir, model_id=ref_id, tokenizer=tokenizer, settings=settings,
-            get_model=get_model, batch_size=cfg.train.ref_batch_size or cfg.train.batch_size,
+            acc, data, cache_dir=args.cache_dir, model_id=ref_id, tokenizer=tokenizer, settings=settings,
+            get_model=get_model, batch_size=args.ref_batch_size or args.batch_size,
             temperature=cfg.loss.temperature, desc=f"reference log-probs ({what})", rows=rows,
         )
         if rows is not None and acc.is_main_process:
