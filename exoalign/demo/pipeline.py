@@ -16,7 +16,8 @@ reviews; reward = a sentiment judge) run by the library's own stages, each readi
 6. ``label``   best-vs-worst preference pairs from the scored groups (``exoalign label``);
 7. ``train``   one run per method and β_π on the same samples with the same budget (``exoalign train``);
 8. ``eval``    π_sft and every checkpoint on the held-out prompts, same prompts and random streams for all:
-   oracle reward and ``KL(π‖π_sft)`` (``exoalign eval``);
+   oracle reward and ``KL(π‖π_sft)`` (``exoalign eval``); stages 7 and 8 share one pool of worker processes,
+   a run's evaluation starting as soon as its training ends (:func:`exoalign.demo.jobs.run_jobs`);
 9. ``report``  the frontiers (envelopes over checkpoints and β), a paired-bootstrap verdict, examples.
 
 A stage is skipped when its outputs exist and were made with the same settings (a fingerprint of the settings
@@ -77,6 +78,8 @@ class Demo:
         self.evals = out / "eval"
         self.marks = out / ".stages"
         self.timings: dict[str, dict[str, Any]] = {}
+        self.stage_walls: dict[str, float] = {}
+        """Wall seconds of each pool of jobs run by this invocation (``parallel``), e.g. ``train + eval``."""
         self.started = time.perf_counter()
 
     @property
@@ -430,16 +433,17 @@ class Demo:
                 self._cached(f"[7/{N_STAGES}] train: train {name}", f"train {name}")
             elif not self.trained(name, m):
                 self._mark(f"train {name}").unlink(missing_ok=True)
-        self.parallel(7, "train", [
-            (f"train {name}", train_fp[name], _train_job, (str(self.out), self.s, self.device, m, b, str(self.work)),
-             [self.runs / name], lambda name=name: _last_step(self.runs / name / "metrics.jsonl"), self.steps(m))
-            for name, m, b in runs if name not in evaluated
-        ])
         steps = {name: len(self.eval_steps(m)) for name, m, _ in runs}
-        self.parallel(8, "eval", [
+        # One pool for both stages: a run's evaluation starts as soon as its training is done (and π_sft's at
+        # once), on whichever core is free, instead of after the last training.
+        self.parallel("7-8", "train + eval", [
+            (f"train {name}", train_fp[name], _train_job, (str(self.out), self.s, self.device, m, b, str(self.work)),
+             [self.runs / name], lambda name=name: _last_step(self.runs / name / "metrics.jsonl"), self.steps(m), ())
+            for name, m, b in runs if name not in evaluated
+        ] + [
             (f"eval {name}", efp, _eval_job, (str(self.out), self.s, self.device, name, str(self.work)),
              [self.evals / f"{name}.json"], lambda name=name: _n_results(self.evals / f"{name}.json"),
-             1 if name == "sft" else steps[name])
+             1 if name == "sft" else steps[name], () if name == "sft" else (f"train {name}",))
             for name, efp in eval_fp.items()
         ])
         from .report import write_report
@@ -447,23 +451,27 @@ class Demo:
         print(f"[{N_STAGES}/{N_STAGES}] report ...", file=sys.stderr)
         return write_report(self, runs)
 
-    def parallel(self, n: int, what: str, jobs: list[tuple]) -> None:
-        """Run the jobs of stage ``what`` that are not done yet side by side (one core each), with one bar."""
+    def parallel(self, n: int | str, what: str, jobs: list[tuple]) -> None:
+        """Run the jobs ``(name, fingerprint, fn, args, outputs, progress, total, after)`` that are not done yet
+        side by side (one core each), each after the jobs named in its ``after``, with one bar."""
         header = f"[{n}/{N_STAGES}] {what}"
         todo = []
-        for name, fp, fn, args, outputs, progress, total in jobs:
+        for name, fp, fn, args, outputs, progress, total, after in jobs:
             if self.is_done(name, fp, outputs):
                 self._cached(f"{header}: {name}", name)
                 continue
             self._clear(outputs)
             todo.append(Job(name, fn, args, self.work / "logs" / f"{name.replace(' ', '-')}.log", progress, total,
-                            on_done=lambda sec, cpu, extra, name=name, fp=fp: self._done(name, fp, sec, cpu, extra)))
+                            on_done=lambda sec, cpu, extra, name=name, fp=fp: self._done(name, fp, sec, cpu, extra),
+                            after=tuple(after)))
         if not todo:
             return
         workers = 1 if self.device == "cuda" else min(len(todo), self.s.workers or usable_cores())
         t0 = time.perf_counter()
         run_jobs(todo, f"{header} ({len(todo)} jobs, {workers} at a time)", workers)
-        print(f"{header}: done in {time.perf_counter() - t0:.1f} s (logs in {self.work / 'logs'})", file=sys.stderr)
+        took = time.perf_counter() - t0
+        self.stage_walls[what] = took
+        print(f"{header}: done in {took:.1f} s (logs in {self.work / 'logs'})", file=sys.stderr)
 
 
 def prune(run: Path) -> None:

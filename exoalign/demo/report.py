@@ -138,7 +138,8 @@ def write_report(demo: Demo, runs: list[tuple[str, str, float]]) -> dict[str, An
         "device": demo.device,
         "settings": settings, "examples": examples, "definitions": DEFINITIONS,
         "timings": demo.timings, "versions": _versions(),
-        "total_seconds": time.perf_counter() - demo.started, "cores": usable_cores(),
+        "total_seconds": time.perf_counter() - demo.started, "stage_seconds": dict(demo.stage_walls),
+        "cores": usable_cores(),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "command": "exoalign demo " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["demo"] else sys.argv[1:]),
     }
@@ -277,6 +278,8 @@ def markdown(results: dict[str, Any]) -> str:
         cpu = t.get("cpu_seconds")
         lines.append(f"| {stage} | {t['seconds']:.1f} | {'–' if cpu is None else f'{cpu:.1f}'} | "
                      f"{'cached (times of the run that made it)' if t.get('cached') else ''} |")
+    for what, took in (results.get("stage_seconds") or {}).items():
+        lines.append(f"| **{what} (the pool's wall time)** | {took:.1f} | | |")
     lines.append(f"| **total of this invocation** | {results['total_seconds']:.1f} | | |")
     lines += overheads_table(results["timings"])
     lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ..attention import training_attention
 from ..config import save_config, to_dict
 from ..errors import ConfigError
 from ..fileio import atomic_json, atomic_write
@@ -435,7 +436,10 @@ class _Run:
     def micro_step(self, batch: dict) -> None:
         """Forward and backward of one micro-batch (gradients accumulate until the update)."""
         # One backward per forward here, so the logits' storage may take their gradient (logits_grad_in_place).
-        with self.acc.autocast(), head_mode(getattr(self.args, "chunked_head", "auto")), logits_grad_in_place():
+        # CPU attention of training (exoalign.attention): no key/value copies per query head; short bf16 attention
+        # as plain matmuls (the flash kernel's backward is slow there).
+        with self.acc.autocast(), head_mode(getattr(self.args, "chunked_head", "auto")), logits_grad_in_place(), \
+                training_attention():
             loss, metrics = eager_fallback(self.model, lambda: self.job.loss_fn(self.model, batch))
         if not _finite_everywhere(self.acc, loss):
             if self.args.nan_policy == "stop":

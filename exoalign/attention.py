@@ -1,0 +1,112 @@
+"""Attention for training on CPU: transformers' SDPA entry point, with two CPU-specific choices inside a block.
+
+Inside :func:`training_attention`, a model whose attention is transformers' ``"sdpa"`` runs :func:`cpu_attention`
+instead, which differs from transformers' own only on CPU, with a 4-D mask (the padded or prefix-shared batches
+of training) and grouped-query attention (several query heads per key/value head, as SmolLM2 and Llama):
+
+* **no copy of the keys and values per query head**: transformers repeats them (``repeat_kv``) whenever a mask is
+  given, because CUDA's fast kernels take no mask with grouped heads; torch's CPU flash kernel does take both
+  (``enable_gqa``), and is faster so (measured in ``docs/speed.md``: 10.9 → 9.7 ms forward + backward per
+  layer in bf16 and 5.2 → 4.3 in fp32 at the demo's shape);
+* **short reduced-precision attention with gradients as plain matmuls**: the CPU flash kernel's bf16 backward
+  is several times slower than its forward on short sequences (forward + backward 9.2 ms for 2 rows × 9 heads ×
+  138 tokens); up to :data:`PLAIN_MAX_KEYS` keys (and :data:`PLAIN_MAX_SCORES` score elements) the attention
+  runs as ``softmax(q kᵀ · scale + mask) v`` with the query heads of a group stacked against their shared key
+  (5.1 ms there), the softmax in fp32 as transformers' eager attention does it. From ~190 keys on the flash
+  kernel is faster (and its memory stays linear in the length), so it is used there.
+
+Anything else (GPU tensors, dropout, soft-capping, position biases, attention weights asked for, no mask) goes to
+transformers' function unchanged, so outside CPU training nothing differs. The block is entered by the training
+step only (``exoalign.train.engine``); sampling has its own decode attention (``exoalign.sampling``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+PLAIN_MAX_KEYS = 160
+"""Key lengths up to which a bf16/fp16 attention that needs gradients runs as plain matmuls on CPU (the module
+docstring). Forward + backward per layer, 9 query / 3 key-value heads of 64, one thread (ms, plain vs flash):
+64 keys 1.6 vs 3.5, 128: 4.7 vs 7.1, 160: 6.6 vs 9.8, 192: 9.7 vs 7.3, 256: 15.1 vs 11.3 (docs/speed.md)."""
+PLAIN_MAX_SCORES = 1 << 22
+"""…and score elements (batch × heads × queries × keys) up to which it does: the plain form keeps 6 bytes per
+element per layer for backward (fp32 softmax, bf16 probabilities); 2 × 9 × 138² ≈ 343 k at the demo's shape."""
+
+
+def _sdpa() -> Any:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward
+
+
+def _plain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+           scaling: float) -> torch.Tensor:
+    """``softmax(q kᵀ · scaling + mask) v`` with the G query heads of a key/value head stacked: ``[B, T, H, D]``."""
+    B, H, T, D = query.shape
+    KV, L = key.shape[1], key.shape[2]
+    G = H // KV
+    # Query head h reads key/value head h // G (transformers' repeat_kv order), so heads [kv*G, (kv+1)*G) stack.
+    scores = torch.matmul(query.reshape(B, KV, G * T, D), key.transpose(-1, -2)).float().mul_(scaling)
+    scores = scores.view(B, KV, G, T, L)
+    allowed = mask[:, :, None]  # [B or 1, 1, 1, T, L]
+    if allowed.dtype == torch.bool:
+        # The most negative float, not -inf: a row with no allowed key (padding) stays finite, as in eager attention.
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    else:
+        scores = scores + allowed
+    probs = torch.softmax(scores, dim=-1).to(query.dtype).view(B, KV, G * T, L)
+    out = torch.matmul(probs, value)  # [B, KV, G*T, D]
+    return out.view(B, KV, G, T, D).reshape(B, H, T, D).transpose(1, 2).contiguous()
+
+
+def cpu_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                  is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention (same arguments, ``[B, T, H, D]`` out), with the CPU choices of the module
+    docstring for a 4-D mask and grouped query heads."""
+    B, H, T, D = query.shape
+    KV = key.shape[1]
+    if (query.device.type != "cpu" or attention_mask is None or attention_mask.dim() != 4 or dropout
+            or H % KV or KV == H or key.shape[-1] != value.shape[-1] or kwargs.get("position_bias") is not None
+            or kwargs.get("softcap") is not None or kwargs.get("output_attentions")):
+        return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                       is_causal=is_causal, **kwargs)
+    scale = D ** -0.5 if scaling is None else scaling
+    mask = attention_mask
+    # Under CPU autocast the query arrives in fp32 (the rotary embedding's fp32 tables promote it) and SDPA and the
+    # matmuls compute in the autocast dtype: that is the precision that counts.
+    low = (torch.bfloat16, torch.float16)
+    reduced = query.dtype in low or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in low)
+    if (reduced and torch.is_grad_enabled() and query.requires_grad
+            and key.shape[2] <= PLAIN_MAX_KEYS and B * H * T * key.shape[2] <= PLAIN_MAX_SCORES):
+        return _plain(query, key, value, mask, scale), None
+    if mask.dtype != torch.bool and mask.dtype != query.dtype:
+        mask = mask.to(query.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def training_attention(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, transformers' ``"sdpa"`` attention is :func:`cpu_attention` (for every model of the
+    process: the entry is looked up at each forward). Restored on exit, whatever was there before."""
+    if not enabled:
+        yield
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    local = ALL_ATTENTION_FUNCTIONS._local_mapping
+    had, before = "sdpa" in local, local.get("sdpa")
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = cpu_attention
+    try:
+        yield
+    finally:
+        if had:
+            local["sdpa"] = before
+        else:
+            local.pop("sdpa", None)

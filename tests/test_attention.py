@@ -1,0 +1,183 @@
+"""exoalign.attention: the CPU training attention equals transformers' SDPA attention (fp32: to rounding; bf16: no
+less accurate than the flash kernel it replaces), keeps padded rows finite, hands everything else to transformers
+unchanged, and is active only inside its block."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from numerics import EPS, assert_close_scaled, rel_tol
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import exoalign.attention as attention
+from exoalign.attention import cpu_attention, training_attention
+
+B, H, KV, T, D = 2, 6, 2, 20, 16
+
+
+class _Module(torch.nn.Module):
+    """What transformers' SDPA function reads from an attention module."""
+
+    num_key_value_groups = H // KV
+    is_causal = True
+
+
+def _inputs(dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, n, T, D, generator=g, dtype=dtype) for n in (H, KV, KV))
+    return tuple(x.requires_grad_() for x in (q, k, v))
+
+
+def _mask(kind: str) -> torch.Tensor:
+    """A causal mask with left padding on row 0 (its first 5 positions attend to nothing but themselves... or to
+    nothing at all for ``kind='empty_row'``), bool or additive float."""
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()[None, None].repeat(B, 1, 1, 1)
+    allowed[0, :, :, :5] = False
+    for i in range(5):
+        allowed[0, 0, i, i] = kind != "empty_row"
+    if kind == "float":
+        return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return allowed
+
+
+def _run(fn, q, k, v, mask, seed: int = 1):
+    out = fn(_Module(), q, k, v, mask, scaling=D ** -0.5)[0]
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    grads = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+    return out.detach().float(), [x.float() for x in grads]
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_fp32_equals_transformers_sdpa(kind: str) -> None:
+    q, k, v = _inputs()
+    mask = _mask(kind)
+    out, grads = _run(cpu_attention, q, k, v, mask)
+    ref_out, ref_grads = _run(sdpa_attention_forward, q, k, v, mask)
+    tol = rel_tol(torch.float32, T * D)  # a softmax over T keys of D-long dot products, and its backward
+    assert_close_scaled(out, ref_out, tol, what="output")
+    for name, a, e in zip("qkv", grads, ref_grads):
+        assert_close_scaled(a, e, tol, what=f"d{name}")
+
+
+def _float64_reference(q, k, v, mask):
+    q, k, v = (x.detach().double().requires_grad_() for x in (q, k, v))
+    kk, vv = (x.repeat_interleave(H // KV, dim=1) for x in (k, v))
+    s = q @ kk.transpose(-1, -2) * D ** -0.5
+    s = s.masked_fill(~mask, torch.finfo(torch.float64).min) if mask.dtype == torch.bool else s + mask.double()
+    out = (torch.softmax(s, -1) @ vv).transpose(1, 2)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).double()
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    return out.detach(), list(grads)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_bf16_plain_path_no_less_accurate_than_flash(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast with gradients (training), short attention runs as plain matmuls; its error against
+    fp64 is at most twice that of the flash kernel it replaces (plus one bf16 rounding of the scale)."""
+    calls = []
+    plain = attention._plain
+    monkeypatch.setattr(attention, "_plain", lambda *a: calls.append(1) or plain(*a))
+    q, k, v = _inputs()
+    mask = _mask(kind)
+    exact_out, exact_grads = _float64_reference(q, k, v, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _run(cpu_attention, q, k, v, mask)
+        assert calls, "the plain path was not taken"
+        flash_out, flash_grads = _run(sdpa_attention_forward, q, k, v, mask)
+    for what, a, f, e in [("output", out, flash_out, exact_out)] + [
+            (f"d{n}", a, f, e) for n, a, f, e in zip("qkv", grads, flash_grads, exact_grads)]:
+        scale = e.abs().max().item()
+        err, flash_err = ((x.double() - e).abs().max().item() for x in (a, f))
+        assert err <= 2 * flash_err + EPS[torch.bfloat16] * scale, (what, err, flash_err, scale)
+
+
+def test_row_with_no_allowed_key_stays_finite() -> None:
+    q, k, v = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _run(cpu_attention, q, k, v, _mask("empty_row"))
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_everything_else_goes_to_transformers_unchanged() -> None:
+    q, k, v = _inputs()
+    a = cpu_attention(_Module(), q, k, v, None, scaling=D ** -0.5)[0]  # no mask: causal flash
+    e = sdpa_attention_forward(_Module(), q, k, v, None, scaling=D ** -0.5)[0]
+    assert torch.equal(a, e)
+    a = cpu_attention(_Module(), q, k, v, _mask("bool"), dropout=0.1, scaling=D ** -0.5)[0]  # dropout
+    assert a.shape == (B, T, H, D)
+    # One key/value head per query head: nothing to gain, transformers' path.
+    q1, k1, v1 = (torch.randn(B, H, T, D) for _ in range(3))
+    mha = _Module()
+    mha.num_key_value_groups = 1
+    a = cpu_attention(mha, q1, k1, v1, _mask("bool"), scaling=D ** -0.5)[0]
+    e = sdpa_attention_forward(mha, q1, k1, v1, _mask("bool"), scaling=D ** -0.5)[0]
+    assert torch.equal(a, e)
+
+
+def test_long_attention_keeps_the_flash_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "PLAIN_MAX_KEYS", T - 1)
+    monkeypatch.setattr(attention, "_plain", lambda *a: pytest.fail("plain path above PLAIN_MAX_KEYS"))
+    q, k, v = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = _run(cpu_attention, q, k, v, _mask("bool"))
+    assert torch.isfinite(out).all()
+
+
+def test_block_swaps_the_sdpa_entry_and_restores_it() -> None:
+    before = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    with training_attention():
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is cpu_attention
+        with training_attention():
+            assert ALL_ATTENTION_FUNCTIONS["sdpa"] is cpu_attention
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is cpu_attention
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+    with training_attention(enabled=False):
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+    with pytest.raises(RuntimeError), training_attention():
+        raise RuntimeError("inside")
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is before
+
+
+def _llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=H, num_key_value_heads=KV, max_position_embeddings=64,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg)
+
+
+def _model_grads(model, ids, am, autocast: bool, inside: bool):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), training_attention(inside):
+        logits = model(input_ids=ids, attention_mask=am).logits.float()
+    w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3)) * am[..., None]
+    (logits * w).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_llama_with_padding_trains_the_same() -> None:
+    """A GQA Llama on a left-padded batch: fp32 logits and every gradient equal transformers' attention to
+    rounding; under bf16 autocast they are as far from fp32 as transformers' own bf16 attention is (2× slack)."""
+    model = _llama()
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 96, (B, T), generator=g)
+    am = torch.ones(B, T, dtype=torch.long)
+    am[0, :6] = 0
+    ref = _model_grads(model, ids, am, autocast=False, inside=False)
+    ours = _model_grads(model, ids, am, autocast=False, inside=True)
+    tol = rel_tol(torch.float32, T * 48, safety=64)  # two layers deep, a backward through both
+    keep = am.bool()
+    assert_close_scaled(ours[0][keep], ref[0][keep], tol, what="fp32 logits")
+    for n in ref[1]:
+        assert_close_scaled(ours[1][n], ref[1][n], tol, what=f"fp32 grad {n}")
+    theirs16 = _model_grads(model, ids, am, autocast=True, inside=False)
+    ours16 = _model_grads(model, ids, am, autocast=True, inside=True)
+    for what, a, f, e in [("logits", ours16[0][keep], theirs16[0][keep], ref[0][keep])] + [
+            (n, ours16[1][n], theirs16[1][n], ref[1][n]) for n in ref[1]]:
+        scale = e.abs().max().item()
+        err, their_err = ((x - e).abs().max().item() for x in (a, f))
+        assert math.isfinite(err) and err <= 2 * their_err + EPS[torch.bfloat16] * scale, (what, err, their_err)
