@@ -13,8 +13,11 @@ from exoalign.sampling import (
     SamplingSettings,
     ScoredDraw,
     SeededSampler,
+    _bf16_packing,
     _shared_prefix_layout,
     completion_seed,
+    pack_linears,
+    sampling_copy,
 )
 
 PROMPTS = ["the movie was", "a delightful story with a", "i", "what a fantastic surprise , truly a good"]  # "i": one token
@@ -152,3 +155,29 @@ def test_fast_path_on_cuda(tiny_tokenizer, dtype):
             want = logits.log_softmax(-1).gather(1, torch.tensor(c.ids, device="cuda")[:, None]).squeeze(1).cpu()
             # as on the CPU (see test_reported_logps_equal_a_forward_pass); GPU kernels may use TF32-free fp32
             assert_close_scaled(torch.tensor(c.logps), want, 64 * EPS[wdtype] * 8, scale=max(6.0, float(want.abs().max())))
+
+
+def test_packed_linears_keep_outputs_and_weights(tiny_tokenizer):
+    """The bf16 sampling copy's linear layers read weights packed in oneDNN's layout (where oneDNN has bf16): the
+    logits equal those of the same copy unpacked (to bf16 rounding), the state dict and the tied head are the
+    same tensors, and a forward that needs gradients takes the plain path."""
+    import copy
+
+    model = _model(tiny_tokenizer, "llama")
+    twin = sampling_copy(model, "bfloat16")
+    plain = copy.deepcopy(model).to(torch.bfloat16).eval().requires_grad_(False)
+    n_linear = sum(type(m) is torch.nn.Linear for m in plain.modules())
+    assert pack_linears(copy.deepcopy(plain)) == (n_linear if _bf16_packing() else 0)
+    assert twin.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(twin.state_dict()[k], v) for k, v in plain.state_dict().items())
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        assert twin.get_output_embeddings().weight is twin.get_input_embeddings().weight
+    ids = torch.tensor([tiny_tokenizer(p)["input_ids"] for p in SHARED[:1]] * 3)
+    with torch.no_grad():
+        got, want = (m(input_ids=ids).logits.float() for m in (twin, plain))
+    # A logit is a reduction over the width (64) through 2 layers of bf16 products: 16·eps·√64 of its scale.
+    assert_close_scaled(got, want, 16 * EPS[torch.bfloat16] * 8, scale=float(want.abs().max()))
+    head = twin.get_output_embeddings()
+    x = torch.randn(2, head.in_features, dtype=torch.bfloat16, requires_grad=True)
+    head(x).float().sum().backward()  # the packed path has no backward: this must take F.linear
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -67,6 +67,7 @@ from ..sampling import (
     SamplingSettings,
     build_sampler,
     load_prompts,
+    pack_linears,
     pick_device,
     resolve_backend,
     sampling_copy,
@@ -372,7 +373,10 @@ class _Session:
         """A model in the eval's ``dtype`` (or in ``dtype`` when it names one)."""
         cfg = self.cfg
         want = cfg.dtype if dtype == "model" else dtype
-        return load_causal_lm(path, dtype=want, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
+        model = load_causal_lm(path, dtype=want, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
+        model.requires_grad_(False)  # only sampled and scored here
+        pack_linears(model)  # bf16 on CPU: weights in oneDNN's layout once (same outputs); else nothing
+        return model
 
     def is_sft(self, path: str) -> bool:
         return os.path.normpath(path) == os.path.normpath(self.cfg.sft_model)
