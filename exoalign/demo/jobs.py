@@ -23,6 +23,7 @@ the kernel made every step take ~140 000 page faults (0.1 s of a 1.5 s SmolLM2 s
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import sys
@@ -108,8 +109,13 @@ def _worker(fn: Callable[..., Any], args: tuple, log: str, spawned: bool = True)
     hf_logging.set_verbosity_error()
     extra = {"process_start_s": _process_start_s()} if spawned else {}
     t0, c0 = time.perf_counter(), time.process_time()
-    with open(log, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        fn(*args)
+    try:
+        with open(log, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            fn(*args)
+    finally:
+        # The job's model, optimizer state and gradients (GBs, some in reference cycles) freed now, not at the next
+        # automatic collection: the worker's next job reuses that memory (WORKER_MALLOC) instead of faulting in new.
+        gc.collect()
     return time.perf_counter() - t0, time.process_time() - c0, extra
 
 
