@@ -15,9 +15,10 @@ free worker taking the first job in list order whose prerequisites are done. So 
 cores a stage-by-stage order would leave idle while its last training finishes, and no second pool pays its
 process start again.
 
-Memory: the workers keep the memory they free (glibc's trim and mmap thresholds raised, :data:`WORKER_MALLOC`):
-a training step frees and re-allocates the same ~1 GB of gradients and casts every step, and returning it to
-the kernel made every step take ~140 000 page faults (0.1 s of a 1.5 s SmolLM2 step, docs/speed.md).
+Memory: the workers keep the memory they free and take every block from the heap (:data:`WORKER_MALLOC`): a
+training step frees and re-allocates the same ~1 GB of gradients, casts and logits every step, and returning it
+to the kernel made every step fault it in again (~140 000 page faults; on this project's virtual machines a page
+touched afresh is slow, worst when both workers do it at once; docs/speed.md).
 """
 
 from __future__ import annotations
@@ -54,13 +55,14 @@ class Job:
 
 
 WORKER_MALLOC = {
+    "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
     "MALLOC_TOP_PAD_": str(1 << 30),
-    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
 }
 """glibc allocator settings of the spawned workers (read when a process starts; other C libraries ignore them):
-keep freed memory instead of returning it to the kernel (trim above 16 GiB only, 1 GiB of top padding), and
-serve blocks up to 32 MiB (glibc's largest) from the heap instead of fresh mappings. A user's own values win."""
+every block from the heap, none from fresh mappings (glibc maps blocks of 32 MiB and more on their own and unmaps
+them when freed, so SmolLM2's embedding-sized gradient, Adam moments and logits were page-faulted in again every
+step), and freed memory kept (trim above 16 GiB only, 1 GiB of top padding). A user's own values win."""
 
 
 def usable_cores() -> int:
