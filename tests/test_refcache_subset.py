@@ -68,3 +68,30 @@ def test_a_row_outside_the_plan_fails_with_the_reason(monkeypatch):
              "ref_logps": torch.tensor([[float("nan"), float("nan")]])}
     with pytest.raises(RuntimeError, match=r"no reference log-probs for data rows \[7\]"):
         compute_loss(torch.nn.Module(), batch, LossConfig(name="exo", target="pref", beta_pi=0.1, eps=1e-3))
+
+
+def test_model_identity_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    """A process hashes a reference's weight files once (the demo's workers start several runs of one reference);
+    a changed file (size, times) is hashed again, and a file modified moments ago is never taken from memory."""
+    import os
+    import time
+
+    from exoalign.train import refcache
+
+    d = tmp_path / "m"
+    d.mkdir()
+    w = d / "model.safetensors"
+    w.write_bytes(b"weights v1")
+    (d / "config.json").write_text("{}")
+    old = time.time() - 60
+    for f in (w, d / "config.json"):
+        os.utime(f, (old, old))
+    calls = []
+    real = refcache._hash_file
+    monkeypatch.setattr(refcache, "_hash_file", lambda p, dg: calls.append(p.name) or real(p, dg))
+    first = refcache.model_identity(str(d))
+    assert refcache.model_identity(str(d)) == first and calls.count("model.safetensors") == 1  # remembered
+    w.write_bytes(b"weights v2")  # same size, just now: hashed again, and not remembered while it is fresh
+    second = refcache.model_identity(str(d))
+    assert second != first and calls.count("model.safetensors") == 2
+    assert refcache.model_identity(str(d)) == second and calls.count("model.safetensors") == 3
