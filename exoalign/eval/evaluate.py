@@ -375,7 +375,7 @@ class _Session:
         want = cfg.dtype if dtype == "model" else dtype
         model = load_causal_lm(path, dtype=want, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
         model.requires_grad_(False)  # only sampled and scored here
-        pack_linears(model)  # bf16 on CPU: weights in oneDNN's layout once (same outputs); else nothing
+        pack_linears(model)  # bf16 on CPU: weights in oneDNN's layout once; else nothing
         return model
 
     def is_sft(self, path: str) -> bool:
