@@ -181,3 +181,30 @@ def test_llama_with_padding_trains_the_same() -> None:
         scale = e.abs().max().item()
         err, their_err = ((x - e).abs().max().item() for x in (a, f))
         assert math.isfinite(err) and err <= 2 * their_err + EPS[torch.bfloat16] * scale, (what, err, their_err)
+
+
+def test_trainer_recompute_under_checkpointing_uses_the_same_attention(tmp_path, tiny_tokenizer, monkeypatch):
+    """With gradient checkpointing the backward recomputes each layer's forward: it must run the same attention as
+    the forward did (the training step enters the block around backward too), so a bf16 step takes the plain path
+    twice per layer with checkpointing and once without."""
+    import exoalign
+
+    calls = []
+    plain = attention._plain
+    monkeypatch.setattr(attention, "_plain", lambda *a: calls.append(1) or plain(*a))
+    pairs = [{"prompt": "the movie was", "chosen": " great and wonderful", "rejected": " terrible"},
+             {"prompt": "what a", "chosen": " fantastic surprise", "rejected": " waste of a whole evening"}]
+    counts = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=H, num_key_value_heads=KV, max_position_embeddings=128,
+                          attn_implementation="sdpa", pad_token_id=tiny_tokenizer.pad_token_id)
+        model = LlamaForCausalLM(cfg)
+        calls.clear()
+        exoalign.Trainer(model, pairs, tokenizer=tiny_tokenizer, config={
+            "loss": {"name": "exo"}, "model": {"gradient_checkpointing": ckpt}, "data": {"max_length": 32},
+            "train": {"max_steps": 1, "batch_size": 2, "mixed_precision": "bf16", "prefix_sharing": True,
+                      "ref_cache_dir": str(tmp_path / "cache")}}).train()
+        counts.append(len(calls))
+    assert counts[0] > 0 and counts[1] == 2 * counts[0], counts

@@ -450,7 +450,8 @@ class _Run:
             # vectors reduced at the next log have the same keys everywhere.
             loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
             metrics = {}
-        self.acc.backward(loss)
+        with training_attention():  # gradient checkpointing recomputes the forward here: the same attention
+            self.acc.backward(loss)
         self.window.add_micro(metrics, batch["attention_mask"].sum())
         if self.per_step and metrics:
             _Window._acc(self.step_sums, metrics)
