@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from numerics import assert_close_scaled, rel_tol
+from numerics import EPS, assert_close_scaled, rel_tol
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -423,3 +423,31 @@ def test_lora_uses_the_base_weights_as_pi_sft(tmp_path):
     mu, sft = torch.tensor(record["sampler_logps"]), torch.tensor(record["sft_logps"])
     assert (mu - sft).abs().max() > 1e-3
     AutoModelForCausalLM.from_pretrained(final)  # merged: plain from_pretrained loads it
+
+
+def test_rounds_can_sample_from_a_bf16_copy(tmp_path):
+    """``online.sample_dtype=bfloat16``: each round samples from a bf16 copy of the policy; the round's
+    ``sampler_logps`` are that copy's log-probs of its draws (nearer to a forward pass of the bf16 copy than of the
+    fp32 policy), and the policy trains and is saved in fp32."""
+    from exoalign.data import GroupCollator
+
+    cfg = make_cfg(tmp_path, "online.rounds=1", "online.steps_per_round=1", "online.temperature=0.7",
+                   "online.sample_dtype=bfloat16")
+    final = train_online(cfg)
+    record = json.loads((final.parent / "online" / "round-00000.json").read_text())
+    init = AutoModelForCausalLM.from_pretrained(final.parent / "init").eval()
+    twin = generation.sampling_copy(init, "bfloat16")
+    assert next(twin.parameters()).dtype == torch.bfloat16
+    feats = [{"index": n, "prompt_ids": p, "completion_ids": c}
+             for n, (p, c) in enumerate(zip(record["prompt_ids"], record["completion_ids"]))]
+    batch = GroupCollator(0)(feats)
+    with torch.no_grad():
+        fp32, _ = grouped_logps(init, batch, temperature=0.7)
+        bf16, _ = grouped_logps(twin, batch, temperature=0.7)
+    mu = torch.tensor(record["sampler_logps"])
+    assert (bf16.float() - fp32).abs().max() > 0  # the two distributions differ, so the check below can fail
+    assert (mu - bf16.float()).abs().mean() < (mu - fp32).abs().mean()
+    # one padded forward vs the sampler's cached decode, both in bf16: rounding of the sums, relative to their scale
+    assert_close_scaled(mu, bf16.float(), 16 * EPS[torch.bfloat16], what="sampler log-probs vs the bf16 copy")
+    trained = load_file(str(final / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in trained.values())

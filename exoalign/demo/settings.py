@@ -68,7 +68,8 @@ class DemoSettings:
     sample_dtype: str = "bfloat16"
     """Real models: weights of the sample stage's and the evaluation's sampling: bfloat16 samples from a bf16 copy (~2×
     faster on CPUs with bf16 units); the samples are then the bf16 model's, and the evaluation measures the bf16
-    models (reward of their samples, KL between their bf16 copies). 'model' = as loaded (fp32). Training is fp32."""
+    models (reward of their samples, KL between their bf16 copies); online runs sample each round from a bf16 copy of
+    the policy (``online.sample_dtype``). 'model' = as loaded (fp32). Training is fp32."""
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     """Runs to train and compare: offline exo-rw, dpo-rw, exo-pref, dpo-pref; online online-exo, online-dpo, rloo, ppo."""
     beta_pi: list[float] = field(default_factory=lambda: [1.0])

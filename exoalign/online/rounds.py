@@ -157,7 +157,7 @@ class Rounds:
             temperature=self.on.temperature, top_k=0, top_p=1.0, max_new_tokens=self.on.max_new_tokens,
             min_new_tokens=0, max_prompt_length=cfg.data.max_prompt_length, seed=args.seed,
             batch_size=self.on.generation_batch_size, backend=backend,
-            gpu_memory_utilization=self.on.gpu_memory_utilization,
+            gpu_memory_utilization=self.on.gpu_memory_utilization, sample_dtype=self.on.sample_dtype,
         )
         self.backend, self.vllm = backend, None  # the vLLM engine is built at the first round that samples
         self.judge = judge

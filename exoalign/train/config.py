@@ -361,6 +361,11 @@ class OnlineConfig:
     train.eval_every; both need online.oracle or online.reward_model as the judge."""
     eval_samples: int = 2
     """Completions sampled per held-out prompt at each held-out evaluation."""
+    sample_dtype: Literal["model", "float32", "bfloat16", "float16"] = "model"
+    """HF sampler only: the weights the rounds sample from. model = the policy as trained; bfloat16 = a bf16 copy
+    of its current weights made at each round (about twice as fast on CPUs with bf16 units). μ, the distribution
+    the importance correction divides by, is then the copy's, and the sampler reports its log-probs; training
+    keeps the policy's own dtype."""
 
     def __post_init__(self) -> None:
         require(self.rounds >= 0, "rounds", f"must be >= 0 (got {self.rounds})", "use 0 (offline) or a number of rounds")
