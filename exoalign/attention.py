@@ -17,7 +17,10 @@ of training) and grouped-query attention (several query heads per key/value head
 
 Anything else (GPU tensors, dropout, soft-capping, position biases, attention weights asked for, no mask) goes to
 transformers' function unchanged, so outside CPU training nothing differs. The block is entered by the training
-step only (``exoalign.train.engine``); sampling has its own decode attention (``exoalign.sampling``).
+step only (``exoalign.train.engine``, forward and backward).
+
+Sampling copies (``exoalign.sampling.sampling_copy``) get :func:`_decode_attention` instead, registered under its
+own name (:func:`use_decode_attention`): one new token per row against the KV cache.
 """
 
 from __future__ import annotations
@@ -110,3 +113,41 @@ def training_attention(enabled: bool = True) -> Iterator[None]:
             local["sdpa"] = before
         else:
             local.pop("sdpa", None)
+
+
+DECODE_ATTENTION = "exoalign_decode"
+
+
+def _decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention of one new token per row (decoding) as two matmuls per key/value head, the query heads that share
+    it stacked (no copy of the cache per query head); anything else goes to transformers' SDPA. On CPU in bf16,
+    SDPA's flash kernel takes 3-7x longer on this shape (``docs/speed.md``). Softmax in fp32, as eager attention."""
+    R, H, q, D = query.shape  # (rows, heads, 1, head dim)
+    KV = key.shape[1]
+    if q != 1 or dropout or H % KV or (attention_mask is not None and attention_mask.dim() != 4):
+        return _sdpa()(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    w = torch.matmul(query.reshape(R, KV, H // KV, D), key.transpose(-1, -2)) * scaling  # (R, KV, G, L)
+    if attention_mask is not None:  # (R or 1, 1, 1, L): True / 0 where a row may attend
+        w = w.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool else w + attention_mask
+    p = torch.softmax(w, -1, dtype=torch.float32).to(query.dtype)  # (R, KV, G, L)
+    return torch.matmul(p, value).reshape(R, 1, H, D), None  # (R, 1, H, D) as SDPA returns it
+
+
+def use_decode_attention(model: torch.nn.Module) -> None:
+    """Point a sampling copy (ours, on CPU, SDPA attention) at :func:`_decode_attention`. Not done on the caller's
+    own model, whose fp32 samples must stay the pre-change tokens bit for bit (another attention kernel rounds
+    differently)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or next(model.parameters()).device.type != "cpu":
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
+    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
+    try:
+        model.set_attn_implementation(DECODE_ATTENTION)
+    except (ValueError, KeyError, AttributeError):  # a model that cannot switch keeps SDPA
+        pass

@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from .attention import use_decode_attention
 from .config import require
 from .data import load_rows
 from .errors import ConfigError
@@ -287,7 +288,7 @@ def sampling_copy(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
         return model
     twin = copy.deepcopy(model).to(want).eval()
     twin.requires_grad_(False)
-    _use_decode_attention(twin)
+    use_decode_attention(twin)
     pack_linears(twin)
     return twin
 
@@ -332,47 +333,6 @@ def _bf16_packing() -> bool:
                     and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
     except (AttributeError, RuntimeError):
         return False
-
-
-DECODE_ATTENTION = "exoalign_decode"
-
-
-def _decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
-                      **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Attention of one new token per row (decoding) as two matmuls per key/value head, the query heads that share
-    it stacked (no copy of the cache per query head); anything else goes to transformers' SDPA. On CPU in bf16,
-    SDPA's flash kernel takes 3-7x longer on this shape (``docs/speed.md``). Softmax in fp32, as eager attention."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    R, H, q, D = query.shape  # (rows, heads, 1, head dim)
-    KV = key.shape[1]
-    if q != 1 or dropout or H % KV or (attention_mask is not None and attention_mask.dim() != 4):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    w = torch.matmul(query.reshape(R, KV, H // KV, D), key.transpose(-1, -2)) * scaling  # (R, KV, G, L)
-    if attention_mask is not None:  # (R or 1, 1, 1, L): True / 0 where a row may attend
-        w = w.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool else w + attention_mask
-    p = torch.softmax(w, -1, dtype=torch.float32).to(query.dtype)  # (R, KV, G, L)
-    return torch.matmul(p, value).reshape(R, 1, H, D), None  # (R, 1, H, D) as SDPA returns it
-
-
-def _use_decode_attention(model: torch.nn.Module) -> None:
-    """Point a sampling copy (ours, on CPU, SDPA attention) at :func:`_decode_attention`. Not done on the caller's
-    own model, whose fp32 samples must stay the pre-change tokens bit for bit (another attention kernel rounds
-    differently)."""
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "sdpa" or next(model.parameters()).device.type != "cpu":
-        return
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    AttentionInterface.register(DECODE_ATTENTION, _decode_attention)
-    AttentionMaskInterface.register(DECODE_ATTENTION, sdpa_mask)
-    try:
-        model.set_attn_implementation(DECODE_ATTENTION)
-    except (ValueError, KeyError, AttributeError):  # a model that cannot switch keeps SDPA
-        pass
 
 
 class HFSampler:

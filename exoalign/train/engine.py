@@ -435,22 +435,23 @@ class _Run:
     # ------------------------------------------------------------------------------------------ steps
     def micro_step(self, batch: dict) -> None:
         """Forward and backward of one micro-batch (gradients accumulate until the update)."""
-        # One backward per forward here, so the logits' storage may take their gradient (logits_grad_in_place).
         # CPU attention of training (exoalign.attention): no key/value copies per query head; short bf16 attention
-        # as plain matmuls (the flash kernel's backward is slow there).
-        with self.acc.autocast(), head_mode(getattr(self.args, "chunked_head", "auto")), logits_grad_in_place(), \
-                training_attention():
-            loss, metrics = eager_fallback(self.model, lambda: self.job.loss_fn(self.model, batch))
-        if not _finite_everywhere(self.acc, loss):
-            if self.args.nan_policy == "stop":
-                raise TrainingError(_nan_message(f"the loss is {float(loss.detach())}", self.step, self.args, batch))
-            self.bad_update = True
-            # Backward of a zero loss all the same: every process must join the gradient all-reduce. The
-            # batch's metrics are dropped on every process alike (the check above is global), so the metric
-            # vectors reduced at the next log have the same keys everywhere.
-            loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
-            metrics = {}
-        with training_attention():  # gradient checkpointing recomputes the forward here: the same attention
+        # as plain matmuls (the flash kernel's backward is slow there). The backward is inside too: gradient
+        # checkpointing recomputes the forward there and must run the same attention.
+        with training_attention():
+            # One backward per forward here, so the logits' storage may take their gradient (logits_grad_in_place).
+            with self.acc.autocast(), head_mode(getattr(self.args, "chunked_head", "auto")), logits_grad_in_place():
+                loss, metrics = eager_fallback(self.model, lambda: self.job.loss_fn(self.model, batch))
+            if not _finite_everywhere(self.acc, loss):
+                if self.args.nan_policy == "stop":
+                    raise TrainingError(_nan_message(f"the loss is {float(loss.detach())}", self.step, self.args,
+                                                     batch))
+                self.bad_update = True
+                # Backward of a zero loss all the same: every process must join the gradient all-reduce. The
+                # batch's metrics are dropped on every process alike (the check above is global), so the metric
+                # vectors reduced at the next log have the same keys everywhere.
+                loss = torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
+                metrics = {}
             self.acc.backward(loss)
         self.window.add_micro(metrics, batch["attention_mask"].sum())
         if self.per_step and metrics:
