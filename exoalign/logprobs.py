@@ -319,6 +319,50 @@ HEAD_MODE = "auto"
 #: ``auto`` projects in chunks when the full logits would exceed this many elements (with gradients).
 _AUTO_MIN_ELEMS = 1 << 26
 _HEAD_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def structure_key(inner: torch.nn.Module) -> tuple | None:
+    """What a structural probe's verdict depends on: the class, the config (and attention implementation), the
+    parameters' dtype and device, and which module classes the model is built of (a LoRA layer, a subclass with its
+    own forward). Two models with the same key get the same verdict, so a process that loads the same architecture
+    again (the demo's workers, one run after another) probes it once: each probe costs four forwards, ~0.4 s on a
+    135M model, however small its input. None when the model has no config to read."""
+    config = getattr(inner, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        return None
+    try:
+        param = next(inner.parameters())
+        return (type(inner), config.to_json_string(use_diff=False), getattr(config, "_attn_implementation", None),
+                param.dtype, param.device.type, frozenset(type(m) for m in inner.modules()))
+    except Exception:  # a config that cannot be serialised: probe this model itself
+        return None
+
+
+_HEAD_BY_KEY: dict[tuple, bool] = {}
+
+
+@contextlib.contextmanager
+def probing(inner: torch.nn.Module) -> Iterator[None]:
+    """A one-off numerical probe of ``inner`` in its own dtype: eval mode, no grad, autocast off, and the forward
+    that ``accelerate`` wraps in autocast (``_original_forward``) unwrapped for the duration.
+
+    The probes ask structural questions (is the mask honoured, is the head a plain linear); under bf16 autocast
+    each tiny probe forward would cast every weight (~0.2 s per forward on a 135M model, four forwards at the
+    first training step of every run)."""
+    was_training = inner.training
+    wrapped = inner.__dict__.get("forward")
+    original = inner.__dict__.get("_original_forward")
+    device_type = next(inner.parameters()).device.type
+    inner.eval()
+    if wrapped is not None and original is not None:
+        inner.forward = original
+    try:
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        if wrapped is not None and original is not None:
+            inner.forward = wrapped
+        inner.train(was_training)
 #: Config fields of models whose logits are not plain ``head(hidden)`` (soft-capping, scaling).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -367,6 +411,10 @@ def chunked_head_supported(model: torch.nn.Module) -> bool:
     cached = _HEAD_CACHE.get(inner)
     if cached is not None:
         return cached
+    key = structure_key(inner)
+    if key is not None and key in _HEAD_BY_KEY:
+        _HEAD_CACHE[inner] = _HEAD_BY_KEY[key]
+        return _HEAD_BY_KEY[key]
     name = _head_name(inner)
     config = getattr(inner, "config", None)
     ok = name is not None and compact_logits_supported(inner)
@@ -374,10 +422,8 @@ def chunked_head_supported(model: torch.nn.Module) -> bool:
     if ok:
         ids = torch.arange(1, 4, device=inner.get_output_embeddings().weight.device)[None] % inner.config.vocab_size
         keep = torch.ones_like(ids, dtype=torch.bool)
-        was = inner.training
-        inner.eval()
         try:
-            with torch.no_grad():
+            with probing(inner):
                 plain = inner(input_ids=ids, use_cache=False, logits_to_keep=keep).logits.float()
                 with _hidden_out(inner, name) as head:
                     hidden = inner(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
@@ -386,9 +432,9 @@ def chunked_head_supported(model: torch.nn.Module) -> bool:
                 )
         except Exception:  # any failure: this model keeps its own head
             ok = False
-        finally:
-            inner.train(was)
     _HEAD_CACHE[inner] = bool(ok)
+    if key is not None:
+        _HEAD_BY_KEY[key] = bool(ok)
     return bool(ok)
 
 

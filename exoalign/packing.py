@@ -36,7 +36,9 @@ from .logprobs import (
     _accepts,
     completion_token_logps,
     position_ids_from_mask,
+    probing,
     sequence_logps,
+    structure_key,
     unwrap_model,
 )
 
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 #: Attention implementations known to honour a custom 4-D mask as given.
 MASKED_ATTENTION = ("sdpa", "eager")
 _PROBE_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str | None, bool]] = weakref.WeakKeyDictionary()
+_PROBE_BY_KEY: dict[tuple, bool] = {}  # structure_key -> verdict, for models loaded again
 _WARNED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
@@ -230,17 +233,13 @@ def _probe(model: torch.nn.Module) -> bool:
     batch = collate_groups(
         [t[:3], t[3:5]], [[t[4:6], t[5:8]], [t[6:7], t[7:9] + t[:1]]], pad_id=0, device=param.device
     )
-    was_training = inner.training
-    inner.eval()
     try:
-        with torch.no_grad():
+        with probing(inner):
             out = _shared_logps(inner, batch, 1.0)
             plain, _ = sequence_logps(inner, batch["input_ids"], batch["attention_mask"], batch["labels"])
     except Exception as e:  # any failure means: do not use this path for this model
         log.info("prefix sharing probe failed (%s: %s); using the unshared layout", type(e).__name__, e)
         return False
-    finally:
-        inner.train(was_training)
     if out is None:
         return False
     tol = 1e-3 if param.dtype in (torch.float32, torch.float64) else 5e-2
@@ -258,12 +257,18 @@ def supports_shared_prefix(model: torch.nn.Module) -> bool:
     cached = _PROBE_CACHE.get(inner)
     if cached is not None and cached[0] == impl:
         return cached[1]
+    key = structure_key(inner)  # the same architecture loaded again in this process: the same verdict
+    if key is not None and key in _PROBE_BY_KEY:
+        _PROBE_CACHE[inner] = (impl, _PROBE_BY_KEY[key])
+        return _PROBE_BY_KEY[key]
     reason = _static_support(inner)
     ok = reason is None and _probe(inner)
     if not ok:
         why = reason or "its log-probs in the shared layout differ from the unshared ones (probe)"
         log.warning("prefix sharing is off for %s: %s; using the unshared layout", type(inner).__name__, why)
     _PROBE_CACHE[inner] = (impl, ok)
+    if key is not None:
+        _PROBE_BY_KEY[key] = ok
     return ok
 
 

@@ -221,3 +221,27 @@ def test_online_resume_from_a_checkpoint_inside_a_round_is_exact(tmp_path, monke
     a, b = load_file(str(whole / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert names(cut) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_all_finite_reads_each_weight_once_and_misses_nothing(dtype):
+    """The pre-save check: any NaN, +inf or -inf in any parameter is found; large finite weights whose norm
+    overflows are not mistaken for non-finite ones."""
+    from exoalign.train.checkpoint import all_finite
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3)).to(dtype)
+
+    assert all_finite(model())
+    big = model()
+    with torch.no_grad():
+        big[0].weight.fill_(torch.finfo(dtype).max / 2)  # finite, yet its norm overflows to inf
+    assert not torch.isfinite(torch.linalg.vector_norm(big[0].weight))
+    assert all_finite(big)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for layer, name in ((0, "weight"), (1, "bias"), (2, "weight")):
+            m = model()
+            with torch.no_grad():
+                getattr(m[layer], name).view(-1)[3] = bad
+            assert not all_finite(m), (bad, layer, name)

@@ -196,3 +196,50 @@ def test_bf16_autocast(impl: str) -> None:
     assert_close_scaled(shared, plain, u, what="bf16 shared vs plain")
     assert_close_scaled(shared, exact, 2 * u, what="bf16 vs fp32")
     assert float((shared - exact).detach().abs().max()) > 0  # autocast really ran in bf16
+
+
+def test_probes_run_in_the_models_dtype_and_once_per_architecture() -> None:
+    """The one-off probes run without accelerate's bf16 autocast (each tiny probe forward would otherwise cast
+    every weight), leave the model as they found it, and a model of the same architecture loaded again in the
+    same process reuses the verdict instead of probing again; another class (or attention) is probed anew."""
+    from accelerate import Accelerator
+
+    from exoalign.logprobs import chunked_head_supported, probing, structure_key
+
+    def build(impl: str = "sdpa") -> torch.nn.Module:  # an architecture no other test of this process probes
+        config = tiny_config(VOCAB, model_type="llama", bos_token_id=0, eos_token_id=0, pad_token_id=1,
+                             hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=96)
+        config._attn_implementation = impl
+        return build_model(config, seed=0)
+
+    model = Accelerator(cpu=True, mixed_precision="bf16").prepare(build())
+    wrapped = model.forward
+    seen: list[torch.dtype] = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    model.train()
+    model(torch.tensor([[2, 3, 4]]))
+    assert seen == [torch.bfloat16]  # accelerate's wrapper: autocast on
+    seen.clear()
+    with probing(model):
+        assert not model.training and not torch.is_grad_enabled()
+        model(torch.tensor([[2, 3, 4]]))
+    assert seen == [torch.float32]
+    assert model.training and model.forward == wrapped  # restored
+    seen.clear()
+    assert supports_shared_prefix(model) and chunked_head_supported(model)
+    assert seen and set(seen) == {torch.float32}  # the probes' own forwards, in fp32
+    hook.remove()
+
+    again = build()  # same architecture, other object: no probe forward at all
+    assert structure_key(again) == structure_key(model)
+    calls: list[int] = []
+    again.register_forward_hook(lambda *a: calls.append(1))
+    assert supports_shared_prefix(again) and chunked_head_supported(again)
+    assert calls == []
+
+    eager = build("eager")  # another attention implementation: probed
+    assert structure_key(eager) != structure_key(model)
+    eager.register_forward_hook(lambda *a: calls.append(1))
+    assert supports_shared_prefix(eager)
+    assert calls
