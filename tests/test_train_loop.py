@@ -265,3 +265,31 @@ def test_final_links_the_last_checkpoints_weights(tmp_path):
     got = weights(final)
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got)
     assert AutoModelForCausalLM.from_pretrained(final) is not None
+
+
+def test_clipping_folded_into_fused_adamw_takes_the_same_steps(tmp_path, monkeypatch):
+    """The fused AdamW kernel applies the clip (grad_scale = 1 / c) instead of a separate pass over the gradients:
+    the same losses, norms and weights as clip_grad_norm_ followed by the step, with clipping active every step."""
+    seen = []
+    real = engine._clip_scale
+
+    def spy(params, max_norm):
+        norm, scale = real(params, max_norm)
+        seen.append((float(norm), scale is not None))
+        return norm, scale
+
+    monkeypatch.setattr(engine, "_clip_scale", spy)
+    cfg = ["train.max_steps=5", "train.max_grad_norm=0.05"]
+    folded = train(make_cfg(tmp_path, *cfg, name="folded"))
+    assert len(seen) == 5 and all(clipped and norm > 0.05 for norm, clipped in seen)
+    monkeypatch.setattr(engine, "_can_fold_clip", lambda *a: None)
+    plain = train(make_cfg(tmp_path, *cfg, name="plain"))
+    assert len(seen) == 5  # the plain run clipped through accelerate
+    rec = {name: [r for r in read_metrics(run.parent) if "loss" in r] for name, run in (("f", folded), ("p", plain))}
+    # g / (1 / c) and g · c differ by a rounding of the quotient; Adam's steps of ~lr then differ by ~1e-7 relative.
+    assert [r["grad_norm"] for r in rec["f"]] == pytest.approx([r["grad_norm"] for r in rec["p"]], rel=1e-4)
+    assert [r["loss"] for r in rec["f"]] == pytest.approx([r["loss"] for r in rec["p"]], abs=1e-5)
+    wf, wp, w0 = weights(folded), weights(plain), weights(folded.parent / "init")
+    for k in wf:
+        assert (wf[k] - wp[k]).abs().max() < 1e-5, k
+    assert max(float((wf[k] - w0[k]).abs().max()) for k in wf) > 1e-4
