@@ -394,6 +394,7 @@ def run_prefix(shape: Shape, assets: Path) -> dict:
     prompt sharing, then the peak again (the best of the two is the limit)."""
     import torch
 
+    from exoalign.attention import training_attention
     from exoalign.data import GroupCollator
     from exoalign.models import load_causal_lm
     from exoalign.packing import supports_shared_prefix
@@ -424,8 +425,9 @@ def run_prefix(shape: Shape, assets: Path) -> dict:
         for i in range(shape.prefix_warmup + shape.prefix_steps):
             for share in (False, True):  # interleaved
                 t = time.perf_counter()
-                loss, _ = fns[share](model, batch, loss_cfg)
-                loss.backward()
+                with training_attention():  # as the trainer's micro-step runs forward and backward
+                    loss, _ = fns[share](model, batch, loss_cfg)
+                    loss.backward()
                 model.zero_grad(set_to_none=True)
                 _sync(shape.device)
                 if i >= shape.prefix_warmup:

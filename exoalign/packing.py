@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import LAYOUT_ATTR, SharedLayout
 from .logprobs import (
     IGNORE,
     _accepts,
@@ -284,6 +285,9 @@ def _shared_logps(
     if packed is None:
         return None
     B, K = gm.shape
+    mask = _mask_for(model, packed.segments)
+    if packed.input_ids.device.type == "cpu":  # what the mask stands for, for exoalign.attention's CPU training path
+        setattr(mask, LAYOUT_ATTR, SharedLayout(packed.segments, packed.prompt_end))
     # One logits row per predicting position; the prompt's last one serves K completions.
     lp = completion_token_logps(
         model,
@@ -292,7 +296,7 @@ def _shared_logps(
         index=packed.pred_index,
         temperature=temperature,
         input_ids=packed.input_ids,
-        attention_mask=_mask_for(model, packed.segments),
+        attention_mask=mask,
         position_ids=packed.position_ids,
     )  # (n,)
     sums = torch.zeros(B * K, dtype=lp.dtype, device=lp.device).index_add(0, packed.slots, lp)  # (B*K,)

@@ -243,3 +243,63 @@ def test_probes_run_in_the_models_dtype_and_once_per_architecture() -> None:
     eager.register_forward_hook(lambda *a: calls.append(1))
     assert supports_shared_prefix(eager)
     assert calls
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_long_shared_rows_attend_segment_by_segment(model_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of >= SEGMENTED_MIN_LENGTH columns inside the training attention block: the prompt block and the
+    completion columns are attended in two parts (exoalign.attention.SharedLayout), with the dense attention's
+    values and gradients, which equal the unshared rows'. Ragged prompts (left padding), completions of 1 to 60
+    tokens, an empty slot; then prompts without padding (the causal fast path of the prompt block)."""
+    from exoalign import attention
+    from exoalign.attention import SEGMENTED_MIN_LENGTH, training_attention
+
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2 if model_type == "llama" else 4, max_position_embeddings=512)
+    if model_type == "gpt2":
+        kw = dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)
+    config = tiny_config(VOCAB, model_type=model_type, bos_token_id=0, eos_token_id=0, pad_token_id=1, **kw)
+    config._attn_implementation = "sdpa"
+    model = build_model(config, seed=0)
+    g = torch.Generator().manual_seed(5)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(2, VOCAB, (n,), generator=g).tolist()
+
+    batch = collate_groups([ids(190), ids(150)], [[ids(60), ids(1), ids(33)], [ids(47), ids(12)]], pad_id=1)
+    assert batch["input_ids"].shape[1] - 0 >= 190 and batch["group_mask"].sum() == 5
+    calls: list[int] = []
+    real_attr = attention.LAYOUT_ATTR
+    real = attention.SharedLayout.attend
+    monkeypatch.setattr(attention.SharedLayout, "attend", lambda self, *a: calls.append(1) or real(self, *a))
+
+    def run(strip: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if strip:  # the dense attention over the same shared rows
+            monkeypatch.setattr(attention, "LAYOUT_ATTR", "_not_attached")
+        with training_attention():
+            out, _ = shared_prefix_logps(model, batch)
+            value = (out * batch["group_mask"]).sum()
+            return out.detach(), grads(model, value)
+
+    seg, seg_grads = run(strip=False)
+    assert len(calls) == 2  # one per layer: the segmented path served every layer
+    dense, dense_grads = run(strip=True)
+    assert len(calls) == 2
+    gm = batch["group_mask"]
+    L = 190 + 60 + 1 + 33
+    assert L >= SEGMENTED_MIN_LENGTH
+    tol = rel_tol(torch.float32, L)  # other reduction orders over up to L keys and the 64-token vocabulary
+    assert_close_scaled(seg[gm], dense[gm], tol, what="segmented vs dense log-probs")
+    expected = naive_logps(model, batch).view(gm.shape).detach()
+    assert_close_scaled(seg[gm], expected[gm], tol, what="segmented vs unshared log-probs")
+    for a, b in zip(seg_grads, dense_grads):
+        assert_close_scaled(a, b, tol, what="segmented vs dense gradients")
+
+    batch = collate_groups([ids(200), ids(200)], [[ids(30), ids(40)], [ids(50), ids(9)]], pad_id=1)
+    monkeypatch.setattr(attention, "LAYOUT_ATTR", real_attr)
+    seg, seg_grads = run(strip=False)
+    assert len(calls) == 4
+    dense, dense_grads = run(strip=True)
+    assert_close_scaled(seg, dense, tol, what="segmented (causal prompt) vs dense log-probs")
+    for a, b in zip(seg_grads, dense_grads):
+        assert_close_scaled(a, b, tol, what="segmented (causal prompt) vs dense gradients")
