@@ -286,7 +286,17 @@ def sampling_copy(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     want = getattr(torch, dtype)
     if next(model.parameters()).dtype == want:
         return model
-    twin = copy.deepcopy(model).to(want).eval()
+    # The copy is made in ``dtype`` directly: every floating parameter and buffer is cast into the deepcopy's memo
+    # (what ``.to(dtype)`` would cast; shared tensors, e.g. tied embeddings, stay shared), so the caller's fp32
+    # weights are read once instead of being copied whole and then cast.
+    memo: dict[int, Any] = {}
+    with torch.no_grad():
+        for t in (*model.parameters(), *model.buffers()):
+            if id(t) not in memo and type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_floating_point():
+                cast = t.detach().to(want)
+                memo[id(t)] = torch.nn.Parameter(cast, requires_grad=False) if isinstance(t, torch.nn.Parameter) \
+                    else cast
+    twin = copy.deepcopy(model, memo).to(want).eval()  # .to: anything the memo did not hold
     twin.requires_grad_(False)
     use_decode_attention(twin)
     pack_linears(twin)

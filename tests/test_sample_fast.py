@@ -181,3 +181,30 @@ def test_packed_linears_keep_outputs_and_weights(tiny_tokenizer):
     x = torch.randn(2, head.in_features, dtype=torch.bfloat16, requires_grad=True)
     head(x).float().sum().backward()  # the packed path has no backward: this must take F.linear
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_sampling_copy_is_the_cast_model_and_leaves_the_source_alone(tiny_tokenizer, model_type):
+    """The bf16 sampling copy, cast while copying: the state of ``deepcopy(model).to(bf16)`` (buffers included),
+    tied weights still tied, no gradients; the source keeps its fp32 weights, their gradients and flags."""
+    import copy
+
+    from exoalign.sampling import sampling_copy
+
+    model = _model(tiny_tokenizer, model_type).train()
+    model.get_input_embeddings().weight.grad = torch.ones_like(model.get_input_embeddings().weight)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = copy.deepcopy(model).to(torch.bfloat16).state_dict()
+    twin = sampling_copy(model, "bfloat16")
+    got = twin.state_dict()
+    assert got.keys() == expected.keys()
+    for k in got:
+        assert got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]), k
+    assert not twin.training and not any(p.requires_grad for p in twin.parameters())
+    assert all(p.grad is None for p in twin.parameters())
+    if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        assert twin.get_output_embeddings().weight is twin.get_input_embeddings().weight
+    assert model.training and all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+    assert model.get_input_embeddings().weight.grad is not None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert sampling_copy(model, "float32") is model and sampling_copy(model, "model") is model
