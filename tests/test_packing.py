@@ -202,7 +202,9 @@ def test_probes_run_in_the_models_dtype_and_once_per_architecture() -> None:
     """The one-off probes run without accelerate's bf16 autocast (each tiny probe forward would otherwise cast
     every weight), leave the model as they found it, and a model of the same architecture loaded again in the
     same process reuses the verdict instead of probing again; another class (or attention) is probed anew."""
-    from accelerate import Accelerator
+    import types
+
+    from accelerate.utils import convert_outputs_to_fp32
 
     from exoalign.logprobs import chunked_head_supported, probing, structure_key
 
@@ -213,7 +215,12 @@ def test_probes_run_in_the_models_dtype_and_once_per_architecture() -> None:
         config._attn_implementation = impl
         return build_model(config, seed=0)
 
-    model = Accelerator(cpu=True, mixed_precision="bf16").prepare(build())
+    model = build()
+    # What Accelerator(mixed_precision="bf16").prepare(model) does to a model's forward (done by hand: the
+    # accelerator's state is process-wide and other tests of this process set it without mixed precision).
+    model._original_forward = model.forward
+    model.forward = types.MethodType(
+        convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward.__func__)), model)
     wrapped = model.forward
     seen: list[torch.dtype] = []
     hook = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
