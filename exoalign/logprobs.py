@@ -343,26 +343,23 @@ _HEAD_BY_KEY: dict[tuple, bool] = {}
 
 @contextlib.contextmanager
 def probing(inner: torch.nn.Module) -> Iterator[None]:
-    """A one-off numerical probe of ``inner`` in its own dtype: eval mode, no grad, autocast off, and the forward
-    that ``accelerate`` wraps in autocast (``_original_forward``) unwrapped for the duration.
+    """A one-off numerical probe of ``inner``: eval mode and no grad for the duration, the training flag restored.
 
-    The probes ask structural questions (is the mask honoured, is the head a plain linear); under bf16 autocast
-    each tiny probe forward would cast every weight (~0.2 s per forward on a 135M model, four forwards at the
-    first training step of every run)."""
+    The probes ask structural questions (is the mask honoured, is the head a plain linear) and run once per
+    architecture per process (:func:`structure_key`). They run in whatever precision the caller's context sets
+    (under accelerate's bf16 autocast at a run's first step). Running them in fp32 with accelerate's wrapper lifted
+    was tried: 0.4 s instead of ~0.7 s alone, but in every full demo run it went with a first ``exo-rw`` job whose
+    first three steps took 5.5-7.3, 2.3-2.5 and 1.5-1.8 s instead of 2.4, 1.5 and 1.4 s (cause not found;
+    docs/speed.md), so it was reverted."""
     was_training = inner.training
-    wrapped = inner.__dict__.get("forward")
-    original = inner.__dict__.get("_original_forward")
-    device_type = next(inner.parameters()).device.type
     inner.eval()
-    if wrapped is not None and original is not None:
-        inner.forward = original
     try:
-        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        with torch.no_grad():
             yield
     finally:
-        if wrapped is not None and original is not None:
-            inner.forward = wrapped
         inner.train(was_training)
+
+
 #: Config fields of models whose logits are not plain ``head(hidden)`` (soft-capping, scaling).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
