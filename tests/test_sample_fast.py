@@ -208,3 +208,27 @@ def test_sampling_copy_is_the_cast_model_and_leaves_the_source_alone(tiny_tokeni
     assert model.get_input_embeddings().weight.grad is not None
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert sampling_copy(model, "float32") is model and sampling_copy(model, "model") is model
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_uniforms_split_between_threads_are_each_streams_own(monkeypatch, inference):
+    """The draw's uniforms filled by several threads (rows split between them) are, row by row, the numbers of
+    that row's own stream: torch.rand(V, generator=g) called in order; under inference mode too."""
+    import exoalign.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_PARALLEL_UNIFORMS", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        seeds = [completion_seed(0, i, j) for i in range(7) for j in range(2)]
+        draw = ScoredDraw(seeds, torch.device("cpu"), warpers=[], min_new_tokens=0, eos_id=None)
+        scores = torch.zeros(len(seeds), 1000)
+        with torch.inference_mode(inference):
+            first = draw.uniforms(scores).clone()
+            second = draw.uniforms(scores).clone()
+    finally:
+        torch.set_num_threads(threads)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    expected_first = torch.stack([torch.rand(1000, generator=g) for g in gens])
+    expected_second = torch.stack([torch.rand(1000, generator=g) for g in gens])
+    assert torch.equal(first, expected_first) and torch.equal(second, expected_second)
