@@ -1,4 +1,4 @@
-"""Attention for training on CPU: transformers' SDPA entry point, with two CPU-specific choices inside a block.
+"""Attention for training on CPU: transformers' SDPA entry point, with three CPU-specific choices inside a block.
 
 Inside :func:`training_attention`, a model whose attention is transformers' ``"sdpa"`` runs :func:`cpu_attention`
 instead, which differs from transformers' own only on CPU, with a 4-D mask (the padded or prefix-shared batches
@@ -13,7 +13,10 @@ of training) and grouped-query attention (several query heads per key/value head
   138 tokens); up to :data:`PLAIN_MAX_KEYS` keys (and :data:`PLAIN_MAX_SCORES` score elements) the attention
   runs as ``softmax(q kᵀ · scale + mask) v`` with the query heads of a group stacked against their shared key
   (5.1 ms there), the softmax in fp32 as transformers' eager attention does it. From ~190 keys on the flash
-  kernel is faster (and its memory stays linear in the length), so it is used there.
+  kernel is faster (and its memory stays linear in the length), so it is used there;
+* **prompt-shared rows in two parts** (:class:`SharedLayout`, rows of :data:`SEGMENTED_MIN_LENGTH` columns and
+  more): the prompt block against itself, the completion columns against the whole row, so the masked scores of
+  prompt queries against completion keys are not computed.
 
 Anything else (GPU tensors, dropout, soft-capping, position biases, attention weights asked for, no mask) goes to
 transformers' function unchanged, so outside CPU training nothing differs. The block is entered by the training
@@ -118,8 +121,9 @@ LAYOUT_ATTR = "_exoalign_shared_layout"
 mask it builds. It travels with the mask object, so the recomputed forward of gradient checkpointing (in the
 backward, after the layout's block has ended) finds it too."""
 SEGMENTED_MIN_LENGTH = 256
-"""Rows from which a prompt-shared batch is attended segment by segment (shorter rows: one dense attention is
-cheaper than the gathers; measured in docs/speed.md)."""
+"""Rows from which a prompt-shared batch is attended in two parts (:class:`SharedLayout`). Shorter rows keep one
+dense attention: there attention is a small share of the step (and bf16 runs it as plain matmuls up to
+:data:`PLAIN_MAX_KEYS` keys); the split was measured only at 576-768 columns (docs/training.md)."""
 
 
 class SharedLayout:
@@ -130,7 +134,8 @@ class SharedLayout:
     attention over the row computes every query against every key, ``L²`` score elements, although no prompt
     query may read a completion's key. Here the prompt's queries attend to the prompt's keys only (``P²``, or
     half of it through the flash kernel's causal mode when no prompt is padded) and the completions' queries to
-    the whole row (``(L − P)·L``): 25 % fewer score elements at K = 8, P = 384, c = 48, and every operand a slice
+    the whole row (``(L − P)·L``): at K = 8, P = 384, c = 48 25 % fewer score elements (37 % with the causal
+prompt block), and every operand a slice
     of the layer's own tensors (no gathers, which cost more than they saved). Same values as the dense attention
     up to the order of the softmax's sums; both parts go through :func:`_attend`.
     """

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -318,7 +318,6 @@ def completion_logits(model: torch.nn.Module, predict: torch.Tensor, **inputs: t
 HEAD_MODE = "auto"
 #: ``auto`` projects in chunks when the full logits would exceed this many elements (with gradients).
 _AUTO_MIN_ELEMS = 1 << 26
-_HEAD_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def structure_key(inner: torch.nn.Module) -> tuple | None:
@@ -338,7 +337,29 @@ def structure_key(inner: torch.nn.Module) -> tuple | None:
         return None
 
 
-_HEAD_BY_KEY: dict[tuple, bool] = {}
+class ProbeCache:
+    """A structural probe's verdicts: per model object (and attention implementation, which a model can switch),
+    and per :func:`structure_key`, so another model of the same architecture is not probed again."""
+
+    def __init__(self) -> None:
+        self.by_model: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str | None, bool]] = weakref.WeakKeyDictionary()
+        self.by_key: dict[tuple, bool] = {}
+
+    def verdict(self, inner: torch.nn.Module, probe: Callable[[], bool]) -> bool:
+        """The cached verdict for ``inner``, else ``probe()`` (remembered both ways)."""
+        impl = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+        hit = self.by_model.get(inner)
+        if hit is not None and hit[0] == impl:
+            return hit[1]
+        key = structure_key(inner)
+        ok = self.by_key[key] if key is not None and key in self.by_key else bool(probe())
+        self.by_model[inner] = (impl, ok)
+        if key is not None:
+            self.by_key[key] = ok
+        return ok
+
+
+_HEAD_PROBES = ProbeCache()
 
 
 @contextlib.contextmanager
@@ -405,34 +426,28 @@ def _sharded(model: torch.nn.Module, weight: torch.Tensor) -> bool:
 def chunked_head_supported(model: torch.nn.Module) -> bool:
     """Whether ``model``'s logits are ``lm_head(hidden)`` of a plain ``nn.Linear`` (config checks + one probe)."""
     inner = unwrap_model(model)
-    cached = _HEAD_CACHE.get(inner)
-    if cached is not None:
-        return cached
-    key = structure_key(inner)
-    if key is not None and key in _HEAD_BY_KEY:
-        _HEAD_CACHE[inner] = _HEAD_BY_KEY[key]
-        return _HEAD_BY_KEY[key]
+    return _HEAD_PROBES.verdict(inner, lambda: _head_probe(inner))
+
+
+def _head_probe(inner: torch.nn.Module) -> bool:
     name = _head_name(inner)
     config = getattr(inner, "config", None)
     ok = name is not None and compact_logits_supported(inner)
     ok = ok and not any(getattr(config, f, None) not in (None, 1, 1.0) for f in _LOGIT_TRANSFORMS)
-    if ok:
-        ids = torch.arange(1, 4, device=inner.get_output_embeddings().weight.device)[None] % inner.config.vocab_size
-        keep = torch.ones_like(ids, dtype=torch.bool)
-        try:
-            with probing(inner):
-                plain = inner(input_ids=ids, use_cache=False, logits_to_keep=keep).logits.float()
-                with _hidden_out(inner, name) as head:
-                    hidden = inner(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
-                ok = hidden.shape[-1] == head.in_features and torch.allclose(
-                    torch.nn.functional.linear(hidden, head.weight, head.bias).float(), plain, rtol=1e-4, atol=1e-4
-                )
-        except Exception:  # any failure: this model keeps its own head
-            ok = False
-    _HEAD_CACHE[inner] = bool(ok)
-    if key is not None:
-        _HEAD_BY_KEY[key] = bool(ok)
-    return bool(ok)
+    if not ok:
+        return False
+    ids = torch.arange(1, 4, device=inner.get_output_embeddings().weight.device)[None] % inner.config.vocab_size
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    try:
+        with probing(inner):
+            plain = inner(input_ids=ids, use_cache=False, logits_to_keep=keep).logits.float()
+            with _hidden_out(inner, name) as head:
+                hidden = inner(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
+            return hidden.shape[-1] == head.in_features and torch.allclose(
+                torch.nn.functional.linear(hidden, head.weight, head.bias).float(), plain, rtol=1e-4, atol=1e-4
+            )
+    except Exception:  # any failure: this model keeps its own head
+        return False
 
 
 def _use_chunked(model: torch.nn.Module, n_rows: int) -> bool:

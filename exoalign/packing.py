@@ -34,12 +34,12 @@ import torch
 from .attention import LAYOUT_ATTR, SharedLayout
 from .logprobs import (
     IGNORE,
+    ProbeCache,
     _accepts,
     completion_token_logps,
     position_ids_from_mask,
     probing,
     sequence_logps,
-    structure_key,
     unwrap_model,
 )
 
@@ -47,8 +47,7 @@ log = logging.getLogger(__name__)
 
 #: Attention implementations known to honour a custom 4-D mask as given.
 MASKED_ATTENTION = ("sdpa", "eager")
-_PROBE_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, tuple[str | None, bool]] = weakref.WeakKeyDictionary()
-_PROBE_BY_KEY: dict[tuple, bool] = {}  # structure_key -> verdict, for models loaded again
+_PROBES = ProbeCache()  # prefix-sharing verdicts, per model and per architecture
 _WARNED: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
 
@@ -254,23 +253,16 @@ def supports_shared_prefix(model: torch.nn.Module) -> bool:
     layout is named in one warning, not one per step.
     """
     inner = unwrap_model(model)
-    impl = getattr(getattr(inner, "config", None), "_attn_implementation", None)
-    cached = _PROBE_CACHE.get(inner)
-    if cached is not None and cached[0] == impl:
-        return cached[1]
-    key = structure_key(inner)  # the same architecture loaded again in this process: the same verdict
-    if key is not None and key in _PROBE_BY_KEY:
-        _PROBE_CACHE[inner] = (impl, _PROBE_BY_KEY[key])
-        return _PROBE_BY_KEY[key]
-    reason = _static_support(inner)
-    ok = reason is None and _probe(inner)
-    if not ok:
-        why = reason or "its log-probs in the shared layout differ from the unshared ones (probe)"
-        log.warning("prefix sharing is off for %s: %s; using the unshared layout", type(inner).__name__, why)
-    _PROBE_CACHE[inner] = (impl, ok)
-    if key is not None:
-        _PROBE_BY_KEY[key] = ok
-    return ok
+
+    def probe() -> bool:
+        reason = _static_support(inner)
+        ok = reason is None and _probe(inner)
+        if not ok:
+            why = reason or "its log-probs in the shared layout differ from the unshared ones (probe)"
+            log.warning("prefix sharing is off for %s: %s; using the unshared layout", type(inner).__name__, why)
+        return ok
+
+    return _PROBES.verdict(inner, probe)
 
 
 def _shared_logps(
