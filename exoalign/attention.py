@@ -210,6 +210,11 @@ def _decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return torch.matmul(p, value).reshape(R, 1, H, D), None  # (R, 1, H, D) as SDPA returns it
 
 
+def uses_decode_attention(model: torch.nn.Module) -> bool:
+    """``model`` runs :func:`_decode_attention` (a sampling copy switched by :func:`use_decode_attention`)."""
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == DECODE_ATTENTION
+
+
 def use_decode_attention(model: torch.nn.Module) -> None:
     """Point a sampling copy (ours, on CPU, SDPA attention) at :func:`_decode_attention`. Not done on the caller's
     own model, whose fp32 samples must stay the pre-change tokens bit for bit (another attention kernel rounds

@@ -28,7 +28,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from .attention import use_decode_attention
+from .attention import use_decode_attention, uses_decode_attention
 from .config import require
 from .data import load_rows
 from .errors import ConfigError
@@ -493,6 +493,8 @@ class HFSampler:
         position_ids = rows_mask.cumsum(-1) - 1  # (R, P)
         position_ids.masked_fill_(rows_mask == 0, 1)
         cache = self._prefill(model, input_ids, mask, k, shared) if P > 1 else DynamicCache(config=model.config)
+        if P > 1 and uses_decode_attention(model):  # room for every new token up front: no copy of the whole cache per layer and step
+            cache = _with_room(cache, s.max_new_tokens)
         cur, pos, attn = rows_ids[:, -1:], position_ids[:, -1:], rows_mask  # (R, 1), (R, 1), (R, P)
         unfinished = torch.ones(len(rows_ids), dtype=torch.bool, device=rows_ids.device)  # (R,)
         scores: torch.Tensor | None = None  # (R, V) fp32, reused
@@ -539,6 +541,29 @@ class HFSampler:
         if k > 1:
             cache.batch_repeat_interleave(k)
         return cache
+
+
+def _with_room(cache: Any, extra: int) -> Any:
+    """The prefill's KV cache moved into transformers' static layers with room for ``extra`` more tokens per row.
+
+    A dynamic cache concatenates the whole cache with each new token (every layer, every step: a tenth of a 40-row
+    decode's time); a static layer writes the token in place and the attention reads the full buffer, the unfilled
+    columns masked (``get_mask_sizes`` sizes the mask to the buffer, the 2D mask padded with zeros). Only for models
+    running :func:`exoalign.attention._decode_attention` (sampling copies): its softmax over the masked columns adds
+    exact zeros, so the numbers differ from the dynamic cache's by rounding at most, and fp32 samples of the
+    caller's own model (SDPA, dynamic cache) stay the pre-change tokens. A cache with any other kind of layer (sliding
+    window, linear attention) is returned as it is."""
+    from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return cache  # sliding-window, linear-attention or other layers keep their own cache
+    layers = []
+    for dyn in cache.layers:
+        keys, values = dyn.keys, dyn.values  # (R, KV, L, D)
+        layer = StaticLayer(max_cache_len=keys.shape[2] + extra)
+        layer.update(keys, values)  # allocates (R, KV, L + extra, D) and writes the first L columns
+        layers.append(layer)
+    return Cache(layers=layers)
 
 
 def _shared_prefix_layout(prompt_ids: Sequence[list[int]], pad_id: int,

@@ -232,3 +232,50 @@ def test_uniforms_split_between_threads_are_each_streams_own(monkeypatch, infere
     expected_first = torch.stack([torch.rand(1000, generator=g) for g in gens])
     expected_second = torch.stack([torch.rand(1000, generator=g) for g in gens])
     assert torch.equal(first, expected_first) and torch.equal(second, expected_second)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_bf16_decode_writes_into_a_cache_with_room(tiny_tokenizer, model_type, monkeypatch):
+    """The bf16 copy decodes on a cache with room for every new token (transformers' static layers, filled from the
+    prefill): the logits of each step equal those on the growing dynamic cache to bf16 rounding, over ragged
+    left-padded prompts and a shared start; the caller's fp32 model keeps the dynamic cache."""
+    from transformers.cache_utils import StaticLayer
+
+    import exoalign.sampling as sampling
+
+    model = _model(tiny_tokenizer, model_type)
+    twin = sampling_copy(model, "bfloat16")
+    ids = [tiny_tokenizer(p)["input_ids"] for p in SHARED + PROMPTS[:2]]
+    pad = tiny_tokenizer.pad_token_id if tiny_tokenizer.pad_token_id is not None else tiny_tokenizer.eos_token_id
+    x, mask, shared = _shared_prefix_layout(ids, pad)
+    k, steps = 2, 6
+    fed = torch.randint(5, len(tiny_tokenizer), (len(ids) * k, steps), generator=torch.Generator().manual_seed(1))
+
+    def decode(room: bool) -> list[torch.Tensor]:
+        with torch.no_grad():
+            cache = HFSampler._prefill(twin, x, mask, k, shared)
+            if room:
+                cache = sampling._with_room(cache, steps)
+                assert all(type(layer) is StaticLayer for layer in cache.layers)
+            rows_mask = mask.repeat_interleave(k, 0)
+            pos = (rows_mask.cumsum(-1) - 1)[:, -1:]
+            cur, attn, out = x.repeat_interleave(k, 0)[:, -1:], rows_mask, []
+            for t in range(steps):  # the same tokens fed to both caches
+                out.append(twin(input_ids=cur, attention_mask=attn, position_ids=pos, cache=cache,
+                                use_cache=True).logits[:, -1].float())
+                cur, pos = fed[:, t : t + 1], pos + 1
+                attn = torch.cat([attn, attn.new_ones((len(attn), 1))], -1)
+        return out
+
+    for got, want in zip(decode(True), decode(False)):
+        # A logit: a reduction over the width (64) through 2 bf16 layers; the attention's sums differ in order only.
+        assert_close_scaled(got, want, 16 * EPS[torch.bfloat16] * 8, scale=float(want.abs().max()))
+
+    calls = []
+    real = sampling._with_room
+    monkeypatch.setattr(sampling, "_with_room", lambda cache, extra: calls.append(extra) or real(cache, extra))
+    _sample(model, tiny_tokenizer, sample_dtype="bfloat16", max_new_tokens=5)
+    assert calls == [5]  # the bf16 copy decodes with room for its 5 new tokens
+    calls.clear()
+    _sample(model, tiny_tokenizer, max_new_tokens=5)
+    assert calls == []  # fp32: the caller's model, SDPA and the dynamic cache
