@@ -74,6 +74,17 @@ def fuse_activations(model: torch.nn.Module) -> int:
     return swapped
 
 
+def rebuild_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """A new model of ``model``'s class and config holding its weights, built by ``from_pretrained`` from the state
+    dict as :func:`load_causal_lm` builds one from a saved directory (the same dtype; the tensors are shared, not
+    copied). What was patched into ``model``'s modules or wrapped around its forward while it trained (lean
+    activations, autocast wrappers) is not carried over: the new model computes what the saved one would."""
+    dtype = next(model.parameters()).dtype
+    fresh = type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(), dtype=dtype)
+    fuse_activations(fresh)
+    return fresh
+
+
 def build_model(config, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None) -> torch.nn.Module:
     """A randomly initialised ``AutoModelForCausalLM`` from ``config`` (deterministic for a seed)."""
     if tokenizer is not None:

@@ -262,6 +262,37 @@ def test_a_deleted_output_is_remade_and_nothing_else(quick_run):
 
 
 @pytest.mark.slow
+def test_a_run_is_trained_and_evaluated_by_one_job_without_writing_its_last_step(quick_run, tmp_path, monkeypatch):
+    """A run still to train is trained and evaluated in one job: the checkpoints of the evaluated steps before the
+    last are written as usual, the last step goes to the evaluation in memory (with keep_checkpoints=false it is
+    never written), both jobs are marked and timed, and the numbers are those of the first run."""
+    import shutil
+
+    from exoalign.cli import main
+    from exoalign.train import engine
+
+    out = tmp_path / "demo"
+    shutil.copytree(quick_run["out"], out)
+    name = "exo-rw_bpi1"
+    for path in (out / ".stages" / f"train {name}.json", out / ".stages" / f"eval {name}.json",
+                 out / "eval" / f"{name}.json"):
+        path.unlink()
+    shutil.rmtree(out / "runs" / name)
+    saved, real = [], engine.save_checkpoint
+    monkeypatch.setattr(engine, "save_checkpoint", lambda *a, **k: saved.append(a[4]) or real(*a, **k))
+    assert main([*QUICK, "--out", str(out), "keep_checkpoints=false", "workers=1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    fresh = {k for k, t in results["timings"].items() if not t["cached"]}
+    assert fresh == {f"train {name}", f"eval {name}"}
+    assert all(results["timings"][k]["seconds"] > 0 for k in fresh)
+    steps = [r["step"] for r in json.loads((out / "eval" / f"{name}.json").read_text())["results"]]
+    assert steps == [8, 16, 24] and saved == [8, 16]  # checkpoint-24 was evaluated from memory
+    assert not (out / "runs" / name / "checkpoint-8").exists()  # evaluated, then dropped (keep_checkpoints=false)
+    first = quick_run["results_first"]["runs"]
+    assert results["runs"]["exo-rw"] == first["exo-rw"]
+
+
+@pytest.mark.slow
 @pytest.mark.real
 def test_micro_demo_on_smollm2(tmp_path):
     """The default model end to end at toy sizes (4 training prompts × K=2, 8 new tokens, one step per run,

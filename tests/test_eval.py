@@ -251,3 +251,37 @@ def test_eval_missing_checkpoint_exits_2(setup_eval, capsys):
     empty.mkdir()
     assert _eval(sft, prompts, tmp / "o.json", [empty]) == 2
     assert "no model here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sample_dtype", ["model", "bfloat16"])
+def test_a_model_held_in_memory_is_evaluated_as_its_saved_directory(setup_eval, sample_dtype):
+    """``run(cfg, models={path: model})``: a model the caller holds (the demo's last training step) is evaluated
+    under the path it is named by, which need not exist, with the very samples, rewards and KL of the same weights
+    saved and loaded; nothing the caller patched into its modules is used, and its weights are left as they were."""
+    from exoalign.eval.evaluate import EvalConfig, run
+    from exoalign.models import load_causal_lm
+
+    tmp, prompts, sft, other = setup_eval
+    held = load_causal_lm(str(other)).train()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the caller's module was run")
+
+    held.transformer.h[0].mlp.forward = boom  # a training-time patch must not reach the evaluation
+    before = {k: v.clone() for k, v in held.state_dict().items()}
+    common = dict(sft_model=str(sft), prompts=str(prompts), oracle="judge:noise", max_new_tokens=6, temperature=0.8,
+                  device="cpu", sample_dtype=sample_dtype, max_prompts=8, samples_per_prompt=2, win_rate=False)
+    a = json.loads(run(EvalConfig(checkpoints=[str(other)], output=str(tmp / "disk.json"), **common)).read_text())
+    name = str(tmp / "runs" / "exo" / "checkpoint-5")
+    b = json.loads(run(EvalConfig(checkpoints=[name], output=str(tmp / "mem.json"), **common),
+                       models={name: held}).read_text())
+    (ra,), (rb,) = a["results"], b["results"]
+    assert (rb["checkpoint"], rb["name"], rb["run"], rb["step"]) == (name, "exo/checkpoint-5", "exo", 5)
+    for key in ("reward", "kl", "kl_k3", "kl_se", "length", "finished"):
+        assert ra[key] == rb[key], key
+    assert ra["kl"] > 0
+    sa = (tmp / "disk.samples" / f"{eval_mod._safe(ra['name'])}.jsonl").read_text()
+    sb = (tmp / "mem.samples" / f"{eval_mod._safe(rb['name'])}.jsonl").read_text()
+    assert sa == sb
+    assert held.training and all(torch.equal(before[k], v) for k, v in held.state_dict().items())
+    assert all(p.requires_grad for p in held.parameters())

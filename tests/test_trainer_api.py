@@ -14,7 +14,7 @@ import torch
 
 import exoalign
 from exoalign.errors import ConfigError, InputError
-from exoalign.train.trainer import weights_fingerprint
+from exoalign.train.trainer import as_config, weights_fingerprint
 
 PAIRS = [
     {"prompt": "the movie was", "chosen": " great and wonderful", "rejected": " terrible and boring"},
@@ -91,6 +91,28 @@ def test_list_of_groups_with_rewards_saves_when_output_dir_is_set(tmp_path, tiny
     assert any(not torch.equal(before[k], v) for k, v in snapshot(out).items())
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
+
+
+def test_save_final_false_returns_the_model_and_writes_nothing_at_the_end(tmp_path, tiny_model, tiny_tokenizer):
+    """train.save_final=false: the trained model comes back and the checkpoints before the last step are written as
+    usual (weights kept), but neither the last step's checkpoint nor final; it refuses save_final_state and online
+    runs, each with one line."""
+    cb = Recorder()
+    run = tmp_path / "run"
+    cfg = config(tmp_path, loss={"name": "exo", "target": "rw"},
+                 train={"output_dir": str(run), "max_steps": 4, "save_every": 2, "keep_checkpoint_weights": True,
+                        "save_final": False})
+    before = snapshot(tiny_model)
+    trainer = exoalign.Trainer(tiny_model, GROUPS, tokenizer=tiny_tokenizer, config=cfg, callbacks=[cb])
+    out = trainer.train()
+    assert trainer.final is None and not (run / "final").exists() and not (run / "checkpoint-4").exists()
+    assert (run / "checkpoint-2" / "model.safetensors").is_file() and not (run / "checkpoint-2" / "state").exists()
+    assert cb.saves == [str(run / "checkpoint-2")]
+    assert out is tiny_model and any(not torch.equal(before[k], v) for k, v in snapshot(out).items())
+    with pytest.raises(ConfigError, match="train.save_final_state"):
+        as_config(config(tmp_path, train={"save_final": False, "save_final_state": True}))
+    with pytest.raises(ConfigError, match="train.save_final"):
+        as_config(config(tmp_path, train={"save_final": False}, online={"rounds": 2, "oracle": "oracle:f"}))
 
 
 def test_rows_are_validated_like_files_naming_the_index(tiny_model, tiny_tokenizer):

@@ -104,7 +104,8 @@ def _process_start_s() -> float | None:
 
 def _worker(fn: Callable[..., Any], args: tuple, log: str, spawned: bool = True) -> tuple[float, float, dict]:
     """Run ``fn(*args)`` with its output in ``log``; return its wall and CPU seconds and its overheads
-    (``process_start_s``: see :func:`_process_start_s`; absent when the job runs in the parent)."""
+    (``process_start_s``: see :func:`_process_start_s`; absent when the job runs in the parent), with what ``fn``
+    returned when that is a dict (e.g. the timings of its parts)."""
     one_thread()
     from transformers.utils import logging as hf_logging
 
@@ -113,7 +114,9 @@ def _worker(fn: Callable[..., Any], args: tuple, log: str, spawned: bool = True)
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         with open(log, "w", encoding="utf-8") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            fn(*args)
+            result = fn(*args)
+        if isinstance(result, dict):
+            extra.update(result)
     finally:
         # The job's model, optimizer state and gradients (GBs, some in reference cycles) freed now, not at the next
         # automatic collection: the worker's next job reuses that memory (WORKER_MALLOC) instead of faulting in new.

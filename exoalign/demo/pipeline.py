@@ -162,6 +162,17 @@ class Demo:
         if extra is not None:
             self.timings[name]["overheads"] = record["overheads"]
 
+    def _done_parts(self, name: str, fp: str, also: list[tuple], seconds: float, cpu: float, extra: dict) -> None:
+        """Mark job ``name`` done, and the jobs it did ``also`` (each with the seconds of its part: ``parts`` in
+        ``extra``; the process start goes with the first part)."""
+        parts = extra.pop("parts", None)
+        if not also or not parts:
+            self._done(name, fp, seconds, cpu, extra)
+            return
+        self._done(name, fp, *parts[name], extra)
+        for other, other_fp, _ in also:
+            self._done(other, other_fp, *parts[other], {})
+
     def overheads(self, name: str, extra: dict) -> dict[str, Any]:
         """Where job ``name`` spent its time outside its steps (seconds): ``process_start_s`` (a spawned worker's
         interpreter and imports, its first job only); a training's ``setup_s`` / ``load_s`` / ``reference_s``
@@ -309,10 +320,12 @@ class Demo:
         s = self.s
         return s.online_rounds * s.online_steps_per_round if method in ONLINE_METHODS else s.align_steps
 
-    def train(self, method: str, beta_pi: float) -> None:
-        """One alignment run of ``method`` at ``beta_pi`` into ``runs/<run name>``."""
+    def train(self, method: str, beta_pi: float, in_memory: bool = False) -> Any:
+        """One alignment run of ``method`` at ``beta_pi`` into ``runs/<run name>``. ``in_memory`` (offline runs): the
+        last step's weights are returned instead of written (unless keep_checkpoints), for :meth:`evaluate` in the
+        same process; the checkpoints of earlier evaluated steps are written as usual."""
         from ..train.config import DataConfig, LossConfig, ModelConfig, TrainConfig
-        from ..train.loop import train
+        from ..train.trainer import Trainer
 
         s = self.s
         if method in ONLINE_METHODS:
@@ -329,10 +342,12 @@ class Demo:
                                    warmup_steps=max(1, min(10, s.align_steps // 10)),
                                    scheduler="constant_with_warmup", save_every=s.save_every,
                                    prefix_sharing=not s.scratch,  # one prompt pass per group (exact)
-                                   mixed_precision="no" if s.mixed_precision == "fp32" else s.mixed_precision),
+                                   mixed_precision="no" if s.mixed_precision == "fp32" else s.mixed_precision,
+                                   save_final=not in_memory or s.keep_checkpoints),
         )
-        train(cfg)
+        _, model = Trainer(config=cfg).run()
         prune(self.runs / run_name(method, beta_pi))
+        return model if in_memory else None
 
     def train_online(self, method: str, beta_pi: float) -> None:
         """An online run (``exoalign train`` with ``online.rounds``): each round samples K completions of
@@ -383,19 +398,29 @@ class Demo:
                      self.runs / name / "online"]:
             shutil.rmtree(path, ignore_errors=True)
 
-    def evaluate(self, name: str) -> None:
+    def evaluate(self, name: str, last: Any = None, method: str | None = None) -> None:
         """``exoalign eval`` of run ``name``'s checkpoints. π_sft is evaluated once, as run ``sft``, and the
         report puts it at step 0 of every run; every evaluation draws its samples from the same seeds (the
-        completion j of held-out prompt i has the same random stream for every checkpoint)."""
+        completion j of held-out prompt i has the same random stream for every checkpoint). ``last``: the weights
+        of the last step of ``method``'s run, held in memory (:meth:`train` with ``in_memory``), evaluated as its
+        checkpoint without reading it from disk."""
         from ..eval.evaluate import EvalConfig, run
 
         s = self.s
-        run(EvalConfig(checkpoints=[str(p) for p in self.checkpoints(name)], sft_model=self.sft_model,
+        paths = [str(p) for p in self.checkpoints(name)]
+        models = {}
+        if last is not None:
+            assert method is not None
+            steps = self.eval_steps(method)
+            paths = [str(self.runs / name / f"checkpoint-{k}") for k in steps]
+            models = {paths[-1]: last}
+        run(EvalConfig(checkpoints=paths, sft_model=self.sft_model,
                        prompts=str(self.data / "eval_prompts.jsonl"), oracle=reviews.ORACLE,
                        samples_per_prompt=s.eval_samples, temperature=s.temperature, max_new_tokens=s.max_new_tokens,
                        max_prompt_length=s.max_prompt_length, min_new_tokens=1, seed=s.seed + 1000,
                        batch_size=s.gen_batch_size, win_rate=False, output=str(self.evals / f"{name}.json"),
-                       run_name=name, device=self.device, logp_batch_size=64, sample_dtype=self.sample_dtype))
+                       run_name=name, device=self.device, logp_batch_size=64, sample_dtype=self.sample_dtype),
+            models=models)
 
     @property
     def sample_dtype(self) -> str:
@@ -435,17 +460,28 @@ class Demo:
             elif not self.trained(name, m):
                 self._mark(f"train {name}").unlink(missing_ok=True)
         steps = {name: len(self.eval_steps(m)) for name, m, _ in runs}
+        # An offline run still to train is trained and evaluated by one job (its last step's weights passed in
+        # memory); a run trained earlier (its checkpoints on disk) and an online run get an evaluation job of their own.
+        together = {name for name, m, _ in runs if m not in ONLINE_METHODS and name not in evaluated
+                    and not self.is_done(f"train {name}", train_fp[name], [self.runs / name])}
+        args = lambda *rest: (str(self.out), self.s, self.device, *rest, str(self.work))  # noqa: E731
+        trained_at = lambda name: _last_step(self.runs / name / "metrics.jsonl")  # noqa: E731
+        evaluated_n = lambda name: _n_results(self.evals / f"{name}.json")  # noqa: E731
         # One pool for both stages: a run's evaluation starts as soon as its training is done (and π_sft's at
         # once), on whichever core is free, instead of after the last training.
         self.parallel("7-8", "train + eval", [
-            (f"train {name}", train_fp[name], _train_job, (str(self.out), self.s, self.device, m, b, str(self.work)),
-             [self.runs / name], lambda name=name: _last_step(self.runs / name / "metrics.jsonl"), self.steps(m), ())
+            (f"train {name}", train_fp[name], _train_eval_job, args(m, b),
+             [self.runs / name], lambda name=name: trained_at(name) + evaluated_n(name), self.steps(m) + steps[name],
+             (), [(f"eval {name}", eval_fp[name], [self.evals / f"{name}.json"])])
+            if name in together else
+            (f"train {name}", train_fp[name], _train_job, args(m, b),
+             [self.runs / name], lambda name=name: trained_at(name), self.steps(m), ())
             for name, m, b in runs if name not in evaluated
         ] + [
-            (f"eval {name}", efp, _eval_job, (str(self.out), self.s, self.device, name, str(self.work)),
-             [self.evals / f"{name}.json"], lambda name=name: _n_results(self.evals / f"{name}.json"),
+            (f"eval {name}", efp, _eval_job, args(name),
+             [self.evals / f"{name}.json"], lambda name=name: evaluated_n(name),
              1 if name == "sft" else steps[name], () if name == "sft" else (f"train {name}",))
-            for name, efp in eval_fp.items()
+            for name, efp in eval_fp.items() if name not in together
         ])
         from .report import write_report
 
@@ -453,17 +489,21 @@ class Demo:
         return write_report(self, runs)
 
     def parallel(self, n: int | str, what: str, jobs: list[tuple]) -> None:
-        """Run the jobs ``(name, fingerprint, fn, args, outputs, progress, total, after)`` that are not done yet
-        side by side (one core each), each after the jobs named in its ``after``, with one bar."""
+        """Run the jobs ``(name, fingerprint, fn, args, outputs, progress, total, after[, also])`` that are not done
+        yet side by side (one core each), each after the jobs named in its ``after``, with one bar. ``also``: the
+        ``(name, fingerprint, outputs)`` of further jobs the job does (its function returns each one's seconds in
+        ``parts``): marked done with it."""
         header = f"[{n}/{N_STAGES}] {what}"
         todo = []
-        for name, fp, fn, args, outputs, progress, total, after in jobs:
+        for name, fp, fn, args, outputs, progress, total, after, *rest in jobs:
+            also = rest[0] if rest else []
             if self.is_done(name, fp, outputs):
                 self._cached(f"{header}: {name}", name)
                 continue
-            self._clear(outputs)
+            self._clear(outputs + [out for _, _, outs in also for out in outs])
             todo.append(Job(name, fn, args, self.work / "logs" / f"{name.replace(' ', '-')}.log", progress, total,
-                            on_done=lambda sec, cpu, extra, name=name, fp=fp: self._done(name, fp, sec, cpu, extra),
+                            on_done=lambda sec, cpu, extra, name=name, fp=fp, also=also:
+                            self._done_parts(name, fp, also, sec, cpu, extra),
                             after=tuple(after)))
         if not todo:
             return
@@ -493,6 +533,23 @@ def _eval_job(out: str, settings: DemoSettings, device: str, name: str, work: st
     demo = Demo(Path(out), settings, device, Path(work))
     demo.evaluate(name)
     demo.drop_checkpoints(name)
+
+
+def _train_eval_job(out: str, settings: DemoSettings, device: str, method: str, beta_pi: float,
+                    work: str) -> dict[str, Any]:
+    """An offline run's training and then its evaluation, in one process: the last step's weights go from the
+    trainer to the evaluation in memory (not written, not read back; written too with keep_checkpoints).
+    Returns each part's wall and CPU seconds (``parts``), which the parent records as the two jobs' timings."""
+    demo = Demo(Path(out), settings, device, Path(work))
+    name = run_name(method, beta_pi)
+    t0, c0 = time.perf_counter(), time.process_time()
+    model = demo.train(method, beta_pi, in_memory=True)
+    t1, c1 = time.perf_counter(), time.process_time()
+    demo.evaluate(name, last=model, method=method)
+    del model
+    demo.drop_checkpoints(name)
+    t2, c2 = time.perf_counter(), time.process_time()
+    return {"parts": {f"train {name}": (t1 - t0, c1 - c0), f"eval {name}": (t2 - t1, c2 - c1)}}
 
 
 def _last_step(metrics: Path) -> int:

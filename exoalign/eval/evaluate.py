@@ -45,7 +45,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,12 +54,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..attention import use_decode_attention
 from ..config import require, stage_args, to_dict
 from ..data import encode_prompts, get_preset, parse_columns, write_rows
 from ..errors import ConfigError, InputError
 from ..fileio import atomic_json, fingerprint
 from ..logprobs import IGNORE, sequence_logps
-from ..models import DTYPES, check_model_dir, load_causal_lm, load_tokenizer
+from ..models import DTYPES, check_model_dir, load_causal_lm, load_tokenizer, rebuild_causal_lm
 from ..rewards import JudgeSettings, check_judge_given, judge_texts, make_judge
 from ..sampling import (
     Completion,
@@ -169,15 +170,18 @@ class Checkpoint:
 _CKPT_DIR = re.compile(r"^(checkpoint-\d+|final)$")
 
 
-def expand_checkpoints(paths: list[str]) -> list[Checkpoint]:
+def expand_checkpoints(paths: list[str], in_memory: Collection[str] = ()) -> list[Checkpoint]:
     """Model directories to evaluate. A directory without ``config.json`` is read as a training output_dir:
-    its complete ``checkpoint-{step}`` directories (torn ones skipped) and ``final``, oldest first."""
+    its complete ``checkpoint-{step}`` directories (torn ones skipped) and ``final``, oldest first. A path in
+    ``in_memory`` names a model the caller holds (see :func:`run`): it is taken as it is, and need not exist."""
     from ..train.checkpoint import COMPLETE, list_checkpoints
 
     out: list[Checkpoint] = []
     for p in paths:
         path = Path(p)
-        if path.is_dir() and not (path / "config.json").is_file():
+        if p in in_memory:
+            out.append(_named(p))
+        elif path.is_dir() and not (path / "config.json").is_file():
             run = path.resolve().name
             found = [Checkpoint(f"{run}/{d.name}", str(d), step, run) for step, d in list_checkpoints(path)]
             final = path / "final"
@@ -191,11 +195,7 @@ def expand_checkpoints(paths: list[str]) -> list[Checkpoint]:
             raise InputError("a checkpoint must be a model directory", file=p, field="checkpoints",
                              fix="give the directory that holds config.json")
         elif path.is_dir():
-            # runs/x/checkpoint-40 belongs to run x; any other model directory is a run of its own.
-            run = path.resolve().parent.name if _CKPT_DIR.match(path.name) else path.name
-            m = re.match(r"^checkpoint-(\d+)$", path.name)
-            step = int(m.group(1)) if m else _state_step(path)
-            out.append(Checkpoint(f"{run}/{path.name}" if _CKPT_DIR.match(path.name) else path.name, p, step, run))
+            out.append(_named(p))
         else:  # a hub name
             out.append(Checkpoint(p, p, None, p))
     names = [c.name for c in out]
@@ -204,6 +204,16 @@ def expand_checkpoints(paths: list[str]) -> list[Checkpoint]:
         raise InputError(f"two checkpoints are both named {dup!r}", field="checkpoints",
                          fix="give each checkpoint once (or rename the run directories)")
     return out
+
+
+def _named(p: str) -> Checkpoint:
+    """A model directory as a checkpoint: runs/x/checkpoint-40 belongs to run x (step 40); any other model directory
+    is a run of its own (its step from ``trainer_state.json``, if any)."""
+    path = Path(p)
+    run = path.resolve().parent.name if _CKPT_DIR.match(path.name) else path.name
+    m = re.match(r"^checkpoint-(\d+)$", path.name)
+    step = int(m.group(1)) if m else _state_step(path)
+    return Checkpoint(f"{run}/{path.name}" if _CKPT_DIR.match(path.name) else path.name, p, step, run)
 
 
 def _state_step(path: Path) -> int | None:
@@ -363,6 +373,8 @@ class _Session:
     kept: _KeptSft | None = None
     own_key: str = ""
     """What π_sft's own samples depend on besides the model (settings, prompts, judge): their cache key."""
+    in_memory: Mapping[str, torch.nn.Module] = field(default_factory=dict)
+    """Checkpoints the caller holds, by path (:func:`run`'s ``models``)."""
 
     @property
     def sft(self) -> torch.nn.Module:
@@ -373,8 +385,14 @@ class _Session:
         """A model in the eval's ``dtype`` (or in ``dtype`` when it names one)."""
         cfg = self.cfg
         want = cfg.dtype if dtype == "model" else dtype
+        held = self.in_memory.get(path)
+        if held is not None:  # the caller's weights in a model built as if loaded from `path` (no copy in fp32)
+            fresh = rebuild_causal_lm(held).to(self.device).eval().requires_grad_(False)
+            return fresh if want == "model" else sampling_copy(fresh, want)
         model = load_causal_lm(path, dtype=want, trust_remote_code=cfg.trust_remote_code).to(self.device).eval()
         model.requires_grad_(False)  # only sampled and scored here
+        if want == "bfloat16":  # as a sampling copy: the decode attention (CPU) and oneDNN's weight layout
+            use_decode_attention(model)
         pack_linears(model)  # bf16 on CPU: weights in oneDNN's layout once; else nothing
         return model
 
@@ -531,14 +549,23 @@ def _check_runnable(cfg: EvalConfig) -> None:
     check_judge_given(cfg)
 
 
-def run(cfg: EvalConfig) -> Path:
-    """Evaluate every checkpoint of ``cfg`` and write the JSON (see the module docstring)."""
+def run(cfg: EvalConfig, models: Mapping[str, torch.nn.Module] | None = None) -> Path:
+    """Evaluate every checkpoint of ``cfg`` and write the JSON (see the module docstring).
+
+    ``models``: checkpoints the caller already holds, keyed by the path ``cfg.checkpoints`` names them by (which
+    need not exist: e.g. ``runs/exo/checkpoint-200`` for a run's last step kept in memory, as the demo does). They
+    are sampled as if loaded from that path in the eval's dtype: the weights go into a model built afresh from the
+    model's config (:func:`~exoalign.models.rebuild_causal_lm`: none of what training patched into the module; in
+    fp32 the tensors are shared, not copied), as ``from_pretrained`` builds it from the directory. HF backend
+    only."""
     _check_runnable(cfg)
+    models = dict(models or {})
     out = Path(cfg.output)
-    checkpoints = expand_checkpoints(cfg.checkpoints)
+    checkpoints = expand_checkpoints(cfg.checkpoints, in_memory=models)
     # Every model is checked before any work, so a bad one cannot stop the run after the baseline was written.
     for ckpt in checkpoints:
-        check_model_dir(ckpt.path, "checkpoints")
+        if ckpt.path not in models:
+            check_model_dir(ckpt.path, "checkpoints")
     check_model_dir(cfg.sft_model, "sft_model")
     if cfg.baseline:
         check_model_dir(cfg.baseline, "baseline")
@@ -552,6 +579,9 @@ def run(cfg: EvalConfig) -> Path:
         raise InputError(f"only {len(prompts)} distinct prompt(s)", file=cfg.prompts, field="prompts",
                          fix="give at least 2 prompts (intervals need them; a few hundred are typical)")
     backend = resolve_backend(cfg.backend)
+    if models and backend != "hf":
+        raise ConfigError("models held in memory can only be sampled by the HF backend", field="backend",
+                          fix="use backend=hf, or save the models and name their directories in checkpoints")
     T_kl = cfg.kl_temperature or cfg.temperature
     settings = {
         "sft_model": cfg.sft_model, "prompts": fingerprint(prompts), "n_prompts": len(prompts),
@@ -579,7 +609,7 @@ def run(cfg: EvalConfig) -> Path:
         judge=make_judge(cfg, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code),
         judge_name=f"oracle {cfg.oracle}" if cfg.oracle else f"reward model {cfg.reward_model}",
         device=pick_device(cfg.device), backend=backend, kl_temperature=T_kl,
-        own_key=json.dumps(settings, sort_keys=True),
+        own_key=json.dumps(settings, sort_keys=True), in_memory=models,
     )
     session.kept = _kept_sft(session)
     timings = state.setdefault("timings", {})

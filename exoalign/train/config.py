@@ -247,6 +247,11 @@ class TrainArgs:
     keep_checkpoint_weights: bool = False
     """Keep every checkpoint's weights (model + tokeniser, no optimizer state) beside final after the run and
     when save_total_limit retires it, e.g. to evaluate intermediate checkpoints; the last step gets one too."""
+    save_final: bool = True
+    """Write output_dir/final (and, with keep_checkpoint_weights or save_final_state, the last step's checkpoint) when
+    the run ends; false: the trained model is only returned (``Trainer.train()``, ``Trainer.run()``), for a caller
+    that uses it in memory (the demo evaluates it there). Offline runs only; checkpoints before the last step are
+    saved as usual."""
     save_final_state: bool = False
     """Keep the optimizer state of the last step (checkpoint-{last}) after a finished run, so that --resume with
     more steps can continue it; false = a finished run holds no optimizer state."""
@@ -407,8 +412,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.online.rounds > 0:
+            require(self.train.save_final, "train.save_final", "an online run always writes output_dir/final",
+                    "drop train.save_final=false (it is for offline runs)")
             check_online(self)
             return
+        require(self.train.save_final or not self.train.save_final_state, "train.save_final_state",
+                "keeps the last step's optimizer state on disk, but train.save_final=false writes nothing at the end",
+                "drop one of the two")
         require(not resolve_loss(self.loss.name).online_only, "loss.name",
                 f"loss {self.loss.name!r} trains on samples of the current policy only",
                 "set online.rounds >= 1 (with online.oracle or online.reward_model), or use exo/dpo offline")

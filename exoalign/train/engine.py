@@ -618,7 +618,8 @@ def _clip_scale(params: list, max_norm: float | None) -> tuple[torch.Tensor | No
 
 
 def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
-    """Train ``job.model`` under ``args``; returns ``output_dir/final`` (model + tokeniser, safetensors)."""
+    """Train ``job.model`` under ``args``; returns ``output_dir/final`` (model + tokeniser, safetensors; not written
+    when ``args.save_final`` is false: the model is then only in memory)."""
     run = _Run(accelerator, args, job)
     if run.ended is not None:
         _end(accelerator, run)
@@ -661,6 +662,11 @@ def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
     if run.eval_loader is not None and not finished_before:
         run.write_eval()
     keep_state, keep_weights = args.save_final_state, args.keep_checkpoint_weights
+    if not args.save_final:  # the caller takes the trained model from memory (train.save_final=false)
+        if run.main:
+            finish(run.out, keep_state=False, keep_weights=keep_weights)
+        _end(accelerator, run)
+        return run.out / "final"
     if run.last_saved != run.step and (keep_state or (keep_weights and args.save_every)):
         # The last step's checkpoint: resumable (a later --resume with more steps continues from it) or, for the
         # evaluation of every checkpoint, its weights.

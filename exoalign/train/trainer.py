@@ -170,7 +170,7 @@ class Trainer:
         finally:
             if temp is not None:
                 shutil.rmtree(temp, ignore_errors=True)
-        self.final = None if temp is not None else final
+        self.final = None if temp is not None or not self.config.train.save_final else final
         return model
 
     def run(self) -> tuple[Path, torch.nn.Module]:
