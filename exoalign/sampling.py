@@ -199,6 +199,7 @@ class ScoredDraw(SeededSampler):
         self.logps: list[torch.Tensor] = []
         self._u: torch.Tensor | None = None  # (R, V) uniforms, refilled each step
         self._tmp: torch.Tensor | None = None  # (R, V) scratch of the log-sum-exp
+        self._row_max: tuple[Any, Any] = (None, None)  # (scores, their row maxima) of the last draw
 
     def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         buf = getattr(self, name)
@@ -250,6 +251,7 @@ class ScoredDraw(SeededSampler):
             return -torch.log(-torch.log(x.clamp(min=tiny)))
 
         top_s, top = s.max(-1, keepdim=True)  # (R, 1) any top-scoring token serves as the reference
+        self._row_max = (scores, top_s)  # the log-sum-exp of these same scores reuses their row maxima
         reach = top_s + gumbel(u.gather(1, top))  # (R, 1) the top token's score + noise
         best_noise = gumbel(u.amax(-1, keepdim=True))  # (R, 1) no token gets more noise than this
         cand = s >= reach - best_noise - 1e-3 * (1.0 + reach.abs())  # (R, V); -inf scores never qualify
@@ -263,7 +265,9 @@ class ScoredDraw(SeededSampler):
     def logsumexp(self, scores: torch.Tensor) -> torch.Tensor:
         """``(R,)`` ``log Σ_v exp(scores_v)`` in fp32, through a reused scratch buffer."""
         tmp = self._buffer("_tmp", scores)
-        m = scores.amax(-1, keepdim=True)  # (R, 1) finite: some token always has a finite score
+        seen, top_s = self._row_max
+        # (R, 1) finite: some token always has a finite score; the draw's maxima when it drew from these scores
+        m = top_s if seen is scores else scores.amax(-1, keepdim=True)
         torch.sub(scores, m, out=tmp).exp_()
         return m.squeeze(-1) + tmp.sum(-1).log()
 
@@ -504,7 +508,9 @@ class HFSampler:
                            use_cache=True).logits[:, -1]  # (R, V)
             if scores is None or scores.shape != logits.shape:
                 scores = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-            scores.copy_(logits).div_(s.temperature)  # = logits.float() / T, bit for bit
+            scores.copy_(logits)  # = logits.float() / T, bit for bit (x / 1 is x: no division at T = 1)
+            if s.temperature != 1.0:
+                scores.div_(s.temperature)
             nxt = draw.next_tokens(seq, scores)  # (R,)
             if eos is not None:
                 nxt = torch.where(unfinished, nxt, pad_id)
