@@ -293,3 +293,55 @@ def test_clipping_folded_into_fused_adamw_takes_the_same_steps(tmp_path, monkeyp
     for k in wf:
         assert (wf[k] - wp[k]).abs().max() < 1e-5, k
     assert max(float((wf[k] - w0[k]).abs().max()) for k in wf) > 1e-4
+
+
+def test_tied_embedding_takes_sparse_gradients_and_the_same_steps(tmp_path, monkeypatch):
+    """A tied input embedding gives sparse gradients while a plain one-process run trains (autograd adds the batch's
+    rows into the head's dense gradient instead of a dense zero-filled one): the same losses, norms and weights as
+    the dense path to fp32 rounding, the gradient the optimizer sees is dense, and the model comes back dense."""
+    from types import SimpleNamespace
+
+    from exoalign.models import build_model, tiny_config
+
+    made, densified = [], []
+    real, real_densify = engine._sparse_tied_embedding, engine._densify
+
+    def spy(*args):
+        emb = real(*args)
+        made.append(emb)
+        return emb
+
+    def densify(weight):
+        real_densify(weight)
+        densified.append((made[-1].sparse, weight.grad.is_sparse))
+
+    monkeypatch.setattr(engine, "_sparse_tied_embedding", spy)
+    monkeypatch.setattr(engine, "_densify", densify)
+    cfg = ["train.max_steps=5"]
+    sparse = train(make_cfg(tmp_path, *cfg, name="sparse"))
+    assert made and made[0] is not None and made[0].sparse is False  # switched back at the end
+    assert densified == [(True, False)] * 5  # sparse while training; dense (the head's plus the rows) when stepped
+    monkeypatch.setattr(engine, "_sparse_tied_embedding", lambda *a: None)
+    dense = train(make_cfg(tmp_path, *cfg, name="dense"))
+    rec = {name: [r for r in read_metrics(run.parent) if "loss" in r] for name, run in (("s", sparse), ("d", dense))}
+    # The rows of a repeated token are added one by one instead of among themselves first: fp32 rounding apart.
+    assert [r["grad_norm"] for r in rec["s"]] == pytest.approx([r["grad_norm"] for r in rec["d"]], rel=1e-5)
+    assert [r["loss"] for r in rec["s"]] == pytest.approx([r["loss"] for r in rec["d"]], abs=1e-5)
+    ws, wd, w0 = weights(sparse), weights(dense), weights(sparse.parent / "init")
+    for k in ws:
+        assert (ws[k] - wd[k]).abs().max() < 1e-5, k
+    assert max(float((ws[k] - w0[k]).abs().max()) for k in ws) > 1e-4
+
+    # Only a tied embedding, in one plain process, not compiled.
+    one = SimpleNamespace(num_processes=1, distributed_type="NO")
+    args = SimpleNamespace(compile=False)
+    tied = build_model(tiny_config(64), seed=0)
+    untied = build_model(tiny_config(64, model_type="llama", hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                     tie_word_embeddings=False), seed=0)
+    assert real(one, args, tied) is tied.get_input_embeddings() and tied.get_input_embeddings().sparse
+    tied.get_input_embeddings().sparse = False
+    assert real(one, args, untied) is None
+    assert real(SimpleNamespace(num_processes=2, distributed_type="MULTI_CPU"), args, tied) is None
+    assert real(one, SimpleNamespace(compile=True), tied) is None
+    assert not tied.get_input_embeddings().sparse
