@@ -45,7 +45,7 @@ from .checkpoint import (
 )
 from .config import TrainArgs
 from .setup import make_optimizer
-from .step import compile_model, eager_fallback, is_peft, unwrap
+from .step import compile_model, eager_fallback, is_peft
 
 logger = logging.getLogger(__name__)
 
@@ -381,8 +381,6 @@ class _Run:
                                   num_training_steps=self.total)
         self.scheduler = accelerator.prepare(scheduler)
         self.fold_clip = _can_fold_clip(accelerator, optimizer, self.params)
-        self.sparse_embedding: torch.nn.Embedding | None = None
-        """The tied input embedding while it gives sparse gradients (:func:`_sparse_tied_embedding`), else None."""
         self.eval_loader = None
         if job.eval_data is not None and len(job.eval_data) > 0:
             self.eval_loader = accelerator.prepare(
@@ -463,8 +461,6 @@ class _Run:
 
     def update(self, batch: dict) -> None:
         """Clip, then one optimizer + scheduler step — or, under nan_policy=skip, no step when anything was NaN/inf."""
-        if self.sparse_embedding is not None:
-            _densify(self.sparse_embedding.weight)
         if self.fold_clip:
             norm, scale = _clip_scale(self.params, self.args.max_grad_norm)
         else:
@@ -605,38 +601,6 @@ def _can_fold_clip(accelerator: Any, optimizer: torch.optim.Optimizer, params: l
     return inner
 
 
-def _sparse_tied_embedding(accelerator: Any, args: TrainArgs, model: torch.nn.Module) -> torch.nn.Embedding | None:
-    """The input embedding, switched to sparse gradients, when its weight is the output head's (tied) and trains in
-    one plain process; else None (nothing changed).
-
-    A dense embedding gradient is a zero ``[vocab, width]`` tensor with the batch's rows added, then added to the
-    head's gradient of the same weight: two passes over 28 M numbers on SmolLM2 (~55 ms of a 1.5 s demo step on one
-    core). Sparse, autograd adds the batch's rows straight into the head's dense gradient, and the weight's
-    gradient is the same sum (the rows of a token that occurs several times are added one by one instead of
-    first among themselves: fp32 rounding apart). DDP, FSDP and DeepSpeed reduce gradients their own way, and a
-    compiled model gets its graph as traced: those keep the dense path. :func:`fit` switches it back at the end."""
-    if accelerator.num_processes != 1 or getattr(args, "compile", False) or \
-            str(getattr(accelerator, "distributed_type", "NO")).split(".")[-1] != "NO":
-        return None
-    net = unwrap(model)
-    get_in, get_out = getattr(net, "get_input_embeddings", None), getattr(net, "get_output_embeddings", None)
-    if get_in is None or get_out is None:
-        return None
-    emb, head = get_in(), get_out()
-    if (type(emb) is not torch.nn.Embedding or head is None or getattr(head, "weight", None) is not emb.weight
-            or emb.sparse or emb.max_norm is not None or not emb.weight.requires_grad):
-        return None
-    emb.sparse = True
-    return emb
-
-
-def _densify(weight: torch.Tensor) -> None:
-    """A gradient that came back sparse (only the embedding used it: no head gradient was added) made dense, as
-    the optimizers need; the usual case (the head's dense gradient plus the rows) is already dense."""
-    if weight.grad is not None and weight.grad.is_sparse:
-        weight.grad = weight.grad.to_dense()
-
-
 def _clip_scale(params: list, max_norm: float | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(total gradient norm, grad_scale)`` for :func:`_can_fold_clip`'s optimizer: the norm as
     ``clip_grad_norm_`` computes it, and ``1 / c`` when clipping changes anything (None when it does not, or the
@@ -664,7 +628,6 @@ def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
     run.model.train()
     bar = tqdm(total=run.total, initial=run.step, desc=f"train {run.out.name}",
                disable=not accelerator.is_local_main_process)
-    run.sparse_embedding = _sparse_tied_embedding(accelerator, args, job.model)
     try:
         while run.step < run.total:
             run.sampler.use_epoch(run.epoch)
@@ -696,9 +659,6 @@ def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
             break
     finally:
         bar.close()
-        if run.sparse_embedding is not None:  # the model goes back to its caller as it came
-            run.sparse_embedding.sparse = False
-            run.sparse_embedding = None
     if run.eval_loader is not None and not finished_before:
         run.write_eval()
     keep_state, keep_weights = args.save_final_state, args.keep_checkpoint_weights
