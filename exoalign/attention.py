@@ -134,9 +134,9 @@ class SharedLayout:
     attention over the row computes every query against every key, ``L²`` score elements, although no prompt
     query may read a completion's key. Here the prompt's queries attend to the prompt's keys only (``P²``, or
     half of it through the flash kernel's causal mode when no prompt is padded) and the completions' queries to
-    the whole row (``(L − P)·L``): at K = 8, P = 384, c = 48 25 % fewer score elements (37 % with the causal
-prompt block), and every operand a slice
-    of the layer's own tensors (no gathers, which cost more than they saved). Same values as the dense attention
+    the whole row (``(L − P)·L``): at K = 8, P = 384, c = 48, 25 % fewer score elements (37 % with the causal
+    prompt block), and every operand a slice of the layer's own tensors (no gathers, which cost more than they
+    saved). Same values as the dense attention
     up to the order of the softmax's sums; both parts go through :func:`_attend`.
     """
 
