@@ -4,13 +4,15 @@ allocator settings, and a bad order is refused."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from exoalign.demo.jobs import WORKER_MALLOC, Job, run_jobs
+from exoalign.demo.jobs import WORKER_MALLOC, WORKER_PRELOAD, Job, run_jobs, start_worker_server
 
 
 def record(path: str, name: str, seconds: float) -> None:
@@ -18,7 +20,8 @@ def record(path: str, name: str, seconds: float) -> None:
     start = time.time()
     time.sleep(seconds)
     Path(path).write_text(json.dumps({"name": name, "start": start, "end": time.time(), "pid": os.getpid(),
-                                      "trim": os.environ.get("MALLOC_TRIM_THRESHOLD_")}))
+                                      "ppid": os.getppid(), "trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+                                      "preloaded": sorted(m for m in WORKER_PRELOAD if m in sys.modules)}))
 
 
 def _jobs(tmp_path: Path, spec: list[tuple[str, float, tuple[str, ...]]], finished: list[str]) -> list[Job]:
@@ -65,3 +68,22 @@ def test_a_prerequisite_after_its_dependant_is_refused(tmp_path: Path) -> None:
         run_jobs(_jobs(tmp_path, spec, []), "test", workers=2)
     with pytest.raises(ValueError, match="duplicate"):
         run_jobs(_jobs(tmp_path, [("a", 0.0, ()), ("a", 0.0, ())], []), "test", workers=2)
+
+
+@pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="no fork server here")
+def test_workers_are_forked_from_a_server_that_imported_the_jobs_modules(tmp_path: Path) -> None:
+    # The workers come from the fork server (their parent is not this process), which imported the trainer, the
+    # evaluation and the models' code before forking them: a worker starts with them loaded (a spawned worker
+    # would have imported none of them before its job ran), and still with the allocator settings.
+    assert start_worker_server()
+    assert start_worker_server()  # idempotent
+    spec = [("a", 0.3, ()), ("b", 0.3, ()), ("c", 0.0, ("a",))]
+    finished: list[str] = []
+    run_jobs(_jobs(tmp_path, spec, finished), "test", workers=2)
+    t = _times(tmp_path, ["a", "b", "c"])
+    assert sorted(finished) == ["a", "b", "c"]
+    assert len({t[n]["pid"] for n in t}) >= 2  # two workers ran
+    for n in t:
+        assert t[n]["ppid"] != os.getpid() and t[n]["pid"] != os.getpid()
+        assert t[n]["preloaded"] == sorted(WORKER_PRELOAD), t[n]["preloaded"]
+        assert "MALLOC_TRIM_THRESHOLD_" in os.environ or t[n]["trim"] == WORKER_MALLOC["MALLOC_TRIM_THRESHOLD_"]

@@ -6,14 +6,20 @@ else runs on the machine (measured: a 1M-parameter training step took 0.2 s of C
 1 s with two threads on a busy 2-core machine, spent spinning at barriers). So every job runs with one
 intra-op thread, and jobs that do not depend on each other run in parallel processes, one per core.
 
-A job is ``(name, function, args, progress)``: ``function(*args)`` runs in a fresh (spawned) process with its
-output sent to a log file; ``progress()`` is polled by the parent for a combined progress bar (e.g. the last
+A job is ``(name, function, args, progress)``: ``function(*args)`` runs in a worker process with its output sent
+to a log file; ``progress()`` is polled by the parent for a combined progress bar (e.g. the last
 step in a run's ``metrics.jsonl``). A failed job's log tail is printed and the error re-raised.
 
 Jobs may name the jobs they need (``after``: a run's evaluation needs its training): one pool runs them all, a
 free worker taking the first job in list order whose prerequisites are done. So the evaluations fill the
 cores a stage-by-stage order would leave idle while its last training finishes, and no second pool pays its
 process start again.
+
+Start-up: the workers are forked from a server process that imported torch, transformers and the jobs' modules
+once (:func:`start_worker_server`, :data:`WORKER_PRELOAD`; multiprocessing's ``forkserver``), not spawned afresh
+each paying those imports (~4 s a worker for SmolLM2's stack). The server never runs a tensor operation, so no
+OpenMP thread or lock is forked with it (the reason not to fork the parent itself). Where the platform has no
+fork server (Windows), the workers are spawned.
 
 Memory: the workers keep the memory they free and take every block from the heap (:data:`WORKER_MALLOC`): a
 training step frees and re-allocates the same ~1 GB of gradients, casts and logits every step, and returning it
@@ -65,6 +71,42 @@ them when freed, so SmolLM2's embedding-sized gradient, Adam moments and logits 
 step), and freed memory kept (trim above 16 GiB only, 1 GiB of top padding). A user's own values win."""
 
 
+WORKER_PRELOAD = (
+    "exoalign.demo.pipeline", "exoalign.train.trainer", "exoalign.train.loop", "exoalign.eval.evaluate",
+    "exoalign.online.rounds", "exoalign.sampling",
+    "transformers.models.llama.modeling_llama", "transformers.models.gpt2.modeling_gpt2",
+)
+"""Modules the workers' server imports before it forks any worker: torch and transformers through them, the
+trainer's and the evaluation's own imports (accelerate, datasets, peft), and the modeling code of the demo's
+models (SmolLM2 is a Llama; the scratch demo's model a GPT-2). A name that fails to import is skipped there (the
+worker imports it itself when a job needs it)."""
+
+
+def _context() -> Any:
+    """The pool's multiprocessing context: ``forkserver`` with :data:`WORKER_PRELOAD` where the platform has it,
+    else ``spawn`` (a clean interpreter either way: nothing of this process's torch threads or locks)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(WORKER_PRELOAD))
+    return ctx
+
+
+def start_worker_server() -> bool:
+    """Start the process the pool's workers will be forked from, now, with the workers' environment
+    (:data:`WORKER_MALLOC`, passive OpenMP waits): its imports (~4 s for SmolLM2's stack) then run on a core this
+    process leaves idle while it loads its own modules and the model, instead of delaying the first jobs. Returns
+    whether a server runs (False where the platform has none). Idempotent; :func:`run_jobs` starts it if needed."""
+    ctx = _context()
+    if ctx.get_start_method() != "forkserver":
+        return False
+    from multiprocessing import forkserver
+
+    with _worker_env({**WORKER_MALLOC, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}):
+        forkserver.ensure_running()
+    return True
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -88,8 +130,9 @@ _JOBS_HERE = 0
 
 
 def _process_start_s() -> float | None:
-    """Seconds from this process's creation to now: the interpreter, torch and transformers a spawned worker
-    loads before its first job. None for a later job of the same process (it pays none of that)."""
+    """Seconds from this process's creation to now: what a worker does before its first job (a spawned one loads
+    the interpreter, torch and transformers; one forked from the preloaded server little). None for a later job
+    of the same process (it pays none of that)."""
     global _JOBS_HERE
     _JOBS_HERE += 1
     if _JOBS_HERE > 1:
@@ -182,8 +225,8 @@ def run_jobs(jobs: list[Job], desc: str, workers: int) -> None:
     names = {j.name for j in jobs}
     done: set[str] = set()
     waiting = list(jobs)
-    ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited torch threads or locks
-    with _worker_env(WORKER_MALLOC), ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    start_worker_server()  # (no-op when it runs already)
+    with _worker_env(WORKER_MALLOC), ProcessPoolExecutor(max_workers=workers, mp_context=_context()) as pool:
         running: dict[Future, Job] = {}
 
         def start_ready() -> None:

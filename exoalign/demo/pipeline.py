@@ -43,7 +43,7 @@ from typing import Any
 from ..errors import InputError
 from ..fileio import atomic_json
 from . import reviews
-from .jobs import Job, one_thread, run_jobs, usable_cores
+from .jobs import Job, one_thread, run_jobs, start_worker_server, usable_cores
 from .settings import (  # noqa: F401 (re-exported)
     FULL_SEEDS,
     METHODS,
@@ -174,8 +174,8 @@ class Demo:
             self._done(other, other_fp, *parts[other], {})
 
     def overheads(self, name: str, extra: dict) -> dict[str, Any]:
-        """Where job ``name`` spent its time outside its steps (seconds): ``process_start_s`` (a spawned worker's
-        interpreter and imports, its first job only); a training's ``setup_s`` / ``load_s`` / ``reference_s``
+        """Where job ``name`` spent its time outside its steps (seconds): ``process_start_s`` (a worker's start
+        before its first job: little when forked from the preloaded server, see :mod:`exoalign.demo.jobs`); a training's ``setup_s`` / ``load_s`` / ``reference_s``
         (``run_info.json``'s ``startup``) and ``first_step_s``; an evaluation's ``setup_s`` and per checkpoint
         ``generation_s`` / ``total_s`` (the eval JSON's ``timings``)."""
         out = {k: v for k, v in extra.items() if v is not None}
@@ -431,6 +431,8 @@ class Demo:
     # -- the whole chain
     def run(self) -> dict[str, Any]:
         self.started = time.perf_counter()
+        if self.device != "cuda" and (self.s.workers or usable_cores()) > 1:
+            start_worker_server()  # its imports beside the first stages, not before the first jobs (no-op if running)
         fp = self.fingerprints()
         self.out.mkdir(parents=True, exist_ok=True)
         if self.s.scratch:
@@ -630,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device not in (None, "cpu", "cuda"):
         raise InputError(f"unknown device {args.device!r}", field="--device", fix="use --device cpu or --device cuda")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.device != "cuda" and usable_cores() > 1:
+        start_worker_server()  # the workers' imports on the idle core while this process loads its own
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the models' config chatter is not news to a demo user
