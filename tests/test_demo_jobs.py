@@ -21,7 +21,8 @@ def record(path: str, name: str, seconds: float) -> None:
     time.sleep(seconds)
     Path(path).write_text(json.dumps({"name": name, "start": start, "end": time.time(), "pid": os.getpid(),
                                       "ppid": os.getppid(), "trim": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
-                                      "preloaded": sorted(m for m in WORKER_PRELOAD if m in sys.modules)}))
+                                      "preloaded": sorted(m for m in WORKER_PRELOAD if m in sys.modules),
+                                      "probe": os.environ.get("EXOALIGN_TEST_PROBE")}))
 
 
 def _jobs(tmp_path: Path, spec: list[tuple[str, float, tuple[str, ...]]], finished: list[str]) -> list[Job]:
@@ -71,12 +72,15 @@ def test_a_prerequisite_after_its_dependant_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(), reason="no fork server here")
-def test_workers_are_forked_from_a_server_that_imported_the_jobs_modules(tmp_path: Path) -> None:
+def test_workers_are_forked_from_a_server_that_imported_the_jobs_modules(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # The workers come from the fork server (their parent is not this process), which imported the trainer, the
     # evaluation and the models' code before forking them: a worker starts with them loaded (a spawned worker
     # would have imported none of them before its job ran), and still with the allocator settings.
     assert start_worker_server()
     assert start_worker_server()  # idempotent
+    # Set after the server started: the jobs still see it (and not a variable unset since), as a spawned worker would.
+    monkeypatch.setenv("EXOALIGN_TEST_PROBE", str(tmp_path))
     spec = [("a", 0.3, ()), ("b", 0.3, ()), ("c", 0.0, ("a",))]
     finished: list[str] = []
     run_jobs(_jobs(tmp_path, spec, finished), "test", workers=2)
@@ -86,4 +90,5 @@ def test_workers_are_forked_from_a_server_that_imported_the_jobs_modules(tmp_pat
     for n in t:
         assert t[n]["ppid"] != os.getpid() and t[n]["pid"] != os.getpid()
         assert t[n]["preloaded"] == sorted(WORKER_PRELOAD), t[n]["preloaded"]
+        assert t[n]["probe"] == str(tmp_path)
         assert "MALLOC_TRIM_THRESHOLD_" in os.environ or t[n]["trim"] == WORKER_MALLOC["MALLOC_TRIM_THRESHOLD_"]

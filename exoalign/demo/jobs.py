@@ -145,10 +145,24 @@ def _process_start_s() -> float | None:
         return None
 
 
-def _worker(fn: Callable[..., Any], args: tuple, log: str, spawned: bool = True) -> tuple[float, float, dict]:
-    """Run ``fn(*args)`` with its output in ``log``; return its wall and CPU seconds and its overheads
-    (``process_start_s``: see :func:`_process_start_s`; absent when the job runs in the parent), with what ``fn``
-    returned when that is a dict (e.g. the timings of its parts)."""
+def _adopt_env(env: dict[str, str]) -> None:
+    """This process's ``os.environ`` made ``env`` (the parent's when it submitted the job): a worker forked from
+    the server was born with the server's environment, and a variable the caller set since (``EXOALIGN_CACHE``,
+    ``HF_HOME``) must reach the job as it reached a spawned worker. What C libraries read at their start
+    (allocator, OpenMP) is the server's, set by :func:`start_worker_server`."""
+    for key in [k for k in os.environ if k not in env]:
+        del os.environ[key]
+    os.environ.update(env)
+
+
+def _worker(fn: Callable[..., Any], args: tuple, log: str, spawned: bool = True,
+            env: dict[str, str] | None = None) -> tuple[float, float, dict]:
+    """Run ``fn(*args)`` with its output in ``log`` (and ``env`` as its environment, see :func:`_adopt_env`);
+    return its wall and CPU seconds and its overheads (``process_start_s``: see :func:`_process_start_s`; absent
+    when the job runs in the parent), with what ``fn`` returned when that is a dict (e.g. the timings of its
+    parts)."""
+    if env is not None:
+        _adopt_env(env)
     one_thread()
     from transformers.utils import logging as hf_logging
 
@@ -236,7 +250,7 @@ def run_jobs(jobs: list[Job], desc: str, workers: int) -> None:
                     return
                 if all(a in done or a not in names for a in job.after):
                     waiting.remove(job)
-                    running[pool.submit(_worker, job.fn, job.args, str(job.log))] = job
+                    running[pool.submit(_worker, job.fn, job.args, str(job.log), True, dict(os.environ))] = job
 
         start_ready()
         while running:
