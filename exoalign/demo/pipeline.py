@@ -175,9 +175,10 @@ class Demo:
 
     def overheads(self, name: str, extra: dict) -> dict[str, Any]:
         """Where job ``name`` spent its time outside its steps (seconds): ``process_start_s`` (a worker's start
-        before its first job: little when forked from the preloaded server, see :mod:`exoalign.demo.jobs`); a training's ``setup_s`` / ``load_s`` / ``reference_s``
-        (``run_info.json``'s ``startup``) and ``first_step_s``; an evaluation's ``setup_s`` and per checkpoint
-        ``generation_s`` / ``total_s`` (the eval JSON's ``timings``)."""
+        before its first job: little when forked from the preloaded server, see :mod:`exoalign.demo.jobs`); a
+        training's ``setup_s`` / ``load_s`` / ``reference_s`` (``run_info.json``'s ``startup``) and
+        ``first_step_s``; an evaluation's ``setup_s`` and per checkpoint ``generation_s`` / ``total_s`` (the eval
+        JSON's ``timings``)."""
         out = {k: v for k, v in extra.items() if v is not None}
         kind, run = name.split(" ", 1)
         try:
