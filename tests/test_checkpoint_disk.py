@@ -125,8 +125,12 @@ def test_prune_keeps_the_state_of_the_newest_and_finish_drops_the_rest(tmp_path,
          [["checkpoint-2"], ["checkpoint-2", "checkpoint-4"], ["checkpoint-2", "checkpoint-4", "checkpoint-6"]],
          ["checkpoint-2", "checkpoint-4", "checkpoint-6"], ["checkpoint-2", "checkpoint-4", "checkpoint-6"]),
         (["train.save_every=0", "train.save_final_state=true"], [["checkpoint-6"]], ["checkpoint-6"], ["checkpoint-6"]),
+        # Weights only: no save writes optimizer state, every checkpoint's weights stay.
+        (["train.save_every=2", "train.keep_checkpoint_weights=true", "train.save_only_model=true"], [[], [], []],
+         ["checkpoint-2", "checkpoint-4", "checkpoint-6"], []),
     ],
-    ids=["default", "save_every_0", "limit2_weights", "uneven_weights", "final_state_all", "final_state_only"],
+    ids=["default", "save_every_0", "limit2_weights", "uneven_weights", "final_state_all", "final_state_only",
+         "only_model"],
 )
 def test_offline_checkpoints_on_disk(tmp_path, monkeypatch, overrides, during, after_all, after_states):
     """A 6-step run: the resumable checkpoints after each save, and what stays after the run."""
@@ -138,6 +142,22 @@ def test_offline_checkpoints_on_disk(tmp_path, monkeypatch, overrides, during, a
     assert (final / COMPLETE).is_file() and (final / "model.safetensors").is_file()
     assert not (final / "state").exists()
     assert not list(out.glob(".*checkpoint-*")) and not list(out.glob("checkpoint-*/.state-deleting"))
+
+
+def test_weights_only_checkpoints_change_nothing_of_the_training(tmp_path):
+    """train.save_only_model: the checkpoints hold the very weights of a run saving its state too (same losses,
+    same final weights), with no state directory; asking for the last step's state as well is refused."""
+    keep = ("train.save_every=2", "train.keep_checkpoint_weights=true")
+    light = train(make_cfg(tmp_path, *keep, "train.save_only_model=true", name="light")).parent
+    full = train(make_cfg(tmp_path, *keep, name="full")).parent
+    assert [r.get("loss") for r in read_metrics(light)] == [r.get("loss") for r in read_metrics(full)]
+    for step in (2, 4, 6):
+        a = load_file(str(light / f"checkpoint-{step}" / "model.safetensors"))
+        b = load_file(str(full / f"checkpoint-{step}" / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert not (light / f"checkpoint-{step}" / "state").exists()
+    with pytest.raises(ConfigError, match="save_only_model"):
+        make_cfg(tmp_path, "train.save_only_model=true", "train.save_final_state=true", name="both")
 
 
 def test_a_finished_run_continues_only_with_its_state(tmp_path):

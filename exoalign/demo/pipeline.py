@@ -265,9 +265,11 @@ class Demo:
     def _train_args(self, **kw: Any) -> Any:
         from ..train.config import TrainArgs
 
-        # Checkpoints keep their weights for the evaluation; only the newest holds optimizer state while training.
+        # Checkpoints keep their weights for the evaluation, and only them: a run the demo did not finish is trained
+        # again from its start (train.resume is off), so no checkpoint's optimizer state is ever read.
         return TrainArgs(seed=self.s.seed, cpu=self.device == "cpu", log_every=1,
-                         ref_cache_dir=str(self.work / "cache"), keep_checkpoint_weights=True, **kw)
+                         ref_cache_dir=str(self.work / "cache"), keep_checkpoint_weights=True, save_only_model=True,
+                         **kw)
 
     def sft(self) -> None:
         from ..stages.sft import SFTConfig, sft

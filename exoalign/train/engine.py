@@ -650,7 +650,7 @@ def fit(accelerator: Any, args: TrainArgs, job: Job) -> Path:
                 if run.eval_loader is not None and args.eval_every and run.step % args.eval_every == 0 and not last:
                     run.write_eval()
                 if args.save_every and run.step % args.save_every == 0 and not last:
-                    run.save()
+                    run.save(with_state=not args.save_only_model)
                 if last:
                     break
             else:  # the epoch is used up
