@@ -103,6 +103,14 @@ def test_two_rounds_train_log_and_the_final_model_reloads(tmp_path):
     with torch.no_grad():
         loss, _ = compute_loss(model, batch, cfg.loss)
     assert float(loss) == pytest.approx(recs[1]["online/loss"], rel=1e-4, abs=1e-6)
+    # The round's ESS of p, which the run computed from the same forward pass as its loss: that of a separate
+    # pass of the saved model (the same batches; fp32, ~12-token sums: rounding only).
+    policy = online.policy_table(model, feats, tok.pad_token_id, batch_size=cfg.train.ref_batch_size or
+                                 cfg.train.batch_size, temperature=cfg.loss.temperature,
+                                 prefix_sharing=cfg.train.prefix_sharing)
+    ref = torch.tensor([f["ref_logps"] for f in feats], dtype=torch.float64)
+    log_p = online.masked_log_softmax(cfg.loss.beta_pi * (policy.double() - ref), None)
+    assert float(online.ess(log_p).mean()) == pytest.approx(recs[1]["online/ess_policy"], rel=1e-4)
     init, trained = load_file(str(run / "init" / "model.safetensors")), load_file(str(final / "model.safetensors"))
     assert all(not torch.equal(init[k], trained[k]) for k in trained)
 

@@ -45,7 +45,7 @@ from ..losses import ess, masked_log_softmax, online_targets
 from ..rewards import JudgeSettings, judge_texts, make_judge
 from ..sampling import HFSampler, SamplingSettings, load_prompts, summed_logps
 from ..train.config import TrainConfig, check_round_slots, check_runnable
-from ..train.engine import Job, evaluate, fit, preflight
+from ..train.engine import Job, fit, preflight
 from ..train.prepare import load_reference
 from ..train.refcache import compute_table
 from ..train.setup import load_model, load_tok, make_accelerator, prepare_source
@@ -267,13 +267,27 @@ class Rounds:
     def loss_fn(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return compute_loss(model, batch, self.cfg.loss, None, prefix_sharing=self.cfg.train.prefix_sharing)
 
+    @torch.no_grad()
     def end_metrics(self) -> dict[str, float]:
-        """The finished round's loss and ESS of the policy side p on its groups, under the trained policy."""
-        feats, bs, device = self.data.features, self.batch_size, self.acc.device
-        batches = [{k: v.to(device) for k, v in self.collate(feats[s : s + bs]).items()} for s in range(0, len(feats), bs)]
-        loss = evaluate(self.acc, self.model, batches, self.loss_fn)["eval/loss"]  # type: ignore[arg-type]
-        policy = policy_table(self.model, feats, self.tok.pad_token_id, batch_size=bs,
-                              temperature=self.cfg.loss.temperature, prefix_sharing=self.cfg.train.prefix_sharing)
+        """The finished round's loss and ESS of the policy side p on its groups, under the trained policy: one
+        forward pass per batch (fp32, outside autocast) gives the log-probs both are computed from."""
+        feats, bs, device, cfg = self.data.features, self.batch_size, self.acc.device, self.cfg
+        was = self.model.training
+        self.model.eval()
+        tables, sums = [], torch.zeros(2, dtype=torch.float64, device=device)  # (loss × groups, groups)
+        for s in range(0, len(feats), bs):
+            batch = {k: v.to(device) for k, v in self.collate(feats[s : s + bs]).items()}
+            logps = grouped_logps(self.model, batch, cfg.loss.temperature, cfg.train.prefix_sharing)  # (b, K) × 2
+            loss, _ = compute_loss(self.model, batch, cfg.loss, None, prefix_sharing=cfg.train.prefix_sharing,
+                                   logps=logps)
+            n = len(batch["index"])
+            sums += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=device)
+            tables.append(logps[0].float().cpu())
+        self.model.train(was)
+        if self.acc.num_processes > 1:  # the loss over every process's groups, as evaluate() reduces it
+            sums = self.acc.reduce(sums, reduction="sum")
+        loss = float(sums[0] / sums[1].clamp(min=1))
+        policy = torch.cat(tables)  # (N, K) this process's groups
         ref = torch.tensor([f["ref_logps"] for f in feats], dtype=torch.float64)  # (N, K)
         log_p = masked_log_softmax(self.cfg.loss.beta_pi * (policy.double() - ref), None)  # (N, K)
         return {"online/loss": loss, "online/ess_policy": float(ess(log_p).mean())}

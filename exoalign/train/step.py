@@ -165,18 +165,21 @@ def compute_loss(
     ref_model: torch.nn.Module | None = None,
     *,
     prefix_sharing: bool = False,
+    logps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mean loss over the batch's groups and its metrics (detached scalars).
 
     ``batch`` is a :class:`~exoalign.data.GroupCollator` batch: ``input_ids``/``attention_mask``/``labels``
     ``[B*K, T]``, ``group_mask`` ``[B, K]``, optional ``rewards`` and ``ref_logps`` ``[B, K]``. The reference
     log-probs come from the batch (cached), else from ``ref_model``, else from ``model`` with adapters disabled.
-    ``prefix_sharing`` (``train.prefix_sharing``) encodes each prompt once for its K completions.
+    ``prefix_sharing`` (``train.prefix_sharing``) encodes each prompt once for its K completions. ``logps``: the
+    policy's ``(summed log-probs, lengths)`` of the batch (:func:`grouped_logps`) when the caller has them already.
     """
     info = loss_info(loss_cfg.name)
     mask = batch["group_mask"].to(torch.bool)  # (B, K)
     B, K = mask.shape
-    policy, lengths = grouped_logps(model, batch, loss_cfg.temperature, prefix_sharing)  # (B, K), (B, K)
+    policy, lengths = logps if logps is not None else grouped_logps(model, batch, loss_cfg.temperature,
+                                                                    prefix_sharing)  # (B, K), (B, K)
     ref = None
     if info.needs_ref:
         ref = batch.get("ref_logps")
