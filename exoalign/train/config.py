@@ -257,9 +257,9 @@ class TrainArgs:
     more steps can continue it; false = a finished run holds no optimizer state."""
     save_only_model: bool = False
     """Checkpoints hold the weights only, no optimizer, scheduler or RNG state (as transformers' TrainingArguments
-    of that name): a save costs a quarter of a resumable one (SmolLM2 in a demo run: ~1.2 s instead of ~5.3 s), but a killed run
-    cannot resume from them. For a driver that restarts a run from scratch rather than resuming it (the demo); with
-    keep_checkpoint_weights to evaluate them. Not with save_final_state."""
+    of that name): a save costs a quarter of a resumable one (SmolLM2 in a demo run: ~1.2 s instead of ~5.3 s),
+    but a killed run cannot resume from them. For a driver that restarts a run from scratch rather than resuming
+    it (the demo); with keep_checkpoint_weights to evaluate them. Not with save_final_state."""
     log_every: int = 10
     """Write metrics every this many optimizer steps (and at the last step)."""
     eval_every: int = 0
