@@ -136,8 +136,8 @@ class SharedLayout:
     half of it through the flash kernel's causal mode when no prompt is padded) and the completions' queries to
     the whole row (``(L − P)·L``): at K = 8, P = 384, c = 48, 25 % fewer score elements (37 % with the causal
     prompt block), and every operand a slice of the layer's own tensors (no gathers, which cost more than they
-    saved). Same values as the dense attention
-    up to the order of the softmax's sums; both parts go through :func:`_attend`.
+    saved). Same values as the dense attention up to the order of the softmax's sums; both parts go through
+    :func:`_attend`.
     """
 
     def __init__(self, segments: torch.Tensor, prompt_end: int) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -95,19 +95,29 @@ def round_prompts(n: int, per_round: int, seed: int, r: int) -> list[int]:
     return out
 
 
-@torch.no_grad()
-def policy_table(model: torch.nn.Module, features: list[dict], pad_id: int, *, batch_size: int, temperature: float,
-                 prefix_sharing: bool = False) -> torch.Tensor:
-    """Summed log-probs ``[N, K]`` of every completion of ``features`` under ``model`` as it is (adapters on)."""
+def policy_passes(model: torch.nn.Module, features: list[dict], collate: Any, *, batch_size: int, temperature: float,
+                  prefix_sharing: bool = False) -> Iterator[tuple[dict, tuple[torch.Tensor, torch.Tensor]]]:
+    """``(batch, (summed log-probs, lengths))`` of each batch of ``features`` under ``model`` as it is (adapters
+    on), in eval mode and without gradients; the model's mode is restored at the end."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    collate, out = GroupCollator(pad_id), []
-    for s in range(0, len(features), batch_size):
-        batch = {k: v.to(device) for k, v in collate(features[s : s + batch_size]).items()}
-        out.append(grouped_logps(model, batch, temperature, prefix_sharing)[0].float().cpu())  # (b, K)
-    model.train(was)
-    return torch.cat(out)
+    try:
+        for s in range(0, len(features), batch_size):
+            batch = {k: v.to(device) for k, v in collate(features[s : s + batch_size]).items()}
+            with torch.no_grad():
+                logps = grouped_logps(model, batch, temperature, prefix_sharing)  # (b, K), (b, K)
+            yield batch, logps
+    finally:
+        model.train(was)
+
+
+def policy_table(model: torch.nn.Module, features: list[dict], pad_id: int, *, batch_size: int, temperature: float,
+                 prefix_sharing: bool = False) -> torch.Tensor:
+    """Summed log-probs ``[N, K]`` of every completion of ``features`` under ``model`` as it is (adapters on)."""
+    return torch.cat([lp.float().cpu() for _, (lp, _) in policy_passes(
+        model, features, GroupCollator(pad_id), batch_size=batch_size, temperature=temperature,
+        prefix_sharing=prefix_sharing)])
 
 
 def round_features(record: dict, beta_pi: float, beta_r: float) -> tuple[list[dict], dict[str, float]]:
@@ -271,19 +281,15 @@ class Rounds:
     def end_metrics(self) -> dict[str, float]:
         """The finished round's loss and ESS of the policy side p on its groups, under the trained policy: one
         forward pass per batch (fp32, outside autocast) gives the log-probs both are computed from."""
-        feats, bs, device, cfg = self.data.features, self.batch_size, self.acc.device, self.cfg
-        was = self.model.training
-        self.model.eval()
+        feats, device, cfg = self.data.features, self.acc.device, self.cfg
         tables, sums = [], torch.zeros(2, dtype=torch.float64, device=device)  # (loss × groups, groups)
-        for s in range(0, len(feats), bs):
-            batch = {k: v.to(device) for k, v in self.collate(feats[s : s + bs]).items()}
-            logps = grouped_logps(self.model, batch, cfg.loss.temperature, cfg.train.prefix_sharing)  # (b, K) × 2
+        for batch, logps in policy_passes(self.model, feats, self.collate, batch_size=self.batch_size,
+                                          temperature=cfg.loss.temperature, prefix_sharing=cfg.train.prefix_sharing):
             loss, _ = compute_loss(self.model, batch, cfg.loss, None, prefix_sharing=cfg.train.prefix_sharing,
                                    logps=logps)
             n = len(batch["index"])
             sums += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=device)
             tables.append(logps[0].float().cpu())
-        self.model.train(was)
         if self.acc.num_processes > 1:  # the loss over every process's groups, as evaluate() reduces it
             sums = self.acc.reduce(sums, reduction="sum")
         loss = float(sums[0] / sums[1].clamp(min=1))
