@@ -208,3 +208,47 @@ def load_causal_lm(
             f"cannot load a model ({str(e).splitlines()[0]})", file=str(name_or_path), field=field,
             fix="give a local model directory or a hub name (and network access)",
         ) from None
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges ``[start, end)`` of this process's mappings of files (Linux ``/proc/self/maps``; empty
+    elsewhere). Anonymous memory (the heap, torch's allocations) has no path."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            start, end = parts[0].split("-")
+            ranges.append((int(start, 16), int(end, 16)))
+    return ranges
+
+
+def file_backed(tensor: torch.Tensor, ranges: list[tuple[int, int]] | None = None) -> bool:
+    """Whether ``tensor``'s memory (CPU) is a mapping of a file: safetensors weights loaded by ``from_pretrained``
+    in their stored dtype are views of the memory-mapped file."""
+    if tensor.device.type != "cpu" or tensor.numel() == 0:
+        return False
+    ptr = tensor.data_ptr()
+    return any(lo <= ptr < hi for lo, hi in (_file_mappings() if ranges is None else ranges))
+
+
+def own_trainable_weights(model: torch.nn.Module) -> int:
+    """Give each trainable parameter whose memory maps its weight file a copy of its own; returns how many.
+
+    Such a mapping is private (copy-on-write): the first optimizer step then copies every 4 KiB page as it writes
+    it, one page fault each (~0.35 s for SmolLM2's 0.54 GB on one core, against ~0.16 s for one copy into memory the
+    process already holds). Frozen weights (LoRA's base, a reference) stay mapped: they are only read."""
+    ranges = _file_mappings()
+    if not ranges:
+        return 0
+    n = 0
+    with torch.no_grad():
+        for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
+            if file_backed(p, ranges):
+                p.data = p.data.clone()
+                n += 1
+    return n

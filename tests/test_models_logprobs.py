@@ -44,3 +44,22 @@ def test_load_local_dir(tiny_model_dir):
     model = load_causal_lm(str(tiny_model_dir))
     assert tok.pad_token is not None
     assert model.config.vocab_size == len(tok)
+
+
+def test_trainable_weights_get_memory_of_their_own(tiny_model_dir):
+    """Weights loaded from safetensors map the file (copy-on-write); the trainable ones get a private copy before
+    the optimizer writes them, the frozen ones stay mapped, and no value or tie changes."""
+    from exoalign.models import file_backed, own_trainable_weights
+
+    model = load_causal_lm(str(tiny_model_dir))
+    assert all(file_backed(p) for p in model.parameters())  # the premise: fp32 safetensors loaded as a mapping
+    model.transformer.ln_f.weight.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert own_trainable_weights(model) == len(trainable)
+    assert not any(file_backed(p) for p in model.parameters() if p.requires_grad)
+    assert file_backed(model.transformer.ln_f.weight)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert own_trainable_weights(model) == 0  # nothing left to copy

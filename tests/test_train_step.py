@@ -162,3 +162,42 @@ def test_prefix_sharing_gives_the_same_loss(toy):
     assert results[1][0] == pytest.approx(results[0][0], abs=tol * scale)
     assert results[1][1] == pytest.approx(results[0][1], abs=tol * scale)
     assert_close_scaled(grads[1], grads[0], tol, what="c_attn grad")
+
+
+def test_reference_table_with_prefix_sharing(toy, tmp_path):
+    """``train.prefix_sharing`` reaches the reference pass: each group's prompt is run once for its completions
+    (fewer tokens through the model), the table is the unshared one to rounding, and the cache keeps the two
+    apart (a shared run never reads an unshared entry, nor the reverse)."""
+    from exoalign.packing import supports_shared_prefix
+    from exoalign.train.refcache import ref_logps_table
+
+    tok, model, _, groups = toy
+    acc = make_accelerator(TrainArgs(output_dir=str(tmp_path / "out"), cpu=True))
+    assert supports_shared_prefix(model)  # its one-off probe runs here, not inside the counted passes
+    tokens: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: tokens.append(int(kw["input_ids"].numel())),
+                                           with_kwargs=True)
+    try:
+        counted = {}
+        tables = {}
+        for sharing in (False, True):
+            tokens.clear()
+            tables[sharing] = compute_table(acc, model, groups, tok.pad_token_id, batch_size=4, temperature=1.0,
+                                            prefix_sharing=sharing)
+            counted[sharing] = sum(tokens)
+    finally:
+        hook.remove()
+    # K = 4 completions per prompt: the shared layout holds each prompt once instead of 4 times
+    assert counted[True] < 0.8 * counted[False]
+    # two layouts of the same fp32 model: sequence sums agree to fp32 rounding over the vocabulary per token
+    assert_close_scaled(tables[True], tables[False], rel_tol(torch.float32, model.config.vocab_size),
+                        what="shared reference table")
+
+    kw = dict(cache_dir=tmp_path / "cache", model_id="toy", tokenizer=tok, settings={}, batch_size=4,
+              temperature=1.0, get_model=lambda: model)
+    plain, hit = ref_logps_table(acc, groups, **kw)
+    assert not hit and torch.equal(plain, tables[False])
+    shared, hit = ref_logps_table(acc, groups, prefix_sharing=True, **kw)
+    assert not hit and torch.equal(shared, tables[True])  # computed, not the unshared entry
+    assert ref_logps_table(acc, groups, prefix_sharing=True, **kw)[1]  # its own entry next time
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2

@@ -14,6 +14,7 @@ import torch
 
 import exoalign
 from exoalign.errors import ConfigError, InputError
+from exoalign.models import file_backed
 from exoalign.train.trainer import as_config, weights_fingerprint
 
 PAIRS = [
@@ -168,6 +169,8 @@ def test_config_as_trainconfig_and_model_by_path(tmp_path, tiny_model_dir):
     cfg.train.ref_cache_dir = str(tmp_path / "cache")
     model = exoalign.Trainer(str(tiny_model_dir), data, config=cfg).train()
     assert isinstance(model, torch.nn.Module) and (tmp_path / "run" / "final").is_dir()
+    # the trained weights were given memory of their own before the first step (not the loaded file's mapping)
+    assert not any(file_backed(p) for p in model.parameters())
     assert cfg.data.train_file == ""  # the caller's config is not changed
 
 

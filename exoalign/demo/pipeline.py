@@ -61,6 +61,9 @@ from .settings import (  # noqa: F401 (re-exported)
 )
 
 N_STAGES = 9
+REF_BATCH_SIZE = 16
+"""Groups per pass of the runs' passes without gradients (``train.ref_batch_size``): a run's reference log-probs
+(the 16–36 groups its steps read, in 1–3 passes instead of 8–12) and an online round's end metrics."""
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -266,10 +269,12 @@ class Demo:
         from ..train.config import TrainArgs
 
         # Checkpoints keep their weights for the evaluation, and only them: a run the demo did not finish is trained
-        # again from its start (train.resume is off), so no checkpoint's optimizer state is ever read.
+        # again from its start (train.resume is off), so no checkpoint's optimizer state is ever read. Passes without
+        # gradients (reference log-probs, an online round's end metrics) take up to REF_BATCH_SIZE groups at a time:
+        # under bf16 autocast each pass casts every weight, whatever its batch.
         return TrainArgs(seed=self.s.seed, cpu=self.device == "cpu", log_every=1,
                          ref_cache_dir=str(self.work / "cache"), keep_checkpoint_weights=True, save_only_model=True,
-                         **kw)
+                         ref_batch_size=REF_BATCH_SIZE, **kw)
 
     def sft(self) -> None:
         from ..stages.sft import SFTConfig, sft

@@ -246,7 +246,8 @@ class Rounds:
                  for n, (p, c) in enumerate(zip(pids, whole["completion_ids"]))]
         sft = compute_table(self.acc, self.ref, TokenizedData(feats), self.tok.pad_token_id,
                             batch_size=self.batch_size, temperature=self.cfg.loss.temperature,
-                            desc=f"π_sft log-probs (round {r})")  # (N, K)
+                            desc=f"π_sft log-probs (round {r})",
+                            prefix_sharing=self.cfg.train.prefix_sharing)  # (N, K)
         record = {"round": r, "prompt_index": idx, "prompts": [self.prompts[i] for i in idx], "prompt_ids": pids,
                   **whole, "sft_logps": sft.tolist()}
         if self.acc.is_main_process:

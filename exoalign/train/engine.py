@@ -32,6 +32,7 @@ from ..config import save_config, to_dict
 from ..errors import ConfigError
 from ..fileio import atomic_json, atomic_write
 from ..logprobs import head_mode, logits_grad_in_place
+from ..models import own_trainable_weights
 from .checkpoint import (
     COMPLETE,
     STATE_FILE,
@@ -367,6 +368,8 @@ class _Run:
             raise ConfigError("the training data has no rows", field="data.train_file", fix="give a file with rows")
         self.sampler = EpochSampler(len(job.train_data), args.seed)
         loader = DataLoader(job.train_data, batch_size=args.batch_size, sampler=self.sampler, collate_fn=job.collate)
+        if accelerator.device.type == "cpu":  # weights the optimizer will write: out of the file's mapping now
+            own_trainable_weights(job.model)
         self.params = [p for p in job.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(job.model, args)  # AdamW; biases and norm weights without weight decay
         if getattr(args, "lean_activations", False) and not _zero3(accelerator):

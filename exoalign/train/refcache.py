@@ -120,12 +120,15 @@ def compute_table(
     temperature: float,
     desc: str = "reference log-probs",
     rows: list[int] | None = None,
+    prefix_sharing: bool = False,
 ) -> torch.Tensor:
     """Reference log-probs ``[N, K_max]`` of every completion of ``data`` (0 in missing slots).
 
     Each process scores a strided shard of the rows; the shards are summed across processes, so every process
     ends with the full table. ``model`` is used with its LoRA adapters disabled when it has them. With ``rows``
     only those rows are scored; the others are NaN (a step that reads one fails, see ``train.step``).
+    ``prefix_sharing`` runs each group's prompt once for its K completions (``exoalign.packing``; falls back to
+    the K full sequences for a model that cannot take that layout): about half the tokens at the demo's shape.
     """
     N = len(data)
     k_max = max((len(f["completion_ids"]) for f in data.features), default=0)
@@ -141,7 +144,7 @@ def compute_table(
     with adapters_off, accelerator.autocast():
         for batch in bar:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            logps, _ = grouped_logps(net, batch, temperature)  # (B, K)
+            logps, _ = grouped_logps(net, batch, temperature, prefix_sharing)  # (B, K)
             logps = logps.float().masked_fill(~batch["group_mask"], 0.0)
             table[batch["index"], : logps.shape[1]] = logps
     model.train(was_training)
@@ -192,12 +195,17 @@ def ref_logps_table(
     temperature: float,
     desc: str = "reference log-probs",
     rows: list[int] | None = None,
+    prefix_sharing: bool = False,
 ) -> tuple[torch.Tensor, bool]:
     """The ``[N, K_max]`` reference table for ``data``: from the cache when present (True), else computed with
     ``get_model()`` and written to the cache (False). Every process returns the same table.
 
     ``rows`` (sorted indices; None = all): score only the rows a run will read (``engine.planned_rows``: a run of
-    a few steps over a large dataset), the rest NaN; the cache entry is its own (the key names the subset)."""
+    a few steps over a large dataset), the rest NaN; the cache entry is its own (the key names the subset).
+    ``prefix_sharing``: each prompt encoded once for its completions (``exoalign.packing``), as the training step
+    does with ``train.prefix_sharing``; the table then differs at rounding level, so the key names it."""
+    if prefix_sharing:
+        settings = {**settings, "prefix_sharing": True}
     key, description = cache_key(data, model_id=model_id, tokenizer=tokenizer, settings=settings, rows=rows)
     path = cache_dir / f"{key}.safetensors"
     # Runs that share the cache directory (the demo's parallel jobs) compute one table once: the main process
@@ -205,7 +213,7 @@ def ref_logps_table(
     # asks for the same table meanwhile waits and then reads the file.
     with entry_lock(path, active=accelerator.is_main_process):
         return _lookup_or_compute(accelerator, data, path, description, tokenizer, get_model, batch_size,
-                                  temperature, desc, rows)
+                                  temperature, desc, rows, prefix_sharing)
 
 
 @contextlib.contextmanager
@@ -230,7 +238,7 @@ def entry_lock(path: Path, *, active: bool = True) -> Any:
 
 def _lookup_or_compute(accelerator: Any, data: TokenizedData, path: Path, description: dict, tokenizer: Any,
                        get_model: Any, batch_size: int, temperature: float, desc: str,
-                       rows: list[int] | None = None) -> tuple[torch.Tensor, bool]:
+                       rows: list[int] | None = None, prefix_sharing: bool = False) -> tuple[torch.Tensor, bool]:
     from accelerate.utils import broadcast_object_list
 
     # The main process decides hit/miss for everyone: processes must agree, or the collective reduce hangs.
@@ -246,7 +254,7 @@ def _lookup_or_compute(accelerator: Any, data: TokenizedData, path: Path, descri
         return table, True
     table = compute_table(
         accelerator, get_model(), data, tokenizer.pad_token_id, batch_size=batch_size, temperature=temperature, desc=desc,
-        rows=rows,
+        rows=rows, prefix_sharing=prefix_sharing,
     )
     if accelerator.is_main_process:
         save_cached(path, table, description)

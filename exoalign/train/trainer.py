@@ -327,6 +327,7 @@ class Trainer:
             acc, data, cache_dir=args.cache_dir, model_id=ref_id, tokenizer=tokenizer, settings=settings,
             get_model=get_model, batch_size=args.ref_batch_size or args.batch_size,
             temperature=cfg.loss.temperature, desc=f"reference log-probs ({what})", rows=rows,
+            prefix_sharing=args.prefix_sharing,
         )
         if rows is not None and acc.is_main_process:
             logger.info("reference log-probs (%s): the %d of %d rows that %d steps read", what, len(rows), len(data),
