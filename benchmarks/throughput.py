@@ -18,7 +18,9 @@ loss with and without it.
     .venv/bin/python benchmarks/throughput.py --model smollm2 --quick  # SmolLM2-135M (~8 min on 2 idle cores)
 
 ``--json`` writes exactly ``speedup_vs_trl_default``, ``speedup_vs_trl_fastest``, ``memory_ratio_vs_trl``,
-``mfu``, ``bf16_mfu`` (the bf16 row against the measured bf16 matmul peak), ``cpu`` (the CPU's model name),
+``mfu``, ``bf16_mfu`` (the bf16 row against the measured bf16 matmul peak), ``mfu_compiled`` and
+``bf16_mfu_compiled`` (the same with ``train.compile``; null unless ``exoalign_compiled`` /
+``exoalign_compiled_bf16`` ran), ``cpu`` (the CPU's model name),
 ``loss_match``, ``prefix_sharing``, ``model``, ``params``, ``dtype`` and ``versions``; ``--md`` writes
 the Markdown tables.
 """
@@ -230,14 +232,22 @@ def summary(res: dict) -> dict:
     trl_mem = mem(fastest) if fastest else None
     mfu = flops(res["params"], exo["final"]) / exo["median_s"] / (res["peak_gflops"] * 1e9)
     # bf16 autocast's step against the measured bf16 matmul peak (None when the row or the peak is missing).
-    bf16, peak_bf16 = s.get("exoalign_bf16"), res.get("peak_gflops_bf16")
-    bf16_mfu = flops(res["params"], bf16["final"]) / bf16["median_s"] / (peak_bf16 * 1e9) if bf16 and peak_bf16 else None
+    peak_bf16 = res.get("peak_gflops_bf16")
+
+    def row_mfu(name: str, peak: float | None) -> float | None:
+        v = s.get(name)
+        return flops(res["params"], v["final"]) / v["median_s"] / (peak * 1e9) if v and peak else None
+
+    bf16_mfu = row_mfu("exoalign_bf16", peak_bf16)
     return {
         "speedup_vs_trl_default": default["median_s"] / exo["median_s"] if default else None,  # None: not run
         "speedup_vs_trl_fastest": fastest["median_s"] / exo["median_s"] if fastest else None,
         "memory_ratio_vs_trl": mem(exo) / trl_mem if fastest else None,
         "mfu": mfu,
         "bf16_mfu": bf16_mfu,
+        # the same two with train.compile (inductor, per decoder layer); None when those systems did not run
+        "mfu_compiled": row_mfu("exoalign_compiled", res["peak_gflops"]),
+        "bf16_mfu_compiled": row_mfu("exoalign_compiled_bf16", peak_bf16),
         "cpu": res["versions"].get("cpu"),
         "loss_match": bool(max(loss0) - min(loss0) <= LOSS_TOL) if len(loss0) > 1 else None,
         "prefix_sharing": {k: v["speedup"] for k, v in res["prefix"].items()},

@@ -8,6 +8,8 @@ and CPU seconds and its loss. Systems:
   before training, prompt sharing on), fp32;
 * ``exoalign_bf16``     — the same under bf16 autocast (``train.mixed_precision=bf16``);
 * ``exoalign_unshared`` — the same with prompt sharing off;
+* ``exoalign_compiled``, ``exoalign_compiled_bf16`` — ``exoalign`` and ``exoalign_bf16`` with ``train.compile``
+  (inductor, each decoder layer compiled once; the compiling happens in the warm-up steps);
 * ``exoalign_k4``       — the listwise job: groups of K = 4 completions (the pair's two and two more drawn from
   the same token stream), EXO with reward targets;
 * ``trl_default``       — ``trl.DPOTrainer`` with its defaults (gradient checkpointing as TRL sets it) and
@@ -244,7 +246,7 @@ def compute_loss_fn(prefix_sharing: bool):
 
 
 def run_exoalign(shape: Shape, assets: Path, work: Path, ch: Channel, prefix_sharing: bool, bf16: bool = False,
-                 listwise: bool = False) -> None:
+                 listwise: bool = False, compile: bool = False) -> None:
     """``exoalign.train.loop.train`` on the pairs (or the K = 4 groups); a hook around the Trainer's ``compute_loss``
     paces the steps."""
     from exoalign.train import loop, trainer
@@ -259,7 +261,7 @@ def run_exoalign(shape: Shape, assets: Path, work: Path, ch: Channel, prefix_sha
         train=TrainArgs(output_dir=str(work / "run"), lr=1e-6, batch_size=shape.pairs,
                         max_steps=shape.warmup + shape.steps + 1, seed=shape.seed, cpu=shape.device == "cpu",
                         ref_cache_dir=str(work / "ref-cache"), prefix_sharing=prefix_sharing,
-                        mixed_precision="bf16" if bf16 else "no"),
+                        mixed_precision="bf16" if bf16 else "no", compile=compile),
     )
     inner = trainer.compute_loss  # the Trainer passes train.prefix_sharing to it
     calls = [0]
@@ -523,7 +525,8 @@ def worker_main(system: str, shape: Shape, assets: Path, work: Path) -> None:
     _setup(shape, work)
     if system.startswith("exoalign"):
         run_exoalign(shape, assets, work, ch, prefix_sharing=system != "exoalign_unshared",
-                     bf16=system.endswith("_bf16"), listwise=system == "exoalign_k4")
+                     bf16=system.endswith("_bf16"), listwise=system == "exoalign_k4",
+                     compile=system.startswith("exoalign_compiled"))
     elif system.startswith("trl"):
         run_trl(shape, assets, work, ch, fastest=system.startswith("trl_fastest"), bf16=system.endswith("_bf16"))
     else:

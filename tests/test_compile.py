@@ -11,7 +11,7 @@ from numerics import assert_close_scaled, rel_tol
 from exoalign.logprobs import sequence_logps
 from exoalign.models import build_model, tiny_config
 from exoalign.packing import collate_groups
-from exoalign.train.step import compile_model, eager_fallback
+from exoalign.train.step import compile_model, compiled_modules, eager_fallback, repeated_blocks
 
 VOCAB = 61
 
@@ -45,7 +45,7 @@ def test_compiled_equals_eager_to_1e5() -> None:
     lp_eager, g_eager = _logps_and_grads(model, batch)
     assert compile_model(model)
     lp_comp, g_comp = _logps_and_grads(model, batch)
-    assert model._compiled_call_impl is not None  # still compiled: no silent fallback
+    assert compiled_modules(model) == repeated_blocks(model) != []  # its blocks, still compiled: no silent fallback
     # inductor fuses and reorders fp32 reductions (the vocabulary's among them): rounding relative to each scale
     tol = rel_tol(torch.float32, model.config.vocab_size)
     assert_close_scaled(lp_comp, lp_eager, tol, what="log-probs")
@@ -59,12 +59,14 @@ def test_failing_compiler_falls_back_with_one_warning(caplog: pytest.LogCaptureF
     model, batch = _model(), _batch()
     lp_eager, g_eager = _logps_and_grads(model, batch)
     assert compile_model(model, backend=broken_backend)
+    # the decoder blocks are compiled one by one (one graph for all of them), not the model as a whole
+    assert compiled_modules(model) == repeated_blocks(model) == list(model.transformer.h)
     with caplog.at_level(logging.WARNING, logger="exoalign.train.step"):
         lp, grads = _logps_and_grads(model, batch)
         lp2, _ = _logps_and_grads(model, batch)
     warnings = [r for r in caplog.records if "train.compile" in r.getMessage()]
     assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
-    assert model._compiled_call_impl is None
+    assert compiled_modules(model) == []
     # the fallback is the eager model itself: the very same computation, bit for bit
     torch.testing.assert_close(lp, lp_eager, rtol=0, atol=0)
     torch.testing.assert_close(lp2, lp_eager, rtol=0, atol=0)
@@ -80,3 +82,12 @@ def test_non_compile_errors_are_not_swallowed() -> None:
 
     with pytest.raises(ValueError, match="a real bug"):
         eager_fallback(model, boom)
+
+
+def test_a_model_without_named_blocks_is_compiled_whole() -> None:
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    assert repeated_blocks(net) == []
+    assert compile_model(net, backend="eager")
+    assert compiled_modules(net) == [net]
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(eager_fallback(net, lambda: net(x)), torch.relu(net[0](x)), rtol=0, atol=0)

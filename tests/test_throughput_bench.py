@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"speedup_vs_trl_default", "speedup_vs_trl_fastest", "memory_ratio_vs_trl", "mfu", "bf16_mfu", "cpu", "loss_match",
-        "prefix_sharing", "model", "params", "dtype", "versions"}
+        "prefix_sharing", "model", "params", "dtype", "versions", "mfu_compiled", "bf16_mfu_compiled"}
 
 
 @pytest.mark.slow
@@ -32,6 +32,7 @@ def test_tiny_run_writes_the_summary(tmp_path: Path) -> None:
     assert res["mfu"] < 1.0
     # The bf16 row against the bf16 peak measured in the same run (a tiny model is far from it, but above 0).
     assert isinstance(res["bf16_mfu"], float) and 0 < res["bf16_mfu"] < 1.0
+    assert res["mfu_compiled"] is None and res["bf16_mfu_compiled"] is None  # their systems did not run
     assert isinstance(res["cpu"], str) and res["cpu"]
     assert set(res["prefix_sharing"]) == {"2", "4"}
     assert all(v > 0 for v in res["prefix_sharing"].values())
@@ -46,3 +47,25 @@ def test_tiny_run_writes_the_summary(tmp_path: Path) -> None:
     header = [c.strip() for c in next(line for line in lines if line.startswith("| system |")).split("|")]
     row = [c.strip() for c in next(line for line in lines if line.startswith("| exoalign |")).split("|")]
     assert abs(float(row[header.index("step-0 loss")]) - 2.7612) > 1e-3
+
+
+@pytest.mark.slow
+def test_compiled_rows(tmp_path: Path) -> None:
+    """``exoalign_compiled`` (train.compile) runs the same job: its step-0 loss is the eager one to fp32 rounding,
+    and its MFU is reported."""
+    out, md = tmp_path / "throughput.json", tmp_path / "throughput.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--tiny", "--systems", "exoalign,exoalign_compiled",
+         "--extra", "", "--json", str(out), "--md", str(md)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert isinstance(res["mfu_compiled"], float) and 0 < res["mfu_compiled"] < 1.0
+    assert res["bf16_mfu"] is None and res["bf16_mfu_compiled"] is None
+    lines = md.read_text().splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("| system |")).split("|")]
+    loss = {name: float(row[header.index("step-0 loss")]) for line in lines if line.startswith("| exoalign")
+            for row in [[c.strip() for c in line.split("|")]] for name in [row[1]]}
+    # inductor reorders fp32 reductions (the vocabulary's): rounding of a loss of size ~3
+    assert loss["exoalign_compiled"] == pytest.approx(loss["exoalign"], abs=1e-4)

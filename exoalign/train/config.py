@@ -279,10 +279,13 @@ class TrainArgs:
     nan_policy: Literal["stop", "skip"] = "stop"
     """On a NaN/inf loss or gradient: stop with a message, or skip the update and count it."""
     prefix_sharing: bool = False
-    """Encode each prompt once for its K completions (shared-prefix attention); off = K full sequences."""
+    """Encode each prompt once for its K completions (shared-prefix attention), in the steps and in the cached
+    reference log-probs; off = K full sequences."""
     compile: bool = False
-    """torch.compile the model (inductor; needs a C++ compiler on CPU); falls back to eager with one warning.
-    Off by default: on CPU its minutes of compile time were not won back in the runs measured (docs/speed.md)."""
+    """torch.compile each decoder layer (inductor; needs a C++ compiler on CPU; one graph for all layers); falls back
+    to eager with one warning. SmolLM2 on 2 CPU cores: 15-30 s of compiling per process, then steps 12 % (fp32) to
+    27 % (bf16) faster: worth it from a few hundred steps; off by default (short runs do not win it back;
+    docs/speed.md)."""
     lean_activations: bool = True
     """Gated-SiLU MLPs and RMSNorms keep fewer tensors for backward and recompute the elementwise rest (same
     numbers; SmolLM2: ~0.75 GB less live memory per 1.5k tokens); only where a probe matches the module's own

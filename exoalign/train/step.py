@@ -30,14 +30,36 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def compile_model(model: torch.nn.Module, **options: Any) -> bool:
-    """``torch.compile`` ``model``'s forward in place (inductor by default); False with one warning if it cannot.
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks (its decoder layers): the modules whose class transformers names in
+    ``_no_split_modules``; empty when it names none."""
+    inner = unwrap(model)
+    names: set[str] = set()
+    for m in inner.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    return [m for m in inner.modules() if type(m).__name__ in names]
 
-    Compilation itself happens at the first call; :func:`eager_fallback` catches a failure there.
+
+def compiled_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` that ``nn.Module.compile`` compiled (and :func:`eager_fallback` has not reset)."""
+    return [m for m in unwrap(model).modules() if getattr(m, "_compiled_call_impl", None) is not None]
+
+
+def compile_model(model: torch.nn.Module, **options: Any) -> bool:
+    """``torch.compile`` ``model`` in place (inductor by default); False with one warning if it cannot.
+
+    Each repeated block (decoder layer, :func:`repeated_blocks`) is compiled on its own, so the layers share one
+    compiled graph: SmolLM2's 30 layers compile in ~12 s on 2 cores, against minutes for the whole model unrolled;
+    the embedding, the head and the log-prob code around them stay eager. A model without named blocks is compiled
+    whole. Compilation itself happens at the first call; :func:`eager_fallback` catches a failure there.
     """
+    targets = repeated_blocks(model) or [unwrap(model)]
     try:
-        unwrap(model).compile(**options)
+        for m in targets:
+            m.compile(**options)
     except Exception as e:  # torch.compile unavailable on this platform / Python
+        for m in targets:
+            m._compiled_call_impl = None
         log.warning("train.compile: cannot compile (%s: %s); running eager", type(e).__name__, _first_line(e))
         return False
     return True
@@ -56,8 +78,8 @@ def _is_compile_error(e: BaseException) -> bool:
 
 def eager_fallback(model: torch.nn.Module, fn: Callable[[], Any]) -> Any:
     """``fn()``; if ``model`` is compiled and compiling fails, one warning line, ``model`` back to eager, ``fn()``."""
-    inner = unwrap(model)
-    if getattr(inner, "_compiled_call_impl", None) is None:
+    compiled = compiled_modules(model)
+    if not compiled:
         return fn()
     try:
         return fn()
@@ -65,7 +87,8 @@ def eager_fallback(model: torch.nn.Module, fn: Callable[[], Any]) -> Any:
         if not _is_compile_error(e):
             raise
         log.warning("train.compile: compiling failed (%s: %s); running eager", type(e).__name__, _first_line(e))
-        inner._compiled_call_impl = None  # what nn.Module.compile set: the module's own forward again
+        for m in compiled:
+            m._compiled_call_impl = None  # what nn.Module.compile set: the module's own forward again
         return fn()
 
 
