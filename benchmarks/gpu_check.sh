@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# GPU check, ready to run on one CUDA GPU in under 8 minutes; writes one JSON file.
+# GPU check, ready to run on one CUDA GPU in about 9 minutes; writes one JSON file.
 #
 #   bash benchmarks/gpu_check.sh [OUT.json]      (default benchmarks/results/gpu/gpu_check.json)
 #
 # Parts (each under its own time limit, each recorded as passed / failed / skipped with its numbers):
 #   cuda_tests  - pytest -m cuda: bf16 vs fp32 within tolerance, prompt sharing with SDPA, chunked head, determinism
 #   throughput  - benchmarks/throughput.py --model smollm2 --quick --device cuda (fp32 + bf16 rows, vs TRL)
+#   compiled    - the same job with train.compile (each decoder layer compiled by inductor), fp32 and bf16 rows
+#                 beside the eager fp32 one (mfu_compiled, bf16_mfu_compiled)
 #   fast_sampler - pytest -m cuda tests/test_sample_fast.py: shared-prefill sampler = pre-change tokens (fp32), its
 #                 reported log-probs = a forward pass (fp32 and the bf16 sampling copy)
 #   sampling    - benchmarks/throughput_sampling.py on SmolLM2 (demo shape): plain generate, the pre-change sampler,
@@ -63,6 +65,9 @@ part cuda_tests 60 "$PY" -m pytest tests/test_cuda.py -m cuda -q -rs
 part fast_sampler 60 "$PY" -m pytest tests/test_sample_fast.py -m cuda -q -rs
 part throughput 180 "$PY" benchmarks/throughput.py --model smollm2 --quick --device cuda \
   --json "$WORK/throughput.result.json" --md "$WORK/throughput.md"
+part compiled 150 "$PY" benchmarks/throughput.py --model smollm2 --quick --device cuda \
+  --systems exoalign,exoalign_compiled --extra exoalign_compiled_bf16 \
+  --json "$WORK/compiled.result.json" --md "$WORK/compiled.md"
 part sampling 120 "$PY" benchmarks/throughput_sampling.py --device cuda --backends hf,vllm \
   --json "$WORK/sampling.result.json"
 part demo 120 "$PY" -m exoalign.cli demo --quick --device cuda --out "$WORK/demo"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = {"cuda_tests", "fast_sampler", "throughput", "sampling", "demo", "full_demo", "online_vllm"}
+PARTS = {"cuda_tests", "fast_sampler", "throughput", "compiled", "sampling", "demo", "full_demo", "online_vllm"}
 
 
 @pytest.mark.slow
