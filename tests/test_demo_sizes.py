@@ -37,6 +37,9 @@ def test_default_is_offline_and_online_frontiers():
     # the same budget: steps, prompts per step, sampled completions (each used once)
     assert demo.steps("online-exo") == demo.steps("exo-rw") == s.align_steps
     assert s.n_train_prompts == s.align_steps * s.align_batch_size and not s.keep_checkpoints
+    # passes without gradients take at least 16 groups (one weight cast per pass under bf16), never fewer than a step
+    assert demo._train_args(output_dir="r", batch_size=s.align_batch_size).ref_batch_size == D.REF_BATCH_SIZE == 16
+    assert demo._train_args(output_dir="r", batch_size=64).ref_batch_size == 64
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

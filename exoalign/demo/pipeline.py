@@ -62,8 +62,9 @@ from .settings import (  # noqa: F401 (re-exported)
 
 N_STAGES = 9
 REF_BATCH_SIZE = 16
-"""Groups per pass of the runs' passes without gradients (``train.ref_batch_size``): a run's reference log-probs
-(the 16–36 groups its steps read, in 1–3 passes instead of 8–12) and an online round's end metrics."""
+"""Groups per pass, at least, of the runs' passes without gradients (``train.ref_batch_size``; a larger training
+batch keeps its own size): a run's reference log-probs (on CPU the 16–36 groups its steps read, in 1–3 passes
+instead of 8–12) and an online round's end metrics."""
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -274,7 +275,7 @@ class Demo:
         # under bf16 autocast each pass casts every weight, whatever its batch.
         return TrainArgs(seed=self.s.seed, cpu=self.device == "cpu", log_every=1,
                          ref_cache_dir=str(self.work / "cache"), keep_checkpoint_weights=True, save_only_model=True,
-                         ref_batch_size=REF_BATCH_SIZE, **kw)
+                         ref_batch_size=max(REF_BATCH_SIZE, kw.get("batch_size", 1)), **kw)
 
     def sft(self) -> None:
         from ..stages.sft import SFTConfig, sft
