@@ -283,7 +283,7 @@ class TrainArgs:
     reference log-probs; off = K full sequences."""
     compile: bool = False
     """torch.compile each decoder layer (inductor; needs a C++ compiler on CPU; one graph for all layers); falls back
-    to eager with one warning. SmolLM2 on 2 CPU cores: 15-30 s of compiling per process, then steps 12 % (fp32) to
+    to eager with one warning. SmolLM2 on 2 CPU cores: 25-45 s of compiling per process, then steps 12 % (fp32) to
     27 % (bf16) faster: worth it from a few hundred steps; off by default (short runs do not win it back;
     docs/speed.md)."""
     lean_activations: bool = True
