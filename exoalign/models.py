@@ -247,8 +247,8 @@ def own_trainable_weights(model: torch.nn.Module) -> int:
         return 0
     n = 0
     with torch.no_grad():
-        for p in {id(p): p for p in model.parameters() if p.requires_grad}.values():
-            if file_backed(p, ranges):
+        for p in model.parameters():  # each once, tied ones included
+            if p.requires_grad and file_backed(p, ranges):
                 p.data = p.data.clone()
                 n += 1
     return n

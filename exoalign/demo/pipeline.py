@@ -271,8 +271,8 @@ class Demo:
 
         # Checkpoints keep their weights for the evaluation, and only them: a run the demo did not finish is trained
         # again from its start (train.resume is off), so no checkpoint's optimizer state is ever read. Passes without
-        # gradients (reference log-probs, an online round's end metrics) take up to REF_BATCH_SIZE groups at a time:
-        # under bf16 autocast each pass casts every weight, whatever its batch.
+        # gradients (reference log-probs, an online round's end metrics) take at least REF_BATCH_SIZE groups at a
+        # time: under bf16 autocast each pass casts every weight, whatever its batch.
         return TrainArgs(seed=self.s.seed, cpu=self.device == "cpu", log_every=1,
                          ref_cache_dir=str(self.work / "cache"), keep_checkpoint_weights=True, save_only_model=True,
                          ref_batch_size=max(REF_BATCH_SIZE, kw.get("batch_size", 1)), **kw)
