@@ -32,6 +32,7 @@ from .attention import use_decode_attention, uses_decode_attention
 from .config import require
 from .data import load_rows
 from .errors import ConfigError
+from .hardware import warn_slow_bf16
 from .models import load_causal_lm
 from .zoo import resolve_model_path
 
@@ -321,6 +322,8 @@ def sampling_copy(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     want = getattr(torch, dtype)
     if next(model.parameters()).dtype == want:
         return model
+    if want == torch.bfloat16:
+        warn_slow_bf16(next(model.parameters()).device, "sample_dtype=bfloat16", "sample_dtype=model (fp32)")
     # The copy is made in ``dtype`` directly: every floating parameter and buffer is cast into the deepcopy's memo
     # (what ``.to(dtype)`` would cast; shared tensors, e.g. tied embeddings, stay shared), so the caller's fp32
     # weights are read once instead of being copied whole and then cast.

@@ -14,6 +14,7 @@ import pytest
 from exoalign.demo import pipeline as D
 from exoalign.demo.frontier import compare, envelope, paired_bootstrap, side, verdict
 from exoalign.demo.jobs import usable_cores
+from exoalign.hardware import fast_bf16
 
 pytest.importorskip("vaderSentiment")
 
@@ -74,7 +75,8 @@ def test_results_schema_methods_and_betas(quick_run):
         assert c["n_prompts"] == s.n_eval_prompts
     settings = results["settings"]
     assert settings["model_name"] == "scratch" and 1e5 < settings["model_parameters"] < 1e7
-    assert {k: settings[k] for k in dataclasses.asdict(s)} == dataclasses.asdict(s)
+    ran = dataclasses.asdict(s.for_device("cpu"))  # the settings that ran: auto precisions made concrete
+    assert {k: settings[k] for k in ran} == ran and "auto" not in (settings["mixed_precision"], settings["sample_dtype"])
 
 
 @pytest.mark.slow
@@ -317,6 +319,9 @@ def test_micro_demo_on_smollm2(tmp_path):
     assert c["side"] == ("above" if c["ci"][0] > 0 else "below" if c["ci"][1] < 0 else "no difference detected")
     assert not list((out / "runs").glob("*/checkpoint-*/state"))  # the training state was pruned
     assert not (out / "data" / "pairs.jsonl").exists()  # no pref method: no pairs
-    # sampled from bf16 copies (sample_dtype's default for a real model), in both the sample stage and the eval
-    assert json.loads((out / "data" / "groups.jsonl.meta.json").read_text())["sample_dtype"] == "bfloat16"
-    assert json.loads((out / "eval" / "sft.json").read_text())["settings"]["sample_dtype"] == "bfloat16"
+    # sampled from bf16 copies where the CPU multiplies bf16 fast (sample_dtype=auto for a real model), from the
+    # fp32 model elsewhere, in both the sample stage and the eval; training in bf16 / fp32 alike
+    want = "bfloat16" if fast_bf16("cpu") else "model"
+    assert json.loads((out / "data" / "groups.jsonl.meta.json").read_text()).get("sample_dtype", "model") == want
+    assert json.loads((out / "eval" / "sft.json").read_text())["settings"].get("sample_dtype", "model") == want
+    assert s["mixed_precision"] == ("bf16" if want == "bfloat16" else "fp32")

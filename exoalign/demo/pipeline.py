@@ -74,7 +74,7 @@ class Demo:
     def __init__(self, out: Path, settings: DemoSettings, device: str, work: Path | None = None) -> None:
         """``out`` keeps the small files (data, evaluations, stage markers, the report); ``work`` (default
         ``out``) the large ones: the toy's π_sft, the runs' checkpoints, the reference cache and the logs."""
-        self.out, self.s, self.device = out, settings, device
+        self.out, self.s, self.device = out, settings.for_device(device), device
         self.work = work or out
         self.data = out / "data"
         self.sft_dir = self.work / "sft"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 OFFLINE_METHODS = ("exo-rw", "dpo-rw", "exo-pref", "dpo-pref")
@@ -65,11 +66,13 @@ class DemoSettings:
     """Sampling temperature of the training completions and of evaluation (KL measured at it)."""
     max_new_tokens: int = 24
     """Longest completion, in tokens."""
-    sample_dtype: str = "bfloat16"
+    sample_dtype: str = "auto"
     """Real models: weights of the sample stage's and the evaluation's sampling: bfloat16 samples from a bf16 copy (~2×
     faster on CPUs with bf16 units); the samples are then the bf16 model's, and the evaluation measures the bf16
     models (reward of their samples, KL between their bf16 copies); online runs sample each round from a bf16 copy of
-    the policy (``online.sample_dtype``). 'model' = as loaded (fp32). Training is fp32."""
+    the policy (``online.sample_dtype``). 'model' = as loaded (fp32). 'auto' = bfloat16 where the device has bf16
+    matmul units, else model (an AVX2-only CPU multiplies bf16 several times slower than fp32;
+    ``exoalign.hardware.fast_bf16``). Training keeps fp32 weights."""
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     """Runs to train and compare: offline exo-rw, dpo-rw, exo-pref, dpo-pref; online online-exo, online-dpo, rloo, ppo."""
     beta_pi: list[float] = field(default_factory=lambda: [1.0])
@@ -84,8 +87,9 @@ class DemoSettings:
     """Prompts per alignment step (pref: that many pairs; rw: that many groups of K)."""
     align_lr: float = 2e-5
     """Alignment learning rate (constant after a short warm-up)."""
-    mixed_precision: str = "bf16"
-    """Training compute: bf16 autocast (fp32 weights and optimizer; ~2x faster on CPUs with bf16 units) or fp32."""
+    mixed_precision: str = "auto"
+    """Training compute: bf16 autocast (fp32 weights and optimizer; ~2x faster on CPUs with bf16 units) or fp32;
+    'auto' = bf16 where the device has bf16 matmul units, else fp32 (see ``sample_dtype``)."""
     save_every: int = 3
     """Checkpoint (and evaluate) every this many alignment steps (kept as weights only, deleted once evaluated)."""
     online_rounds: int = 12
@@ -139,8 +143,8 @@ class DemoSettings:
         require(len(set(self.beta_pi)) == len(self.beta_pi), "beta_pi", "lists a value twice", "list each once")
         require(self.beta_r > 0, "beta_r", "must be > 0", "e.g. beta_r=0.1")
         require(self.n_bootstrap >= 100, "n_bootstrap", "must be at least 100", "use e.g. 2000")
-        require(self.mixed_precision in ("bf16", "fp32"), "mixed_precision", f"unknown {self.mixed_precision!r}",
-                "use bf16 or fp32")
+        require(self.mixed_precision in ("auto", "bf16", "fp32"), "mixed_precision",
+                f"unknown {self.mixed_precision!r}", "use auto, bf16 or fp32")
         require(self.online_rounds >= 1 and self.online_steps_per_round >= 1, "online_rounds",
                 "online_rounds and online_steps_per_round must be at least 1", "use e.g. online_rounds=16")
         require(self.online_reuse >= 1, "online_reuse", "must be at least 1", "use 1 (each sample used once)")
@@ -151,8 +155,21 @@ class DemoSettings:
         require(not missing, "methods", f"{missing} need(s) the loss {[ONLINE_LOSSES[m] for m in missing]}, "
                 "which this exoalign does not have", "leave it out of methods=[…]")
         require(self.workers >= 0, "workers", "must be >= 0", "0 = one per core")
-        require(self.sample_dtype in ("model", "bfloat16"), "sample_dtype", f"unknown {self.sample_dtype!r}",
-                "use bfloat16 or model")
+        require(self.sample_dtype in ("auto", "model", "bfloat16"), "sample_dtype", f"unknown {self.sample_dtype!r}",
+                "use auto, bfloat16 or model")
+
+    def for_device(self, device: str) -> DemoSettings:
+        """These settings with ``auto`` precisions made concrete for ``device`` (bf16 only where it is fast), so
+        fingerprints, workers and the report see what ran."""
+        from ..hardware import fast_bf16
+
+        bf16 = fast_bf16(device)
+        changes = {}
+        if self.mixed_precision == "auto":
+            changes["mixed_precision"] = "bf16" if bf16 else "fp32"
+        if self.sample_dtype == "auto":
+            changes["sample_dtype"] = "bfloat16" if bf16 else "model"
+        return dataclasses.replace(self, **changes) if changes else self
 
 
 def _registered(loss: str) -> bool:

@@ -31,6 +31,7 @@ from ..attention import training_attention
 from ..config import save_config, to_dict
 from ..errors import ConfigError
 from ..fileio import atomic_json, atomic_write
+from ..hardware import keep_freed_memory, warn_slow_bf16
 from ..logprobs import head_mode, logits_grad_in_place
 from ..models import own_trainable_weights
 from .checkpoint import (
@@ -370,6 +371,9 @@ class _Run:
         loader = DataLoader(job.train_data, batch_size=args.batch_size, sampler=self.sampler, collate_fn=job.collate)
         if accelerator.device.type == "cpu":  # weights the optimizer will write: out of the file's mapping now
             own_trainable_weights(job.model)
+            keep_freed_memory()  # the step's freed blocks stay with the process (exoalign/hardware.py)
+        if args.mixed_precision == "bf16":
+            warn_slow_bf16(accelerator.device, "train.mixed_precision=bf16", "train.mixed_precision=no")
         self.params = [p for p in job.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(job.model, args)  # AdamW; biases and norm weights without weight decay
         if getattr(args, "lean_activations", False) and not _zero3(accelerator):

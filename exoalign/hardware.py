@@ -1,0 +1,104 @@
+"""What this machine does fast, and the process settings that follow from it.
+
+* :func:`fast_bf16` — whether bf16 matmuls run on the device's own units. On CPUs without them (AVX2-only
+  machines such as AMD EPYC Zen 3, older Intel) oneDNN has no bf16 kernel and torch's fallback multiplies bf16
+  ~8× *slower* than fp32 (SmolLM2's MLP projection, one thread, on an AMD EPYC Zen 3: 5.5 GFLOP/s against 47), so
+  the demo's ``auto`` precision trains and samples in fp32 there, and an explicit bf16 setting is warned about
+  once (:func:`warn_slow_bf16`).
+* :func:`keep_freed_memory` — glibc's allocator set for a training process (below).
+
+glibc and training: a training step frees and re-allocates the same gradients, optimizer temporaries, casts and
+logits every step. glibc serves blocks of 32 MiB and more (smaller ones too, until its threshold adapts) from
+fresh memory mappings and unmaps them when they are freed, and it gives the free top of its heap back to the
+kernel: every step then faults the same memory in again, page by page (docs/speed.md: ~200 000 minor faults,
+1.6-3 s of system time per ~14 CPU-seconds of a SmolLM2 step). :func:`keep_freed_memory` asks glibc, through
+``mallopt``, to serve every block from its heap and to keep up to 2 GiB of freed memory: the settings the demo's
+workers get from their environment (``exoalign.demo.jobs.WORKER_MALLOC``). A user's own choice wins: nothing is
+changed when a ``MALLOC_*`` variable of glibc (or ``GLIBC_TUNABLES``) is set, under a preloaded jemalloc, tcmalloc
+or mimalloc, or outside glibc. The settings are process-wide and trade memory given back to the system for
+speed, so only the trainer applies them, and only for a CPU run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+
+import torch
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_MAX = -4
+MALLOC_SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 1 << 30))
+"""``mallopt`` parameters and values: no block from a mapping of its own, trim above 2 GiB (``mallopt`` takes a
+C ``int``; the demo's workers are given 16 GiB through the environment), 1 GiB of top padding."""
+MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+              "GLIBC_TUNABLES")
+"""The user's own allocator settings: any of them set, :func:`keep_freed_memory` leaves glibc alone."""
+OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+_malloc_state: bool | None = None
+_warned: set[str] = set()
+
+
+def device_type(device: torch.device | str | None) -> str:
+    return torch.device(device).type if device is not None else "cpu"
+
+
+def fast_bf16(device: torch.device | str | None = "cpu") -> bool:
+    """bf16 matmuls on the device's own units: on CPU oneDNN's bf16 (AVX-512 or AMX), on CUDA the GPU's."""
+    kind = device_type(device)
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind != "cpu":
+        return True  # other accelerators: their own business
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def warn_slow_bf16(device: torch.device | str | None, setting: str, fix: str) -> bool:
+    """One warning per setting and process when bf16 was asked for where it is slow; returns whether it warned."""
+    if fast_bf16(device) or setting in _warned:
+        return False
+    _warned.add(setting)
+    log.warning("%s asks for bf16, but this CPU has no bf16 matmul units (AVX2 only): its bf16 matmuls run several "
+                "times slower than fp32. Fix: %s", setting, fix)
+    return True
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc only (musl has no such symbol)  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    libc.mallopt.restype = ctypes.c_int
+    return libc
+
+
+def user_allocator(environ: dict | None = None) -> str | None:
+    """The user's own allocator choice, if any: a ``MALLOC_*`` variable or a preloaded other allocator."""
+    env = os.environ if environ is None else environ
+    for name in MALLOC_ENV:
+        if name in env:
+            return name
+    preload = env.get("LD_PRELOAD", "")
+    return next((a for a in OTHER_ALLOCATORS if a in preload), None)
+
+
+def keep_freed_memory(environ: dict | None = None) -> bool:
+    """Apply :data:`MALLOC_SETTINGS` once per process; returns whether they are in effect (module text)."""
+    global _malloc_state
+    if _malloc_state is None:
+        libc = None if user_allocator(environ) else _glibc()
+        _malloc_state = libc is not None and all(libc.mallopt(p, v) == 1 for p, v in MALLOC_SETTINGS)
+    return _malloc_state
