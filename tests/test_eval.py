@@ -187,6 +187,15 @@ def test_eval_sft_against_itself(setup_eval):
     assert np.mean([np.mean(s["rewards"]) for s in samples]) == pytest.approx(r["reward"]["mean"])
 
 
+def test_eval_keeps_freed_memory_on_cpu(setup_eval, monkeypatch):
+    """An evaluation with checkpoints to do asks for glibc's kept-memory settings on CPU (exoalign.hardware)."""
+    tmp, prompts, sft, _ = setup_eval
+    calls = []
+    monkeypatch.setattr(eval_mod, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert _eval(sft, prompts, tmp / "kept.json", [sft], "win_rate=false") == 0
+    assert calls == [1]
+
+
 def test_eval_resumes_per_checkpoint(setup_eval, monkeypatch):
     tmp, prompts, sft, other = setup_eval
     ref, out = tmp / "ref.json", tmp / "out.json"

@@ -213,11 +213,21 @@ def test_lora_reference_is_the_adapterless_model(tmp_path):
     assert type(model).__name__ == "GPT2LMHeadModel"
 
 
-def test_bf16_autocast_runs(tmp_path):
+def test_bf16_autocast_runs(tmp_path, monkeypatch):
+    """bf16 autocast keeps fp32 masters; a CPU run asks for glibc's kept memory, and where the CPU has no bf16
+    units (forced here) the run warns once that bf16 is slow (exoalign.hardware)."""
+    from exoalign import hardware
+
+    kept, warned = [], []
+    monkeypatch.setattr(engine, "keep_freed_memory", lambda: kept.append(1) or True)
+    monkeypatch.setattr(hardware, "fast_bf16", lambda device="cpu": False)
+    monkeypatch.setattr(hardware, "_warned", set())
+    monkeypatch.setattr(hardware.log, "warning", lambda *a: warned.append(a[1]))
     final = train(make_cfg(tmp_path, "train.mixed_precision=bf16", "train.max_steps=3"))
     recs = [r for r in read_metrics(final.parent) if "loss" in r]
     assert len(recs) == 3 and all(math.isfinite(r["loss"]) for r in recs)
     assert all(w.dtype == torch.float32 for w in weights(final).values())  # autocast: fp32 master weights
+    assert kept == [1] and warned == ["train.mixed_precision=bf16"]
 
 
 def test_bf16_loss_curve_equals_fp32_over_50_steps(tmp_path):

@@ -59,6 +59,7 @@ from ..config import require, stage_args, to_dict
 from ..data import encode_prompts, get_preset, parse_columns, write_rows
 from ..errors import ConfigError, InputError
 from ..fileio import atomic_json, fingerprint
+from ..hardware import keep_freed_memory
 from ..logprobs import IGNORE, sequence_logps
 from ..models import DTYPES, check_model_dir, load_causal_lm, load_tokenizer, rebuild_causal_lm
 from ..rewards import JudgeSettings, check_judge_given, judge_texts, make_judge
@@ -612,6 +613,8 @@ def run(cfg: EvalConfig, models: Mapping[str, torch.nn.Module] | None = None) ->
         own_key=json.dumps(settings, sort_keys=True), in_memory=models,
     )
     session.kept = _kept_sft(session)
+    if session.device.type == "cpu":
+        keep_freed_memory()  # each checkpoint's decode and KL pass reuse the heap (exoalign/hardware.py)
     timings = state.setdefault("timings", {})
     timings["setup_s"] = time.perf_counter() - t_setup  # tokeniser, prompts, judge, π_sft (unless kept)
     if cfg.win_rate and state["baseline"] is None:

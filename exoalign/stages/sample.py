@@ -38,6 +38,7 @@ from ..config import require, stage_args
 from ..data import append_rows, encode_prompts, get_preset, parse_columns, read_done_count
 from ..errors import ConfigError
 from ..fileio import check_meta, fingerprint, write_meta
+from ..hardware import keep_freed_memory
 from ..models import DTYPES, check_model_dir, load_tokenizer
 from ..sampling import (
     Completion,
@@ -45,6 +46,7 @@ from ..sampling import (
     SamplingSettings,
     build_sampler,
     load_prompts,
+    pick_device,
     resolve_backend,
 )
 
@@ -159,6 +161,8 @@ def run(cfg: SampleConfig) -> Path:
         print(f"{out}: resuming after {done} of {len(prompts)} prompts", file=sys.stderr)
     sampler = build_sampler(cfg, cfg.model, tokenizer, dtype=cfg.dtype, device=cfg.device,
                             trust_remote_code=cfg.trust_remote_code)
+    if pick_device(cfg.device).type == "cpu":
+        keep_freed_memory()  # each decode step's logits and caches reuse the heap (exoalign/hardware.py)
     prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
     with tqdm(total=len(prompts), initial=done, desc="sample", unit="prompt") as bar:
         for start in range(done, len(prompts), cfg.batch_size):

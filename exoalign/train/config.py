@@ -235,7 +235,7 @@ class TrainArgs:
     seed: int = 0
     """Seed for initialisation, data order and everything random; CPU runs are deterministic for a seed."""
     mixed_precision: Literal["no", "bf16"] = "no"
-    """no = fp32 compute; bf16 = autocast to bfloat16."""
+    """no = fp32 compute; bf16 = autocast to bfloat16 (fast on bf16 units: AVX-512 / AMX CPUs, GPUs; an AVX2-only CPU multiplies bf16 several times slower than fp32, and the run warns once)."""
     cpu: bool = False
     """Train on the CPU even when a GPU is present."""
     save_every: int = 0
