@@ -54,8 +54,19 @@ from throughput_systems import (  # noqa: E402
     worker_main,
 )
 
+from exoalign.demo.jobs import WORKER_MALLOC  # noqa: E402
+from exoalign.hardware import user_allocator  # noqa: E402
+
 
 # ------------------------------------------------------------------------------------------ parent
+def worker_allocator() -> str:
+    """The workers' allocator settings, in words (the caller's own where it set any)."""
+    own = user_allocator()
+    if own:
+        return f"the caller's ({own} in the environment)"
+    return "glibc keeping freed memory (" + " ".join(f"{k}={v}" for k, v in WORKER_MALLOC.items()) + ")"
+
+
 class Worker:
     """A worker subprocess speaking the step protocol; its stderr goes to a log file."""
 
@@ -64,7 +75,11 @@ class Worker:
         wdir = work / system
         wdir.mkdir(parents=True, exist_ok=True)
         self.log_path = wdir / "stderr.log"
-        env = {**os.environ, "OMP_NUM_THREADS": str(shape.threads), "MKL_NUM_THREADS": str(shape.threads),
+        # One allocator for every system: glibc keeping its freed memory, as exoalign's trainer asks for itself
+        # (exoalign/hardware.py); with these in the environment it leaves glibc alone, and TRL's rows get the same.
+        # The caller's own allocator settings (a MALLOC_* variable, a preloaded allocator) win.
+        malloc = {} if user_allocator() else WORKER_MALLOC
+        env = {**malloc, **os.environ, "OMP_NUM_THREADS": str(shape.threads), "MKL_NUM_THREADS": str(shape.threads),
                "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
                # Passive OpenMP waiting for every system alike (exoalign's CLI default): spinning threads on a
                # shared machine made steps several times slower (docs/speed.md).
@@ -163,6 +178,7 @@ def run(shape: Shape, *, keep: Path | None = None) -> dict:
                 "peak_gflops_bf16": pre.get("peak_bf16"),
                 "systems": {k: asdict(v) | {"median_s": v.median_s} for k, v in results.items()},
                 "prefix": prefix, "versions": versions(), "load_start": load_start, "load_end": load_average(),
+                "allocator": worker_allocator(),
                 "load_during_steps": loads,
                 "wall_s": time.perf_counter() - t_start}
 
@@ -270,7 +286,7 @@ def markdown(res: dict, command: str) -> str:
         f"end; dense fp32 matmul peak {peak:.1f} GFLOP/s "
         f"(measured before and after: {', '.join(f'{p:.1f}' for p in res['peaks'])})"
         + (f", bf16 {res['peak_gflops_bf16']:.1f} GFLOP/s (the MFU limit of the bf16 rows)" if res.get("peak_gflops_bf16")
-           else "") + ".  ",
+           else "") + (f"; allocator of every system: {res['allocator']}" if res.get("allocator") else "") + ".  ",
         f"Job: {_model_line(sh, res['params'])}; {sh['pairs']} pairs per step, prompts {sh['prompt_len']} and "
         f"completions {sh['completion_len']} tokens; fp32 unless the row says bf16 (autocast); {sh['steps']} timed "
         f"steps after {sh['warmup']} warm-up per system, interleaved within each phase (phase 0: "

@@ -41,6 +41,9 @@ def test_tiny_run_writes_the_summary(tmp_path: Path) -> None:
     table = md.read_text()
     assert "| exoalign |" in table and "| trl_default |" in table and "| trl_fastest |" in table
     assert "| exoalign_k4 |" in table and "| exoalign_bf16 |" in table  # the second phase's rows ran
+    # every system under one allocator, named in the table (exoalign's trainer would otherwise set its own)
+    assert ("allocator of every system: glibc keeping freed memory (MALLOC_MMAP_MAX_=0" in table
+            or "allocator of every system: the caller's" in table)
     # The step-0 loss is not the trivial value of a policy equal to its reference (the reference has other
     # weights), so agreeing on it checks the log-prob code of both systems.
     lines = table.splitlines()
