@@ -9,7 +9,8 @@ warm-up call):
 * ``exoalign_legacy`` :class:`~exoalign.sampling.HFSampler` as it was before the fast path
   (``shared_prefill=false``, fp32): per-completion seeds, every row prefilled on its own;
 * ``exoalign_fp32``   the fast path in fp32 (each prompt prefilled once, scored draw): the same tokens as legacy;
-* ``exoalign``        the fast path sampling from a bf16 copy of the weights (``sample_dtype=bfloat16``).
+* ``exoalign``        the fast path sampling from a bf16 copy of the weights (``sample_dtype=bfloat16``; the
+                      fp32 weights on a CPU without bf16 units: ``--sample-dtype auto``, the default).
 
 ``speedup_vs_generate`` = exoalign's tokens/s / generate's; ``speedup_vs_legacy`` likewise. With
 ``--backends hf,vllm`` (GPU) vLLM is timed too, and the oracle reward (VADER) of its samples and exoalign's.
@@ -121,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--batch-size", type=int, default=64, help="prompts per call (each expands to K rows)")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {','.join(SYSTEMS)}")
-    p.add_argument("--sample-dtype", default="bfloat16", help="exoalign's sampling dtype (the 'exoalign' system)")
+    p.add_argument("--sample-dtype", default="auto",
+                   help="exoalign's sampling dtype (the 'exoalign' system): bfloat16, model, or auto (default: "
+                        "bfloat16 where the device has bf16 matmul units, else model; exoalign.hardware.fast_bf16)")
     p.add_argument("--backends", default="hf", help="hf, or hf,vllm on a GPU")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -129,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
+    from exoalign.hardware import fast_bf16
     from exoalign.models import load_causal_lm, load_tokenizer
     from exoalign.zoo import resolve_model_path
+
+    if args.sample_dtype == "auto":  # the JSON records the dtype that ran
+        args.sample_dtype = "bfloat16" if fast_bf16(args.device) else "model"
 
     torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)
