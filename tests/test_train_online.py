@@ -24,6 +24,7 @@ from exoalign import cli
 from exoalign import sampling as generation
 from exoalign.config import load_config
 from exoalign.errors import ConfigError, InputError
+from exoalign.hardware import fast_bf16
 from exoalign.online import OnlineCollator, round_features, round_prompts, train_online
 from exoalign.online import rounds as online
 from exoalign.train.config import TrainConfig
@@ -454,7 +455,12 @@ def test_rounds_can_sample_from_a_bf16_copy(tmp_path):
         bf16, _ = grouped_logps(twin, batch, temperature=0.7)
     mu = torch.tensor(record["sampler_logps"])
     assert (bf16.float() - fp32).abs().max() > 0  # the two distributions differ, so the check below can fail
-    assert (mu - bf16.float()).abs().mean() < (mu - fp32).abs().mean()
+    if fast_bf16("cpu"):
+        # oneDNN's bf16 kernels (AVX-512 / AMX) serve the sampler's decode and the padded forward alike, so the
+        # sampler is measurably nearer the bf16 copy than the fp32 model. Without them (AVX2 only) torch's
+        # fallback accumulates bf16 products in fp32 on both paths: the three log-probs then agree to ~4e-5 of
+        # their scale and which pair is nearer is rounding (measured on an AMD EPYC Zen 3); the check below holds.
+        assert (mu - bf16.float()).abs().mean() < (mu - fp32).abs().mean()
     # one padded forward vs the sampler's cached decode, both in bf16: rounding of the sums, relative to their scale
     assert_close_scaled(mu, bf16.float(), 16 * EPS[torch.bfloat16], what="sampler log-probs vs the bf16 copy")
     trained = load_file(str(final / "model.safetensors"))
