@@ -54,8 +54,7 @@ from throughput_systems import (  # noqa: E402
     worker_main,
 )
 
-from exoalign.demo.jobs import WORKER_MALLOC  # noqa: E402
-from exoalign.hardware import user_allocator  # noqa: E402
+from exoalign.hardware import KEPT_MALLOC_ENV, user_allocator  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ parent
@@ -64,7 +63,7 @@ def worker_allocator() -> str:
     own = user_allocator()
     if own:
         return f"the caller's ({own} in the environment)"
-    return "glibc keeping freed memory (" + " ".join(f"{k}={v}" for k, v in WORKER_MALLOC.items()) + ")"
+    return "glibc keeping freed memory (" + " ".join(f"{k}={v}" for k, v in KEPT_MALLOC_ENV.items()) + ")"
 
 
 class Worker:
@@ -78,7 +77,7 @@ class Worker:
         # One allocator for every system: glibc keeping its freed memory, as exoalign's trainer asks for itself
         # (exoalign/hardware.py); with these in the environment it leaves glibc alone, and TRL's rows get the same.
         # The caller's own allocator settings (a MALLOC_* variable, a preloaded allocator) win.
-        malloc = {} if user_allocator() else WORKER_MALLOC
+        malloc = {} if user_allocator() else KEPT_MALLOC_ENV
         env = {**malloc, **os.environ, "OMP_NUM_THREADS": str(shape.threads), "MKL_NUM_THREADS": str(shape.threads),
                "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
                # Passive OpenMP waiting for every system alike (exoalign's CLI default): spinning threads on a

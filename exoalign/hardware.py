@@ -28,17 +28,27 @@ import ctypes
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
+KEPT_MALLOC_ENV = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
+    "MALLOC_TOP_PAD_": str(1 << 30),
+}
+"""The kept-memory settings as glibc reads them from the environment when a process starts (the demo's workers,
+the throughput benchmark's): no block from a mapping of its own, trim above 16 GiB, 1 GiB of top padding."""
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_MAX = -4
-MALLOC_SETTINGS = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1), (M_TOP_PAD, 1 << 30))
-"""``mallopt`` parameters and values: no block from a mapping of its own, trim above 2 GiB (``mallopt`` takes a
-C ``int``; the demo's workers are given 16 GiB through the environment), 1 GiB of top padding."""
+_INT_MAX = 2**31 - 1
+MALLOC_SETTINGS = tuple((param, min(int(KEPT_MALLOC_ENV[name]), _INT_MAX)) for param, name in (
+    (M_MMAP_MAX, "MALLOC_MMAP_MAX_"), (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_"), (M_TOP_PAD, "MALLOC_TOP_PAD_")))
+"""The same through ``mallopt`` in a running process (which takes a C ``int``: the trim threshold becomes 2 GiB)."""
 MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
               "GLIBC_TUNABLES")
 """The user's own allocator settings: any of them set, :func:`keep_freed_memory` leaves glibc alone."""
@@ -48,13 +58,11 @@ _malloc_state: bool | None = None
 _warned: set[str] = set()
 
 
-def device_type(device: torch.device | str | None) -> str:
-    return torch.device(device).type if device is not None else "cpu"
-
-
 def fast_bf16(device: torch.device | str | None = "cpu") -> bool:
     """bf16 matmuls on the device's own units: on CPU oneDNN's bf16 (AVX-512 or AMX), on CUDA the GPU's."""
-    kind = device_type(device)
+    import torch  # here, not at the top: the demo's worker pool imports this module without torch
+
+    kind = torch.device(device).type if device is not None else "cpu"
     if kind == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if kind != "cpu":

@@ -32,7 +32,7 @@ from .attention import use_decode_attention, uses_decode_attention
 from .config import require
 from .data import load_rows
 from .errors import ConfigError
-from .hardware import warn_slow_bf16
+from .hardware import fast_bf16, warn_slow_bf16
 from .models import load_causal_lm
 from .zoo import resolve_model_path
 
@@ -376,8 +376,7 @@ def pack_linears(model: torch.nn.Module) -> int:
 def _bf16_packing() -> bool:
     """oneDNN with bf16 on this CPU, and torch's packed-linear ops present (they are internal: checked, not assumed)."""
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-                    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        return bool(fast_bf16("cpu") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
                     and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
     except (AttributeError, RuntimeError):
         return False

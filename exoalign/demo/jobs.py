@@ -43,6 +43,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..hardware import KEPT_MALLOC_ENV
+
 
 @dataclass
 class Job:
@@ -60,11 +62,7 @@ class Job:
     """Names of jobs of the same :func:`run_jobs` call that must finish first (names not in the call: done)."""
 
 
-WORKER_MALLOC = {
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
-    "MALLOC_TOP_PAD_": str(1 << 30),
-}
+WORKER_MALLOC = KEPT_MALLOC_ENV
 """glibc allocator settings of the spawned workers (read when a process starts; other C libraries ignore them):
 every block from the heap, none from fresh mappings (glibc maps blocks of 32 MiB and more on their own and unmaps
 them when freed, so SmolLM2's embedding-sized gradient, Adam moments and logits were page-faulted in again every
