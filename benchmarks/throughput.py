@@ -22,7 +22,9 @@ loss with and without it.
 ``bf16_mfu_compiled`` (the same with ``train.compile``; null unless ``exoalign_compiled`` /
 ``exoalign_compiled_bf16`` ran), ``cpu`` (the CPU's model name),
 ``loss_match``, ``prefix_sharing``, ``model``, ``params``, ``dtype`` and ``versions``; ``--md`` writes
-the Markdown tables.
+the Markdown tables. ``--profile`` times no system: it takes one exoalign step apart (phases, operator
+families, and the matmul floor: the step's own dense products replayed alone, and the MFU ceiling they set),
+fp32 and bf16 autocast; with ``--json`` it writes that instead.
 """
 
 from __future__ import annotations
@@ -315,6 +317,41 @@ def markdown(res: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_main(shape: Shape, json_path: Path | None) -> int:
+    """``--profile``: one exoalign step of the job, fp32 and (where this machine multiplies bf16 fast) under bf16
+    autocast: its phases, its operator families, and its matmul floor (``profile_step``), as tables."""
+    import torch
+
+    from exoalign.hardware import fast_bf16
+
+    torch.set_num_threads(shape.threads)
+    out: dict[str, Any] = {"cpu": _cpu_name(), "threads": shape.threads, "model": shape.model, "runs": []}
+    with tempfile.TemporaryDirectory(prefix="exoalign-profile-") as tmp:
+        make_assets(shape, Path(tmp))
+        for bf16 in (False, True):
+            if bf16 and not fast_bf16(shape.device):
+                print(f"bf16 autocast: skipped (no fast bf16 matmul on this {shape.device}; exoalign.hardware.fast_bf16)")
+                continue
+            prof = profile_step(shape, Path(tmp), bf16=bf16)
+            out["runs"].append(prof)
+            fl = prof["floor"]
+            print(f"\n## {fl['precision']}\n\n| phase of one step | wall s (median) |\n|---|---|")
+            for name, t in prof["phases"]:
+                print(f"| {name} | {t:.3f} |")
+            total = sum(t for _, t in prof["families"])
+            print("\n| forward + backward by operator family | self s | share |\n|---|---|---|")
+            for fam, t in prof["families"]:
+                print(f"| {fam} | {t:.3f} | {t / total:.0%} |")
+            print(f"\nMatmul floor: the step's {fl['matmuls']} dense products ({fl['matmul_tflop']:.3f} TFLOP) alone take "
+                  f"{fl['matmul_s']:.3f} s ({fl['matmul_gflops']:.0f} GFLOP/s, {fl['matmul_share_of_peak']:.0%} of the "
+                  f"{fl['peak_gflops']:.0f} GFLOP/s peak), {fl['matmul_share_of_step']:.0%} of the step's "
+                  f"{fl['step_s']:.3f} s. MFU {fl['mfu']:.1%}; with everything else free it would be "
+                  f"{fl['mfu_ceiling']:.1%} (the ceiling of this step's matmuls).")
+    if json_path:
+        _atomic_write(json_path, json.dumps(out, indent=2) + "\n")
+    return 0
+
+
 def _model_line(sh: dict, params: int) -> str:
     if sh.get("model") == "smollm2":
         return f"SmolLM2-135M-Instruct (Llama, 30 layers, vocab {sh['vocab']}, {params / 1e6:.2f} M parameters)"
@@ -341,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--md", type=Path, help="write the Markdown tables here")
     p.add_argument("--details", type=Path, help="write every measurement (JSON) here")
     p.add_argument("--steps", type=int, help="timed steps per system (overrides the preset)")
-    p.add_argument("--profile", action="store_true", help="only profile one exoalign step by operator family")
+    p.add_argument("--profile", action="store_true",
+                   help="only profile one exoalign step (fp32 and bf16): phases, operator families, matmul floor"
+                        " (--json writes it)")
     p.add_argument("--render", type=Path, help="re-render the JSON and tables from a --details file (no run)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--shape", help=argparse.SUPPRESS)
@@ -362,20 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         shape.steps = args.steps
     if args.profile:
-        import torch
-
-        torch.set_num_threads(shape.threads)
-        with tempfile.TemporaryDirectory(prefix="exoalign-profile-") as tmp:
-            make_assets(shape, Path(tmp))
-            prof = profile_step(shape, Path(tmp))
-        print("| phase of one step | wall s (median) |\n|---|---|")
-        for name, t in prof["phases"]:
-            print(f"| {name} | {t:.3f} |")
-        total = sum(t for _, t in prof["families"])
-        print("\n| forward + backward by operator family | self s | share |\n|---|---|---|")
-        for fam, t in prof["families"]:
-            print(f"| {fam} | {t:.3f} | {t / total:.0%} |")
-        return 0
+        return profile_main(shape, args.json)
     command = "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.render:
         res = json.loads(args.render.read_text())

@@ -461,11 +461,71 @@ def run_prefix(shape: Shape, assets: Path) -> dict:
 FAMILIES = {
     "matmul (linear layers, LM head)": ("aten::mm", "aten::addmm", "aten::bmm"),
     "attention (SDPA)": ("scaled_dot_product",),
-    "elementwise mul/pow/tanh (mostly gelu_new)": ("aten::mul", "aten::pow", "aten::tanh"),
+    "elementwise (activations, norms, rotary, log-softmax)": (
+        "aten::mul", "aten::pow", "aten::tanh", "aten::sigmoid", "aten::silu", "aten::sub", "aten::div",
+        "aten::neg", "aten::exp", "aten::rsqrt", "aten::where", "aten::masked_fill", "aten::log"),
     "layer norm": ("layer_norm",),
-    "copies, cat, fill (layouts, transposes)": ("aten::copy_", "aten::cat", "aten::fill_", "aten::zero_"),
+    "copies, casts, cat, fill (layouts, bf16 weights)": ("aten::copy_", "aten::cat", "aten::fill_", "aten::zero_"),
     "adds and sums (residuals, bias grads)": ("aten::add", "aten::sum"),
 }
+
+#: The dense products a step is made of (what the matmul floor replays).
+_MATMULS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def record_matmuls():
+    """A context manager (a torch dispatch mode) that lists every dense product run inside it, forward and backward:
+    ``(op, [(shape, stride, dtype) or a scalar, …])`` per call, in order. The inputs' values are not kept."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = {getattr(torch.ops.aten, name).default: name for name in _MATMULS}
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[str, list]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                self.calls.append((ops[func], [(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor)
+                                               else a for a in args]))
+            return func(*args, **(kwargs or {}))
+
+    return Recorder()
+
+
+def matmul_flops(op: str, args: list) -> int:
+    """Multiply-adds × 2 of one recorded product (``mm``/``addmm``: ``[m, k] @ [k, n]``; the batched forms per batch)."""
+    a, b = (args[1], args[2]) if op in ("addmm", "baddbmm") else (args[0], args[1])
+    (sa, sb) = (a[0], b[0])
+    if op in ("mm", "addmm"):
+        return 2 * sa[0] * sa[1] * sb[1]
+    return 2 * sa[0] * sa[1] * sa[2] * sb[2]
+
+
+def replay_matmuls(calls: list, device: str = "cpu", reps: int = 3) -> float:
+    """Seconds to run the recorded products alone, in order, on inputs of the same shapes, strides and dtypes
+    (random values; outputs allocated as the step allocates them): the median of ``reps`` after one warm-up."""
+    import torch
+
+    def make(spec):
+        if not isinstance(spec, tuple):
+            return spec
+        shape, stride, dtype = spec
+        size = sum((n - 1) * st for n, st in zip(shape, stride)) + 1
+        return torch.randn(size, device=device).to(dtype).as_strided(shape, stride)
+
+    ready = [(getattr(torch.ops.aten, op).default, [make(a) for a in args]) for op, args in calls]
+    times = []
+    for _ in range(reps + 1):
+        _sync(device)
+        t = time.perf_counter()
+        for fn, args in ready:
+            fn(*args)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
 
 
 def pair_batch(shape: Shape) -> tuple[dict, Any]:
@@ -483,54 +543,90 @@ def pair_batch(shape: Shape) -> tuple[dict, Any]:
     return GroupCollator(1)(feats), LossConfig(name="exo", target="pref", beta_pi=0.1, eps=1e-3)
 
 
-def profile_step(shape: Shape, assets: Path, prefix_sharing: bool = True, steps: int = 3) -> dict[str, list]:
-    """Where a training step like the loop's goes: wall seconds per phase (median of ``steps``), and the
-    forward + backward's self time by operator family (torch.profiler, one step).
+def profile_step(shape: Shape, assets: Path, prefix_sharing: bool = True, steps: int = 3,
+                 bf16: bool = False) -> dict[str, Any]:
+    """Where one training step of the ``exoalign`` system goes, set up as the trainer sets it up on CPU (kept
+    freed memory, trainable weights of their own, lean activations, the training attention, the logits' gradient
+    in place, fused AdamW with the clip folded in where the loop folds it; ``bf16``: under bf16 autocast):
 
-    The optimiser is ``torch.optim.AdamW`` with the loop's arguments (the default implementation), and the
-    fused one for comparison.
+    * ``phases``: wall seconds of forward, backward and the optimizer (clip included), the median of ``steps``;
+    * ``families``: forward + backward's self time by operator family (torch.profiler, one step; the profiler's
+      own cost inflates small operators);
+    * ``floor``: the step's dense products (recorded with :func:`record_matmuls`) replayed alone — their seconds,
+      GFLOP/s and share of the matmul peak measured here — and ``mfu_ceiling``, the MFU the step would reach if
+      everything but those products took no time (model FLOPs 6·N·tokens as in the benchmark's MFU).
     """
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from exoalign.models import load_causal_lm
+    from exoalign.attention import training_attention
+    from exoalign.hardware import keep_freed_memory
+    from exoalign.lean import apply_lean_activations
+    from exoalign.logprobs import autocast, logits_grad_in_place
+    from exoalign.models import load_causal_lm, own_trainable_weights
 
-    model = load_causal_lm(str(assets / "policy"))
+    if shape.device == "cpu":
+        keep_freed_memory()
+    model = load_causal_lm(str(assets / "policy")).to(shape.device)
     model.train()
+    if shape.device == "cpu":
+        own_trainable_weights(model)
+    apply_lean_activations(model)
     batch, loss_cfg = pair_batch(shape)
+    batch = {k: v.to(shape.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     fn = compute_loss_fn(prefix_sharing)
-    opts = {"AdamW (default)": torch.optim.AdamW(model.parameters(), lr=1e-6),
-            "AdamW (fused=True)": torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     phases: dict[str, list[float]] = {}
 
     def timed(name: str, f):
+        _sync(shape.device)
         t = time.perf_counter()
         out = f()
+        _sync(shape.device)
         phases.setdefault(name, []).append(time.perf_counter() - t)
         return out
 
-    def fwd_bwd() -> None:
-        loss, _ = timed("forward (loss)", lambda: fn(model, batch, loss_cfg))
-        timed("backward", loss.backward)
-        timed("clip", lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+    def fwd_bwd(clock: bool = True) -> None:
+        run = timed if clock else (lambda _name, f: f())
+        with training_attention():
+            with autocast("bf16" if bf16 else "no", shape.device), logits_grad_in_place():
+                loss, _ = run("forward (loss)", lambda: fn(model, batch, loss_cfg))
+            run("backward", loss.backward)
+
+    def update() -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     for i in range(steps + 1):
-        for name, opt in opts.items():
-            fwd_bwd()
-            timed(name, opt.step)
-            opt.zero_grad(set_to_none=True)
+        fwd_bwd()
+        timed("clip + fused AdamW", update)
         if i == 0:
-            phases.clear()  # warm-up
+            phases.clear()  # warm-up: the optimizer state's first touch
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        loss, _ = fn(model, batch, loss_cfg)
-        loss.backward()
+        fwd_bwd(clock=False)
     model.zero_grad(set_to_none=True)
     families: dict[str, float] = {}
     for e in prof.key_averages():
         fam = next((f for f, keys in FAMILIES.items() if any(e.key.startswith(k) or k in e.key for k in keys)), "other")
         families[fam] = families.get(fam, 0.0) + e.self_cpu_time_total / 1e6
+    with record_matmuls() as rec:
+        fwd_bwd(clock=False)
+    model.zero_grad(set_to_none=True)
+    mm_s = replay_matmuls(rec.calls, shape.device)
+    mm_flops = sum(matmul_flops(op, args) for op, args in rec.calls)
+    step_s = sum(statistics.median(v) for v in phases.values())
+    peak = matmul_peak(shape.device, "bfloat16" if bf16 else "float32")
+    params = sum(p.numel() for p in model.parameters())
+    tokens = policy_tokens(batch, prefix_sharing)
+    model_flops = 6 * params * tokens
+    floor = {"precision": "bf16 autocast" if bf16 else "fp32", "matmuls": len(rec.calls),
+             "matmul_tflop": mm_flops / 1e12, "matmul_s": mm_s, "matmul_gflops": mm_flops / mm_s / 1e9,
+             "peak_gflops": peak, "matmul_share_of_peak": mm_flops / mm_s / 1e9 / peak, "step_s": step_s,
+             "matmul_share_of_step": mm_s / step_s, "tokens": tokens, "model_tflop": model_flops / 1e12,
+             "mfu": model_flops / step_s / 1e9 / peak, "mfu_ceiling": model_flops / mm_s / 1e9 / peak}
     return {"phases": [(k, statistics.median(v)) for k, v in phases.items()],
-            "families": sorted(families.items(), key=lambda kv: -kv[1])}
+            "families": sorted(families.items(), key=lambda kv: -kv[1]), "floor": floor}
 
 
 def worker_main(system: str, shape: Shape, assets: Path, work: Path) -> None:

@@ -72,3 +72,49 @@ def test_compiled_rows(tmp_path: Path) -> None:
             for row in [[c.strip() for c in line.split("|")]] for name in [row[1]]}
     # inductor reorders fp32 reductions (the vocabulary's): rounding of a loss of size ~3
     assert loss["exoalign_compiled"] == pytest.approx(loss["exoalign"], abs=1e-4)
+
+
+def _systems():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import throughput_systems
+
+    return throughput_systems
+
+
+def test_recorded_matmuls_of_a_linear_layer() -> None:
+    """A linear layer's forward and backward are three products (y, dx, dW) of 2·m·k·n FLOPs each; replaying them
+    takes positive time and runs the recorded ops on inputs of the recorded shapes."""
+    import torch
+
+    ts = _systems()
+    lin = torch.nn.Linear(24, 40, bias=False)
+    x = torch.randn(16, 24, requires_grad=True)
+    with ts.record_matmuls() as rec:
+        lin(x).sum().backward()
+    assert len(rec.calls) == 3
+    assert sorted(ts.matmul_flops(op, args) for op, args in rec.calls) == [2 * 16 * 24 * 40] * 3
+    shapes = sorted(tuple(sorted(a[0] for a in args if isinstance(a, tuple))) for _, args in rec.calls)
+    assert shapes == sorted([tuple(sorted([(16, 24), (24, 40)])), tuple(sorted([(16, 40), (40, 24)])),
+                             tuple(sorted([(40, 16), (16, 24)]))])
+    assert ts.replay_matmuls(rec.calls, reps=1) > 0
+    # Outside the block nothing is recorded.
+    lin(x).sum().backward()
+    assert len(rec.calls) == 3
+
+
+@pytest.mark.slow
+def test_profile_reports_the_matmul_floor(tmp_path: Path) -> None:
+    """``--profile --json`` on the tiny job: the fp32 step's matmul floor is below the step (so the ceiling is
+    above the MFU), and its products carry at most the model FLOPs the MFU counts (6·N·tokens, N with the
+    embeddings, which multiply nothing)."""
+    out = tmp_path / "profile.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--tiny", "--profile",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    fp32 = res["runs"][0]["floor"]
+    assert fp32["precision"] == "fp32" and fp32["matmuls"] > 0 and fp32["tokens"] > 0
+    assert 0 < fp32["matmul_s"] < fp32["step_s"]
+    assert 0 < fp32["mfu"] < fp32["mfu_ceiling"]
+    assert 0 < fp32["matmul_tflop"] <= fp32["model_tflop"]
+    assert "Matmul floor" in proc.stdout and "| forward + backward by operator family |" in proc.stdout
