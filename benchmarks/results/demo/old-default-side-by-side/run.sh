@@ -1,12 +1,13 @@
 #!/bin/bash
 # Old (210f5cf) and today's demo at the old default settings, back to back, nothing else running.
 # REPO: this checkout (with make test's .venv); OLD_WORKTREE: git worktree add DIR 210f5cf; WORK: an empty directory;
-# NEW_TREE: a copy of this checkout's exoalign/ (default REPO itself); ORDER=new-first runs today's code first.
+# NEW_TREE: a copy of this checkout's exoalign/ (default REPO itself); ORDER=new-first runs today's code first;
+# OLD_ARGS: settings for the old code's demo only (run_fp32.sh passes mixed_precision=fp32).
 set -x
 export OMP_WAIT_POLICY=PASSIVE
 cd $WORK
 old() {
-  /usr/bin/time -f "old wall %e s" env PYTHONPATH=$OLD_WORKTREE $REPO/.venv/bin/python -m exoalign demo --out $WORK/old > old.log 2>&1
+  /usr/bin/time -f "old wall %e s" env PYTHONPATH=$OLD_WORKTREE $REPO/.venv/bin/python -m exoalign demo $OLD_ARGS --out $WORK/old > old.log 2>&1
   tail -1 old.log; uptime
 }
 new() {

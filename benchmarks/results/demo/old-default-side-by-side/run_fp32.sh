@@ -1,19 +1,6 @@
 #!/bin/bash
 # As run.sh, on a CPU without bf16 matmul units (AVX2 only, e.g. AMD EPYC Zen 3): the old code (210f5cf) is told
 # mixed_precision=fp32 (its bf16 default multiplies several times slower than fp32 there); today's code runs its
-# defaults (auto: fp32 training and fp32 sampling on such a CPU).
-# REPO: this checkout (with make test's .venv); OLD_WORKTREE: git worktree add DIR 210f5cf; NEW_TREE: a copy of
-# this checkout's exoalign/ (or REPO itself); WORK: an empty directory; ORDER=new-first runs today's code first.
-set -x
-export OMP_WAIT_POLICY=PASSIVE
-cd $WORK
-old() {
-  /usr/bin/time -f "old wall %e s" env PYTHONPATH=$OLD_WORKTREE $REPO/.venv/bin/python -m exoalign demo mixed_precision=fp32 --out $WORK/old > old.log 2>&1
-  tail -1 old.log; uptime
-}
-new() {
-  /usr/bin/time -f "new wall %e s" env PYTHONPATH=${NEW_TREE:-$REPO} $REPO/.venv/bin/python -m exoalign demo "methods=[exo-rw,dpo-rw,exo-pref,dpo-pref]" "beta_pi=[0.1,1.0]" n_train_prompts=72 align_steps=8 align_batch_size=2 align_lr=3e-5 save_every=8 online_rounds=8 --out $WORK/new > new.log 2>&1
-  tail -1 new.log; uptime
-}
-uptime; grep -m1 "model name" /proc/cpuinfo
-if [ "${ORDER:-old-first}" = new-first ]; then new; old; else old; new; fi
+# defaults (auto: fp32 training and fp32 sampling on such a CPU). Same variables as run.sh (REPO, OLD_WORKTREE,
+# NEW_TREE, WORK, ORDER).
+OLD_ARGS=mixed_precision=fp32 exec bash "$(dirname "$0")/run.sh"
