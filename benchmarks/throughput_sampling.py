@@ -132,12 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from exoalign.hardware import fast_bf16
+    from exoalign.hardware import resolve_sample_dtype
     from exoalign.models import load_causal_lm, load_tokenizer
     from exoalign.zoo import resolve_model_path
 
-    if args.sample_dtype == "auto":  # the JSON records the dtype that ran
-        args.sample_dtype = "bfloat16" if fast_bf16(args.device) else "model"
+    args.sample_dtype = resolve_sample_dtype(args.sample_dtype, args.device)  # the JSON records the dtype that ran
 
     torch.set_num_threads(args.threads)
     path = resolve_model_path(args.model)

@@ -565,8 +565,7 @@ def profile_step(shape: Shape, assets: Path, prefix_sharing: bool = True, steps:
     from exoalign.logprobs import autocast, logits_grad_in_place
     from exoalign.models import load_causal_lm, own_trainable_weights
 
-    if shape.device == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(device=shape.device)
     model = load_causal_lm(str(assets / "policy")).to(shape.device)
     model.train()
     if shape.device == "cpu":

@@ -58,6 +58,14 @@ _malloc_state: bool | None = None
 _warned: set[str] = set()
 
 
+def resolve_sample_dtype(sample_dtype: str, device: torch.device | str | None = "cpu") -> str:
+    """A sampling dtype with ``auto`` made concrete: ``bfloat16`` where :func:`fast_bf16`, else ``model`` (the
+    model's own weights); any other value as given."""
+    if sample_dtype != "auto":
+        return sample_dtype
+    return "bfloat16" if fast_bf16(device) else "model"
+
+
 def fast_bf16(device: torch.device | str | None = "cpu") -> bool:
     """bf16 matmuls on the device's own units: on CPU oneDNN's bf16 (AVX-512 or AMX), on CUDA the GPU's."""
     import torch  # here, not at the top: the demo's worker pool imports this module without torch
@@ -106,9 +114,12 @@ def user_allocator(environ: dict | None = None) -> str | None:
     return next((a for a in OTHER_ALLOCATORS if a in preload), None)
 
 
-def keep_freed_memory(environ: dict | None = None) -> bool:
-    """Apply :data:`MALLOC_SETTINGS` once per process; returns whether they are in effect (module text)."""
+def keep_freed_memory(environ: dict | None = None, *, device: torch.device | str | None = "cpu") -> bool:
+    """Apply :data:`MALLOC_SETTINGS` once per process for work on ``device``; returns whether they are in effect
+    (module text). Work on another device than the CPU leaves glibc alone (False)."""
     global _malloc_state
+    if device is not None and str(device).split(":")[0] != "cpu":
+        return False
     if _malloc_state is None:
         libc = None if user_allocator(environ) else _glibc()
         _malloc_state = libc is not None and all(libc.mallopt(p, v) == 1 for p, v in MALLOC_SETTINGS)

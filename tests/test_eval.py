@@ -191,7 +191,7 @@ def test_eval_keeps_freed_memory_on_cpu(setup_eval, monkeypatch):
     """An evaluation with checkpoints to do asks for glibc's kept-memory settings on CPU (exoalign.hardware)."""
     tmp, prompts, sft, _ = setup_eval
     calls = []
-    monkeypatch.setattr(eval_mod, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(eval_mod, "keep_freed_memory", lambda **kw: calls.append(1) or True)
     assert _eval(sft, prompts, tmp / "kept.json", [sft], "win_rate=false") == 0
     assert calls == [1]
 

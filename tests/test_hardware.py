@@ -61,6 +61,31 @@ def test_the_users_allocator_choice_wins(monkeypatch, env):
     assert hardware.keep_freed_memory({}) is True and calls == list(hardware.MALLOC_SETTINGS)
 
 
+def test_gpu_work_leaves_glibc_alone(monkeypatch):
+    """Work on another device than the CPU does not touch the allocator; CPU work (also ``cpu:0``) does."""
+    calls = []
+
+    class Fake:
+        def mallopt(self, p, v):
+            calls.append((p, v))
+            return 1
+
+    monkeypatch.setattr(hardware, "_glibc", lambda: Fake())
+    monkeypatch.setattr(hardware, "_malloc_state", None)
+    assert hardware.keep_freed_memory({}, device="cuda:0") is False and calls == []
+    assert hardware.keep_freed_memory({}, device=torch.device("cuda")) is False and calls == []
+    assert hardware.keep_freed_memory({}, device=torch.device("cpu", 0)) is True
+    assert calls == list(hardware.MALLOC_SETTINGS)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_sample_dtype_follows_the_device(monkeypatch, fast):
+    monkeypatch.setattr(hardware, "fast_bf16", lambda device="cpu": fast)
+    assert hardware.resolve_sample_dtype("auto", "cpu") == ("bfloat16" if fast else "model")
+    assert hardware.resolve_sample_dtype("model", "cpu") == "model"
+    assert hardware.resolve_sample_dtype("bfloat16", "cpu") == "bfloat16"
+
+
 _FAULTS = textwrap.dedent("""
     import resource, sys, torch
     from exoalign.hardware import keep_freed_memory

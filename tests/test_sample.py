@@ -71,7 +71,7 @@ def test_sample_is_reproducible_and_independent_of_batch_size(tmp_path, tiny_mod
 def test_sample_stage_keeps_freed_memory_on_cpu(tmp_path, tiny_model_dir, corpus, monkeypatch):
     """The sample stage asks for glibc's kept-memory settings on CPU (exoalign.hardware), once it has a sampler."""
     calls = []
-    monkeypatch.setattr(sample_mod, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(sample_mod, "keep_freed_memory", lambda **kw: calls.append(1) or True)
     prompts = _prompts(tmp_path / "p.jsonl", corpus, 3)
     assert _sample(tiny_model_dir, prompts, tmp_path / "a.jsonl") == 0
     assert calls == [1]

@@ -161,15 +161,12 @@ class DemoSettings:
     def for_device(self, device: str) -> DemoSettings:
         """These settings with ``auto`` precisions made concrete for ``device`` (bf16 only where it is fast), so
         fingerprints, workers and the report see what ran."""
-        from ..hardware import fast_bf16
+        from ..hardware import fast_bf16, resolve_sample_dtype
 
-        bf16 = fast_bf16(device)
-        changes = {}
+        changes = {"sample_dtype": resolve_sample_dtype(self.sample_dtype, device)}
         if self.mixed_precision == "auto":
-            changes["mixed_precision"] = "bf16" if bf16 else "fp32"
-        if self.sample_dtype == "auto":
-            changes["sample_dtype"] = "bfloat16" if bf16 else "model"
-        return dataclasses.replace(self, **changes) if changes else self
+            changes["mixed_precision"] = "bf16" if fast_bf16(device) else "fp32"
+        return dataclasses.replace(self, **changes)
 
 
 def _registered(loss: str) -> bool:

@@ -613,8 +613,7 @@ def run(cfg: EvalConfig, models: Mapping[str, torch.nn.Module] | None = None) ->
         own_key=json.dumps(settings, sort_keys=True), in_memory=models,
     )
     session.kept = _kept_sft(session)
-    if session.device.type == "cpu":
-        keep_freed_memory()  # each checkpoint's decode and KL pass reuse the heap (exoalign/hardware.py)
+    keep_freed_memory(device=session.device)  # checkpoints' decode and KL pass reuse the heap on CPU (hardware.py)
     timings = state.setdefault("timings", {})
     timings["setup_s"] = time.perf_counter() - t_setup  # tokeniser, prompts, judge, π_sft (unless kept)
     if cfg.win_rate and state["baseline"] is None:

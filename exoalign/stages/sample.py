@@ -161,8 +161,7 @@ def run(cfg: SampleConfig) -> Path:
         print(f"{out}: resuming after {done} of {len(prompts)} prompts", file=sys.stderr)
     sampler = build_sampler(cfg, cfg.model, tokenizer, dtype=cfg.dtype, device=cfg.device,
                             trust_remote_code=cfg.trust_remote_code)
-    if pick_device(cfg.device).type == "cpu":
-        keep_freed_memory()  # each decode step's logits and caches reuse the heap (exoalign/hardware.py)
+    keep_freed_memory(device=pick_device(cfg.device))  # decode steps reuse the heap on CPU (exoalign/hardware.py)
     prompt_ids = encode_prompts(tokenizer, prompts, cfg.max_prompt_length)
     with tqdm(total=len(prompts), initial=done, desc="sample", unit="prompt") as bar:
         for start in range(done, len(prompts), cfg.batch_size):
