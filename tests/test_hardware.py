@@ -44,9 +44,9 @@ def test_slow_bf16_warns_once_per_setting(monkeypatch, caplog):
     assert not hardware.warn_slow_bf16("cpu", "sample_dtype=bfloat16", "sample_dtype=model")
 
 
-@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.mxfast=0"},
-                                 {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
-def test_the_users_allocator_choice_wins(monkeypatch, env):
+@pytest.fixture
+def mallopt_calls(monkeypatch):
+    """``mallopt`` calls recorded instead of made, in a process that has applied nothing yet."""
     calls = []
 
     class Fake:
@@ -56,22 +56,21 @@ def test_the_users_allocator_choice_wins(monkeypatch, env):
 
     monkeypatch.setattr(hardware, "_glibc", lambda: Fake())
     monkeypatch.setattr(hardware, "_malloc_state", None)
+    return calls
+
+
+@pytest.mark.parametrize("env", [{"MALLOC_TRIM_THRESHOLD_": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.mxfast=0"},
+                                 {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
+def test_the_users_allocator_choice_wins(monkeypatch, mallopt_calls, env):
+    calls = mallopt_calls
     assert hardware.keep_freed_memory(env) is False and calls == []
     monkeypatch.setattr(hardware, "_malloc_state", None)
     assert hardware.keep_freed_memory({}) is True and calls == list(hardware.MALLOC_SETTINGS)
 
 
-def test_gpu_work_leaves_glibc_alone(monkeypatch):
+def test_gpu_work_leaves_glibc_alone(mallopt_calls):
     """Work on another device than the CPU does not touch the allocator; CPU work (also ``cpu:0``) does."""
-    calls = []
-
-    class Fake:
-        def mallopt(self, p, v):
-            calls.append((p, v))
-            return 1
-
-    monkeypatch.setattr(hardware, "_glibc", lambda: Fake())
-    monkeypatch.setattr(hardware, "_malloc_state", None)
+    calls = mallopt_calls
     assert hardware.keep_freed_memory({}, device="cuda:0") is False and calls == []
     assert hardware.keep_freed_memory({}, device=torch.device("cuda")) is False and calls == []
     assert hardware.keep_freed_memory({}, device=torch.device("cpu", 0)) is True
