@@ -34,10 +34,10 @@ _TOL = 1e-5  # largest difference allowed in the probe, relative to the largest 
 class _SwiGLUDown(torch.autograd.Function):
     """``y = (silu(g) ⊙ u) Wᵀ + b`` keeping ``g``, ``u`` for backward. ``g``, ``u``: ``[…, I]``; ``W``: ``[H, I]``.
 
-    Backward, with ``s = σ(g)``, ``a = g s``, ``p = a ⊙ u`` and ``dp = dy W``:
-    ``dW = dyᵀ p``, ``db = Σ dy``, ``du = dp ⊙ a``, ``dg = dp ⊙ u ⊙ s (1 + g (1 − s))``.
-    The compute dtype is that of ``g`` (bf16 under autocast, like autocast's own linear); the weight and bias
-    gradients come back in their parameters' dtype.
+    Backward, with ``a = silu(g)``, ``p = a ⊙ u`` and ``dp = dy W``: ``dW = dyᵀ p``, ``db = Σ dy``,
+    ``du = dp ⊙ a``, ``dg = silu'(g) ⊙ dp ⊙ u`` (ATen's fused ``silu_backward``: one pass instead of the five
+    elementwise ones that spell out ``σ(g)(1 + g(1 − σ(g)))``). The compute dtype is that of ``g`` (bf16 under
+    autocast, like autocast's own linear); the weight and bias gradients come back in their parameters' dtype.
     """
 
     @staticmethod
@@ -54,8 +54,7 @@ class _SwiGLUDown(torch.autograd.Function):
         need_g, need_u, need_w, need_b = ctx.needs_input_grad
         cd = gate.dtype
         dy = grad_out.to(cd)  # (…, H)
-        s = torch.sigmoid(gate)  # (…, I)
-        act = gate * s
+        act = F.silu(gate) if need_w or need_u else None  # (…, I)
         d_w = d_b = d_gate = d_up = None
         if need_w:
             p = act * up
@@ -64,12 +63,11 @@ class _SwiGLUDown(torch.autograd.Function):
         if need_b and bias is not None:
             d_b = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype)
         if need_g or need_u:
-            dp = dy @ weight.to(cd)  # (…, I)
+            dp = dy @ weight.to(cd)  # (…, I), a fresh buffer of our own
             if need_u:
                 d_up = dp * act
             if need_g:
-                # s (1 + g (1 − s)) = s + a (1 − s), written into s: no further [… , I] buffer.
-                d_gate = s.add_(act * (1 - s)).mul_(up).mul_(dp)
+                d_gate = torch.ops.aten.silu_backward(dp.mul_(up), gate)
         return d_gate, d_up, d_w, d_b
 
 

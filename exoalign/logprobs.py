@@ -181,7 +181,7 @@ class _HeadLogps(torch.autograd.Function):
         g = grad_out.float() / tau  # (n,)
         g_row = torch.zeros_like(lse).index_add_(0, rows, g)  # (m,) a row read by several tokens sums theirs
         gh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_h else None  # (m, H)
-        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None  # (V, H)
+        gw = None  # (V, H) fp32: the first chunk's product, then accumulated in place (no zero-filled buffer)
         gb = torch.zeros(vocab, dtype=torch.float32, device=w.device) if need_b else None  # (V,)
         for s, e in _chunks(m, vocab, ctx.chunk):
             block = (torch.addmm(b, h[s:e], w.t()) if b is not None else h[s:e] @ w.t()).float()  # (rows, V)
@@ -192,14 +192,18 @@ class _HeadLogps(torch.autograd.Function):
             G = block.to(h.dtype)
             if gh is not None:
                 gh[s:e] = (G @ w).float()  # (rows, H)
-            if gw is not None:
-                if G.dtype == torch.float32:
+            if need_w:
+                if gw is None:
+                    gw = (G.t() @ h[s:e]).float()  # (V, H); a fresh buffer in fp32, converted once in bf16
+                elif G.dtype == torch.float32:
                     gw.addmm_(G.t(), h[s:e])  # (V, H), in place
                 else:
                     gw += (G.t() @ h[s:e]).float()
         # The one-hot part: d logp / dx_target = 1 (times g / τ).
         if gh is not None:
             gh.index_add_(0, rows, w[targets].float() * g[:, None])
+        if need_w and gw is None:  # no chunk ran (no rows)
+            gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         if gw is not None:
             gw.index_add_(0, targets, h[rows].float() * g[:, None])
         if gb is not None:
