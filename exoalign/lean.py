@@ -32,7 +32,8 @@ _TOL = 1e-5  # largest difference allowed in the probe, relative to the largest 
 
 
 class _SwiGLUDown(torch.autograd.Function):
-    """``y = (silu(g) ⊙ u) Wᵀ + b`` keeping ``g``, ``u`` for backward. ``g``, ``u``: ``[…, I]``; ``W``: ``[H, I]``.
+    """``y = (silu(g) ⊙ u) Wᵀ + b`` keeping ``g``, ``u`` for backward. ``g``, ``u``: ``[…, I]``; ``W``: ``[H, I]``
+    (kept as cast for the forward: under bf16 autocast its bf16 copy, 1.7 MB a layer on SmolLM2, not cast again).
 
     Backward, with ``a = silu(g)``, ``p = a ⊙ u`` and ``dp = dy W``: ``dW = dyᵀ p``, ``db = Σ dy``,
     ``du = dp ⊙ a``, ``dg = silu'(g) ⊙ dp ⊙ u`` (ATen's fused ``silu_backward``: one pass instead of the five
@@ -45,12 +46,13 @@ class _SwiGLUDown(torch.autograd.Function):
         p = F.silu(gate) * up  # (…, I)
         w = weight.to(p.dtype)
         out = F.linear(p, w, bias.to(p.dtype) if bias is not None else None)  # (…, H)
-        ctx.save_for_backward(gate, up, weight, bias)
+        ctx.save_for_backward(gate, up, w, bias)  # w: the weight itself, or its compute-dtype copy (no re-cast)
+        ctx.weight_dtype = weight.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate, up, weight, bias = ctx.saved_tensors
+        gate, up, w, bias = ctx.saved_tensors
         need_g, need_u, need_w, need_b = ctx.needs_input_grad
         cd = gate.dtype
         dy = grad_out.to(cd)  # (…, H)
@@ -58,12 +60,12 @@ class _SwiGLUDown(torch.autograd.Function):
         d_w = d_b = d_gate = d_up = None
         if need_w:
             p = act * up
-            d_w = (dy.reshape(-1, dy.shape[-1]).t() @ p.reshape(-1, p.shape[-1])).to(weight.dtype)  # (H, I)
+            d_w = (dy.reshape(-1, dy.shape[-1]).t() @ p.reshape(-1, p.shape[-1])).to(ctx.weight_dtype)  # (H, I)
             del p
         if need_b and bias is not None:
             d_b = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype)
         if need_g or need_u:
-            dp = dy @ weight.to(cd)  # (…, I), a fresh buffer of our own
+            dp = dy @ w.to(cd)  # (…, I), a fresh buffer of our own
             if need_u:
                 d_up = dp * act
             if need_g:
