@@ -202,8 +202,6 @@ class _HeadLogps(torch.autograd.Function):
         # The one-hot part: d logp / dx_target = 1 (times g / τ).
         if gh is not None:
             gh.index_add_(0, rows, w[targets].float() * g[:, None])
-        if need_w and gw is None:  # no chunk ran (no rows)
-            gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         if gw is not None:
             gw.index_add_(0, targets, h[rows].float() * g[:, None])
         if gb is not None:
