@@ -374,7 +374,9 @@ def _sync(device: str) -> None:
 def matmul_peak(device: str = "cpu", dtype: str = "float32") -> float:
     """Dense matmul GFLOP/s in ``dtype``: the best of a few square sizes, as ``a @ b`` and as ``F.linear(a, b)``
     (a layer's product, ``a @ bᵀ``: on a CPU without bf16 units torch multiplies bf16 through other kernels for
-    the two, ~5× apart on an AMD EPYC Zen 3, so the best of both is the limit a model meets). Each size: two
+    the two, ~5× apart on an AMD EPYC Zen 3, so the best of both is the limit a model meets), and in fp32 on CPU
+    also through oneDNN's linear (``exoalign.gemm``; on AMD processors MKL, torch's fp32 default, skips its
+    AVX-512 path and oneDNN runs ~1.3× faster, so a peak of MKL's alone would understate the limit). Each size: two
     products of warm-up, then at least two timed (4 GFLOP on CPU); a product that takes over 0.5 s alone gives
     the rate of that size, and larger sizes are not tried (bf16 there: minutes otherwise)."""
     import torch
@@ -383,7 +385,13 @@ def matmul_peak(device: str = "cpu", dtype: str = "float32") -> float:
     best = 0.0
     dt = getattr(torch, dtype)
     cap = 4e9 if device == "cpu" else 4e12  # FLOPs per timing at most
-    for product in (torch.matmul, F.linear):
+    products = [torch.matmul, F.linear]
+    if device == "cpu" and dt == torch.float32:
+        from exoalign import gemm
+
+        if gemm._onednn_available():
+            products.append(gemm._lin)
+    for product in products:
         for n in (512, 1024, 2048) if device == "cpu" else (4096, 8192):
             a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
             product(a, b)  # warm-up (kernel selection, packing)

@@ -25,6 +25,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from . import gemm
+
 log = logging.getLogger(__name__)
 
 _PROBE: dict[tuple[type, str], bool] = {}  # (module class, kind) -> lean forward equals the original
@@ -45,7 +47,7 @@ class _SwiGLUDown(torch.autograd.Function):
     def forward(ctx, gate, up, weight, bias):
         p = F.silu(gate) * up  # (…, I)
         w = weight.to(p.dtype)
-        out = F.linear(p, w, bias.to(p.dtype) if bias is not None else None)  # (…, H)
+        out = gemm.linear(p, w, bias.to(p.dtype) if bias is not None else None)  # (…, H)
         ctx.save_for_backward(gate, up, w, bias)  # w: the weight itself, or its compute-dtype copy (no re-cast)
         ctx.weight_dtype = weight.dtype
         return out
@@ -65,7 +67,7 @@ class _SwiGLUDown(torch.autograd.Function):
         if need_b and bias is not None:
             d_b = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype)
         if need_g or need_u:
-            dp = dy @ w.to(cd)  # (…, I), a fresh buffer of our own
+            dp = gemm.matmul(dy.reshape(-1, dy.shape[-1]), w.to(cd)).view(*dy.shape[:-1], w.shape[1])  # (…, I), ours
             if need_u:
                 d_up = dp * act
             if need_g:

@@ -202,6 +202,9 @@ def load_causal_lm(
             **{**hub_kwargs(name_or_path), **kwargs},
         )
         fuse_activations(model)
+        from .gemm import apply_fast_linear
+
+        apply_fast_linear(model)  # fp32 CPU products through oneDNN where it is faster (exoalign/gemm.py)
         return model
     except OSError as e:
         raise InputError(

@@ -381,7 +381,14 @@ class _Run:
 
             logger.debug("lean activations: %s", apply_lean_activations(job.model))
         if getattr(args, "compile", False):
+            from ..gemm import remove_fast_linear
+
+            remove_fast_linear(job.model)  # inductor picks its own kernels for the products
             compile_model(job.model)
+        elif accelerator.device.type == "cpu":
+            from ..gemm import apply_fast_linear
+
+            apply_fast_linear(job.model)  # fp32 products through oneDNN where it is faster (exoalign/gemm.py)
         self.model, self.optimizer, self.loader = accelerator.prepare(job.model, optimizer, loader)
         self.total = _plan(args, len(self.loader))
         scheduler = get_scheduler(args.scheduler, optimizer, num_warmup_steps=args.warmup_steps,
