@@ -89,7 +89,11 @@ class _TokenLogps(torch.autograd.Function):
             if tau != 1.0:
                 block = block / tau
             # d logp / dx = onehot − softmax with softmax = exp(x − lse); the onehot part is added below.
-            grad[s:e] = (block - lse[s:e, None]).exp_().mul_(-g_row[s:e, None])
+            if grad.dtype == torch.float32:  # straight into the buffer (the logits' own rows when reused): no copy
+                out = torch.sub(block, lse[s:e, None], out=grad[s:e])
+                out.exp_().mul_(-g_row[s:e, None])
+            else:  # half-precision logits: the softmax in fp32, rounded once on the way in
+                grad[s:e] = (block - lse[s:e, None]).exp_().mul_(-g_row[s:e, None])
         grad.index_put_((rows, targets), g.to(grad.dtype), accumulate=True)
         if tau != 1.0:
             grad.div_(tau)  # chain rule through x = logits / τ
@@ -118,7 +122,8 @@ def logits_grad_in_place(enabled: bool = True) -> Iterator[None]:
 
 #: Autograd nodes whose backward does not read their output (a tensor they made may be overwritten), and the
 #: reshapes that may stand between such a node and the logits.
-_OUTPUT_FREE = ("MmBackward0", "AddmmBackward0", "BmmBackward0", "ToCopyBackward0", "IndexBackward0")
+_OUTPUT_FREE = ("MmBackward0", "AddmmBackward0", "BmmBackward0", "ToCopyBackward0", "IndexBackward0",
+                "_OneDNNLinearBackward")  # exoalign.gemm's linear keeps its input and weight, not its output
 _RESHAPES = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
 
 

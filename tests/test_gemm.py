@@ -196,3 +196,28 @@ def test_chunked_head_through_onednn(onednn: list[int]) -> None:
     tol = 64 * 48 * EPS[torch.float32]
     for x, y in ((a, b), (ha, hb), (wa, wb)):
         assert float((x - y).abs().max()) <= tol * float(y.abs().max())
+
+
+def test_onednn_logits_take_their_gradient_in_place(onednn: list[int]) -> None:
+    """Logits from :func:`exoalign.gemm.linear` (its backward keeps no output) are reused for their gradient in the
+    training loop's block, and the gradients equal those through ``F.linear`` with a buffer of their own."""
+    from exoalign.logprobs import _reusable, logits_grad_in_place, token_logps
+
+    g = torch.Generator().manual_seed(5)
+    h0 = torch.randn(40, 16, generator=g)
+    w0 = torch.randn(2000, 16, generator=g)
+    tgt = torch.randint(0, 2000, (40,), generator=g)
+    res = []
+    for fast in (True, False):
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        with logits_grad_in_place():
+            logits = gemm.linear(h, w) if fast else F.linear(h, w)
+            assert _reusable(logits)
+            out = token_logps(logits, tgt)
+        res.append((out.detach(), *torch.autograd.grad(out.sum(), [h, w]), logits._version))
+    assert onednn[0] == 2
+    (o1, h1, w1, v1), (o0, h0g, w0g, v0) = res
+    assert v1 > 0 and v0 > 0  # both gradients went into the logits' storage
+    tol = 64 * 2000 * EPS[torch.float32]  # a softmax over 2 000 logits after 16-wide products
+    for a, b in ((o1, o0), (h1, h0g), (w1, w0g)):
+        assert float((a - b).abs().max()) <= tol * float(b.abs().max())
