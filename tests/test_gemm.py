@@ -221,3 +221,24 @@ def test_onednn_logits_take_their_gradient_in_place(onednn: list[int]) -> None:
     tol = 64 * 2000 * EPS[torch.float32]  # a softmax over 2 000 logits after 16-wide products
     for a, b in ((o1, o0), (h1, h0g), (w1, w0g)):
         assert float((a - b).abs().max()) <= tol * float(b.abs().max())
+
+
+def test_gemm_backends_benchmark_writes_its_json(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/gemm_backends.py --no-step``: every product timed both ways, the CPU and the choice recorded."""
+    import json
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    sys.modules.pop("gemm_backends", None)
+    import gemm_backends
+
+    out = tmp_path / "g.json"
+    assert gemm_backends.main(["--json", str(out), "--reps", "1", "--no-step"]) == 0
+    res = json.loads(out.read_text())
+    assert {"cpu", "versions", "auto_picks_onednn", "load_start", "load_end", "products"} <= set(res)
+    assert "step" not in res and len(res["products"]) == 14
+    for row in res["products"]:
+        assert row["aten_gflops"] > 0 and row["onednn_gflops"] > 0
+        assert row["ratio"] == pytest.approx(row["onednn_gflops"] / row["aten_gflops"])
