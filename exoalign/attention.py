@@ -172,17 +172,21 @@ class SharedLayout:
 @contextlib.contextmanager
 def training_attention(enabled: bool = True) -> Iterator[None]:
     """Inside the block, transformers' ``"sdpa"`` attention is :func:`cpu_attention` (for every model of the
-    process: the entry is looked up at each forward). Restored on exit, whatever was there before."""
+    process: the entry is looked up at each forward), and the rotary embeddings of Llama-form models run as one
+    autograd function (:func:`exoalign.lean.fast_rotary`). Restored on exit, whatever was there before."""
     if not enabled:
         yield
         return
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from .lean import fast_rotary
+
     local = ALL_ATTENTION_FUNCTIONS._local_mapping
     had, before = "sdpa" in local, local.get("sdpa")
     ALL_ATTENTION_FUNCTIONS["sdpa"] = cpu_attention
     try:
-        yield
+        with fast_rotary():
+            yield
     finally:
         if had:
             local["sdpa"] = before

@@ -19,8 +19,11 @@ differs (Gemma's ``1 + w``, a GELU MLP, LoRA-wrapped projections, quantised laye
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import types
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -191,3 +194,112 @@ def remove_lean_activations(model: torch.nn.Module) -> None:
         if m.__dict__.pop("_lean_forward", None) is not None:
             m.__dict__.pop("forward", None)
             m.__dict__.pop("_lean_eps", None)
+
+
+class _Rotary(torch.autograd.Function):
+    """The rotary embedding ``x cos + rotate_half(x) sin`` (``rotate_half(x) = [−x₂, x₁]``, transformers' Llama
+    form) as one function: the output is ``x cos`` plus two in-place products on its halves (two passes instead of
+    the five of ``neg``, ``cat``, two products and a sum, and as few in backward, where autograd would also add the
+    two branches' gradients). ``cos``, ``sin``: broadcastable to ``x``, no gradient. Backward, with ``g = [g₁, g₂]``:
+    ``dx₁ = g₁ cos₁ + g₂ sin₂``, ``dx₂ = g₂ cos₂ − g₁ sin₁`` (halves of the last dimension). The output has the
+    dtype ``x cos`` has (under autocast the fp32 tables promote a bf16 query, as in transformers)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        h = x.shape[-1] // 2
+        out = x * cos
+        out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+        out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cos, sin = ctx.saved_tensors
+        h = grad_out.shape[-1] // 2
+        d = grad_out * cos
+        d[..., :h].addcmul_(grad_out[..., h:], sin[..., h:])
+        d[..., h:].addcmul_(grad_out[..., :h], sin[..., :h], value=-1)
+        return d.to(ctx.x_dtype), None, None
+
+
+def _fast_rotary_for(original):
+    """``apply_rotary_pos_emb(q, k, cos, sin[, unsqueeze_dim=…])`` through :class:`_Rotary`; any call it does not
+    cover (other arguments, a partial rotary width, tables that need gradients, compilation) goes to
+    ``original``."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        d = q.shape[-1]
+        if (args or set(kwargs) - {"unsqueeze_dim"} or d % 2 or k.shape[-1] != d or cos.shape[-1] != d
+                or sin.shape[-1] != d or cos.requires_grad or sin.requires_grad or torch.compiler.is_compiling()):
+            return original(q, k, cos, sin, *args, **kwargs)
+        dim = kwargs.get("unsqueeze_dim", 1)
+        cos, sin = cos.unsqueeze(dim), sin.unsqueeze(dim)
+        return _Rotary.apply(q, cos, sin), _Rotary.apply(k, cos, sin)
+
+    apply_rotary_pos_emb._exoalign_original = original
+    return apply_rotary_pos_emb
+
+
+_ROTARY_PROBE: dict[int, bool] = {}  # id of transformers' function -> ours computes what it computes
+
+
+def _rotary_probe(original) -> bool:
+    """:func:`_fast_rotary_for` agrees with ``original`` on the calls it takes over: outputs (values and dtype) and
+    gradients of a query and key of grouped heads, random tables whose halves differ, ``[B, H, T, D]`` and (with
+    ``unsqueeze_dim=2``) ``[B, T, H, D]``, fp32 and a bf16 query against fp32 tables. Once per function."""
+    key = id(original)
+    if key in _ROTARY_PROBE:
+        return _ROTARY_PROBE[key]
+    ok = False
+    try:
+        fast = _fast_rotary_for(original)
+        g = torch.Generator().manual_seed(0)
+        q, k = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+        cos, sin = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+        cases = [((q, k), {}, _TOL), ((q.transpose(1, 2), k.transpose(1, 2)), {"unsqueeze_dim": 2}, _TOL),
+                 ((q.bfloat16(), k.bfloat16()), {}, 2.0**-6)]
+        ok = True
+        for (q0, k0), kw, tol in cases:
+            outs = []
+            for f in (original, fast):
+                qi, ki = q0.clone().requires_grad_(True), k0.clone().requires_grad_(True)
+                a, b = f(qi, ki, cos, sin, **kw)
+                wa = torch.randn(a.shape, generator=torch.Generator().manual_seed(1)).to(a.dtype)
+                gq, gk = torch.autograd.grad((a * wa).sum() + (b * b).sum(), [qi, ki])
+                outs.append([a.detach(), b.detach(), gq, gk])
+            ok = ok and all(x.dtype == y.dtype and x.shape == y.shape
+                            and float((x.float() - y.float()).abs().max()) <= tol * max(float(x.abs().max()), 1.0)
+                            for x, y in zip(*outs, strict=True))
+    except Exception as e:  # any failure: transformers' own function stays
+        log.debug("rotary probe failed for %s: %s", getattr(original, "__module__", original), e)
+        ok = False
+    _ROTARY_PROBE[key] = ok
+    return ok
+
+
+@contextlib.contextmanager
+def fast_rotary(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, the ``apply_rotary_pos_emb`` of every loaded transformers modeling module that passes
+    :func:`_rotary_probe` runs through :class:`_Rotary` (looked up at each call by the attention modules, so every
+    model of such a class in the process gets it, as with :func:`exoalign.attention.training_attention`, which
+    enters this block). Restored on exit."""
+    if not enabled:
+        yield
+        return
+    patched = []
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith("transformers.models.") or mod is None:
+            continue
+        original = mod.__dict__.get("apply_rotary_pos_emb")
+        if original is None or hasattr(original, "_exoalign_original") or not callable(original):
+            continue
+        if _rotary_probe(original):
+            mod.apply_rotary_pos_emb = _fast_rotary_for(original)
+            patched.append((mod, original))
+    try:
+        yield
+    finally:
+        for mod, original in patched:
+            mod.apply_rotary_pos_emb = original

@@ -187,3 +187,59 @@ def test_train_config_switch(lean: bool, tmp_path) -> None:
 
     assert TrainArgs(output_dir=str(tmp_path)).lean_activations is True
     assert TrainArgs(output_dir=str(tmp_path), lean_activations=lean).lean_activations is lean
+
+
+def test_rotary_function_gradcheck_and_form() -> None:
+    """:class:`_Rotary` against numerical differences (float64) and against transformers' Llama rotary."""
+    from transformers.models.llama import modeling_llama
+
+    from exoalign.lean import _Rotary
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    cos, sin = (torch.randn(2, 1, 4, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda t: _Rotary.apply(t, cos, sin), (x,))
+    want = x * cos + modeling_llama.rotate_half(x) * sin
+    assert_close_scaled(_Rotary.apply(x, cos, sin), want, rel_tol(torch.float64, 2), what="rotary")
+
+
+def test_fast_rotary_inside_training_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside the training step's block Llama's rotary runs through :class:`_Rotary` with the same outputs and
+    gradients (fp32), transformers' function is back afterwards, and a rotary of another form (interleaved pairs,
+    GPT-J's) fails the probe and is left alone."""
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    from exoalign.attention import training_attention
+    from exoalign.lean import _rotary_probe
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):
+        def rot(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), -1).flatten(-2)
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + rot(q) * sin, k * cos + rot(k) * sin
+
+    fake = types.ModuleType("transformers.models.fake_interleaved.modeling_fake_interleaved")
+    fake.apply_rotary_pos_emb = interleaved
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    assert not _rotary_probe(interleaved)
+    original = modeling_llama.apply_rotary_pos_emb
+    ids = torch.randint(2, 120, (3, 10), generator=torch.Generator().manual_seed(4))
+    results = []
+    for inside in (False, True):
+        model = _llama(seed=9)
+        if inside:
+            with training_attention():
+                assert modeling_llama.apply_rotary_pos_emb is not original
+                assert fake.apply_rotary_pos_emb is interleaved
+                out, grads = _grads(model, ids)
+        else:
+            out, grads = _grads(model, ids)
+        results.append((out, grads))
+    assert modeling_llama.apply_rotary_pos_emb is original
+    (o0, g0), (o1, g1) = results
+    tol = rel_tol(torch.float32, 120)  # fp32, a vocabulary-wide head after two 32-wide layers
+    assert_close_scaled(o1, o0, tol, what="logits")
+    assert_close_scaled(g1, g0, tol, what="grads")
