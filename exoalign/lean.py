@@ -87,8 +87,9 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
         x32 = x.to(torch.float32)
-        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (…, 1)
-        out = weight * (x32 * r).to(x.dtype)
+        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (…, 1); Llama's own ops: the same bits
+        h = (x32 * r).to(x.dtype)
+        out = h.mul_(weight) if torch.result_type(h, weight) == h.dtype else weight * h
         ctx.save_for_backward(x, weight, r)
         return out
 
@@ -103,7 +104,7 @@ class _RMSNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = (grad_out * weight).to(torch.float32)  # (…, D)
             dot = (gx * xhat).mean(-1, keepdim=True)
-            d_x = gx.sub_(xhat.mul_(dot)).mul_(r).to(x.dtype)
+            d_x = gx.addcmul_(xhat, dot, value=-1).mul_(r).to(x.dtype)
         return d_x, d_w, None
 
 
