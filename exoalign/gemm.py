@@ -2,9 +2,11 @@
 
 torch's CPU wheels multiply fp32 matrices with MKL. On AMD processors MKL does not take its AVX-512 code path;
 oneDNN (also inside torch, ``torch.ops.mkldnn._linear_pointwise``) does. Measured on an AMD EPYC Zen 4 (2 cores,
-interleaved, docs/speed.md "A ninth stop"): square products 2048² 157 → 207 GFLOP/s, and a SmolLM2 layer's
-projections with 1 536 rows 120-150 → 180-200 GFLOP/s. Its input-gradient product (``dy W``) gains as much; its
-weight-gradient product (``dyᵀ x``) does not (153 vs 177), so that one stays with torch.
+interleaved, ``benchmarks/gemm_backends.py``, docs/speed.md "A ninth stop"): a SmolLM2 layer's forward and
+input-gradient (``dy W``) products with 1 536 rows run 1.07-1.14× MKL's rate when MKL runs well (180-195 →
+199-216 GFLOP/s) and ~1.3-1.5× when it does not (120-150 → 183-198, in slower phases of the VM); the SmolLM2
+training step 7.87 → 7.42 s. The weight-gradient product (``dyᵀ x``) is slower through oneDNN (0.87-1.03×), so
+that one stays with torch.
 
 :func:`linear` is ``F.linear`` with the forward and the input gradient through oneDNN when :func:`use_onednn`
 holds and the call is an fp32 CPU product of at least :data:`MIN_ROWS` rows and :data:`MIN_OUTPUTS` output
