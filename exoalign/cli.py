@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             from .quiet import install
 
             install()  # transformers' load/save bars and two uninformative warnings off (exoalign/quiet.py)
+            from .gemm import choice
+
+            choice()  # a bad EXOALIGN_FP32_MATMUL stops here, before anything is written
         code = entry(rest)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -242,3 +242,13 @@ def test_gemm_backends_benchmark_writes_its_json(tmp_path, monkeypatch: pytest.M
     for row in res["products"]:
         assert row["aten_gflops"] > 0 and row["onednn_gflops"] > 0
         assert row["ratio"] == pytest.approx(row["onednn_gflops"] / row["aten_gflops"])
+
+
+def test_cli_stops_on_a_bad_backend_name(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """A command that loads models refuses a bad ``EXOALIGN_FP32_MATMUL`` at once: one line, exit code 2."""
+    from exoalign.cli import main
+
+    monkeypatch.setenv(gemm.ENV, "blas")
+    assert main(["train", "--help"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and gemm.ENV in err and "Fix:" in err
