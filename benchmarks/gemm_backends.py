@@ -71,8 +71,22 @@ def products(rounds: int) -> list[dict[str, Any]]:
 
 
 def step(steps: int, warmup: int) -> dict[str, Any]:
+    from throughput_systems import preset
+
+    shape = preset("smollm2")
+    before = os.environ.get("EXOALIGN_FP32_MATMUL")
+    try:
+        return _step(shape, steps, warmup)
+    finally:  # the caller's setting back
+        if before is None:
+            os.environ.pop("EXOALIGN_FP32_MATMUL", None)
+        else:
+            os.environ["EXOALIGN_FP32_MATMUL"] = before
+
+
+def _step(shape: Any, steps: int, warmup: int) -> dict[str, Any]:
     import torch
-    from throughput_systems import compute_loss_fn, make_assets, pair_batch, preset
+    from throughput_systems import compute_loss_fn, make_assets, pair_batch
 
     from exoalign.attention import training_attention
     from exoalign.hardware import keep_freed_memory
@@ -80,7 +94,6 @@ def step(steps: int, warmup: int) -> dict[str, Any]:
     from exoalign.logprobs import autocast, logits_grad_in_place
     from exoalign.models import load_causal_lm, own_trainable_weights
 
-    shape = preset("smollm2")
     os.environ["EXOALIGN_FP32_MATMUL"] = "onednn"  # patch the model's layers; each step then picks its backend
     with tempfile.TemporaryDirectory(prefix="exoalign-gemm-") as tmp:
         make_assets(shape, Path(tmp))
@@ -110,7 +123,6 @@ def step(steps: int, warmup: int) -> dict[str, Any]:
         print(f"step {i} {backend}: {dt:.2f} s, loss {losses[-1][1]:.6f}", flush=True)
         if i >= warmup:
             times[backend].append(dt)
-    os.environ["EXOALIGN_FP32_MATMUL"] = "auto"
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"steps_s": times, "median_s": med, "speedup": med["aten"] / med["onednn"], "losses": losses,
             "warmup": warmup, "shape": "SmolLM2-135M, 8 pairs, prompt 64 + completions 64, fp32, prompt sharing"}
@@ -123,17 +135,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=14, help="training steps, the two backends alternating")
     p.add_argument("--warmup", type=int, default=2, help="first steps not counted")
     p.add_argument("--no-step", action="store_true", help="time the products only")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (restored on return)")
     args = p.parse_args(argv)
 
+    import torch
+
+    from exoalign import gemm
+
+    if not gemm._onednn_available():
+        print("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise): nothing to compare")
+        return 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     import torch
     from throughput import _cpu_name, load_average, versions
 
     from exoalign import gemm
 
-    torch.set_num_threads(2)
-    if not gemm._onednn_available():
-        print("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise): nothing to compare")
-        return 1
     res: dict[str, Any] = {"command": "python benchmarks/gemm_backends.py " + " ".join(sys.argv[1:] if argv is None
                                                                                        else argv),
                            "cpu": _cpu_name(), "threads": torch.get_num_threads(), "versions": versions(),

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import sys
 import types
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -243,16 +244,18 @@ def _fast_rotary_for(original):
     return apply_rotary_pos_emb
 
 
-_ROTARY_PROBE: dict[int, bool] = {}  # id of transformers' function -> ours computes what it computes
+_ROTARY_PROBE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformers' function -> ours agrees
 
 
 def _rotary_probe(original) -> bool:
     """:func:`_fast_rotary_for` agrees with ``original`` on the calls it takes over: outputs (values and dtype) and
     gradients of a query and key of grouped heads, random tables whose halves differ, ``[B, H, T, D]`` and (with
     ``unsqueeze_dim=2``) ``[B, T, H, D]``, fp32 and a bf16 query against fp32 tables. Once per function."""
-    key = id(original)
-    if key in _ROTARY_PROBE:
-        return _ROTARY_PROBE[key]
+    try:
+        if original in _ROTARY_PROBE:
+            return _ROTARY_PROBE[original]
+    except TypeError:  # not weakly referable: probed each time
+        pass
     ok = False
     try:
         fast = _fast_rotary_for(original)
@@ -276,7 +279,10 @@ def _rotary_probe(original) -> bool:
     except Exception as e:  # any failure: transformers' own function stays
         log.debug("rotary probe failed for %s: %s", getattr(original, "__module__", original), e)
         ok = False
-    _ROTARY_PROBE[key] = ok
+    try:
+        _ROTARY_PROBE[original] = ok
+    except TypeError:
+        pass
     return ok
 
 

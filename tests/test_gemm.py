@@ -235,7 +235,9 @@ def test_gemm_backends_benchmark_writes_its_json(tmp_path, monkeypatch: pytest.M
     import gemm_backends
 
     out = tmp_path / "g.json"
-    assert gemm_backends.main(["--json", str(out), "--reps", "1", "--no-step"]) == 0
+    threads = torch.get_num_threads()
+    assert gemm_backends.main(["--json", str(out), "--reps", "1", "--no-step", "--threads", "2"]) == 0
+    assert torch.get_num_threads() == threads  # the test process's setting is back (other tests depend on it)
     res = json.loads(out.read_text())
     assert {"cpu", "versions", "auto_picks_onednn", "load_start", "load_end", "products"} <= set(res)
     assert "step" not in res and len(res["products"]) == 14
