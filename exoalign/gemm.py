@@ -13,7 +13,9 @@ holds and the call is an fp32 CPU product of at least :data:`MIN_ROWS` rows and 
 elements, outside autocast and compilation;
 every other call is ``F.linear`` itself. :func:`apply_fast_linear` points a model's ``nn.Linear`` modules at it
 (the weights, state dict and ``save_pretrained`` are untouched); :func:`remove_fast_linear` undoes it. The two
-kernels sum in different orders, so values differ by fp32 rounding (relative ~1e-6), as between CPUs.
+kernels sum in different orders, so values differ by fp32 rounding (relative ~1e-6), as between CPUs; and since the
+kernel depends on a product's rows, a row's last bits can depend on the batch it is computed in (MKL's own
+kernels can do the same).
 
 Which backend: the environment variable :data:`ENV` — ``auto`` (the default: oneDNN on AMD processors with
 AVX-512, where it was measured faster; torch's default elsewhere, Intel and AVX2-only AMD included, where it was
