@@ -141,20 +141,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _lin(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
-def matmul_t(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``a @ weight.T`` for 2-D operands without autograd (inside an autograd function's forward or backward)."""
-    if _eligible(a, weight, None):
-        return _lin(a, weight)
-    return a @ weight.t()
-
-
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for 2-D operands without autograd (``b`` as a transposed weight: an input gradient ``dy W``)."""
-    if _eligible(a, b.t(), None):
-        return _lin(a, b.t())
-    return a @ b
-
-
 def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> Any:
     return linear(x, self.weight, self.bias)
 

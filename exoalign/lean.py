@@ -71,7 +71,7 @@ class _SwiGLUDown(torch.autograd.Function):
         if need_b and bias is not None:
             d_b = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype)
         if need_g or need_u:
-            dp = gemm.matmul(dy.reshape(-1, dy.shape[-1]), w.to(cd)).view(*dy.shape[:-1], w.shape[1])  # (…, I), ours
+            dp = gemm.linear(dy, w.to(cd).t())  # (…, I) = dy W, a fresh buffer of our own
             if need_u:
                 d_up = dp * act
             if need_g:
@@ -133,6 +133,14 @@ def _norm_eps(m: torch.nn.Module) -> float | None:
     return float(eps) if isinstance(eps, (int, float)) else None
 
 
+def _agree(original: list[torch.Tensor], lean: list[torch.Tensor], tol: float) -> bool:
+    """The probes' test: each pair has one dtype and shape and differs by at most ``tol`` of the original's
+    largest magnitude (at least 1)."""
+    return all(a.dtype == b.dtype and a.shape == b.shape
+               and float((a.float() - b.float()).abs().max()) <= tol * max(float(a.abs().max()), 1.0)
+               for a, b in zip(original, lean, strict=True))
+
+
 def _probe(m: torch.nn.Module, kind: str) -> bool:
     """Lean and original forward of a copy of ``m`` agree (output and gradients, fp32) on a random input."""
     key = (type(m), kind)
@@ -161,7 +169,7 @@ def _probe(m: torch.nn.Module, kind: str) -> bool:
             w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
             grads = torch.autograd.grad((y * w).sum(), [xi, *probe.parameters()])
             outs.append([y.detach(), *grads])
-        ok = all(float((a - b).abs().max()) <= _TOL * max(float(a.abs().max()), 1.0) for a, b in zip(*outs, strict=True))
+        ok = _agree(*outs, tol=_TOL)
     except Exception as e:  # any failure: the module keeps its own forward
         log.debug("lean %s probe failed for %s: %s", kind, type(m).__name__, e)
     _PROBE[key] = ok
@@ -273,9 +281,7 @@ def _rotary_probe(original) -> bool:
                 wa = torch.randn(a.shape, generator=torch.Generator().manual_seed(1)).to(a.dtype)
                 gq, gk = torch.autograd.grad((a * wa).sum() + (b * b).sum(), [qi, ki])
                 outs.append([a.detach(), b.detach(), gq, gk])
-            ok = ok and all(x.dtype == y.dtype and x.shape == y.shape
-                            and float((x.float() - y.float()).abs().max()) <= tol * max(float(x.abs().max()), 1.0)
-                            for x, y in zip(*outs, strict=True))
+            ok = ok and _agree(*outs, tol=tol)
     except Exception as e:  # any failure: transformers' own function stays
         log.debug("rotary probe failed for %s: %s", getattr(original, "__module__", original), e)
         ok = False

@@ -166,7 +166,7 @@ class _HeadLogps(torch.autograd.Function):
         b = bias.to(dtype) if bias is not None else None
         lse = torch.empty(m, dtype=torch.float32, device=hidden.device)  # (m,)
         for s, e in _chunks(m, vocab, chunk):
-            block = (torch.addmm(b, h[s:e], w.t()) if b is not None else gemm.matmul_t(h[s:e], w)).float()  # (rows, V)
+            block = gemm.linear(h[s:e], w, b).float()  # (rows, V); no autograd in here
             if temperature != 1.0:
                 block = block / temperature
             lse[s:e] = torch.logsumexp(block, dim=-1)
@@ -191,7 +191,7 @@ class _HeadLogps(torch.autograd.Function):
         gw = None  # (V, H) fp32: the first chunk's product, then accumulated in place (no zero-filled buffer)
         gb = torch.zeros(vocab, dtype=torch.float32, device=w.device) if need_b else None  # (V,)
         for s, e in _chunks(m, vocab, ctx.chunk):
-            block = (torch.addmm(b, h[s:e], w.t()) if b is not None else gemm.matmul_t(h[s:e], w)).float()  # (rows, V)
+            block = gemm.linear(h[s:e], w, b).float()  # (rows, V); no autograd in here
             # G = −g_row · softmax(x / τ), softmax = exp(x/τ − lse); the one-hot part is added below.
             block = (block.div_(tau) if tau != 1.0 else block).sub_(lse[s:e, None]).exp_().mul_(-g_row[s:e, None])
             if gb is not None:
