@@ -144,7 +144,9 @@ class SharedLayout:
         self.B, self.L = segments.shape
         self.P = int(prompt_end)
         self.unpadded_prompt = bool((segments[:, : self.P] == 0).all())
-        self.mask_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.segments = segments
+        self.mask_cache: dict[tuple, Any] = {}
+        self._spans: list[tuple[slice, int, int]] | None = None
 
     def serves(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> bool:
         return (0 < self.P < self.L and self.L >= SEGMENTED_MIN_LENGTH and query.shape[0] == self.B
@@ -159,14 +161,117 @@ class SharedLayout:
             self.mask_cache[key] = (mask[:, :, : self.P, : self.P].contiguous(), mask[:, :, self.P :].contiguous())
         return self.mask_cache[key]
 
+    def spans(self) -> list[tuple[slice, int, int]]:
+        """Each completion's ``(rows, first column, length)``: one entry per completion slot with every row
+        (``rows`` = all) where the rows share their layout, else one per row and completion. Made once per batch."""
+        if self._spans is None:
+            seg = self.segments.cpu()
+            per_row = []
+            for b in range(self.B):
+                cols = seg[b, self.P:]
+                row = []
+                for k in cols[cols > 0].unique().tolist():
+                    at = (cols == k).nonzero().view(-1)
+                    row.append((self.P + int(at[0]), int(at.numel())))
+                per_row.append(row)
+            if all(r == per_row[0] for r in per_row):
+                self._spans = [(slice(None), o, n) for o, n in per_row[0]]
+            else:
+                self._spans = [(slice(b, b + 1), o, n) for b, row in enumerate(per_row) for o, n in row]
+        return self._spans
+
+    def prompt_key_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """``[B, 1, L − P, P]``: 0 where a completion column may read a prompt column (not padding), the dtype's
+        most negative value elsewhere; None when no prompt is padded."""
+        if self.unpadded_prompt:
+            return None
+        key = ("prompt_keys", dtype)
+        if key not in self.mask_cache:
+            padded = (self.segments[:, None, None, : self.P] != 0)  # (B, 1, 1, P)
+            m = torch.zeros(padded.shape, dtype=dtype, device=self.segments.device).masked_fill_(
+                padded, torch.finfo(dtype).min)
+            self.mask_cache[key] = m.expand(self.B, 1, self.L - self.P, self.P).contiguous()
+        return self.mask_cache[key]
+
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                scale: float) -> torch.Tensor:
         P = self.P
         prompt_mask, rest_mask = self._masks(mask)
         qp, kp, vp = query[:, :, :P], key[:, :, :P], value[:, :, :P]
         out_p = _attend(qp, kp, vp, prompt_mask, scale, causal=self.unpadded_prompt)  # (B, P, H, D)
-        out_c = _attend(query[:, :, P:], key, value, rest_mask, scale)  # (B, L - P, H, D)
+        if _split_completions(query):
+            out_c = _CompletionAttention.apply(query[:, :, P:], key, value, self, scale)  # (B, H, L - P, D)
+            out_c = out_c.transpose(1, 2).contiguous()
+        else:
+            out_c = _attend(query[:, :, P:], key, value, rest_mask, scale)  # (B, L - P, H, D)
         return torch.cat([out_p, out_c], 1)
+
+
+def _flash_ops() -> tuple[Any, Any] | None:
+    ops = torch.ops.aten
+    if hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+            ops, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        return ops._scaled_dot_product_flash_attention_for_cpu, ops._scaled_dot_product_flash_attention_for_cpu_backward
+    return None
+
+
+def _split_completions(query: torch.Tensor) -> bool:
+    """Whether :class:`_CompletionAttention` serves the completion columns: fp32 outside reduced-precision
+    autocast (bf16 keeps one masked attention: its flash backward is slow on the short per-completion blocks),
+    with torch's CPU flash kernel at hand."""
+    return (query.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and _flash_ops() is not None)
+
+
+class _CompletionAttention(torch.autograd.Function):
+    """The completion columns of prompt-shared rows ``[B, H, L − P, D]`` against the prompt and their own
+    completion, without the masked score blocks of the other completions.
+
+    One flash call attends every completion column to the prompt's keys; one causal flash call per completion
+    attends it to its own keys; the two partial softmaxes merge through their log-sum-exps
+    (``o = Σ_s exp(lse_s − lse) o_s``, ``lse = log Σ_s exp(lse_s)``). The backward runs the flash kernel's own
+    backward on each part with the merged output and log-sum-exp, which is the exact gradient of the merged
+    softmax (each part's probabilities are ``exp(s − lse)``, and ``Σ dO ⊙ O`` is the merged row's). Padding
+    columns read the prompt only (the dense mask lets them read themselves): no real column reads them, so
+    nothing that is predicted changes. At K = 8, P = 384, completions of 48: the completions' score elements fall
+    from ``(L − P)·L`` to ``(L − P)·(P + 48)``.
+    """
+
+    @staticmethod
+    def forward(ctx, qc, key, value, layout, scale):
+        fwd, _ = _flash_ops()
+        P = layout.P
+        mask = layout.prompt_key_mask(qc.dtype)
+        out_a, lse_a = fwd(qc, key[:, :, :P], value[:, :, :P], 0.0, False, attn_mask=mask, scale=scale)
+        out_b = torch.zeros_like(out_a)
+        lse_b = torch.full_like(lse_a, float("-inf"))
+        for rows, o, n in layout.spans():
+            c = slice(o - P, o - P + n)
+            out_b[rows, :, c], lse_b[rows, :, c] = fwd(qc[rows, :, c], key[rows, :, o : o + n],
+                                                       value[rows, :, o : o + n], 0.0, True, scale=scale)
+        lse = torch.logaddexp(lse_a, lse_b)  # (B, H, T); every column has a prompt key, so finite
+        out = out_a.mul_((lse_a - lse).exp_().unsqueeze(-1)).add_(out_b.mul_((lse_b - lse).exp_().unsqueeze(-1)))
+        ctx.save_for_backward(qc, key, value, out, lse)
+        ctx.layout, ctx.scale, ctx.mask = layout, scale, mask
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        _, bwd = _flash_ops()
+        qc, key, value, out, lse = ctx.saved_tensors
+        layout, scale, P = ctx.layout, ctx.scale, ctx.layout.P
+        grad_out = grad_out.contiguous()
+        dq, dk_p, dv_p = bwd(grad_out, qc, key[:, :, :P], value[:, :, :P], out, lse, 0.0, False,
+                             attn_mask=ctx.mask, scale=scale)
+        dk, dv = torch.zeros_like(key), torch.zeros_like(value)
+        dk[:, :, :P], dv[:, :, :P] = dk_p, dv_p
+        for rows, o, n in layout.spans():
+            c = slice(o - P, o - P + n)
+            gq, gk, gv = bwd(grad_out[rows, :, c], qc[rows, :, c], key[rows, :, o : o + n],
+                             value[rows, :, o : o + n], out[rows, :, c], lse[rows, :, c], 0.0, True, scale=scale)
+            dq[rows, :, c] += gq
+            dk[rows, :, o : o + n] += gk
+            dv[rows, :, o : o + n] += gv
+        return dq, dk, dv, None, None
 
 
 @contextlib.contextmanager

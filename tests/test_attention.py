@@ -208,3 +208,53 @@ def test_trainer_recompute_under_checkpointing_uses_the_same_attention(tmp_path,
                       "ref_cache_dir": str(tmp_path / "cache")}}).train()
         counts.append(len(calls))
     assert counts[0] > 0 and counts[1] == 2 * counts[0], counts
+
+
+@pytest.mark.parametrize("padded_prompt", [False, True])
+def test_completion_attention_equals_the_masked_dense_one(padded_prompt: bool) -> None:
+    """The completion columns of prompt-shared rows, attended as prompt part + one causal block per completion
+    merged by log-sum-exp (``_CompletionAttention``), equal the dense masked attention in value and in the
+    gradients of q, k and v, on rows of different layouts (ragged completions, trailing padding, a left-padded
+    prompt). Padding columns are not compared: nothing real reads them, and the two paths treat them differently."""
+    from exoalign.packing import shared_prefix_mask
+
+    P, L, heads, kv, d = 40, 100, 6, 2, 16
+    seg = torch.full((2, L), -1)
+    seg[:, :P] = 0
+    if padded_prompt:
+        seg[1, :7] = -1  # left padding of row 1's prompt
+    for row, lengths in ((0, (20, 1, 30)), (1, (12, 44))):
+        o = P
+        for k, n in enumerate(lengths):
+            seg[row, o : o + n] = k + 1
+            o += n
+    layout = attention.SharedLayout(seg, P)
+    assert layout.unpadded_prompt is not padded_prompt
+    assert [s[1:] for s in layout.spans()] == [(40, 20), (60, 1), (61, 30), (40, 12), (52, 44)]
+    mask = shared_prefix_mask(seg)[:, :, P:]  # (2, 1, L - P, L), bool
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, L, n, d, generator=g).transpose(1, 2) for n in (heads, kv, kv))
+    w = torch.randn(2, heads, L - P, d, generator=g)
+    real = (seg[:, P:] > 0)[:, None, :, None]  # completion columns, not padding
+    outs = []
+    for split in (False, True):
+        qi, ki, vi = (x.detach().clone().requires_grad_() for x in (q, k, v))
+        if split:
+            o = attention._CompletionAttention.apply(qi[:, :, P:], ki, vi, layout, d ** -0.5)
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(qi[:, :, P:], ki, vi, attn_mask=mask,
+                                                                 enable_gqa=True)
+        (o * w * real).sum().backward()
+        outs.append([o.detach() * real, qi.grad, ki.grad, vi.grad])
+    tol = rel_tol(torch.float32, L)  # softmax sums over up to L keys in another order; one merge step
+    for what, a, b in zip(("out", "dq", "dk", "dv"), outs[1], outs[0]):
+        assert torch.isfinite(a).all(), what
+        assert_close_scaled(a, b, tol, what=f"split vs dense {what}")
+
+
+def test_completion_attention_only_for_fp32_outside_autocast() -> None:
+    q = torch.randn(1, 2, 3, 4)
+    assert attention._split_completions(q)
+    assert not attention._split_completions(q.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not attention._split_completions(q)

@@ -262,6 +262,10 @@ def test_long_shared_rows_attend_segment_by_segment(model_type: str, monkeypatch
     real_attr = attention.LAYOUT_ATTR
     real = attention.SharedLayout.attend
     monkeypatch.setattr(attention.SharedLayout, "attend", lambda self, *a: calls.append(1) or real(self, *a))
+    split: list[int] = []
+    real_split = attention._CompletionAttention.forward
+    monkeypatch.setattr(attention._CompletionAttention, "forward",
+                        staticmethod(lambda ctx, *a: split.append(1) or real_split(ctx, *a)))
 
     def run(strip: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if strip:  # the dense attention over the same shared rows
@@ -273,6 +277,7 @@ def test_long_shared_rows_attend_segment_by_segment(model_type: str, monkeypatch
 
     seg, seg_grads = run(strip=False)
     assert len(calls) == 2  # one per layer: the segmented path served every layer
+    assert len(split) == 2  # and its completion columns went through the split attention (fp32)
     dense, dense_grads = run(strip=True)
     assert len(calls) == 2
     gm = batch["group_mask"]
