@@ -16,7 +16,9 @@ of training) and grouped-query attention (several query heads per key/value head
   kernel is faster (and its memory stays linear in the length), so it is used there;
 * **prompt-shared rows in two parts** (:class:`SharedLayout`, rows of :data:`SEGMENTED_MIN_LENGTH` columns and
   more): the prompt block against itself, the completion columns against the whole row, so the masked scores of
-  prompt queries against completion keys are not computed.
+  prompt queries against completion keys are not computed; in fp32 the completion columns also skip the other
+  completions' keys (:class:`_CompletionAttention`: the prompt part and one causal block per completion, merged by
+  log-sum-exp).
 
 Anything else (GPU tensors, dropout, soft-capping, position biases, attention weights asked for, no mask) goes to
 transformers' function unchanged, so outside CPU training nothing differs. The block is entered by the training
@@ -136,8 +138,9 @@ class SharedLayout:
     half of it through the flash kernel's causal mode when no prompt is padded) and the completions' queries to
     the whole row (``(L − P)·L``): at K = 8, P = 384, c = 48, 25 % fewer score elements (37 % with the causal
     prompt block), and every operand a slice of the layer's own tensors (no gathers, which cost more than they
-    saved). Same values as the dense attention up to the order of the softmax's sums; both parts go through
-    :func:`_attend`.
+    saved). In fp32 the completions' queries read only the prompt and their own completion
+    (:class:`_CompletionAttention`, ``(L − P)·(P + c)``); in bf16 both parts go through :func:`_attend`. Same values
+    as the dense attention up to the order of the softmax's sums.
     """
 
     def __init__(self, segments: torch.Tensor, prompt_end: int) -> None:
