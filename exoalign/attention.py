@@ -127,6 +127,15 @@ SEGMENTED_MIN_LENGTH = 256
 dense attention: there attention is a small share of the step (and bf16 runs it as plain matmuls up to
 :data:`PLAIN_MAX_KEYS` keys); the split was measured only at 576-768 columns (docs/training.md)."""
 
+SPLIT_MAX_RATIO = 0.7
+SPLIT_CALL_COST = 4096
+"""When the split completion attention is used (:meth:`SharedLayout.split_pays`): its cost in score elements per
+row and head, with :data:`SPLIT_CALL_COST` for each flash call's fixed cost (~0.35 ms for a call's forward +
+backward against ~7 ns per score element and head, fp32, 2 threads), at most :data:`SPLIT_MAX_RATIO` of the
+masked call's. Measured per layer, forward + backward, 9 / 3 heads of 64 (docs/speed.md, "A tenth stop"): prompt 384
+and completions of 48, K = 2 / 4 / 8: 1.31 / 1.05 / 0.70 of the masked call's time; ragged completions of 10-60,
+K = 8 of 4 rows: 0.75, K = 4 of 8 rows: 1.00; the rule takes K = 8 and those ragged K = 8 rows only."""
+
 
 class SharedLayout:
     """Attention of a prompt-shared batch (``exoalign.packing``) in two parts, skipping most masked score blocks.
@@ -150,6 +159,7 @@ class SharedLayout:
         self.segments = segments
         self.mask_cache: dict[tuple, Any] = {}
         self._spans: list[tuple[slice, int, int]] | None = None
+        self._split_pays: bool | None = None
 
     def serves(self, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor) -> bool:
         return (0 < self.P < self.L and self.L >= SEGMENTED_MIN_LENGTH and query.shape[0] == self.B
@@ -183,6 +193,18 @@ class SharedLayout:
                 self._spans = [(slice(b, b + 1), o, n) for b, row in enumerate(per_row) for o, n in row]
         return self._spans
 
+    def split_pays(self) -> bool:
+        """Whether :class:`_CompletionAttention` is expected to beat one masked call for the completion columns:
+        its score elements (``(L − P)·P`` a row plus ``c²`` per completion) and :data:`SPLIT_CALL_COST` per call
+        at most :data:`SPLIT_MAX_RATIO` of the masked call's ``(L − P)·L`` a row. Made once per batch."""
+        if self._split_pays is None:
+            T = self.L - self.P
+            rows = [self.B if r == slice(None) else 1 for r, _, _ in self.spans()]
+            split = (self.B * T * self.P + sum(k * n * n for k, (_, _, n) in zip(rows, self.spans(), strict=True))
+                     + SPLIT_CALL_COST * len(rows))
+            self._split_pays = split <= SPLIT_MAX_RATIO * self.B * T * self.L
+        return self._split_pays
+
     def prompt_key_mask(self, dtype: torch.dtype) -> torch.Tensor | None:
         """``[B, 1, L − P, P]``: 0 where a completion column may read a prompt column (not padding), the dtype's
         most negative value elsewhere; None when no prompt is padded."""
@@ -202,7 +224,7 @@ class SharedLayout:
         prompt_mask, rest_mask = self._masks(mask)
         qp, kp, vp = query[:, :, :P], key[:, :, :P], value[:, :, :P]
         out_p = _attend(qp, kp, vp, prompt_mask, scale, causal=self.unpadded_prompt)  # (B, P, H, D)
-        if _split_completions(query):
+        if _split_completions(query) and self.split_pays():
             out_c = _CompletionAttention.apply(query[:, :, P:], key, value, self, scale)  # (B, H, L - P, D)
             out_c = out_c.transpose(1, 2).contiguous()
         else:

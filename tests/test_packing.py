@@ -263,6 +263,7 @@ def test_long_shared_rows_attend_segment_by_segment(model_type: str, monkeypatch
     real = attention.SharedLayout.attend
     monkeypatch.setattr(attention.SharedLayout, "attend", lambda self, *a: calls.append(1) or real(self, *a))
     split: list[int] = []
+    monkeypatch.setattr(attention, "SPLIT_MAX_RATIO", float("inf"))  # the split on these short rows too
     real_split = attention._CompletionAttention.forward
     monkeypatch.setattr(attention._CompletionAttention, "forward",
                         staticmethod(lambda ctx, *a: split.append(1) or real_split(ctx, *a)))
