@@ -198,10 +198,9 @@ class SharedLayout:
         its score elements (``(L − P)·P`` a row plus ``c²`` per completion) and :data:`SPLIT_CALL_COST` per call
         at most :data:`SPLIT_MAX_RATIO` of the masked call's ``(L − P)·L`` a row. Made once per batch."""
         if self._split_pays is None:
-            T = self.L - self.P
-            rows = [self.B if r == slice(None) else 1 for r, _, _ in self.spans()]
-            split = (self.B * T * self.P + sum(k * n * n for k, (_, _, n) in zip(rows, self.spans(), strict=True))
-                     + SPLIT_CALL_COST * len(rows))
+            T, spans = self.L - self.P, self.spans()
+            own = sum((self.B if rows == slice(None) else 1) * n * n for rows, _, n in spans)  # c² per completion
+            split = self.B * T * self.P + own + SPLIT_CALL_COST * len(spans)
             self._split_pays = split <= SPLIT_MAX_RATIO * self.B * T * self.L
         return self._split_pays
 
