@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import resource
 import statistics
@@ -467,7 +468,7 @@ def run_prefix(shape: Shape, assets: Path) -> dict:
 
 
 FAMILIES = {
-    "matmul (linear layers, LM head)": ("aten::mm", "aten::addmm", "aten::bmm"),
+    "matmul (linear layers, LM head)": ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise"),
     "attention (SDPA)": ("scaled_dot_product",),
     "elementwise (activations, norms, rotary, log-softmax)": (
         "aten::mul", "aten::pow", "aten::tanh", "aten::sigmoid", "aten::silu", "aten::sub", "aten::div",
@@ -477,8 +478,18 @@ FAMILIES = {
     "adds and sums (residuals, bias grads)": ("aten::add", "aten::sum"),
 }
 
-#: The dense products a step is made of (what the matmul floor replays).
+#: The dense products a step is made of (what the matmul floor replays): aten's, and oneDNN's linear, which
+#: ``exoalign.gemm`` uses for fp32 forward and input-gradient products on AMD CPUs with AVX-512.
 _MATMULS = ("mm", "addmm", "bmm", "baddbmm")
+_ONEDNN_LINEAR = "mkldnn._linear_pointwise"
+
+
+def _matmul_op(name: str):
+    import torch
+
+    if name == _ONEDNN_LINEAR:
+        return torch.ops.mkldnn._linear_pointwise.default
+    return getattr(torch.ops.aten, name).default
 
 
 def record_matmuls():
@@ -487,7 +498,8 @@ def record_matmuls():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    ops = {getattr(torch.ops.aten, name).default: name for name in _MATMULS}
+    names = _MATMULS + ((_ONEDNN_LINEAR,) if hasattr(torch.ops.mkldnn, "_linear_pointwise") else ())
+    ops = {_matmul_op(name): name for name in names}
 
     class Recorder(TorchDispatchMode):
         def __init__(self) -> None:
@@ -504,7 +516,11 @@ def record_matmuls():
 
 
 def matmul_flops(op: str, args: list) -> int:
-    """Multiply-adds × 2 of one recorded product (``mm``/``addmm``: ``[m, k] @ [k, n]``; the batched forms per batch)."""
+    """Multiply-adds × 2 of one recorded product (``mm``/``addmm``: ``[m, k] @ [k, n]``; the batched forms per batch;
+    oneDNN's linear: ``[…, k]`` by a ``[n, k]`` weight)."""
+    if op == _ONEDNN_LINEAR:
+        (sx, sw) = (args[0][0], args[1][0])
+        return 2 * math.prod(sx[:-1]) * sx[-1] * sw[0]
     a, b = (args[1], args[2]) if op in ("addmm", "baddbmm") else (args[0], args[1])
     (sa, sb) = (a[0], b[0])
     if op in ("mm", "addmm"):
@@ -524,7 +540,7 @@ def replay_matmuls(calls: list, device: str = "cpu", reps: int = 3) -> float:
         size = sum((n - 1) * st for n, st in zip(shape, stride)) + 1
         return torch.randn(size, device=device).to(dtype).as_strided(shape, stride)
 
-    ready = [(getattr(torch.ops.aten, op).default, [make(a) for a in args]) for op, args in calls]
+    ready = [(_matmul_op(op), [make(a) for a in args]) for op, args in calls]
     times = []
     for _ in range(reps + 1):
         _sync(device)

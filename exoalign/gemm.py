@@ -141,8 +141,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _lin(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
-def _linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> Any:
-    return linear(x, self.weight, self.bias)
+class _LinearForward:
+    """The ``forward`` :func:`apply_fast_linear` gives one ``nn.Linear``: :func:`linear` of its weight and bias.
+    An object rather than a bound function so that a patched model still pickles (``torch.save(model)``)."""
+
+    def __init__(self, module: torch.nn.Linear) -> None:
+        self.module = module
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        return linear(x, self.module.weight, self.module.bias)
 
 
 def apply_fast_linear(model: torch.nn.Module) -> int:
@@ -150,12 +157,10 @@ def apply_fast_linear(model: torch.nn.Module) -> int:
     code) at :func:`linear`; returns how many. Idempotent; does nothing (0) where :func:`use_onednn` is false."""
     if not use_onednn():
         return 0
-    import types
-
     n = 0
     for m in model.modules():
         if type(m) is torch.nn.Linear and "forward" not in m.__dict__:
-            m.forward = types.MethodType(_linear_forward, m)
+            m.forward = _LinearForward(m)
             m._fast_linear = True
             n += 1
     return n

@@ -10,8 +10,9 @@ functions keep only what cannot be recomputed cheaply and redo the elementwise r
 * :class:`_RMSNorm` — ``w ⊙ (x · rsqrt(mean(x²) + ε))`` (Llama's form, computed in fp32 and cast back to the
   input dtype before the weight): keeps ``x`` and one ``rstd`` per token instead of the normalised copy.
 
-:func:`apply_lean_activations` swaps the ``forward`` of matching modules in place (weights, state dict and
-``save_pretrained`` are untouched). A module is patched only when its class passes a numerical probe against
+:func:`apply_lean_activations` gives matching modules, in place, a subclass of their own class whose ``forward`` is
+the lean one (weights, state dict and ``save_pretrained`` are untouched; a class, because transformers'
+kernelization drops instance-level forwards whenever the model's mode changes). A module is patched only when its class passes a numerical probe against
 its own forward (outputs and gradients on a random input, once per class), so an architecture whose MLP or norm
 differs (Gemma's ``1 + w``, a GELU MLP, LoRA-wrapped projections, quantised layers) keeps its own code.
 :func:`remove_lean_activations` restores the original forwards.
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import types
 import weakref
 from collections.abc import Iterator
 
@@ -97,6 +97,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, r = ctx.saved_tensors
+        if x.dtype == weight.dtype == grad_out.dtype == torch.float32:
+            return _RMSNorm._backward_fp32(ctx, grad_out, x, weight, r)
         xhat = x.to(torch.float32) * r  # (…, D)
         d_w = None
         if ctx.needs_input_grad[1]:
@@ -106,6 +108,21 @@ class _RMSNorm(torch.autograd.Function):
             gx = (grad_out * weight).to(torch.float32)  # (…, D)
             dot = (gx * xhat).mean(-1, keepdim=True)
             d_x = gx.addcmul_(xhat, dot, value=-1).mul_(r).to(x.dtype)
+        return d_x, d_w, None
+
+    @staticmethod
+    def _backward_fp32(ctx, grad_out, x, weight, r):
+        """The same gradients in fp32 without the normalised copy: with ``q = dy ⊙ x`` ``[T, D]``,
+        ``dw = qᵀ r`` and ``Σ_j dy_j w_j x̂_j = r (q w)`` are two matrix-vector products, and
+        ``dx = r (dy ⊙ w) − r³ (q w / D) x``: 12 passes over ``[T, D]`` arrays instead of 17."""
+        D = x.shape[-1]
+        g2, x2, r1 = grad_out.reshape(-1, D), x.reshape(-1, D), r.reshape(-1)
+        q = g2 * x2  # (T, D)
+        d_w = (q.t() @ r1) if ctx.needs_input_grad[1] else None  # (D,)
+        d_x = None
+        if ctx.needs_input_grad[0]:
+            c = (q @ weight).mul_(r1.pow(3)).div_(-D)  # (T,) −r³ (q w) / D
+            d_x = (g2 * weight).mul_(r1[:, None]).addcmul_(x2, c[:, None]).view(x.shape)
         return d_x, d_w, None
 
 
@@ -176,9 +193,43 @@ def _probe(m: torch.nn.Module, kind: str) -> bool:
     return ok
 
 
+def _never(module: torch.nn.Module) -> bool:
+    return False
+
+
+_LEAN_CLASSES: dict[tuple[type, str], type] = {}
+
+
+def _lean_class(cls: type, kind: str) -> type:
+    """The subclass of ``cls`` whose ``forward`` is the lean one (made once per class, importable by name).
+
+    A class, not an instance attribute, because transformers (≥ 5, with the ``kernels`` package, on by default)
+    re-kernelizes a model on every ``train()``/``eval()``: for each module of a ``use_kernel_forward_from_hub``
+    class (most RMSNorms) it drops the instance's ``forward`` and installs a hub kernel or the class's own. Any
+    probe or evaluation that flips the mode would silently undo an instance patch. ``kernel_condition`` makes
+    kernelize skip these modules, so neither a hub kernel nor the class's forward replaces the lean one
+    (``train.lean_activations=false`` gives the hub kernels back).
+    """
+    key = (cls, kind)
+    if key not in _LEAN_CLASSES:
+        name = f"Lean_{kind}_{cls.__module__}_{cls.__qualname__}".replace(".", "_")
+        lean = type(name, (cls,), {
+            "forward": _mlp_forward if kind == "mlp" else _norm_forward,
+            "kernel_condition": staticmethod(_never),
+            "__module__": __name__,
+            "__qualname__": name,
+            "_lean_base": cls,
+            "_get_name": lambda self: f"Lean{cls.__name__}",  # what print(model) shows
+        })
+        setattr(sys.modules[__name__], name, lean)  # pickle finds the class by module and name
+        _LEAN_CLASSES[key] = lean
+    return _LEAN_CLASSES[key]
+
+
 def apply_lean_activations(model: torch.nn.Module) -> dict[str, int]:
     """Patch the gated-SiLU MLPs and RMSNorms of ``model`` in place; returns ``{"mlp": n, "norm": n}`` patched.
 
+    Each patched module's class becomes a subclass of its own with the lean ``forward`` (:func:`_lean_class`).
     Idempotent. Modules whose class fails the probe (or does not look like either) are left alone.
     """
     counts = {"mlp": 0, "norm": 0}
@@ -187,14 +238,16 @@ def apply_lean_activations(model: torch.nn.Module) -> dict[str, int]:
             counts[m._lean_forward] += 1
             continue
         if _mlp_candidate(m) and _probe(m, "mlp"):
-            m.forward = types.MethodType(_mlp_forward, m)
-            m._lean_forward = "mlp"
-            counts["mlp"] += 1
+            kind = "mlp"
         elif (eps := _norm_eps(m)) is not None and _probe(m, "norm"):
+            kind = "norm"
             m._lean_eps = eps
-            m.forward = types.MethodType(_norm_forward, m)
-            m._lean_forward = "norm"
-            counts["norm"] += 1
+        else:
+            continue
+        m.__dict__.pop("forward", None)
+        m.__class__ = _lean_class(type(m), kind)
+        m._lean_forward = kind
+        counts[kind] += 1
     return counts
 
 
@@ -202,8 +255,8 @@ def remove_lean_activations(model: torch.nn.Module) -> None:
     """Undo :func:`apply_lean_activations`: every module runs its class's own forward again."""
     for m in model.modules():
         if m.__dict__.pop("_lean_forward", None) is not None:
-            m.__dict__.pop("forward", None)
             m.__dict__.pop("_lean_eps", None)
+            m.__class__ = type(m)._lean_base
 
 
 class _Rotary(torch.autograd.Function):

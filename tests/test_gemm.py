@@ -10,6 +10,7 @@ element, and the tests allow 4× it (the backward's products chain two such sums
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -167,7 +168,12 @@ def test_apply_fast_linear_model(onednn: list[int], monkeypatch: pytest.MonkeyPa
         assert float((g1[name] - g0[name]).abs().max()) <= tol * float(g0[name].abs().max()), name
     twin = copy.deepcopy(model)  # a deep copy's patched forwards belong to the copy's modules
     q = twin.model.layers[0].self_attn.q_proj
-    assert q.forward.__self__ is q
+    assert q.forward.module is q
+    buf = io.BytesIO()  # and a patched model pickles whole
+    torch.save(model, buf)
+    buf.seek(0)
+    q = torch.load(buf, weights_only=False).model.layers[0].self_attn.q_proj
+    assert q.forward.module is q
     gemm.remove_fast_linear(model)
     assert not any("forward" in m.__dict__ for m in model.modules() if type(m) is torch.nn.Linear)
     monkeypatch.setenv(gemm.ENV, "aten")

@@ -85,6 +85,47 @@ def test_lean_llama_equals_plain_and_saves_memory() -> None:
     torch.testing.assert_close(again_out, plain_out, rtol=0, atol=0)
 
 
+def test_lean_survives_mode_changes_of_a_loaded_model(tmp_path) -> None:
+    """A model loaded by ``from_pretrained`` (transformers ≥ 5 kernelizes it again on every ``train()``/``eval()``,
+    dropping instance-level forwards of its RMSNorms) keeps its lean MLPs and norms through ``eval()`` and
+    ``train()`` — what every probe and evaluation does mid-run — and a pickled copy keeps them too."""
+    import io
+
+    from exoalign.models import load_causal_lm
+
+    _llama().save_pretrained(tmp_path)
+    model = load_causal_lm(str(tmp_path))
+    model.train()
+    assert apply_lean_activations(model) == {"mlp": 2, "norm": 5}
+    model.eval()
+    model.train()
+    ids = torch.randint(0, 120, (2, 10), generator=torch.Generator().manual_seed(3))
+
+    def backward_nodes(m: torch.nn.Module) -> set[str]:
+        seen, stack, names = set(), [m(input_ids=ids).logits.sum().grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            names.add(node.name())
+            stack.extend(f for f, _ in node.next_functions)
+        return names
+
+    nodes = backward_nodes(model)
+    assert {"_RMSNormBackward", "_SwiGLUDownBackward"} <= nodes and "PowBackward0" not in nodes, sorted(nodes)
+    assert "LeanLlamaRMSNorm" in repr(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    copy = torch.load(buf, weights_only=False)
+    assert "_RMSNormBackward" in backward_nodes(copy)
+    remove_lean_activations(model)
+    model.eval()
+    model.train()
+    assert "PowBackward0" in backward_nodes(model) and "_RMSNormBackward" not in backward_nodes(model)
+
+
 def test_lean_bf16_autocast_close_to_plain() -> None:
     """Under bf16 autocast the lean MLP computes in bf16 like autocast's linear; parameter grads stay fp32."""
     model = _llama()

@@ -102,6 +102,28 @@ def test_recorded_matmuls_of_a_linear_layer() -> None:
     assert len(rec.calls) == 3
 
 
+def test_recorded_matmuls_include_onednn_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``exoalign.gemm`` sends fp32 products through oneDNN (AMD CPUs with AVX-512), the recorder sees those
+    products too: forward and input gradient through oneDNN's linear, the weight gradient through aten, each with
+    its 2·m·k·n FLOPs, and the replay runs them."""
+    import torch
+
+    from exoalign import gemm
+
+    if not gemm._onednn_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setenv(gemm.ENV, "onednn")
+    ts = _systems()
+    x = torch.randn(64, 48, requires_grad=True)
+    w = torch.randn(1536, 48, requires_grad=True)
+    with ts.record_matmuls() as rec:
+        gemm.linear(x, w).sum().backward()
+    ops = sorted(op for op, _ in rec.calls)
+    assert ops == ["mkldnn._linear_pointwise", "mkldnn._linear_pointwise", "mm"]
+    assert [ts.matmul_flops(op, args) for op, args in rec.calls] == [2 * 64 * 48 * 1536] * 3
+    assert ts.replay_matmuls(rec.calls, reps=1) > 0
+
+
 @pytest.mark.slow
 def test_profile_reports_the_matmul_floor(tmp_path: Path) -> None:
     """``--profile --json`` on the tiny job: the fp32 step's matmul floor is below the step (so the ceiling is
