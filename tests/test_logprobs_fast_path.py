@@ -51,6 +51,27 @@ def test_token_logps_values_and_gradients_match_log_softmax(temperature: float) 
     assert_close_scaled(g_out, g_ref, tol, what="gradient")
 
 
+def test_row_logsumexp_equals_torchs() -> None:
+    """The fused-kernel log-sum-exp of the token log-probs' forward: torch.logsumexp's values on a row count that is
+    not a multiple of its row group, with large logits, rows holding -inf entries and a row of -inf only."""
+    from exoalign.logprobs import _LSE_ROWS, _row_logsumexp
+
+    g = torch.Generator().manual_seed(4)
+    V = 3000
+    x = torch.randn(2 * _LSE_ROWS + 5, V, generator=g) * 8 + 40
+    x[3, ::7] = float("-inf")
+    x[7] = float("-inf")
+    ref = torch.logsumexp(x, -1)
+    out = _row_logsumexp(x)
+    assert out[7] == float("-inf") and torch.isfinite(out[torch.arange(x.shape[0]) != 7]).all()
+    # fp32 sums of V exponentials in another order, relative to the row's value (the max is exact in both)
+    keep = torch.isfinite(ref)
+    assert_close_scaled(out[keep], ref[keep], rel_tol(torch.float32, V), what="logsumexp")
+    wrong = x.clone()
+    wrong[0, 0] += 50.0  # a changed logit moves its row: the check can fail
+    assert not torch.allclose(_row_logsumexp(wrong)[0], ref[0], rtol=1e-4)
+
+
 def test_gathered_rows_read_twice() -> None:
     """Row 0 predicts two tokens (prompt sharing's first completion tokens): values and summed gradients."""
     torch.manual_seed(1)

@@ -202,6 +202,7 @@ def test_probes_run_once_per_architecture_and_leave_the_model_as_found() -> None
     """The one-off probes leave the model in its mode with its forward; a model of the same architecture loaded
     again in the same process reuses the verdict instead of probing again; another class or attention
     implementation is probed anew."""
+    from exoalign.lean import apply_lean_activations
     from exoalign.logprobs import chunked_head_supported, probing, structure_key
 
     def build(impl: str = "sdpa") -> torch.nn.Module:  # an architecture no other test of this process probes
@@ -222,7 +223,8 @@ def test_probes_run_once_per_architecture_and_leave_the_model_as_found() -> None
     assert calls and model.training  # probed, and back in training mode
     calls.clear()
 
-    again = build()  # same architecture, other object: no probe forward at all
+    again = build()  # same architecture, other object, lean activations on: no probe forward at all
+    assert apply_lean_activations(again)["norm"] > 0
     assert structure_key(again) == structure_key(model)
     again.register_forward_hook(lambda *a: calls.append(1))
     assert supports_shared_prefix(again) and chunked_head_supported(again)
