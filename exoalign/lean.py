@@ -12,9 +12,11 @@ functions keep only what cannot be recomputed cheaply and redo the elementwise r
 
 :func:`apply_lean_activations` gives matching modules, in place, a subclass of their own class whose ``forward`` is
 the lean one (weights, state dict and ``save_pretrained`` are untouched; a class, because transformers'
-kernelization drops instance-level forwards whenever the model's mode changes). A module is patched only when its class passes a numerical probe against
-its own forward (outputs and gradients on a random input, once per class), so an architecture whose MLP or norm
-differs (Gemma's ``1 + w``, a GELU MLP, LoRA-wrapped projections, quantised layers) keeps its own code.
+kernelization drops instance-level forwards whenever the model's mode changes). A module is patched only when its
+class passes a numerical probe against its own forward (outputs and gradients on a random input, once per class),
+so an architecture whose MLP or norm differs (Gemma's ``1 + w``, a GELU MLP, LoRA-wrapped projections, quantised
+layers) keeps its own code, and so does a module whose ``forward`` something else has replaced (a hub kernel,
+accelerate's offloading hooks).
 :func:`remove_lean_activations` restores the original forwards.
 """
 
@@ -237,6 +239,8 @@ def apply_lean_activations(model: torch.nn.Module) -> dict[str, int]:
         if "_lean_forward" in m.__dict__:
             counts[m._lean_forward] += 1
             continue
+        if "forward" in m.__dict__:  # another wrapper or kernel owns this module's forward: leave it
+            continue
         if _mlp_candidate(m) and _probe(m, "mlp"):
             kind = "mlp"
         elif (eps := _norm_eps(m)) is not None and _probe(m, "norm"):
@@ -244,7 +248,6 @@ def apply_lean_activations(model: torch.nn.Module) -> dict[str, int]:
             m._lean_eps = eps
         else:
             continue
-        m.__dict__.pop("forward", None)
         m.__class__ = _lean_class(type(m), kind)
         m._lean_forward = kind
         counts[kind] += 1

@@ -126,6 +126,15 @@ def test_lean_survives_mode_changes_of_a_loaded_model(tmp_path) -> None:
     assert "PowBackward0" in backward_nodes(model) and "_RMSNormBackward" not in backward_nodes(model)
 
 
+def test_a_module_whose_forward_was_replaced_is_left_alone() -> None:
+    """A hub kernel or an offloading hook that set a module's own ``forward`` keeps it: that module is not patched."""
+    model = _llama()
+    hook = model.model.norm.forward
+    model.model.norm.forward = lambda x: hook(x)
+    assert apply_lean_activations(model) == {"mlp": 2, "norm": 4}
+    assert type(model.model.norm).__name__ == "LlamaRMSNorm" and "forward" in model.model.norm.__dict__
+
+
 def test_lean_bf16_autocast_close_to_plain() -> None:
     """Under bf16 autocast the lean MLP computes in bf16 like autocast's linear; parameter grads stay fp32."""
     model = _llama()
