@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -141,15 +142,37 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _lin(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
-class _LinearForward:
-    """The ``forward`` :func:`apply_fast_linear` gives one ``nn.Linear``: :func:`linear` of its weight and bias.
-    An object rather than a bound function so that a patched model still pickles (``torch.save(model)``)."""
+class ModuleForward:
+    """A ``forward`` set on one module instance, reaching its module through a weak reference.
 
-    def __init__(self, module: torch.nn.Linear) -> None:
-        self.module = module
+    A strong reference would make module → forward → module a reference cycle, which only Python's cyclic
+    collector frees: every dropped model (a sampling copy per online round, a checkpoint loaded per evaluation)
+    would keep its weights until a full collection, and an online run's memory grew by a sampling copy per round
+    (docs/speed.md). Pickling and ``copy.deepcopy`` rebuild it around the copied module (:meth:`__reduce__`), so a
+    patched model still pickles and a deep copy's layers read their own weights. Subclasses implement ``__call__``
+    and pass any further state to ``__init__`` (kept in ``self.state``)."""
+
+    def __init__(self, module: torch.nn.Module, *state: Any) -> None:
+        self._module = weakref.ref(module)
+        self.state = state
+
+    @property
+    def module(self) -> Any:
+        module = self._module()
+        if module is None:
+            raise RuntimeError(f"{type(self).__name__}: its module was freed (a forward taken from a dropped model)")
+        return module
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.module, *self.state)
+
+
+class _LinearForward(ModuleForward):
+    """The ``forward`` :func:`apply_fast_linear` gives one ``nn.Linear``: :func:`linear` of its weight and bias."""
 
     def __call__(self, x: torch.Tensor) -> Any:
-        return linear(x, self.module.weight, self.module.bias)
+        module = self.module
+        return linear(x, module.weight, module.bias)
 
 
 def apply_fast_linear(model: torch.nn.Module) -> int:

@@ -22,7 +22,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -32,6 +33,7 @@ from .attention import use_decode_attention, uses_decode_attention
 from .config import require
 from .data import load_rows
 from .errors import ConfigError
+from .gemm import ModuleForward
 from .hardware import fast_bf16, warn_slow_bf16
 from .models import load_causal_lm
 from .zoo import resolve_model_path
@@ -336,17 +338,45 @@ def sampling_copy(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
                     else cast
     twin = copy.deepcopy(model, memo).to(want).eval()  # .to: anything the memo did not hold
     twin.requires_grad_(False)
+    _drop_bound_forwards(twin)
     use_decode_attention(twin)
     pack_linears(twin)
     return twin
 
 
-def _packed_forward(module: torch.nn.Linear, packed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != packed.dtype or x.device.type != "cpu" or torch.is_grad_enabled() and x.requires_grad:
+def _drop_bound_forwards(model: torch.nn.Module) -> None:
+    """Drop from a sampling copy the ``forward`` that a trainer stored on a module as a method of that module
+    (accelerate's mixed-precision autocast and fp32-output wrappers around the policy's forward): the copy runs its
+    class's forward in its own dtype (the same logits: the sampler reads them into fp32 itself), and a method of an
+    object kept on that object is a reference cycle, which held every dropped copy's weights until Python's next
+    full collection (an online run grew by a bf16 copy per round; docs/speed.md)."""
+    for m in model.modules():
+        bound = m.__dict__.get("forward")
+        if isinstance(bound, types.MethodType) and bound.__self__ is m:
+            del m.__dict__["forward"]
+            m.__dict__.pop("_original_forward", None)
+
+
+class _PackedForward(ModuleForward):
+    """The ``forward`` :func:`pack_linears` gives one bf16 ``nn.Linear``: its weight packed in oneDNN's layout
+    (``state[0]``) through oneDNN, ``F.linear`` of its own weight for another dtype or device or when gradients
+    are needed. A pickled or deep-copied layer packs its own weight again on its first call (oneDNN's packed
+    tensors are opaque: they neither copy nor pickle)."""
+
+    def __init__(self, module: torch.nn.Linear, packed: torch.Tensor | None = None) -> None:
+        super().__init__(module, packed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module, packed = self.module, self.state[0]
+        if x.dtype != module.weight.dtype or x.device.type != "cpu" or torch.is_grad_enabled() and x.requires_grad:
             return torch.nn.functional.linear(x, module.weight, module.bias)
+        if packed is None:
+            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 64)
+            self.state = (packed,)
         return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
-    return forward
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.module,)
 
 
 def pack_linears(model: torch.nn.Module) -> int:
@@ -369,7 +399,7 @@ def pack_linears(model: torch.nn.Module) -> int:
         return 0
     for m in packable:
         packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 64)
-        m.forward = _packed_forward(m, packed)
+        m.forward = _PackedForward(m, packed)
     return len(packable)
 
 

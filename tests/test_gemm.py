@@ -180,6 +180,30 @@ def test_apply_fast_linear_model(onednn: list[int], monkeypatch: pytest.MonkeyPa
     assert gemm.apply_fast_linear(_model()) == 0
 
 
+def test_a_patched_model_is_freed_without_the_cycle_collector(onednn: list[int]) -> None:
+    """A patched layer's forward reaches its module weakly: dropping the model frees every layer (and its weights)
+    by reference counting alone, as for an unpatched model. A strong reference made layer → forward → layer a
+    cycle that kept each dropped model's weights until Python's next full collection."""
+    import gc
+    import weakref
+
+    model = _model()
+    assert gemm.apply_fast_linear(model) > 0
+    layers = [weakref.ref(m) for m in model.modules() if type(m) is torch.nn.Linear]
+    forward = model.model.layers[0].mlp.up_proj.forward
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del model
+        alive = sum(r() is not None for r in layers)
+    finally:
+        if enabled:
+            gc.enable()
+    assert alive == 0, f"{alive} of {len(layers)} patched layers outlived their model"
+    with pytest.raises(RuntimeError, match="its module was freed"):
+        forward(torch.randn(2, 64))
+
+
 def test_chunked_head_through_onednn(onednn: list[int]) -> None:
     """The chunked head's logits products go through oneDNN; its log-probs and gradients stay equal."""
     from exoalign.logprobs import _HeadLogps

@@ -183,6 +183,49 @@ def test_packed_linears_keep_outputs_and_weights(tiny_tokenizer):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_a_dropped_sampling_copy_is_freed_at_once(tiny_tokenizer):
+    """Every layer of a dropped bf16 sampling copy (packed weights included) is freed by reference counting alone:
+    an online run makes a copy per round, and copies kept until Python's next full collection grew its memory by
+    a copy per round. A deep copy of a packed model reads its own weights."""
+    import copy
+    import gc
+    import weakref
+
+    from accelerate import Accelerator
+
+    model = _model(tiny_tokenizer, "llama")
+    # as an online run's policy: prepared for bf16 mixed precision, which stores autocast wrappers on it
+    model = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    assert "forward" in model.__dict__
+    twin = sampling_copy(model, "bfloat16")
+    assert "forward" not in twin.__dict__ and "_original_forward" not in twin.__dict__
+    ids = torch.tensor([tiny_tokenizer(SHARED[0])["input_ids"]])
+    with torch.no_grad():  # the same logits as the copy with the trainer's wrappers (the sampler reads them in fp32)
+        wrapped = copy.deepcopy(model).to(torch.bfloat16).eval()
+        assert torch.equal(twin(input_ids=ids).logits.float(), wrapped(input_ids=ids).logits.float())
+    del wrapped
+    packed = [m for m in twin.modules() if "forward" in m.__dict__]
+    assert len(packed) == (sum(type(m) is torch.nn.Linear for m in twin.modules()) if _bf16_packing() else 0)
+    if packed:
+        again = copy.deepcopy(twin)  # packs its own weights again on first use
+        layer = again.get_output_embeddings()
+        assert layer.forward.module is layer and layer.forward.module is not twin.get_output_embeddings()
+        with torch.no_grad():
+            assert torch.equal(again(input_ids=ids).logits, twin(input_ids=ids).logits)
+        del again, layer
+    layers = [weakref.ref(m) for m in twin.modules()]
+    del packed
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del twin
+        alive = sum(r() is not None for r in layers)
+    finally:
+        if enabled:
+            gc.enable()
+    assert alive == 0, f"{alive} of {len(layers)} modules of the dropped copy are still alive"
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_sampling_copy_is_the_cast_model_and_leaves_the_source_alone(tiny_tokenizer, model_type):
     """The bf16 sampling copy, cast while copying: the state of ``deepcopy(model).to(bf16)`` (buffers included),
