@@ -345,16 +345,21 @@ def sampling_copy(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
 
 
 def _drop_bound_forwards(model: torch.nn.Module) -> None:
-    """Drop from a sampling copy the ``forward`` that a trainer stored on a module as a method of that module
-    (accelerate's mixed-precision autocast and fp32-output wrappers around the policy's forward): the copy runs its
-    class's forward in its own dtype (the same logits: the sampler reads them into fp32 itself), and a method of an
-    object kept on that object is a reference cycle, which held every dropped copy's weights until Python's next
-    full collection (an online run grew by a bf16 copy per round; docs/speed.md)."""
+    """Undo, in a sampling copy, the forward wrappers accelerate's mixed precision put on the policy (autocast and
+    fp32 outputs, stored on the module as a method of the module, the one before them kept as
+    ``_original_forward``). The copy runs the forward the model had before them, in its own dtype: the same logits
+    (the sampler reads them into fp32 itself). A method of an object kept on that object is a reference cycle, and
+    it held every dropped copy's weights until Python's next full collection (an online run grew by a bf16 copy
+    per round; docs/speed.md). Modules without accelerate's mark keep whatever forward they have."""
     for m in model.modules():
-        bound = m.__dict__.get("forward")
-        if isinstance(bound, types.MethodType) and bound.__self__ is m:
-            del m.__dict__["forward"]
-            m.__dict__.pop("_original_forward", None)
+        original = m.__dict__.pop("_original_forward", None)
+        if original is None:
+            continue
+        m.__dict__.pop("forward", None)
+        plain = (isinstance(original, types.MethodType) and original.__self__ is m
+                 and original.__func__ is getattr(type(m), "forward", None))
+        if not plain:  # a forward of the model's own from before accelerate (kept as it was)
+            m.forward = original
 
 
 class _PackedForward(ModuleForward):

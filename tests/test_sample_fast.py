@@ -192,10 +192,19 @@ def test_a_dropped_sampling_copy_is_freed_at_once(tiny_tokenizer):
     import weakref
 
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset() -> None:  # accelerate's state is per process; other tests' accelerators have other settings
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
 
     model = _model(tiny_tokenizer, "llama")
     # as an online run's policy: prepared for bf16 mixed precision, which stores autocast wrappers on it
-    model = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    reset()
+    try:
+        model = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+    finally:
+        reset()
     assert "forward" in model.__dict__
     twin = sampling_copy(model, "bfloat16")
     assert "forward" not in twin.__dict__ and "_original_forward" not in twin.__dict__
