@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from numerics import EPS
+from refs import alive_without_collector
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from exoalign import gemm
@@ -184,22 +185,13 @@ def test_a_patched_model_is_freed_without_the_cycle_collector(onednn: list[int])
     """A patched layer's forward reaches its module weakly: dropping the model frees every layer (and its weights)
     by reference counting alone, as for an unpatched model. A strong reference made layer → forward → layer a
     cycle that kept each dropped model's weights until Python's next full collection."""
-    import gc
-    import weakref
-
     model = _model()
     assert gemm.apply_fast_linear(model) > 0
-    layers = [weakref.ref(m) for m in model.modules() if type(m) is torch.nn.Linear]
     forward = model.model.layers[0].mlp.up_proj.forward
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        del model
-        alive = sum(r() is not None for r in layers)
-    finally:
-        if enabled:
-            gc.enable()
-    assert alive == 0, f"{alive} of {len(layers)} patched layers outlived their model"
+    holder = [model]
+    del model
+    alive, n = alive_without_collector(holder, lambda m: [x for x in m.modules() if type(x) is torch.nn.Linear])
+    assert alive == 0, f"{alive} of {n} patched layers outlived their model"
     with pytest.raises(RuntimeError, match="its module was freed"):
         forward(torch.randn(2, 64))
 

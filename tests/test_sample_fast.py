@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from numerics import EPS, assert_close_scaled
+from refs import alive_without_collector
 
 from exoalign.models import build_model, tiny_config
 from exoalign.sampling import (
@@ -188,8 +189,6 @@ def test_a_dropped_sampling_copy_is_freed_at_once(tiny_tokenizer):
     an online run makes a copy per round, and copies kept until Python's next full collection grew its memory by
     a copy per round. A deep copy of a packed model reads its own weights."""
     import copy
-    import gc
-    import weakref
 
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
@@ -222,17 +221,11 @@ def test_a_dropped_sampling_copy_is_freed_at_once(tiny_tokenizer):
         with torch.no_grad():
             assert torch.equal(again(input_ids=ids).logits, twin(input_ids=ids).logits)
         del again, layer
-    layers = [weakref.ref(m) for m in twin.modules()]
     del packed
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        del twin
-        alive = sum(r() is not None for r in layers)
-    finally:
-        if enabled:
-            gc.enable()
-    assert alive == 0, f"{alive} of {len(layers)} modules of the dropped copy are still alive"
+    holder = [twin]
+    del twin
+    alive, n = alive_without_collector(holder, lambda m: list(m.modules()))
+    assert alive == 0, f"{alive} of {n} modules of the dropped copy are still alive"
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
