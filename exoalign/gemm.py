@@ -149,12 +149,11 @@ class ModuleForward:
     collector frees: every dropped model (a sampling copy per online round, a checkpoint loaded per evaluation)
     would keep its weights until a full collection, and an online run's memory grew by a sampling copy per round
     (docs/speed.md). Pickling and ``copy.deepcopy`` rebuild it around the copied module (:meth:`__reduce__`), so a
-    patched model still pickles and a deep copy's layers read their own weights. Subclasses implement ``__call__``
-    and pass any further state to ``__init__`` (kept in ``self.state``)."""
+    patched model still pickles and a deep copy's layers read their own weights (any other state of a subclass is
+    not carried over: it must be one the subclass can rebuild). Subclasses implement ``__call__``."""
 
-    def __init__(self, module: torch.nn.Module, *state: Any) -> None:
+    def __init__(self, module: torch.nn.Module) -> None:
         self._module = weakref.ref(module)
-        self.state = state
 
     @property
     def module(self) -> Any:
@@ -164,7 +163,7 @@ class ModuleForward:
         return module
 
     def __reduce__(self) -> tuple:
-        return type(self), (self.module, *self.state)
+        return type(self), (self.module,)
 
 
 class _LinearForward(ModuleForward):

@@ -338,13 +338,13 @@ def sampling_copy(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
                     else cast
     twin = copy.deepcopy(model, memo).to(want).eval()  # .to: anything the memo did not hold
     twin.requires_grad_(False)
-    _drop_bound_forwards(twin)
+    _undo_accelerate_wrappers(twin)
     use_decode_attention(twin)
     pack_linears(twin)
     return twin
 
 
-def _drop_bound_forwards(model: torch.nn.Module) -> None:
+def _undo_accelerate_wrappers(model: torch.nn.Module) -> None:
     """Undo, in a sampling copy, the forward wrappers accelerate's mixed precision put on the policy (autocast and
     fp32 outputs, stored on the module as a method of the module, the one before them kept as
     ``_original_forward``). The copy runs the forward the model had before them, in its own dtype: the same logits
@@ -364,24 +364,21 @@ def _drop_bound_forwards(model: torch.nn.Module) -> None:
 
 class _PackedForward(ModuleForward):
     """The ``forward`` :func:`pack_linears` gives one bf16 ``nn.Linear``: its weight packed in oneDNN's layout
-    (``state[0]``) through oneDNN, ``F.linear`` of its own weight for another dtype or device or when gradients
-    are needed. A pickled or deep-copied layer packs its own weight again on its first call (oneDNN's packed
-    tensors are opaque: they neither copy nor pickle)."""
+    through oneDNN, ``F.linear`` of its own weight for another dtype or device or when gradients are needed. A
+    pickled or deep-copied layer packs its own weight again on its first call (oneDNN's packed tensors are opaque:
+    they neither copy nor pickle)."""
 
     def __init__(self, module: torch.nn.Linear, packed: torch.Tensor | None = None) -> None:
-        super().__init__(module, packed)
+        super().__init__(module)
+        self.packed = packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        module, packed = self.module, self.state[0]
+        module = self.module
         if x.dtype != module.weight.dtype or x.device.type != "cpu" or torch.is_grad_enabled() and x.requires_grad:
             return torch.nn.functional.linear(x, module.weight, module.bias)
-        if packed is None:
-            packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 64)
-            self.state = (packed,)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
-
-    def __reduce__(self) -> tuple:
-        return type(self), (self.module,)
+        if self.packed is None:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 64)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, module.bias, "none", [], "")
 
 
 def pack_linears(model: torch.nn.Module) -> int:
