@@ -10,6 +10,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# inductor's on-disk graph cache does not key its kernels by the vector ISA that ATEN_CPU_CAPABILITY picks: a
+# kernel compiled on this CPU's own path and read back under another fails to run (`make test-kernels`). Each
+# forced path compiles into a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{os.getuid()}_{os.environ['ATEN_CPU_CAPABILITY']}")
 # Tiny models run fastest on one thread; two threads spin-wait when the 2 CPUs are shared with other work.
 torch.set_num_threads(1)
 

@@ -24,7 +24,6 @@ from exoalign import cli
 from exoalign import sampling as generation
 from exoalign.config import load_config
 from exoalign.errors import ConfigError, InputError
-from exoalign.hardware import fast_bf16
 from exoalign.online import OnlineCollator, round_features, round_prompts, train_online
 from exoalign.online import rounds as online
 from exoalign.train.config import TrainConfig
@@ -434,15 +433,23 @@ def test_lora_uses_the_base_weights_as_pi_sft(tmp_path):
     AutoModelForCausalLM.from_pretrained(final)  # merged: plain from_pretrained loads it
 
 
-def test_rounds_can_sample_from_a_bf16_copy(tmp_path):
-    """``online.sample_dtype=bfloat16``: each round samples from a bf16 copy of the policy; the round's
-    ``sampler_logps`` are that copy's log-probs of its draws (nearer to a forward pass of the bf16 copy than of the
-    fp32 policy), and the policy trains and is saved in fp32."""
+def test_rounds_can_sample_from_a_bf16_copy(tmp_path, monkeypatch):
+    """``online.sample_dtype=bfloat16``: each round decodes from a bf16 copy of the policy; the round's
+    ``sampler_logps`` are that copy's log-probs of its draws, and the policy trains and is saved in fp32."""
     from exoalign.data import GroupCollator
 
+    decoded_in: list[torch.dtype] = []  # the dtype of the weights each decode loop ran on
+    decode = generation.HFSampler._decode_rows
+
+    def spy(self, model, *args, **kwargs):
+        decoded_in.append(next(model.parameters()).dtype)
+        return decode(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(generation.HFSampler, "_decode_rows", spy)
     cfg = make_cfg(tmp_path, "online.rounds=1", "online.steps_per_round=1", "online.temperature=0.7",
                    "online.sample_dtype=bfloat16")
     final = train_online(cfg)
+    assert decoded_in and set(decoded_in) == {torch.bfloat16}
     record = json.loads((final.parent / "online" / "round-00000.json").read_text())
     init = AutoModelForCausalLM.from_pretrained(final.parent / "init").eval()
     twin = generation.sampling_copy(init, "bfloat16")
@@ -451,17 +458,12 @@ def test_rounds_can_sample_from_a_bf16_copy(tmp_path):
              for n, (p, c) in enumerate(zip(record["prompt_ids"], record["completion_ids"]))]
     batch = GroupCollator(0)(feats)
     with torch.no_grad():
-        fp32, _ = grouped_logps(init, batch, temperature=0.7)
         bf16, _ = grouped_logps(twin, batch, temperature=0.7)
     mu = torch.tensor(record["sampler_logps"])
-    assert (bf16.float() - fp32).abs().max() > 0  # the two distributions differ, so the check below can fail
-    if fast_bf16("cpu"):
-        # oneDNN's bf16 kernels (AVX-512 / AMX) serve the sampler's decode and the padded forward alike, so the
-        # sampler is measurably nearer the bf16 copy than the fp32 model. Without them (AVX2 only) torch's
-        # fallback accumulates bf16 products in fp32 on both paths: the three log-probs then agree to ~4e-5 of
-        # their scale and which pair is nearer is rounding (measured on an AMD EPYC Zen 3); the check below holds.
-        assert (mu - bf16.float()).abs().mean() < (mu - fp32).abs().mean()
-    # one padded forward vs the sampler's cached decode, both in bf16: rounding of the sums, relative to their scale
+    # One padded forward of the bf16 copy vs the sampler's cached decode: rounding of the sums, relative to their
+    # scale. (Whether the sampler is nearer to this forward than to the fp32 model's is not a test: where torch's
+    # bf16 kernels differ between the two paths, e.g. under ATEN_CPU_CAPABILITY=default, their rounding is as large
+    # as this tiny model's bf16-fp32 gap.)
     assert_close_scaled(mu, bf16.float(), 16 * EPS[torch.bfloat16], what="sampler log-probs vs the bf16 copy")
     trained = load_file(str(final / "model.safetensors"))
     assert all(t.dtype == torch.float32 for t in trained.values())
