@@ -86,13 +86,15 @@ def test_auto_sample_dtype_follows_the_device(monkeypatch, fast):
 
 
 _FAULTS = textwrap.dedent("""
-    import resource, sys, torch
+    import resource, sys
+    import exoalign  # first, as the CLI: passive OpenMP waits
+    import torch
     from exoalign.hardware import keep_freed_memory
     applied = keep_freed_memory() if sys.argv[1] == "keep" else False
     for _ in range(8):  # 64 MiB blocks: their first touches fault in either case (glibc takes a few rounds
         torch.ones(1 << 24).sum()  # before it hands a freed block out again)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(8):
+    for _ in range(16):
         torch.ones(1 << 24).sum()  # freed and allocated again
     print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """)
@@ -100,8 +102,10 @@ _FAULTS = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or hardware._glibc() is None, reason="glibc only")
 def test_kept_memory_is_not_faulted_in_again():
-    """A 64 MiB block freed and allocated again, 8 times after 8 warm-up rounds: glibc's defaults map and unmap it
-    each time (16 384 page faults of 4 KiB each), the kept settings serve it from the heap (at most one block's first touch)."""
+    """A 64 MiB block freed and allocated again, 16 times after 8 warm-up rounds: glibc's defaults map and unmap it
+    each time (16 384 page faults of 4 KiB each), the kept settings serve it from the heap. The heap can still grow
+    by a block now and then after the warm-up (2-3 blocks in some runs of 8 rounds, e.g. 6 of 42 runs here), so the
+    bound is half of the defaults' faults, not none."""
     env = {k: v for k, v in os.environ.items() if k not in hardware.MALLOC_ENV and k != "LD_PRELOAD"}
     out = {}
     for mode in ("default", "keep"):
@@ -110,6 +114,6 @@ def test_kept_memory_is_not_faulted_in_again():
         applied, faults = res.stdout.split()
         out[mode] = (applied == "True", int(faults))
     assert out["keep"][0] and not out["default"][0]
-    pages = 8 * (1 << 26) // os.sysconf("SC_PAGE_SIZE")
+    pages = 16 * (1 << 26) // os.sysconf("SC_PAGE_SIZE")
     assert out["default"][1] > pages // 2  # the defaults fault the block in every time
-    assert out["keep"][1] < out["default"][1] // 4, out  # at most a block's first touch left in the 8 rounds
+    assert out["keep"][1] < out["default"][1] // 2, out  # the kept heap serves most rounds without a fault
