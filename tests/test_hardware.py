@@ -104,7 +104,7 @@ _FAULTS = textwrap.dedent("""
 def test_kept_memory_is_not_faulted_in_again():
     """A 64 MiB block freed and allocated again, 16 times after 8 warm-up rounds: glibc's defaults map and unmap it
     each time (16 384 page faults of 4 KiB each), the kept settings serve it from the heap. The heap can still grow
-    by a block now and then after the warm-up (2-3 blocks in some runs of 8 rounds, e.g. 6 of 42 runs here), so the
+    by a block now and then after the warm-up (2 blocks in 8 of 42 runs of 8 rounds here, 3 in two suite runs), so the
     bound is half of the defaults' faults, not none."""
     env = {k: v for k, v in os.environ.items() if k not in hardware.MALLOC_ENV and k != "LD_PRELOAD"}
     out = {}
