@@ -368,16 +368,20 @@ class _PackedForward(ModuleForward):
     pickled or deep-copied layer packs its own weight again on its first call (oneDNN's packed tensors are opaque:
     they neither copy nor pickle)."""
 
-    def __init__(self, module: torch.nn.Linear, packed: torch.Tensor | None = None) -> None:
+    def __init__(self, module: torch.nn.Linear, pack: bool = False) -> None:
         super().__init__(module)
-        self.packed = packed
+        self.packed = self._pack(module) if pack else None
+
+    @staticmethod
+    def _pack(module: torch.nn.Linear) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 64)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         module = self.module
         if x.dtype != module.weight.dtype or x.device.type != "cpu" or torch.is_grad_enabled() and x.requires_grad:
             return torch.nn.functional.linear(x, module.weight, module.bias)
         if self.packed is None:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(), 64)
+            self.packed = self._pack(module)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, module.bias, "none", [], "")
 
 
@@ -400,8 +404,7 @@ def pack_linears(model: torch.nn.Module) -> int:
     if not packable or not _bf16_packing():
         return 0
     for m in packable:
-        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), 64)
-        m.forward = _PackedForward(m, packed)
+        m.forward = _PackedForward(m, pack=True)
     return len(packable)
 
 
