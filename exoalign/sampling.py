@@ -426,13 +426,19 @@ class HFSampler:
     tokens and recording their log-probs. ``shared_prefill=false`` is the pre-change path (every row prefilled on its own,
     :class:`SeededSampler`, no log-probs), kept to check that both give the same tokens.
     ``sample_dtype`` samples from a converted copy of the weights (made once per sampler).
+    ``prompt_caches`` (optional, e.g. eval's :class:`~exoalign.eval.reference.PrefixCachedLogps` of π_sft): kept
+    prompt KV caches of the model sampled from; when its ``model`` is the sampling model, the fast path takes each
+    batch's prefill from its ``prompt_cache(prompt_ids)`` (:func:`prompt_prefill`, the same computation) instead
+    of running it again.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: SamplingSettings, stream: str = "") -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, settings: SamplingSettings, stream: str = "",
+                 prompt_caches: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.s = settings
         self.stream = stream
+        self.prompt_caches = prompt_caches
         self._sampling_model: torch.nn.Module | None = None
 
     @property
@@ -508,15 +514,19 @@ class HFSampler:
         draw = ScoredDraw(seeds, device, warpers=self._warpers(), min_new_tokens=s.min_new_tokens,
                           eos_id=tok.eos_token_id)
         ids, amask, shared = _shared_prefix_layout(prompt_ids, pad_id)
-        new = self._decode_rows(model, ids.to(device), amask.to(device), k, draw, pad_id, shared)  # (R, steps)
+        kept = self.prompt_caches
+        prefilled = kept.prompt_cache(prompt_ids) if kept is not None and kept.model is model and P > 1 else None
+        new = self._decode_rows(model, ids.to(device), amask.to(device), k, draw, pad_id, shared,
+                                prefilled)  # (R, steps)
         logps = torch.stack(draw.logps, 1).tolist()  # (R, steps)
         done = [_decode(tok, ids, tok.eos_token_id, lp) for ids, lp in zip(new.tolist(), logps)]
         return [done[n * k : (n + 1) * k] for n in range(B)]
 
     def _decode_rows(self, model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, k: int,
-                     draw: ScoredDraw, pad_id: int, shared: int = 0) -> torch.Tensor:
+                     draw: ScoredDraw, pad_id: int, shared: int = 0, prefilled: Any = None) -> torch.Tensor:
         """The fast path's decoding: ``(B·k, steps)`` new ids of every row (pad after a row's EOS), from the
-        prompts laid out by :func:`_shared_prefix_layout` (``shared`` first columns the same in every row).
+        prompts laid out by :func:`_shared_prefix_layout` (``shared`` first columns the same in every row);
+        ``prefilled``: :func:`prompt_prefill`'s cache of these prompts (one row each, the caller's copy), if kept.
 
         What ``generate`` does in greedy mode with ``[temperature, draw]`` as its processors, written out: the
         prompts' cache (:meth:`_prefill`), then one forward pass of the model per new token on the last token of
@@ -533,7 +543,12 @@ class HFSampler:
         P = rows_ids.shape[1]
         position_ids = rows_mask.cumsum(-1) - 1  # (R, P)
         position_ids.masked_fill_(rows_mask == 0, 1)
-        cache = self._prefill(model, input_ids, mask, k, shared) if P > 1 else DynamicCache(config=model.config)
+        if prefilled is not None:
+            cache = prefilled
+            if k > 1:
+                cache.batch_repeat_interleave(k)
+        else:
+            cache = self._prefill(model, input_ids, mask, k, shared) if P > 1 else DynamicCache(config=model.config)
         if P > 1 and uses_decode_attention(model):  # room for every new token up front: no copy of the whole cache per layer and step
             cache = _with_room(cache, s.max_new_tokens)
         cur, pos, attn = rows_ids[:, -1:], position_ids[:, -1:], rows_mask  # (R, 1), (R, 1), (R, P)
@@ -584,6 +599,19 @@ class HFSampler:
         if k > 1:
             cache.batch_repeat_interleave(k)
         return cache
+
+
+def prompt_prefill(model: torch.nn.Module, prompt_ids: Sequence[list[int]], pad_id: int,
+                   ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The sampler's prefill of a batch of prompts, one row each: (KV cache of every prompt but its last token, or
+    None for one-column batches; ids ``(B, P)`` and attention mask ``(B, P)`` in :func:`_shared_prefix_layout`,
+    on the model's device). What :meth:`HFSampler.generate` computes before its decode loop, so a cache kept from
+    here (eval's π_sft prompt caches) gives the sampler's numbers bit for bit."""
+    device = next(model.parameters()).device
+    ids, mask, shared = _shared_prefix_layout(prompt_ids, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    cache = HFSampler._prefill(model, ids, mask, 1, shared) if ids.shape[1] > 1 else None
+    return cache, ids, mask
 
 
 def _with_room(cache: Any, extra: int) -> Any:
@@ -744,13 +772,14 @@ def load_prompts(source: str, *, split: str, tokenizer: Any, dedupe: bool, limit
 
 def build_sampler(
     cfg: SamplingSettings, name_or_path: str, tokenizer: Any, *, dtype: str, device: str,
-    trust_remote_code: bool, stream: str = "", model: Any = None,
+    trust_remote_code: bool, stream: str = "", model: Any = None, prompt_caches: Any = None,
 ) -> Sampler:
-    """The sampler of ``cfg.backend``; the HF one reuses ``model`` when given (eval shares it for log-probs)."""
+    """The sampler of ``cfg.backend``; the HF one reuses ``model`` when given (eval shares it for log-probs) and
+    ``prompt_caches`` (:class:`HFSampler`)."""
     if resolve_backend(cfg.backend) == "vllm":
         return VLLMSampler(resolve_model_path(name_or_path), tokenizer, cfg, dtype=dtype,
                            trust_remote_code=trust_remote_code, stream=stream)
     if model is None:
         model = load_causal_lm(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code, field="model")
         model.to(pick_device(device)).eval()
-    return HFSampler(model, tokenizer, cfg, stream=stream)
+    return HFSampler(model, tokenizer, cfg, stream=stream, prompt_caches=prompt_caches)

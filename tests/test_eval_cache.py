@@ -72,16 +72,18 @@ def _eval(sft, prompts, out, checkpoints, *extra):
 
 
 def test_eval_cache_gives_the_numbers_of_recomputing(setup):
-    """Two eval calls in one process share π_sft's prompt caches and own samples; a third, after the process cache
-    is dropped, recomputes everything: all three give identical results, and every checkpoint has timings."""
+    """Two eval calls in one process share π_sft's prompt caches (π_sft's own sampling takes its prefill from them)
+    and own samples; a third, after the process cache is dropped, recomputes everything: all three give identical
+    results, and every checkpoint has timings."""
     tmp, prompts, sft, (a, b) = setup
     eval_mod._SFT_KEPT.clear()
     assert _eval(sft, prompts, tmp / "first.json", [sft, a]) == 0
     (kept,) = eval_mod._SFT_KEPT.values()
     (ref,) = kept.ref.values()
-    assert ref.misses == 3 and ref.hits == 0  # 10 prompts in batches of 4
+    # 10 prompts in batches of 4, computed once, for the baseline's samples; π_sft's samples and a's KL pass reuse
+    assert ref.misses == 3 and ref.hits == 6
     assert _eval(sft, prompts, tmp / "warm.json", [sft, a, b]) == 0
-    assert ref.misses == 3 and ref.hits == 6  # checkpoints a and b of the second call: every batch kept
+    assert ref.misses == 3 and ref.hits == 12  # checkpoints a and b of the second call: every batch kept
     eval_mod._SFT_KEPT.clear()
     assert _eval(sft, prompts, tmp / "cold.json", [sft, a, b]) == 0
     first, warm, cold = (json.loads((tmp / f"{n}.json").read_text()) for n in ("first", "warm", "cold"))

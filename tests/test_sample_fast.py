@@ -324,3 +324,29 @@ def test_bf16_decode_writes_into_a_cache_with_room(tiny_tokenizer, model_type, m
     calls.clear()
     _sample(model, tiny_tokenizer, max_new_tokens=5)
     assert calls == []  # fp32: the caller's model, SDPA and the dynamic cache
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", ["model", "bfloat16"])
+def test_kept_prompt_caches_give_the_samplers_own_numbers(tiny_tokenizer, model_type, dtype):
+    """A sampler that takes its prefill from eval's kept prompt caches (π_sft's) draws the tokens and reports the
+    log-probs it draws and reports when it prefills itself, bit for bit, for k = 1 and k = 3, a second time from the
+    same kept caches, and with prompts that share a start; caches of another model are not used."""
+    from exoalign.eval.reference import PrefixCachedLogps
+
+    model = _model(tiny_tokenizer, model_type)
+    copy = sampling_copy(model, dtype)
+    s = SamplingSettings(temperature=0.9, max_new_tokens=8, seed=3, sample_dtype=dtype)
+    for prompts in (PROMPTS, SHARED):
+        ids = [tiny_tokenizer(p)["input_ids"] for p in prompts]
+        kept = PrefixCachedLogps(copy, tiny_tokenizer.pad_token_id, 0.9)
+        for k in (1, 3):
+            own = HFSampler(model, tiny_tokenizer, s, stream="t").generate(ids, list(range(len(ids))), k)
+            for _ in range(2):
+                sampler = HFSampler(copy, tiny_tokenizer, s, stream="t", prompt_caches=kept)
+                shared = sampler.generate(ids, list(range(len(ids))), k)
+                assert [[(c.ids, c.logps) for c in g] for g in shared] == [[(c.ids, c.logps) for c in g] for g in own]
+        assert (kept.misses, kept.hits) == (1, 3)  # computed once, then taken from the kept caches
+        other = PrefixCachedLogps(_model(tiny_tokenizer, model_type), tiny_tokenizer.pad_token_id, 0.9)
+        HFSampler(copy, tiny_tokenizer, s, stream="t", prompt_caches=other).generate(ids, [0, 1, 2, 3], 1)
+        assert other.misses == other.hits == 0  # not the model sampled from: the sampler prefills itself

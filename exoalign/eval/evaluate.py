@@ -402,10 +402,14 @@ class _Session:
 
     def sample(self, path: str, stream: str, model: torch.nn.Module | None, desc: str,
                on_batch: Callable | None = None, clock: dict[str, float] | None = None) -> list[list[Completion]]:
-        """``samples_per_prompt`` completions per prompt from ``path`` (HF reuses ``model`` when given)."""
+        """``samples_per_prompt`` completions per prompt from ``path`` (HF reuses ``model`` when given). π_sft's
+        samples take their prompts' prefill from the KL pass's kept caches (the same computation; used only when
+        the sampler samples from the very model they were computed on)."""
         cfg = self.cfg
+        kept = self.ref_pass() if self.backend == "hf" and self.is_sft(path) else None
         sampler = build_sampler(cfg, path, self.tokenizer, dtype=cfg.dtype, device=cfg.device,
-                                trust_remote_code=cfg.trust_remote_code, stream=stream, model=model)
+                                trust_remote_code=cfg.trust_remote_code, stream=stream, model=model,
+                                prompt_caches=kept)
         groups = sample_all(sampler, self.prompt_ids, cfg.samples_per_prompt, cfg.batch_size, desc, on_batch, clock)
         _close(sampler)
         del sampler

@@ -2,9 +2,12 @@
 
 The KL of every checkpoint needs ``log π_sft(y|x)`` of that checkpoint's samples. The completions change from
 checkpoint to checkpoint, the prompts do not: π_sft's KV cache of each batch of prompts (all but the last prompt
-token, the same split as the sampler's shared prefill) is computed once and kept, and each checkpoint's pass
-runs only ``[last prompt token, y_1 … y_{C−1}]`` against it, ``k`` rows per prompt. At the demo's shape
-(≈ 35-token prompts, 24-token completions) that is under half of a full forward pass.
+token: the sampler's own prefill, :func:`~exoalign.sampling.prompt_prefill`, with the prompts' shared start
+computed once) is computed once and kept, and each checkpoint's pass runs only ``[last prompt token, y_1 …
+y_{C−1}]`` against it, ``k`` rows per prompt. At the demo's shape (≈ 40-token prompts, 29 of them a shared chat
+template, 24-token completions) that is under half of a full forward pass. π_sft's own sampling (as a checkpoint,
+as the win-rate baseline) takes its prefill from the same kept caches (:class:`~exoalign.sampling.HFSampler`'s
+``prompt_caches``), so a process computes each batch's prompts on π_sft once.
 
 The kept cache is the same computation as a fresh one (same shapes, same kernels), so a checkpoint's numbers do
 not depend on whether the cache was warm (``tests/test_eval_cache.py``).
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from ..logprobs import IGNORE, completion_token_logps, position_ids_from_mask
+from ..sampling import prompt_prefill
 
 
 class PrefixCachedLogps:
@@ -46,28 +50,21 @@ class PrefixCachedLogps:
             self.hits += 1
             return self._kept[key]
         self.misses += 1
-        from transformers import DynamicCache
-
-        B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
-        ids = torch.full((B, P), self.pad_id, dtype=torch.long)  # (B, P) left padded
-        mask = torch.zeros((B, P), dtype=torch.long)
-        for r, p in enumerate(prompt_ids):
-            ids[r, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[r, P - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = position_ids_from_mask(mask)  # (B, P)
-        cache = None
-        if P > 1:
-            cache = DynamicCache(config=self.model.config)
-            body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
-            body(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], cache=cache,
-                 use_cache=True)
+        cache, ids, mask = prompt_prefill(self.model, prompt_ids, self.pad_id)  # (B, P) in the sampler's layout
+        pos = position_ids_from_mask(mask)  # (B, P); the last column is every row's last prompt token
         state = (cache, ids[:, -1], mask, pos)
         size = _cache_bytes(cache)
         if self.kept_bytes + size <= self.budget:
             self._kept[key] = state
             self.kept_bytes += size
         return state
+
+    @torch.no_grad()
+    def prompt_cache(self, prompt_ids: Sequence[list[int]]) -> Any:
+        """A copy of the batch's prompt KV cache (kept or computed now), for the sampler to decode from; None for
+        a batch of one-token prompts."""
+        cache = self._prompt_state(prompt_ids)[0]
+        return copy.deepcopy(cache) if cache is not None else None
 
     @torch.no_grad()
     def __call__(self, prompt_ids: Sequence[list[int]], completions: Sequence[Sequence[list[int]]]) -> np.ndarray:
