@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,7 @@ def compute_table(
     desc: str = "reference log-probs",
     rows: list[int] | None = None,
     prefix_sharing: bool = False,
+    progress: Any = None,
 ) -> torch.Tensor:
     """Reference log-probs ``[N, K_max]`` of every completion of ``data`` (0 in missing slots).
 
@@ -129,6 +131,7 @@ def compute_table(
     only those rows are scored; the others are NaN (a step that reads one fails, see ``train.step``).
     ``prefix_sharing`` runs each group's prompt once for its K completions (``exoalign.packing``; falls back to
     the K full sequences for a model that cannot take that layout): about half the tokens at the demo's shape.
+    ``progress``: a tqdm bar to advance by one per batch instead of a bar of its own.
     """
     N = len(data)
     k_max = max((len(f["completion_ids"]) for f in data.features), default=0)
@@ -140,13 +143,16 @@ def compute_table(
     model.eval()
     net = unwrap(model)
     adapters_off = net.disable_adapter() if is_peft(net) else contextlib.nullcontext()
-    bar = tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
+    bar = loader if progress is not None else tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process,
+                                                   leave=False)
     with adapters_off, accelerator.autocast():
         for batch in bar:
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             logps, _ = grouped_logps(net, batch, temperature, prefix_sharing)  # (B, K)
             logps = logps.float().masked_fill(~batch["group_mask"], 0.0)
             table[batch["index"], : logps.shape[1]] = logps
+            if progress is not None:
+                progress.update(1)
     model.train(was_training)
     if accelerator.num_processes > 1:
         table = accelerator.reduce(table, reduction="sum")  # disjoint shards: the sum is the union
@@ -208,9 +214,13 @@ def ref_logps_table(
         settings = {**settings, "prefix_sharing": True}
     key, description = cache_key(data, model_id=model_id, tokenizer=tokenizer, settings=settings, rows=rows)
     path = cache_dir / f"{key}.safetensors"
-    # Runs that share the cache directory (the demo's parallel jobs) compute one table once: the main process
-    # holds a lock on the entry while it looks it up and, on a miss, computes and writes it; a second run that
-    # asks for the same table meanwhile waits and then reads the file.
+    if accelerator.num_processes == 1:
+        # Runs that share the cache directory (the demo's parallel jobs) compute one table once, together: each
+        # scores the pieces nobody else is scoring and reads the others' (:func:`_shared_table`).
+        return _shared_table(accelerator, data, path, description, tokenizer, get_model, batch_size, temperature,
+                             desc, rows, prefix_sharing)
+    # A distributed run: the main process holds a lock on the entry while it looks it up and, on a miss, all
+    # processes compute it (strided shards); another run that asks for the same table meanwhile waits, then reads.
     with entry_lock(path, active=accelerator.is_main_process):
         return _lookup_or_compute(accelerator, data, path, description, tokenizer, get_model, batch_size,
                                   temperature, desc, rows, prefix_sharing)
@@ -234,6 +244,120 @@ def entry_lock(path: Path, *, active: bool = True) -> Any:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def try_lock(path: Path) -> Any:
+    """An exclusive advisory lock on ``path`` if nobody holds it (True in the ``with`` block), else False at once;
+    True without locking where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield True
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+MAX_PIECES = 64
+"""At most this many pieces per shared table (:func:`_shared_table`); a piece is a whole number of batches."""
+
+
+def table_pieces(wanted: list[int], batch_size: int) -> list[list[int]]:
+    """``wanted`` cut into consecutive pieces of whole batches (at most :data:`MAX_PIECES`): scored piece by piece,
+    every batch holds the rows it holds when the table is scored in one pass, so the numbers are the same."""
+    n_batches = -(-len(wanted) // batch_size)
+    size = batch_size * -(-n_batches // MAX_PIECES)
+    return [wanted[i : i + size] for i in range(0, len(wanted), size)]
+
+
+def _shared_table(accelerator: Any, data: TokenizedData, path: Path, description: dict, tokenizer: Any,
+                  get_model: Any, batch_size: int, temperature: float, desc: str, rows: list[int] | None,
+                  prefix_sharing: bool) -> tuple[torch.Tensor, bool]:
+    """The table of a single-process run, scored together with any other run that asks for it meanwhile.
+
+    The rows are cut into pieces of whole batches (:func:`table_pieces`), each with a lock and a file under
+    ``<entry>.parts/``. A run scores every piece whose lock it gets and whose file is missing, then waits for the
+    pieces others hold and reads them: two runs that start together each score about half. The first to have
+    every piece writes the entry (atomically, under the entry's lock) and removes the pieces; a run that finds
+    the entry written stops there and reads it. A run that dies drops its locks, and the piece it held is scored
+    by whoever waits for it. Returns (table, True) when this run scored nothing itself."""
+    table = load_cached(path, description)
+    if table is not None:
+        logger.info("%s: loaded from cache %s", desc, path)
+        return table, True
+    if path.is_file():  # made for other inputs or unreadable (load_cached said which): scored again, replaced
+        with entry_lock(path):
+            if load_cached(path, description) is None:
+                path.unlink(missing_ok=True)
+    N = len(data)
+    k_max = max((len(f["completion_ids"]) for f in data.features), default=0)
+    wanted = list(range(N)) if rows is None else rows
+    pieces = table_pieces(wanted, batch_size)
+    parts = path.with_name(path.stem + ".parts")
+    model: list[torch.nn.Module] = []
+    got: dict[int, torch.Tensor] = {}  # piece -> its rows of the table (L, K_max)
+    mine: set[int] = set()  # the pieces this run scored
+    bar = tqdm(total=-(-len(wanted) // batch_size), desc=desc, leave=False,
+               disable=not accelerator.is_local_main_process)
+
+    def score(i: int) -> None:
+        if not model:
+            model.append(get_model())
+        full = compute_table(accelerator, model[0], data, tokenizer.pad_token_id, batch_size=batch_size,
+                             temperature=temperature, rows=pieces[i], prefix_sharing=prefix_sharing, progress=bar)
+        got[i] = full[torch.tensor(pieces[i], dtype=torch.long)]  # (L, K_max)
+        mine.add(i)
+        atomic_write(parts / f"{i}.safetensors", lambda tmp: save_file({"logps": got[i].contiguous()}, str(tmp)))
+
+    def written() -> torch.Tensor | None:  # the entry, once another run has written it (then no piece is needed)
+        if not path.is_file():
+            return None
+        table = load_file(str(path))["logps"]
+        with entry_lock(path):
+            shutil.rmtree(parts, ignore_errors=True)
+        logger.info("%s: scored together with another run (%d of %d pieces here), read from %s", desc, len(mine),
+                    len(pieces), path)
+        return table
+
+    try:
+        for i in range(len(pieces)):  # every piece nobody holds
+            with try_lock(parts / f"{i}.lock") as free:
+                if (table := written()) is not None:
+                    return table, not mine
+                if free and not (parts / f"{i}.safetensors").is_file():
+                    score(i)
+        for i in range(len(pieces)):  # the pieces others held: wait for each, then read it
+            if i in got:
+                continue
+            with entry_lock(parts / str(i)):  # blocks on the same file as try_lock: parts/<i>.lock
+                if (table := written()) is not None:
+                    return table, not mine
+                if (parts / f"{i}.safetensors").is_file():
+                    got[i] = load_file(str(parts / f"{i}.safetensors"))["logps"]
+                    bar.update(-(-len(pieces[i]) // batch_size))
+                else:  # its holder stopped before writing it
+                    score(i)
+    finally:
+        bar.close()
+    table = torch.full((N, k_max), float("nan") if rows is not None else 0.0)  # (N, K_max)
+    for i, piece in enumerate(pieces):
+        table[torch.tensor(piece, dtype=torch.long)] = got[i].float().cpu()
+    with entry_lock(path):
+        if not path.is_file():
+            save_cached(path, table, description)
+            logger.info("%s: computed and cached in %s (%d of %d pieces here)", desc, path, len(mine), len(pieces))
+        shutil.rmtree(parts, ignore_errors=True)
+    return table, not mine
 
 
 def _lookup_or_compute(accelerator: Any, data: TokenizedData, path: Path, description: dict, tokenizer: Any,
