@@ -326,17 +326,31 @@ def sampling_copy(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
         return model
     if want == torch.bfloat16:
         warn_slow_bf16(next(model.parameters()).device, "sample_dtype=bfloat16", "sample_dtype=model (fp32)")
-    # The copy is made in ``dtype`` directly: every floating parameter and buffer is cast into the deepcopy's memo
-    # (what ``.to(dtype)`` would cast; shared tensors, e.g. tied embeddings, stay shared), so the caller's fp32
-    # weights are read once instead of being copied whole and then cast.
+    # The copy is made in ``dtype`` directly: every floating parameter and persistent buffer is cast into the
+    # deepcopy's memo (shared tensors, e.g. tied embeddings, stay shared), so the caller's fp32 weights are read
+    # once instead of being copied whole and then cast. Buffers a model computes for itself (non-persistent: the
+    # rotary embedding's frequencies) keep their dtype, as in the model ``from_pretrained`` loads in ``dtype``:
+    # bf16 frequencies would shift every position's angle (and the bf16 π_sft against a checkpoint loaded in
+    # bf16 would be two computations, docs/pipeline.md).
     memo: dict[int, Any] = {}
+    kept = {id(t) for m in model.modules() for name, t in m._buffers.items()
+            if t is not None and name in m._non_persistent_buffers_set}
     with torch.no_grad():
         for t in (*model.parameters(), *model.buffers()):
-            if id(t) not in memo and type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_floating_point():
+            if (id(t) not in memo and id(t) not in kept and type(t) in (torch.Tensor, torch.nn.Parameter)
+                    and t.is_floating_point()):
                 cast = t.detach().to(want)
                 memo[id(t)] = torch.nn.Parameter(cast, requires_grad=False) if isinstance(t, torch.nn.Parameter) \
                     else cast
-    twin = copy.deepcopy(model, memo).to(want).eval()  # .to: anything the memo did not hold
+    twin = copy.deepcopy(model, memo).eval()
+    for m in twin.modules():  # anything the memo did not hold (a tensor subclass): cast as ``.to(dtype)`` would
+        for name, t in m._parameters.items():
+            if t is not None and t.is_floating_point() and t.dtype != want:
+                m._parameters[name] = torch.nn.Parameter(t.detach().to(want), requires_grad=False)
+        for name, t in m._buffers.items():
+            if (t is not None and t.is_floating_point() and t.dtype != want
+                    and name not in m._non_persistent_buffers_set):
+                m._buffers[name] = t.to(want)
     twin.requires_grad_(False)
     _undo_accelerate_wrappers(twin)
     use_decode_attention(twin)

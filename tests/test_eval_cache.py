@@ -4,6 +4,7 @@ and a warm cache gives exactly the numbers of a cold one (the kept caches are th
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -118,3 +119,27 @@ def test_eval_in_bf16_measures_the_bf16_models(setup):
     fp32 = tmp / "fp32.json"
     assert _eval(sft, prompts, fp32, [sft, a], "win_rate=false") == 0
     assert json.loads(fp32.read_text())["results"][1]["kl"] != r_a["kl"]  # other samples: the fp32 models'
+
+
+def test_a_copy_of_sft_measured_in_bf16_has_kl_zero(setup, monkeypatch):
+    """bf16 evaluation of a copy of π_sft (another path, so it is sampled and scored as a checkpoint): π_θ's
+    log-probs come from the KL pass's computation, the one π_sft's take, so the KL is exactly 0. The sampler's
+    own log-probs (its decode rounds differently) would make it positive: the bias :meth:`_Session.policy_pass`
+    removes. In fp32 the sampler's numbers are used and agree with the pass to rounding."""
+    tmp, prompts, sft, _ = setup
+    copy = tmp / "sft_copy"
+    shutil.copytree(sft, copy)
+    results = {}
+    for name, extra, patched in (("bf16", ["sample_dtype=bfloat16"], False), ("bf16_sampler", ["sample_dtype=bfloat16"], True),
+                                 ("fp32", [], False)):
+        eval_mod._SFT_KEPT.clear()
+        with monkeypatch.context() as m:
+            if patched:  # the pre-change path: log π_θ from the sampler's decode
+                m.setattr(eval_mod._Session, "policy_pass", lambda self, policy: False)
+            assert _eval(sft, prompts, tmp / f"{name}.json", [copy], "win_rate=false", *extra) == 0
+        results[name] = json.loads((tmp / f"{name}.json").read_text())["results"][0]
+    assert results["bf16"]["kl"] == 0 and results["bf16"]["kl_k3"] == 0
+    assert results["bf16_sampler"]["kl"] != 0  # the decode's rounding against the pass's
+    assert results["bf16"]["reward"] == results["bf16_sampler"]["reward"]  # the same samples
+    # fp32: ~1e-7 per token between the decode and the pass, over ≤ 6 tokens; the tolerance is far above that
+    assert abs(results["fp32"]["kl"]) < 1e-4

@@ -90,7 +90,8 @@ def test_two_runs_score_one_table_together(tmp_path: Path, monkeypatch) -> None:
 
     kw = dict(model_id="toy", tokenizer=tok, settings={}, batch_size=2, temperature=1.0)
     alone, hit = ref_logps_table(acc, data, cache_dir=tmp_path / "alone", get_model=lambda: model, **kw)
-    assert hit is False
+    one_pass = refcache.compute_table(acc, model, data, tok.pad_token_id, batch_size=2, temperature=1.0)
+    assert hit is False and torch.equal(alone, one_pass)  # piece by piece = the whole table in one pass
     monkeypatch.setattr(refcache, "compute_table", recording)
     results: dict[str, tuple[torch.Tensor, bool]] = {}
 

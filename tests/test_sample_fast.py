@@ -184,6 +184,19 @@ def test_packed_linears_keep_outputs_and_weights(tiny_tokenizer):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def _cast_like_loading(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``deepcopy(model).to(dtype)`` with the buffers a model computes itself (non-persistent: rotary frequencies)
+    left in their dtype, as ``from_pretrained`` builds a model in ``dtype``."""
+    import copy
+
+    twin = copy.deepcopy(model).to(dtype)
+    for src, dst in zip(model.modules(), twin.modules()):
+        for name in src._non_persistent_buffers_set:
+            if src._buffers.get(name) is not None:
+                dst._buffers[name] = src._buffers[name].clone()
+    return twin
+
+
 def test_a_dropped_sampling_copy_is_freed_at_once(tiny_tokenizer):
     """Every layer of a dropped bf16 sampling copy (packed weights included) is freed by reference counting alone:
     an online run makes a copy per round, and copies kept until Python's next full collection grew its memory by
@@ -209,7 +222,7 @@ def test_a_dropped_sampling_copy_is_freed_at_once(tiny_tokenizer):
     assert "forward" not in twin.__dict__ and "_original_forward" not in twin.__dict__
     ids = torch.tensor([tiny_tokenizer(SHARED[0])["input_ids"]])
     with torch.no_grad():  # the same logits as the copy with the trainer's wrappers (the sampler reads them in fp32)
-        wrapped = copy.deepcopy(model).to(torch.bfloat16).eval()
+        wrapped = _cast_like_loading(model, torch.bfloat16).eval()
         assert torch.equal(twin(input_ids=ids).logits.float(), wrapped(input_ids=ids).logits.float())
     del wrapped
     packed = [m for m in twin.modules() if "forward" in m.__dict__]
@@ -229,11 +242,14 @@ def test_a_dropped_sampling_copy_is_freed_at_once(tiny_tokenizer):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_sampling_copy_is_the_cast_model_and_leaves_the_source_alone(tiny_tokenizer, model_type):
-    """The bf16 sampling copy, cast while copying: the state of ``deepcopy(model).to(bf16)`` (buffers included),
-    tied weights still tied, no gradients; the source keeps its fp32 weights, their gradients and flags."""
+def test_sampling_copy_is_the_cast_model_and_leaves_the_source_alone(tiny_tokenizer, model_type, tmp_path):
+    """The bf16 sampling copy, cast while copying: the state of ``deepcopy(model).to(bf16)`` (persistent buffers
+    included), the buffers the model computes itself (rotary frequencies) in their own dtype, as in the model
+    ``from_pretrained`` loads in bf16; tied weights still tied, no gradients; the source keeps its fp32 weights,
+    their gradients and flags."""
     import copy
 
+    from exoalign.models import load_causal_lm
     from exoalign.sampling import sampling_copy
 
     model = _model(tiny_tokenizer, model_type).train()
@@ -247,6 +263,15 @@ def test_sampling_copy_is_the_cast_model_and_leaves_the_source_alone(tiny_tokeni
         assert got[k].dtype == expected[k].dtype and torch.equal(got[k], expected[k]), k
     assert not twin.training and not any(p.requires_grad for p in twin.parameters())
     assert all(p.grad is None for p in twin.parameters())
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_causal_lm(str(tmp_path / "m"), dtype="bfloat16")  # what eval loads a checkpoint as
+    own = {n: b for n, b in twin.named_buffers() if b.is_floating_point()}
+    assert own.keys() == {n for n, b in loaded.named_buffers() if b.is_floating_point()}
+    for n, b in loaded.named_buffers():
+        if b.is_floating_point():
+            assert own[n].dtype == b.dtype and torch.equal(own[n], b), n
+    if model_type == "llama":
+        assert twin.model.rotary_emb.inv_freq.dtype == torch.float32
     if model.get_output_embeddings().weight is model.get_input_embeddings().weight:
         assert twin.get_output_embeddings().weight is twin.get_input_embeddings().weight
     assert model.training and all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())

@@ -401,12 +401,14 @@ class _Session:
         return os.path.normpath(path) == os.path.normpath(self.cfg.sft_model)
 
     def sample(self, path: str, stream: str, model: torch.nn.Module | None, desc: str,
-               on_batch: Callable | None = None, clock: dict[str, float] | None = None) -> list[list[Completion]]:
-        """``samples_per_prompt`` completions per prompt from ``path`` (HF reuses ``model`` when given). π_sft's
-        samples take their prompts' prefill from the KL pass's kept caches (the same computation; used only when
-        the sampler samples from the very model they were computed on)."""
+               on_batch: Callable | None = None, clock: dict[str, float] | None = None,
+               kept: PrefixCachedLogps | None = None) -> list[list[Completion]]:
+        """``samples_per_prompt`` completions per prompt from ``path`` (HF reuses ``model`` when given). The
+        sampler takes its prompts' prefill from ``kept``'s caches (π_sft's KL pass for π_sft's own samples), the
+        same computation, when it samples from the very model they are computed on."""
         cfg = self.cfg
-        kept = self.ref_pass() if self.backend == "hf" and self.is_sft(path) else None
+        if kept is None and self.backend == "hf" and self.is_sft(path):
+            kept = self.ref_pass()
         sampler = build_sampler(cfg, path, self.tokenizer, dtype=cfg.dtype, device=cfg.device,
                                 trust_remote_code=cfg.trust_remote_code, stream=stream, model=model,
                                 prompt_caches=kept)
@@ -419,11 +421,23 @@ class _Session:
     def sampler_scores_policy(self) -> bool:
         """The HF sampler's reported log-probs are ``log π_θ`` at ``kl_temperature`` (it samples from the policy's
         weights in ``sample_dtype`` at that temperature and reports log-probs before min_new_tokens / top-k /
-        top-p), so the policy's forward pass of the KL can be skipped. The KL is then measured on the models in
-        ``sample_dtype`` (:meth:`measured_dtype`)."""
+        top-p), so in fp32 the policy's forward pass of the KL can be skipped (in bf16 it cannot:
+        :meth:`policy_pass`). The KL is then measured on the models in ``sample_dtype`` (:meth:`measured_dtype`)."""
         cfg = self.cfg
         return (self.backend == "hf" and self.kl_temperature == cfg.temperature
                 and cfg.shared_prefill and cfg.kv_cache == "dynamic")
+
+    def policy_pass(self, policy: torch.nn.Module | None) -> bool:
+        """Whether π_θ's log-probs of its samples come from the KL pass's computation (:class:`PrefixCachedLogps`
+        on π_θ, its prompts' caches taken from the sampler's prefill) rather than from the sampler: when π_θ is
+        measured in a reduced precision (bf16, fp16). The sampler's log-probs then come from its decode, whose
+        rounding differs from the KL pass's by ~0.06 nats a token; on the sampler's own draws that difference does
+        not average out but adds KL(decode ‖ pass), 0.05-0.07 nats at 24 tokens with SmolLM2 (a copy of π_sft
+        measured 0.05-0.09 instead of 0). One computation for both models gives the fp32 reference within its
+        error, and a copy of π_sft exactly 0 (docs/pipeline.md, ``tests/test_eval_cache.py``). In fp32 the two
+        computations agree to ~1e-6 and the sampler's numbers are used."""
+        return (self.backend == "hf" and policy is not None and self.sampler_scores_policy()
+                and next(policy.parameters()).dtype != torch.float32)
 
     def measured_dtype(self) -> str:
         """The dtype of the models whose samples and KL are measured: ``sample_dtype`` when the sampler's log-probs
@@ -486,17 +500,32 @@ class _Session:
             policy = self.load(ckpt.path, self.measured_dtype())  # only sampled (and scored by the sampler) then
             clock["load_s"] = time.perf_counter() - t0
         parts: list[np.ndarray] = []
-        on_batch = None
+        own_parts: list[np.ndarray] = []  # π_θ's log-probs from the KL pass's computation (policy_pass)
+        on_batch: Callable | None = None
+        own: PrefixCachedLogps | None = None
         if not is_sft:
             ref = self.ref_pass()
-            on_batch = lambda batch, drawn: parts.append(ref(batch, [[c.ids for c in g] for g in drawn]))  # noqa: E731
-        groups = self.sample(ckpt.path, "policy", policy, ckpt.name, on_batch, clock)
+            if self.policy_pass(policy):
+                assert policy is not None
+                own = PrefixCachedLogps(policy, ref.pad_id, self.kl_temperature)
+
+            def kl_pass(batch: list[list[int]], drawn: list[list[Completion]]) -> None:
+                completions = [[c.ids for c in g] for g in drawn]
+                parts.append(ref(batch, completions))
+                if own is not None:
+                    own_parts.append(own(batch, completions))
+                    own.release(batch)  # the sampler's prefill of this batch, kept for this pass only
+
+            on_batch = kl_pass
+        groups = self.sample(ckpt.path, "policy", policy, ckpt.name, on_batch, clock, kept=own)
         clock["kl_s"] = clock.pop("on_batch_s", 0.0)
         if policy is None:  # vLLM sampled; the log-probs still come from the HF model
             policy = self.load(ckpt.path)
         t0 = time.perf_counter()
-        reported = summed_logps(groups) if self.sampler_scores_policy() else None
-        if reported is not None:
+        reported = summed_logps(groups) if self.sampler_scores_policy() and own is None else None
+        if own is not None:
+            lp_pi = np.concatenate(own_parts, 0)  # (n_prompts, n)
+        elif reported is not None:
             lp_pi = np.asarray(reported, dtype=np.float64)  # (n_prompts, n)
         else:
             pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id

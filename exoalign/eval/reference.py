@@ -59,6 +59,12 @@ class PrefixCachedLogps:
             self.kept_bytes += size
         return state
 
+    def release(self, prompt_ids: Sequence[list[int]]) -> None:
+        """Drop the batch's kept cache (a pass needed for one batch only, e.g. a checkpoint's own)."""
+        state = self._kept.pop(tuple(tuple(p) for p in prompt_ids), None)
+        if state is not None:
+            self.kept_bytes -= _cache_bytes(state[0])
+
     @torch.no_grad()
     def prompt_cache(self, prompt_ids: Sequence[list[int]]) -> Any:
         """A copy of the batch's prompt KV cache (kept or computed now), for the sampler to decode from; None for
