@@ -432,7 +432,7 @@ class _Session:
         on π_θ, its prompts' caches taken from the sampler's prefill) rather than from the sampler: when π_θ is
         measured in a reduced precision (bf16, fp16). The sampler's log-probs then come from its decode, whose
         rounding differs from the KL pass's by ~0.06 nats a token; on the sampler's own draws that difference does
-        not average out but adds KL(decode ‖ pass), 0.05-0.07 nats at 24 tokens with SmolLM2 (a copy of π_sft
+        not average out but adds KL(decode ‖ pass), 0.05-0.11 nats at 24 tokens with SmolLM2 (a copy of π_sft
         measured 0.05-0.09 instead of 0). One computation for both models gives the fp32 reference within its
         error, and a copy of π_sft exactly 0 (docs/pipeline.md, ``tests/test_eval_cache.py``). In fp32 the two
         computations agree to ~1e-6 and the sampler's numbers are used."""
