@@ -333,24 +333,19 @@ def sampling_copy(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     # bf16 frequencies would shift every position's angle (and the bf16 π_sft against a checkpoint loaded in
     # bf16 would be two computations, docs/pipeline.md).
     memo: dict[int, Any] = {}
-    kept = {id(t) for m in model.modules() for name, t in m._buffers.items()
-            if t is not None and name in m._non_persistent_buffers_set}
     with torch.no_grad():
         for t in (*model.parameters(), *model.buffers()):
-            if (id(t) not in memo and id(t) not in kept and type(t) in (torch.Tensor, torch.nn.Parameter)
-                    and t.is_floating_point()):
+            if id(t) not in memo and type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_floating_point():
                 cast = t.detach().to(want)
                 memo[id(t)] = torch.nn.Parameter(cast, requires_grad=False) if isinstance(t, torch.nn.Parameter) \
                     else cast
-    twin = copy.deepcopy(model, memo).eval()
-    for m in twin.modules():  # anything the memo did not hold (a tensor subclass): cast as ``.to(dtype)`` would
-        for name, t in m._parameters.items():
-            if t is not None and t.is_floating_point() and t.dtype != want:
-                m._parameters[name] = torch.nn.Parameter(t.detach().to(want), requires_grad=False)
-        for name, t in m._buffers.items():
-            if (t is not None and t.is_floating_point() and t.dtype != want
-                    and name not in m._non_persistent_buffers_set):
-                m._buffers[name] = t.to(want)
+    twin = copy.deepcopy(model, memo).to(want).eval()  # .to: anything the memo did not hold
+    own: dict[int, torch.Tensor] = {}  # the source's non-persistent buffers, back in their dtype (shared stay shared)
+    for src, dst in zip(model.modules(), twin.modules()):
+        for name in src._non_persistent_buffers_set:
+            t = src._buffers.get(name)
+            if t is not None and t.is_floating_point():
+                dst._buffers[name] = own.setdefault(id(t), t.detach().clone())
     twin.requires_grad_(False)
     _undo_accelerate_wrappers(twin)
     use_decode_attention(twin)
@@ -557,12 +552,11 @@ class HFSampler:
         P = rows_ids.shape[1]
         position_ids = rows_mask.cumsum(-1) - 1  # (R, P)
         position_ids.masked_fill_(rows_mask == 0, 1)
-        if prefilled is not None:
-            cache = prefilled
-            if k > 1:
-                cache.batch_repeat_interleave(k)
-        else:
-            cache = self._prefill(model, input_ids, mask, k, shared) if P > 1 else DynamicCache(config=model.config)
+        if prefilled is None and P > 1:
+            prefilled = self._prefill(model, input_ids, mask, 1, shared)  # one row per prompt, as a kept cache
+        cache = prefilled if prefilled is not None else DynamicCache(config=model.config)
+        if k > 1 and prefilled is not None:
+            cache.batch_repeat_interleave(k)
         if P > 1 and uses_decode_attention(model):  # room for every new token up front: no copy of the whole cache per layer and step
             cache = _with_room(cache, s.max_new_tokens)
         cur, pos, attn = rows_ids[:, -1:], position_ids[:, -1:], rows_mask  # (R, 1), (R, 1), (R, P)

@@ -42,6 +42,8 @@ def test_the_lock_excludes_a_second_holder(tmp_path: Path) -> None:
     b.start()
     time.sleep(0.3)
     assert order == []  # the second holder is still waiting
+    with entry_lock(path, wait=False) as got:  # a holder that does not wait is told at once
+        assert got is False
     release.set()
     a.join(10)
     b.join(10)

@@ -227,38 +227,21 @@ def ref_logps_table(
 
 
 @contextlib.contextmanager
-def entry_lock(path: Path, *, active: bool = True) -> Any:
+def entry_lock(path: Path, *, active: bool = True, wait: bool = True) -> Any:
     """An exclusive advisory lock on ``path``'s cache entry (``path`` + ``.lock``) for the ``with`` block, across
-    processes; a no-op where ``fcntl`` is missing (Windows) or when not ``active``."""
+    processes: True inside. ``wait=False``: False at once when another holder has it. A no-op (True) where
+    ``fcntl`` is missing (Windows) or when not ``active``."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         fcntl = None  # type: ignore[assignment]
     if not active or fcntl is None:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def try_lock(path: Path) -> Any:
-    """An exclusive advisory lock on ``path`` if nobody holds it (True in the ``with`` block), else False at once;
-    True without locking where ``fcntl`` is missing."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
         yield True
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    with open(path.with_name(path.name + ".lock"), "a+") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
@@ -331,7 +314,7 @@ def _shared_table(accelerator: Any, data: TokenizedData, path: Path, description
 
     try:
         for i in range(len(pieces)):  # every piece nobody holds
-            with try_lock(parts / f"{i}.lock") as free:
+            with entry_lock(parts / str(i), wait=False) as free:  # the piece's lock: parts/<i>.lock
                 if (table := written()) is not None:
                     return table, not mine
                 if free and not (parts / f"{i}.safetensors").is_file():
@@ -339,7 +322,7 @@ def _shared_table(accelerator: Any, data: TokenizedData, path: Path, description
         for i in range(len(pieces)):  # the pieces others held: wait for each, then read it
             if i in got:
                 continue
-            with entry_lock(parts / str(i)):  # blocks on the same file as try_lock: parts/<i>.lock
+            with entry_lock(parts / str(i)):  # waits for its holder
                 if (table := written()) is not None:
                     return table, not mine
                 if (parts / f"{i}.safetensors").is_file():
