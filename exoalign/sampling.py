@@ -557,8 +557,9 @@ class HFSampler:
         cache = prefilled if prefilled is not None else DynamicCache(config=model.config)
         if k > 1 and prefilled is not None:
             cache.batch_repeat_interleave(k)
-        if P > 1 and uses_decode_attention(model):  # room for every new token up front: no copy of the whole cache per layer and step
-            cache = _with_room(cache, s.max_new_tokens)
+        if P > 1:  # room for every new token up front: no copy of the whole cache per layer and step
+            cache = _with_room(cache, s.max_new_tokens) if uses_decode_attention(model) \
+                else _growing(cache, s.max_new_tokens)
         cur, pos, attn = rows_ids[:, -1:], position_ids[:, -1:], rows_mask  # (R, 1), (R, 1), (R, P)
         unfinished = torch.ones(len(rows_ids), dtype=torch.bool, device=rows_ids.device)  # (R,)
         scores: torch.Tensor | None = None  # (R, V) fp32, reused
@@ -643,6 +644,64 @@ def _with_room(cache: Any, extra: int) -> Any:
         layer.update(keys, values)  # allocates (R, KV, L + extra, D) and writes the first L columns
         layers.append(layer)
     return Cache(layers=layers)
+
+
+@functools.cache
+def _roomy_layer_class() -> type:
+    """The cache layer of :func:`_growing` (built on first use: transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyDynamicLayer(DynamicLayer):
+        """A dynamic cache layer whose ``keys`` / ``values`` are views of the first columns of a buffer with room
+        for more: each update writes the new columns in place instead of concatenating the whole cache. The views
+        have the shapes and values the growing layer's tensors have (only their row strides differ), and its mask
+        sizes are the dynamic layer's. A layer whose tensors were replaced by other code (crop, batch selection)
+        is moved into a new buffer on its next update."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, extra: int) -> None:
+            super().__init__()
+            self.device, self.is_initialized = keys.device, True
+            self._place(keys, values, extra)
+
+        def _place(self, keys: torch.Tensor, values: torch.Tensor, extra: int) -> None:
+            n = keys.shape[-2]
+            self._k = keys.new_empty((*keys.shape[:-2], n + extra, keys.shape[-1]))
+            self._v = values.new_empty((*values.shape[:-2], n + extra, values.shape[-1]))
+            self._k[..., :n, :], self._v[..., :n, :] = keys, values
+            self._set(n)
+
+        def _set(self, n: int) -> None:
+            # Views of the filled columns; kept to recognise them (an inference-mode view has no ``_base``).
+            self.keys, self.values = self._k[..., :n, :], self._v[..., :n, :]
+            self._views = (self.keys, self.values)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            n, m = self.keys.shape[-2], key_states.shape[-2]
+            ours = self.keys is self._views[0] and self.values is self._views[1]
+            if not ours or n + m > self._k.shape[-2]:
+                self._place(self.keys, self.values, max(m, n))  # replaced tensors, or out of room: a new buffer
+            self._k[..., n : n + m, :], self._v[..., n : n + m, :] = key_states, value_states
+            self._set(n + m)
+            return self.keys, self.values
+
+    return RoomyDynamicLayer
+
+
+def _growing(cache: Any, extra: int) -> Any:
+    """The prefill's dynamic KV cache with room for ``extra`` more tokens per row, still dynamic to attention.
+
+    For the caller's own model (SDPA or any other attention on a dynamic cache): a dynamic cache concatenates the
+    whole cache with each new token, every layer and step (29 % of an fp32 decode at the demo's shape, 256 rows:
+    docs/speed.md); here each layer writes its new columns into a buffer and hands attention views of the filled
+    columns, so attention reads the same shapes and values and the samples stay the pre-change tokens bit for bit.
+    A cache with any other kind of layer (sliding window, linear attention) is returned as it is."""
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    if not cache.layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in cache.layers):
+        return cache
+    roomy = _roomy_layer_class()
+    return Cache(layers=[roomy(layer.keys, layer.values, extra) for layer in cache.layers])
 
 
 def _shared_prefix_layout(prompt_ids: Sequence[list[int]], pad_id: int,

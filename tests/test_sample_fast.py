@@ -348,7 +348,59 @@ def test_bf16_decode_writes_into_a_cache_with_room(tiny_tokenizer, model_type, m
     assert calls == [5]  # the bf16 copy decodes with room for its 5 new tokens
     calls.clear()
     _sample(model, tiny_tokenizer, max_new_tokens=5)
-    assert calls == []  # fp32: the caller's model, SDPA and the dynamic cache
+    assert calls == []  # fp32: the caller's model, SDPA and a dynamic cache (with room: the test below)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_fp32_decode_writes_into_a_dynamic_cache_with_room(tiny_tokenizer, model_type, monkeypatch):
+    """The caller's fp32 model decodes on dynamic layers that write each new column into a buffer with room
+    (``_growing``) instead of concatenating the whole cache: every step's logits are bit for bit the growing
+    cache's (attention reads views of the same values), over ragged left-padded prompts and a shared start; a layer
+    out of room, or whose tensors other code replaced, moves into a new buffer and keeps the same numbers."""
+    import exoalign.sampling as sampling
+
+    model = _model(tiny_tokenizer, model_type)
+    ids = [tiny_tokenizer(p)["input_ids"] for p in SHARED + PROMPTS[:2]]
+    pad = tiny_tokenizer.pad_token_id if tiny_tokenizer.pad_token_id is not None else tiny_tokenizer.eos_token_id
+    x, mask, shared = _shared_prefix_layout(ids, pad)
+    k, steps = 2, 6
+    fed = torch.randint(5, len(tiny_tokenizer), (len(ids) * k, steps), generator=torch.Generator().manual_seed(1))
+
+    def decode(room: int | None, replace_at: int = -1) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            cache = HFSampler._prefill(model, x, mask, k, shared)
+            if room is not None:
+                cache = sampling._growing(cache, room)
+                assert all(type(layer).__name__ == "RoomyDynamicLayer" for layer in cache.layers)
+            rows_mask = mask.repeat_interleave(k, 0)
+            pos = (rows_mask.cumsum(-1) - 1)[:, -1:]
+            cur, attn, out = x.repeat_interleave(k, 0)[:, -1:], rows_mask, []
+            for t in range(steps):  # the same tokens fed to every cache
+                if t == replace_at:  # as a crop or a batch selection would: new tensors, not the layer's views
+                    for layer in cache.layers:
+                        layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+                out.append(model(input_ids=cur, attention_mask=attn, position_ids=pos, cache=cache,
+                                 use_cache=True).logits[:, -1])
+                cur, pos = fed[:, t : t + 1], pos + 1
+                attn = torch.cat([attn, attn.new_ones((len(attn), 1))], -1)
+            if room is not None:
+                n = x.shape[1] - 1 + steps
+                assert all(layer.keys.shape[-2] == n == layer.get_seq_length() for layer in cache.layers)
+        return out
+
+    want = decode(None)
+    for room, replace_at in [(steps, -1), (2, -1), (steps, 3)]:
+        for got, ref in zip(decode(room, replace_at), want):
+            assert torch.equal(got, ref)
+
+    calls = []
+    real = sampling._growing
+    monkeypatch.setattr(sampling, "_growing", lambda cache, extra: calls.append(extra) or real(cache, extra))
+    _sample(model, tiny_tokenizer, max_new_tokens=5)
+    assert calls == [5]  # fp32: the caller's model, with room for its 5 new tokens
+    calls.clear()
+    _sample(model, tiny_tokenizer, sample_dtype="bfloat16", max_new_tokens=5)
+    assert calls == []  # the bf16 copy: transformers' static layers (test above)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
