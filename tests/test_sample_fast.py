@@ -393,6 +393,12 @@ def test_fp32_decode_writes_into_a_dynamic_cache_with_room(tiny_tokenizer, model
         for got, ref in zip(decode(room, replace_at), want):
             assert torch.equal(got, ref)
 
+    layer = sampling._roomy_layer_class()(torch.zeros(1, 1, 2, 3), torch.zeros(1, 1, 2, 3), 1)
+    layer.reset()  # as Cache.reset() leaves it: the next update starts a new buffer
+    keys, _ = layer.update(torch.ones(1, 1, 2, 3), torch.ones(1, 1, 2, 3))
+    keys, _ = layer.update(torch.full((1, 1, 1, 3), 2.0), torch.full((1, 1, 1, 3), 2.0))
+    assert keys.tolist() == [[[[1.0] * 3, [1.0] * 3, [2.0] * 3]]] and layer.get_seq_length() == 3
+
     calls = []
     real = sampling._growing
     monkeypatch.setattr(sampling, "_growing", lambda cache, extra: calls.append(extra) or real(cache, extra))
