@@ -632,7 +632,8 @@ def _with_room(cache: Any, extra: int) -> Any:
     running :func:`exoalign.attention._decode_attention` (sampling copies): its softmax over the masked columns adds
     exact zeros, so the numbers differ from the dynamic cache's by rounding at most, and fp32 samples of the
     caller's own model (SDPA, dynamic cache) stay the pre-change tokens. A cache with any other kind of layer (sliding
-    window, linear attention) is returned as it is."""
+    window, linear attention) is returned as it is. Moved: each layer of ``cache`` gives up its tensors as its
+    copy is made (:func:`_release`)."""
     from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
     if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
@@ -643,7 +644,15 @@ def _with_room(cache: Any, extra: int) -> Any:
         layer = StaticLayer(max_cache_len=keys.shape[2] + extra)
         layer.update(keys, values)  # allocates (R, KV, L + extra, D) and writes the first L columns
         layers.append(layer)
+        _release(dyn)
     return Cache(layers=layers)
+
+
+def _release(layer: Any) -> None:
+    """Drop a dynamic layer's tensors once they are copied into a layer with room, so the prefill's cache and its
+    copy are not both held through the decode (that cost the decode of 256 rows ~0.5 GB of peak memory in fp32)."""
+    layer.keys = layer.values = None
+    layer.is_initialized = False
 
 
 @functools.cache
@@ -699,13 +708,17 @@ def _growing(cache: Any, extra: int) -> Any:
     whole cache with each new token, every layer and step (the profiler put 7.8 of an fp32 decode's 27 CPU-s there
     at the demo's shape, 256 rows; without it a run takes 0.92× the time: docs/speed.md); here each layer writes its new columns into a buffer and hands attention views of the filled
     columns, so attention reads the same shapes and values and the samples stay the pre-change tokens bit for bit.
-    A cache with any other kind of layer (sliding window, linear attention) is returned as it is."""
+    A cache with any other kind of layer (sliding window, linear attention) is returned as it is. Moved, as in
+    :func:`_with_room`."""
     from transformers.cache_utils import Cache, DynamicLayer
 
     if not cache.layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in cache.layers):
         return cache
-    roomy = _roomy_layer_class()
-    return Cache(layers=[roomy(layer.keys, layer.values, extra) for layer in cache.layers])
+    roomy, layers = _roomy_layer_class(), []
+    for layer in cache.layers:
+        layers.append(roomy(layer.keys, layer.values, extra))
+        _release(layer)
+    return Cache(layers=layers)
 
 
 def _shared_prefix_layout(prompt_ids: Sequence[list[int]], pad_id: int,

@@ -325,8 +325,9 @@ def test_bf16_decode_writes_into_a_cache_with_room(tiny_tokenizer, model_type, m
         with torch.no_grad():
             cache = HFSampler._prefill(twin, x, mask, k, shared)
             if room:
-                cache = sampling._with_room(cache, steps)
+                source, cache = cache, sampling._with_room(cache, steps)
                 assert all(type(layer) is StaticLayer for layer in cache.layers)
+                assert all(layer.keys is None for layer in source.layers)  # moved, not held twice
             rows_mask = mask.repeat_interleave(k, 0)
             pos = (rows_mask.cumsum(-1) - 1)[:, -1:]
             cur, attn, out = x.repeat_interleave(k, 0)[:, -1:], rows_mask, []
@@ -354,9 +355,10 @@ def test_bf16_decode_writes_into_a_cache_with_room(tiny_tokenizer, model_type, m
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_fp32_decode_writes_into_a_dynamic_cache_with_room(tiny_tokenizer, model_type, monkeypatch):
     """The caller's fp32 model decodes on dynamic layers that write each new column into a buffer with room
-    (``_growing``) instead of concatenating the whole cache: every step's logits are bit for bit the growing
-    cache's (attention reads views of the same values), over ragged left-padded prompts and a shared start; a layer
-    out of room, or whose tensors other code replaced, moves into a new buffer and keeps the same numbers."""
+    (``_growing``, which moves the prefill's tensors instead of holding them twice) instead of concatenating the
+    whole cache: every step's logits are bit for bit the growing cache's (attention reads views of the same
+    values), over ragged left-padded prompts and a shared start; a layer out of room, or whose tensors other code
+    replaced, moves into a new buffer and keeps the same numbers; a reset layer starts a new one."""
     import exoalign.sampling as sampling
 
     model = _model(tiny_tokenizer, model_type)
@@ -370,8 +372,9 @@ def test_fp32_decode_writes_into_a_dynamic_cache_with_room(tiny_tokenizer, model
         with torch.inference_mode():
             cache = HFSampler._prefill(model, x, mask, k, shared)
             if room is not None:
-                cache = sampling._growing(cache, room)
+                source, cache = cache, sampling._growing(cache, room)
                 assert all(type(layer).__name__ == "RoomyDynamicLayer" for layer in cache.layers)
+                assert all(layer.keys is None for layer in source.layers)  # moved, not held twice
             rows_mask = mask.repeat_interleave(k, 0)
             pos = (rows_mask.cumsum(-1) - 1)[:, -1:]
             cur, attn, out = x.repeat_interleave(k, 0)[:, -1:], rows_mask, []
