@@ -558,8 +558,7 @@ class HFSampler:
         if k > 1 and prefilled is not None:
             cache.batch_repeat_interleave(k)
         if P > 1:  # room for every new token up front: no copy of the whole cache per layer and step
-            cache = _with_room(cache, s.max_new_tokens) if uses_decode_attention(model) \
-                else _growing(cache, s.max_new_tokens)
+            cache = _with_room(cache, s.max_new_tokens, static=uses_decode_attention(model))
         cur, pos, attn = rows_ids[:, -1:], position_ids[:, -1:], rows_mask  # (R, 1), (R, 1), (R, P)
         unfinished = torch.ones(len(rows_ids), dtype=torch.bool, device=rows_ids.device)  # (R,)
         scores: torch.Tensor | None = None  # (R, V) fp32, reused
@@ -623,41 +622,43 @@ def prompt_prefill(model: torch.nn.Module, prompt_ids: Sequence[list[int]], pad_
     return cache, ids, mask
 
 
-def _with_room(cache: Any, extra: int) -> Any:
-    """The prefill's KV cache moved into transformers' static layers with room for ``extra`` more tokens per row.
+def _with_room(cache: Any, extra: int, static: bool) -> Any:
+    """The prefill's KV cache moved into layers with room for ``extra`` more tokens per row, so that a new token is
+    written in place: a dynamic cache concatenates the whole cache with each new token, every layer and step (at
+    the demo's shape, 256 rows, the profiler put 7.8 of an fp32 decode's 27 CPU-s there; docs/speed.md).
 
-    A dynamic cache concatenates the whole cache with each new token (every layer, every step: a tenth of a 40-row
-    decode's time); a static layer writes the token in place and the attention reads the full buffer, the unfilled
-    columns masked (``get_mask_sizes`` sizes the mask to the buffer, the 2D mask padded with zeros). Only for models
-    running :func:`exoalign.attention._decode_attention` (sampling copies): its softmax over the masked columns adds
-    exact zeros, so the numbers differ from the dynamic cache's by rounding at most, and fp32 samples of the
-    caller's own model (SDPA, dynamic cache) stay the pre-change tokens. A cache with any other kind of layer (sliding
-    window, linear attention) is returned as it is. Moved: each layer of ``cache`` gives up its tensors as its
-    copy is made (:func:`_release`)."""
+    * ``static`` (models running :func:`exoalign.attention._decode_attention`: sampling copies): transformers'
+      static layers; the attention reads the full buffer, the unfilled columns masked (``get_mask_sizes`` sizes the
+      mask to the buffer, the 2D mask padded with zeros), and its softmax over them adds exact zeros, so the numbers
+      differ from the dynamic cache's by rounding at most.
+    * otherwise (the caller's own model, SDPA or any attention on a dynamic cache): dynamic layers over a buffer
+      (:func:`_roomy_layer_class`), whose keys and values are views of the filled columns, so attention reads the
+      same shapes and values and fp32 samples stay the pre-change tokens bit for bit.
+
+    A cache with any other kind of layer (sliding window, linear attention) is returned as it is. Moved: each layer
+    of ``cache`` gives up its tensors as its copy is made, so the prefill's cache and its copy are not both held
+    through the decode (that cost the decode of 256 rows ~0.5 GB of peak memory in fp32)."""
     from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
-    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+    if not cache.layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in cache.layers):
         return cache  # sliding-window, linear-attention or other layers keep their own cache
-    layers = []
+    roomy, layers = _roomy_layer_class(), []
     for dyn in cache.layers:
         keys, values = dyn.keys, dyn.values  # (R, KV, L, D)
-        layer = StaticLayer(max_cache_len=keys.shape[2] + extra)
-        layer.update(keys, values)  # allocates (R, KV, L + extra, D) and writes the first L columns
+        if static:
+            layer = StaticLayer(max_cache_len=keys.shape[2] + extra)
+            layer.update(keys, values)  # allocates (R, KV, L + extra, D) and writes the first L columns
+        else:
+            layer = roomy(keys, values, extra)
         layers.append(layer)
-        _release(dyn)
+        dyn.keys = dyn.values = None  # moved
+        dyn.is_initialized = False
     return Cache(layers=layers)
-
-
-def _release(layer: Any) -> None:
-    """Drop a dynamic layer's tensors once they are copied into a layer with room, so the prefill's cache and its
-    copy are not both held through the decode (that cost the decode of 256 rows ~0.5 GB of peak memory in fp32)."""
-    layer.keys = layer.values = None
-    layer.is_initialized = False
 
 
 @functools.cache
 def _roomy_layer_class() -> type:
-    """The cache layer of :func:`_growing` (built on first use: transformers is imported lazily)."""
+    """The dynamic layer with room of :func:`_with_room` (built on first use: transformers is imported lazily)."""
     from transformers.cache_utils import DynamicLayer
 
     class RoomyDynamicLayer(DynamicLayer):
@@ -699,26 +700,6 @@ def _roomy_layer_class() -> type:
             return self.keys, self.values
 
     return RoomyDynamicLayer
-
-
-def _growing(cache: Any, extra: int) -> Any:
-    """The prefill's dynamic KV cache with room for ``extra`` more tokens per row, still dynamic to attention.
-
-    For the caller's own model (SDPA or any other attention on a dynamic cache): a dynamic cache concatenates the
-    whole cache with each new token, every layer and step (the profiler put 7.8 of an fp32 decode's 27 CPU-s there
-    at the demo's shape, 256 rows; without it a run takes 0.92× the time: docs/speed.md); here each layer writes its new columns into a buffer and hands attention views of the filled
-    columns, so attention reads the same shapes and values and the samples stay the pre-change tokens bit for bit.
-    A cache with any other kind of layer (sliding window, linear attention) is returned as it is. Moved, as in
-    :func:`_with_room`."""
-    from transformers.cache_utils import Cache, DynamicLayer
-
-    if not cache.layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in cache.layers):
-        return cache
-    roomy, layers = _roomy_layer_class(), []
-    for layer in cache.layers:
-        layers.append(roomy(layer.keys, layer.values, extra))
-        _release(layer)
-    return Cache(layers=layers)
 
 
 def _shared_prefix_layout(prompt_ids: Sequence[list[int]], pad_id: int,

@@ -325,7 +325,7 @@ def test_bf16_decode_writes_into_a_cache_with_room(tiny_tokenizer, model_type, m
         with torch.no_grad():
             cache = HFSampler._prefill(twin, x, mask, k, shared)
             if room:
-                source, cache = cache, sampling._with_room(cache, steps)
+                source, cache = cache, sampling._with_room(cache, steps, static=True)
                 assert all(type(layer) is StaticLayer for layer in cache.layers)
                 assert all(layer.keys is None for layer in source.layers)  # moved, not held twice
             rows_mask = mask.repeat_interleave(k, 0)
@@ -344,18 +344,19 @@ def test_bf16_decode_writes_into_a_cache_with_room(tiny_tokenizer, model_type, m
 
     calls = []
     real = sampling._with_room
-    monkeypatch.setattr(sampling, "_with_room", lambda cache, extra: calls.append(extra) or real(cache, extra))
+    monkeypatch.setattr(sampling, "_with_room",
+                        lambda cache, extra, static: calls.append((extra, static)) or real(cache, extra, static))
     _sample(model, tiny_tokenizer, sample_dtype="bfloat16", max_new_tokens=5)
-    assert calls == [5]  # the bf16 copy decodes with room for its 5 new tokens
+    assert calls == [(5, True)]  # the bf16 copy decodes on static layers with room for its 5 new tokens
     calls.clear()
     _sample(model, tiny_tokenizer, max_new_tokens=5)
-    assert calls == []  # fp32: the caller's model, SDPA and a dynamic cache (with room: the test below)
+    assert calls == [(5, False)]  # fp32: the caller's model, SDPA and a dynamic cache (with room: the test below)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_fp32_decode_writes_into_a_dynamic_cache_with_room(tiny_tokenizer, model_type, monkeypatch):
     """The caller's fp32 model decodes on dynamic layers that write each new column into a buffer with room
-    (``_growing``, which moves the prefill's tensors instead of holding them twice) instead of concatenating the
+    (``_with_room(static=False)``, which moves the prefill's tensors instead of holding them twice) instead of concatenating the
     whole cache: every step's logits are bit for bit the growing cache's (attention reads views of the same
     values), over ragged left-padded prompts and a shared start; a layer out of room, or whose tensors other code
     replaced, moves into a new buffer and keeps the same numbers; a reset layer starts a new one."""
@@ -372,7 +373,7 @@ def test_fp32_decode_writes_into_a_dynamic_cache_with_room(tiny_tokenizer, model
         with torch.inference_mode():
             cache = HFSampler._prefill(model, x, mask, k, shared)
             if room is not None:
-                source, cache = cache, sampling._growing(cache, room)
+                source, cache = cache, sampling._with_room(cache, room, static=False)
                 assert all(type(layer).__name__ == "RoomyDynamicLayer" for layer in cache.layers)
                 assert all(layer.keys is None for layer in source.layers)  # moved, not held twice
             rows_mask = mask.repeat_interleave(k, 0)
@@ -403,13 +404,14 @@ def test_fp32_decode_writes_into_a_dynamic_cache_with_room(tiny_tokenizer, model
     assert keys.tolist() == [[[[1.0] * 3, [1.0] * 3, [2.0] * 3]]] and layer.get_seq_length() == 3
 
     calls = []
-    real = sampling._growing
-    monkeypatch.setattr(sampling, "_growing", lambda cache, extra: calls.append(extra) or real(cache, extra))
+    real = sampling._with_room
+    monkeypatch.setattr(sampling, "_with_room",
+                        lambda cache, extra, static: calls.append((extra, static)) or real(cache, extra, static))
     _sample(model, tiny_tokenizer, max_new_tokens=5)
-    assert calls == [5]  # fp32: the caller's model, with room for its 5 new tokens
+    assert calls == [(5, False)]  # fp32: the caller's model, dynamic layers with room for its 5 new tokens
     calls.clear()
     _sample(model, tiny_tokenizer, sample_dtype="bfloat16", max_new_tokens=5)
-    assert calls == []  # the bf16 copy: transformers' static layers (test above)
+    assert calls == [(5, True)]  # the bf16 copy: transformers' static layers (test above)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])

@@ -1,6 +1,7 @@
 """One sampler call of 64 chat prompts × K = 4 with up to N new tokens on SmolLM2 (2 threads): seconds, tokens and
 peak RSS. ``dyn`` runs the fp32 decode on transformers' dynamic cache (the code before the cache with room, by
-replacing ``sampling._growing`` with the identity); ``grow`` runs the code as it is.
+returning the fp32 cache as it is from ``sampling._with_room``; at the runs' code the cache with room was
+``sampling._growing``, since merged into ``_with_room(static=False)``); ``grow`` runs the code as it is.
 
     PYTHONPATH=<tree> python long_completions.py dyn|grow N model|bfloat16
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # benchmarks/
 import throughput_sampling as tsamp  # noqa: E402
 
 import exoalign.sampling as sampling  # noqa: E402
@@ -29,7 +30,8 @@ def main() -> None:
     model = load_causal_lm(path, dtype="float32").eval()
     prompts = tsamp._prompt_ids(tok, 64)
     if mode == "dyn":
-        sampling._growing = lambda cache, extra: cache
+        real = sampling._with_room
+        sampling._with_room = lambda cache, extra, static: real(cache, extra, static) if static else cache
     s = SamplingSettings(temperature=0.8, max_new_tokens=new_tokens, seed=0, batch_size=64, sample_dtype=dtype)
     sampler = HFSampler(model, tok, s)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
