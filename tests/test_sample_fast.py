@@ -304,41 +304,55 @@ def test_uniforms_split_between_threads_are_each_streams_own(monkeypatch, infere
     assert torch.equal(first, expected_first) and torch.equal(second, expected_second)
 
 
+def _decode_fed(model, tokenizer, room: int | None, static: bool, replace_at: int = -1) -> list[torch.Tensor]:
+    """The sampler's decode written out on ragged left-padded prompts with a shared start (k = 2), the same random
+    tokens fed at each of 6 steps: each step's last-position logits, on the prefill's dynamic cache (``room`` None)
+    or on ``_with_room(cache, room, static)``, whose layers must be the expected kind and must have taken the
+    prefill's tensors. ``replace_at``: the step before which every layer's tensors are replaced by copies (as a
+    crop or a batch selection would)."""
+    import exoalign.sampling as sampling
+
+    ids = [tokenizer(p)["input_ids"] for p in SHARED + PROMPTS[:2]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    x, mask, shared = _shared_prefix_layout(ids, pad)
+    k, steps = 2, 6
+    fed = torch.randint(5, len(tokenizer), (len(ids) * k, steps), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        cache = HFSampler._prefill(model, x, mask, k, shared)
+        if room is not None:
+            source, cache = cache, sampling._with_room(cache, room, static=static)
+            kind = "StaticLayer" if static else "RoomyDynamicLayer"
+            assert all(type(layer).__name__ == kind for layer in cache.layers)
+            assert all(layer.keys is None for layer in source.layers)  # moved, not held twice
+        rows_mask = mask.repeat_interleave(k, 0)
+        pos = (rows_mask.cumsum(-1) - 1)[:, -1:]
+        cur, attn, out = x.repeat_interleave(k, 0)[:, -1:], rows_mask, []
+        for t in range(steps):  # the same tokens fed to every cache
+            if t == replace_at:
+                for layer in cache.layers:
+                    layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+            out.append(model(input_ids=cur, attention_mask=attn, position_ids=pos, cache=cache,
+                             use_cache=True).logits[:, -1].float())
+            cur, pos = fed[:, t : t + 1], pos + 1
+            attn = torch.cat([attn, attn.new_ones((len(attn), 1))], -1)
+        if room is not None and not static:
+            n = x.shape[1] - 1 + steps
+            assert all(layer.keys.shape[-2] == n == layer.get_seq_length() for layer in cache.layers)
+    return out
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_bf16_decode_writes_into_a_cache_with_room(tiny_tokenizer, model_type, monkeypatch):
     """The bf16 copy decodes on a cache with room for every new token (transformers' static layers, filled from the
     prefill): the logits of each step equal those on the growing dynamic cache to bf16 rounding, over ragged
-    left-padded prompts and a shared start; the caller's fp32 model keeps the dynamic cache."""
-    from transformers.cache_utils import StaticLayer
-
+    left-padded prompts and a shared start. The sampler picks static layers for the bf16 copy and dynamic layers
+    with room for the caller's fp32 model (the test below)."""
     import exoalign.sampling as sampling
 
     model = _model(tiny_tokenizer, model_type)
     twin = sampling_copy(model, "bfloat16")
-    ids = [tiny_tokenizer(p)["input_ids"] for p in SHARED + PROMPTS[:2]]
-    pad = tiny_tokenizer.pad_token_id if tiny_tokenizer.pad_token_id is not None else tiny_tokenizer.eos_token_id
-    x, mask, shared = _shared_prefix_layout(ids, pad)
-    k, steps = 2, 6
-    fed = torch.randint(5, len(tiny_tokenizer), (len(ids) * k, steps), generator=torch.Generator().manual_seed(1))
-
-    def decode(room: bool) -> list[torch.Tensor]:
-        with torch.no_grad():
-            cache = HFSampler._prefill(twin, x, mask, k, shared)
-            if room:
-                source, cache = cache, sampling._with_room(cache, steps, static=True)
-                assert all(type(layer) is StaticLayer for layer in cache.layers)
-                assert all(layer.keys is None for layer in source.layers)  # moved, not held twice
-            rows_mask = mask.repeat_interleave(k, 0)
-            pos = (rows_mask.cumsum(-1) - 1)[:, -1:]
-            cur, attn, out = x.repeat_interleave(k, 0)[:, -1:], rows_mask, []
-            for t in range(steps):  # the same tokens fed to both caches
-                out.append(twin(input_ids=cur, attention_mask=attn, position_ids=pos, cache=cache,
-                                use_cache=True).logits[:, -1].float())
-                cur, pos = fed[:, t : t + 1], pos + 1
-                attn = torch.cat([attn, attn.new_ones((len(attn), 1))], -1)
-        return out
-
-    for got, want in zip(decode(True), decode(False)):
+    for got, want in zip(_decode_fed(twin, tiny_tokenizer, 6, static=True),
+                         _decode_fed(twin, tiny_tokenizer, None, static=True)):
         # A logit: a reduction over the width (64) through 2 bf16 layers; the attention's sums differ in order only.
         assert_close_scaled(got, want, 16 * EPS[torch.bfloat16] * 8, scale=float(want.abs().max()))
 
@@ -350,51 +364,23 @@ def test_bf16_decode_writes_into_a_cache_with_room(tiny_tokenizer, model_type, m
     assert calls == [(5, True)]  # the bf16 copy decodes on static layers with room for its 5 new tokens
     calls.clear()
     _sample(model, tiny_tokenizer, max_new_tokens=5)
-    assert calls == [(5, False)]  # fp32: the caller's model, SDPA and a dynamic cache (with room: the test below)
+    assert calls == [(5, False)]  # fp32: the caller's model, SDPA and a dynamic cache with room
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-def test_fp32_decode_writes_into_a_dynamic_cache_with_room(tiny_tokenizer, model_type, monkeypatch):
+def test_fp32_decode_writes_into_a_dynamic_cache_with_room(tiny_tokenizer, model_type):
     """The caller's fp32 model decodes on dynamic layers that write each new column into a buffer with room
-    (``_with_room(static=False)``, which moves the prefill's tensors instead of holding them twice) instead of concatenating the
-    whole cache: every step's logits are bit for bit the growing cache's (attention reads views of the same
-    values), over ragged left-padded prompts and a shared start; a layer out of room, or whose tensors other code
-    replaced, moves into a new buffer and keeps the same numbers; a reset layer starts a new one."""
+    (``_with_room(static=False)``, which moves the prefill's tensors instead of holding them twice) instead of
+    concatenating the whole cache: every step's logits are bit for bit the growing cache's (attention reads views
+    of the same values), over ragged left-padded prompts and a shared start; a layer out of room, or whose tensors
+    other code replaced, moves into a new buffer and keeps the same numbers; a reset layer starts a new one. Which
+    cache the sampler picks: the test above."""
     import exoalign.sampling as sampling
 
     model = _model(tiny_tokenizer, model_type)
-    ids = [tiny_tokenizer(p)["input_ids"] for p in SHARED + PROMPTS[:2]]
-    pad = tiny_tokenizer.pad_token_id if tiny_tokenizer.pad_token_id is not None else tiny_tokenizer.eos_token_id
-    x, mask, shared = _shared_prefix_layout(ids, pad)
-    k, steps = 2, 6
-    fed = torch.randint(5, len(tiny_tokenizer), (len(ids) * k, steps), generator=torch.Generator().manual_seed(1))
-
-    def decode(room: int | None, replace_at: int = -1) -> list[torch.Tensor]:
-        with torch.inference_mode():
-            cache = HFSampler._prefill(model, x, mask, k, shared)
-            if room is not None:
-                source, cache = cache, sampling._with_room(cache, room, static=False)
-                assert all(type(layer).__name__ == "RoomyDynamicLayer" for layer in cache.layers)
-                assert all(layer.keys is None for layer in source.layers)  # moved, not held twice
-            rows_mask = mask.repeat_interleave(k, 0)
-            pos = (rows_mask.cumsum(-1) - 1)[:, -1:]
-            cur, attn, out = x.repeat_interleave(k, 0)[:, -1:], rows_mask, []
-            for t in range(steps):  # the same tokens fed to every cache
-                if t == replace_at:  # as a crop or a batch selection would: new tensors, not the layer's views
-                    for layer in cache.layers:
-                        layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
-                out.append(model(input_ids=cur, attention_mask=attn, position_ids=pos, cache=cache,
-                                 use_cache=True).logits[:, -1])
-                cur, pos = fed[:, t : t + 1], pos + 1
-                attn = torch.cat([attn, attn.new_ones((len(attn), 1))], -1)
-            if room is not None:
-                n = x.shape[1] - 1 + steps
-                assert all(layer.keys.shape[-2] == n == layer.get_seq_length() for layer in cache.layers)
-        return out
-
-    want = decode(None)
-    for room, replace_at in [(steps, -1), (2, -1), (steps, 3)]:
-        for got, ref in zip(decode(room, replace_at), want):
+    want = _decode_fed(model, tiny_tokenizer, None, static=False)
+    for room, replace_at in [(6, -1), (2, -1), (6, 3)]:
+        for got, ref in zip(_decode_fed(model, tiny_tokenizer, room, static=False, replace_at=replace_at), want):
             assert torch.equal(got, ref)
 
     layer = sampling._roomy_layer_class()(torch.zeros(1, 1, 2, 3), torch.zeros(1, 1, 2, 3), 1)
@@ -402,16 +388,6 @@ def test_fp32_decode_writes_into_a_dynamic_cache_with_room(tiny_tokenizer, model
     keys, _ = layer.update(torch.ones(1, 1, 2, 3), torch.ones(1, 1, 2, 3))
     keys, _ = layer.update(torch.full((1, 1, 1, 3), 2.0), torch.full((1, 1, 1, 3), 2.0))
     assert keys.tolist() == [[[[1.0] * 3, [1.0] * 3, [2.0] * 3]]] and layer.get_seq_length() == 3
-
-    calls = []
-    real = sampling._with_room
-    monkeypatch.setattr(sampling, "_with_room",
-                        lambda cache, extra, static: calls.append((extra, static)) or real(cache, extra, static))
-    _sample(model, tiny_tokenizer, max_new_tokens=5)
-    assert calls == [(5, False)]  # fp32: the caller's model, dynamic layers with room for its 5 new tokens
-    calls.clear()
-    _sample(model, tiny_tokenizer, sample_dtype="bfloat16", max_new_tokens=5)
-    assert calls == [(5, True)]  # the bf16 copy: transformers' static layers (test above)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
