@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import threading
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -391,7 +392,18 @@ class _PackedForward(ModuleForward):
             return torch.nn.functional.linear(x, module.weight, module.bias)
         if self.packed is None:
             self.packed = self._pack(module)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, module.bias, "none", [], "")
+        threads = _SPLIT.products
+        if not threads:
+            return self._product(x, self.packed, module.bias)
+        torch.set_num_threads(threads)  # inside :class:`ProductThreads`: the product on the caller's threads
+        try:
+            return self._product(x, self.packed, module.bias)
+        finally:
+            torch.set_num_threads(1)
+
+    @staticmethod
+    def _product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def pack_linears(model: torch.nn.Module) -> int:
@@ -415,6 +427,48 @@ def pack_linears(model: torch.nn.Module) -> int:
     for m in packable:
         m.forward = _PackedForward(m, pack=True)
     return len(packable)
+
+
+class _ThreadSplit(threading.local):
+    products = 0
+    """torch threads of the packed products while the rest of a forward runs on one (0: no split; per OS thread,
+    as torch's thread count is)."""
+
+
+_SPLIT = _ThreadSplit()
+
+
+class ProductThreads:
+    """Within: a forward of ``model`` runs its packed products (:func:`pack_linears`) on the caller's torch threads
+    and every other operator on one thread; nothing changes for a model without packed layers or on one thread.
+    Reusable: one object can be entered once per decode step.
+
+    For the decode steps of a sampling copy. There the products are the only operators large enough to gain from a
+    second thread; the rest are thousands of small ones (norms, rotary, the decode attention, residuals), and
+    under ``OMP_WAIT_POLICY=PASSIVE`` (what the CLI and ``import exoalign`` set) each parallel region first wakes
+    the sleeping thread: a ``[32, 1 536]`` bf16 ``silu`` 64 µs on two threads, 21 µs on one; one layer's decode
+    attention at 32 rows 402 µs against 192 µs (docs/speed.md). The thread count changes no operator's numbers
+    here (the same tokens either way, ``tests/test_sample_fast.py``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.packed = _has_packed(model)
+        self.threads = 0
+
+    def __enter__(self) -> ProductThreads:
+        threads = torch.get_num_threads()
+        if threads > 1 and self.packed and not _SPLIT.products:
+            self.threads = _SPLIT.products = threads
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+            self.threads = _SPLIT.products = 0
+
+
+def _has_packed(model: torch.nn.Module) -> bool:
+    return any(isinstance(m.__dict__.get("forward"), _PackedForward) for m in model.modules())
 
 
 def _bf16_packing() -> bool:
@@ -563,9 +617,11 @@ class HFSampler:
         unfinished = torch.ones(len(rows_ids), dtype=torch.bool, device=rows_ids.device)  # (R,)
         scores: torch.Tensor | None = None  # (R, V) fp32, reused
         seq, new = rows_ids, []
+        split = ProductThreads(model)  # packed copies: the products on every thread, the rest on one
         for _ in range(s.max_new_tokens):
-            logits = model(input_ids=cur, attention_mask=attn, position_ids=pos, cache=cache,
-                           use_cache=True).logits[:, -1]  # (R, V)
+            with split:
+                logits = model(input_ids=cur, attention_mask=attn, position_ids=pos, cache=cache,
+                               use_cache=True).logits[:, -1]  # (R, V)
             if scores is None or scores.shape != logits.shape:
                 scores = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
             scores.copy_(logits)  # = logits.float() / T, bit for bit (x / 1 is x: no division at T = 1)

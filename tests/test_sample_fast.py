@@ -304,6 +304,64 @@ def test_uniforms_split_between_threads_are_each_streams_own(monkeypatch, infere
     assert torch.equal(first, expected_first) and torch.equal(second, expected_second)
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_bf16_decode_runs_its_products_on_every_thread_and_the_rest_on_one(tiny_tokenizer, model_type, monkeypatch):
+    """The bf16 copy's decode steps on 2 threads (:class:`ProductThreads`): the packed products run on both, the
+    model's other modules on one, the draw on both; the caller's count is back after every step, and after an
+    error. Samples and log-probs equal those of the decode without the split. Where this CPU cannot pack bf16
+    weights nothing is split."""
+    import exoalign.sampling as sampling
+
+    packs = _bf16_packing()
+    seen: dict[str, set[int]] = {"product": set(), "module": set(), "draw": set()}
+    product, draw = sampling._PackedForward._product, ScoredDraw.draw
+
+    def recorded_product(*a):
+        seen["product"].add(torch.get_num_threads())
+        return product(*a)
+
+    def recorded_draw(self, scores):
+        seen["draw"].add(torch.get_num_threads())
+        return draw(self, scores)
+
+    def copy_with_hooks(model, dtype):
+        twin = sampling_copy(model, dtype)
+        for m in twin.modules():
+            if not list(m.children()) and type(m) is not torch.nn.Linear:
+                m.register_forward_pre_hook(lambda *_: seen["module"].add(torch.get_num_threads()))
+        return twin
+
+    monkeypatch.setattr(sampling._PackedForward, "_product", staticmethod(recorded_product))
+    monkeypatch.setattr(ScoredDraw, "draw", recorded_draw)
+    monkeypatch.setattr(sampling, "sampling_copy", copy_with_hooks)
+    model = _model(tiny_tokenizer, model_type)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split = _sample(model, tiny_tokenizer, prompts=SHARED, sample_dtype="bfloat16")
+        after = torch.get_num_threads()
+        modules_split = set(seen["module"])
+        with monkeypatch.context() as m:
+            m.setattr(sampling.ProductThreads, "__enter__", lambda self: self)
+            whole = _sample(model, tiny_tokenizer, prompts=SHARED, sample_dtype="bfloat16")
+        twin = sampling.sampling_copy(model, "bfloat16")
+        with pytest.raises(RuntimeError, match="inside"), sampling.ProductThreads(twin):
+            inside = torch.get_num_threads()
+            raise RuntimeError("inside")
+        after_error = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    assert after == after_error == 2 and sampling._SPLIT.products == 0
+    assert [[(c.ids, c.logps) for c in g] for g in split] == [[(c.ids, c.logps) for c in g] for g in whole]
+    assert seen["draw"] == {2}
+    if packs:
+        assert seen["product"] == {2} and inside == 1
+        assert 1 in modules_split  # the decode steps' modules (the prefill's keep both threads)
+        assert seen["module"] == {1, 2}
+    else:
+        assert not seen["product"] and inside == 2 and modules_split == {2}
+
+
 def _decode_fed(model, tokenizer, room: int | None, static: bool, replace_at: int = -1) -> list[torch.Tensor]:
     """The sampler's decode written out on ragged left-padded prompts with a shared start (k = 2), the same random
     tokens fed at each of 6 steps: each step's last-position logits, on the prefill's dynamic cache (``room`` None)
