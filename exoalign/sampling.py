@@ -446,9 +446,13 @@ class ProductThreads:
     For the decode steps of a sampling copy. There the products are the only operators large enough to gain from a
     second thread; the rest are thousands of small ones (norms, rotary, the decode attention, residuals), and
     under ``OMP_WAIT_POLICY=PASSIVE`` (what the CLI and ``import exoalign`` set) each parallel region first wakes
-    the sleeping thread: a ``[32, 1 536]`` bf16 ``silu`` 64 µs on two threads, 21 µs on one; one layer's decode
-    attention at 32 rows 402 µs against 192 µs (docs/speed.md). The thread count changes no operator's numbers
-    here (the same tokens either way, ``tests/test_sample_fast.py``)."""
+    the sleeping thread: at 32 rows a bf16 ``silu`` of the MLP takes 35 µs on one thread and 73 on two, a layer's
+    decode attention 333 and 488 µs; a SmolLM2 decode step of 32 or 256 rows on 2 threads is 5-12 % faster with the
+    split (``benchmarks/results/sampling/product-threads-2026-12-08/``, docs/speed.md). The products' threads are
+    the caller's, and the other operators at a decode step's sizes compute each row alike on one thread or two
+    (serially or split by rows): the same tokens and log-probs either way (``tests/test_sample_fast.py``).
+    The caller's fp32 model is not split: its SDPA attention gains from the second thread (2.5-3 % slower a step).
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.packed = _has_packed(model)
