@@ -2,9 +2,10 @@
 
 Defaults are the demo's sample stage: 72 chat prompts × K = 4 completions, 24 new tokens (``min_new_tokens`` 1,
 temperature 0.8), 64 prompts per call (the demo's ``gen_batch_size`` when issue 20 set this shape; the demo now
-takes 128), 2 threads. The default demo's online rounds are smaller: ``--prompts 12 --k 4 --batch-size 3 --threads
-1`` (3 prompts × K = 4 a call, one thread, as a demo worker samples them; docs/speed.md). Systems, each timed on the
-same prompts (median of ``--reps``, after one small warm-up call):
+takes 128), 2 threads. Online rounds are smaller: the default demo's ``--prompts 12 --k 4 --batch-size 3 --threads
+1`` (3 prompts × K = 4 a call, one thread, as a demo worker samples them), ``exoalign online``'s default round
+``--prompts 32 --k 4 --batch-size 8 --new-tokens 32`` (8 prompts × K = 4 a call, every thread; docs/speed.md).
+Systems, each timed on the same prompts (median of ``--reps``, after one small warm-up call):
 
 * ``generate``        plain ``model.generate(do_sample=True)`` on the fp32 model, prompts repeated K times;
 * ``exoalign_legacy`` :class:`~exoalign.sampling.HFSampler` as it was before the fast path
