@@ -5,21 +5,9 @@ qᵀ``, ``p @ v`` (as it computes it), ``vᵀ @ pᵀ``, the same as 3-D ``bmm``,
     python attention_layouts.py
 """
 
-import time
 
 import torch
-
-
-def bench(f, n=200):
-    for _ in range(20):
-        f()
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(n):
-            f()
-        ts.append((time.perf_counter() - t) / n)
-    return sorted(ts)[2] * 1e6
+from common import bench
 
 
 def layouts(R: int, KV: int = 3, G: int = 3, D: int = 64, L: int = 70) -> dict:

@@ -8,20 +8,9 @@ key-value heads of 64, 62 keys, 50 of them allowed), medians of 5 × 200 calls, 
 import time
 
 import torch
+from common import bench
 
 from exoalign.attention import _decode_attention
-
-
-def bench(f, n=200):
-    for _ in range(20):
-        f()
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(n):
-            f()
-        ts.append((time.perf_counter() - t) / n)
-    return sorted(ts)[2] * 1e6
 
 
 def main():

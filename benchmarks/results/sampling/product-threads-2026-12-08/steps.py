@@ -8,17 +8,11 @@ does not move, since both settings see the same minutes.
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+from common import bf16_sampler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # benchmarks/
-import throughput_sampling as tsamp  # noqa: E402
-
-import exoalign.sampling as S  # noqa: E402
-from exoalign.models import load_causal_lm, load_tokenizer  # noqa: E402
-from exoalign.sampling import HFSampler, SamplingSettings  # noqa: E402
-from exoalign.zoo import resolve_model_path  # noqa: E402
+import exoalign.sampling as S
 
 B, CALLS, NEW = (int(a) for a in sys.argv[1:4])
 THREADS = int(sys.argv[4]) if len(sys.argv) > 4 else 2
@@ -45,16 +39,8 @@ class Alternating(Original):
 
 
 S.ProductThreads = Alternating
-torch.set_num_threads(THREADS)
-path = resolve_model_path("smollm2")
-tok = load_tokenizer(path, padding_side="left")
-model = load_causal_lm(path, dtype="float32").eval()
-prompts = tsamp._prompt_ids(tok, B * CALLS)
-s = SamplingSettings(temperature=0.8, max_new_tokens=NEW, min_new_tokens=1, seed=0, batch_size=B,
-                     sample_dtype="bfloat16")
-sampler = HFSampler(model, tok, s)
+sampler, prompts = bf16_sampler(B, CALLS, NEW, THREADS)
 with torch.inference_mode():
-    sampler.generate(prompts[:1], [0], 4)  # warm-up: the bf16 copy, kernels
     for _ in range(2):
         times[False].clear()
         times[True].clear()
